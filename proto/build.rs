@@ -1,0 +1,19 @@
+//! Compiles the lab's .proto files in pure Rust (protox), no system `protoc`.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = [
+        "proto/enroll.proto",
+        "proto/control.proto",
+        "proto/operator.proto",
+        "proto/link.proto",
+    ];
+    for p in &protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    let fds = protox::compile(protos, ["proto"])?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(fds)?;
+    Ok(())
+}
