@@ -1,1 +1,22 @@
-//! placeholder
+//! Plumbing shared by every Failback Lab binary.
+//!
+//! # Layout
+//! - [`component`]: start-up shared by all components: enroll, control stream, Hello.
+//! - [`config`]: layered config (defaults, TOML file, environment) with errors naming file and key.
+//! - [`identity`]: roles, sites, the identity in a lab certificate, per-RPC authorization.
+//! - [`tls`]: credentials on disk, mutual-TLS server and client settings.
+//! - [`enroll`]: one-time enrollment with the configuration server (passphrase + CSR).
+//! - [`control`]: the self-reconnecting control stream to the configuration server.
+//! - [`server`]: serving a tonic router on an already bound listener until shutdown.
+//! - [`telemetry`]: tracing setup.
+pub mod component;
+pub mod config;
+pub mod control;
+pub mod enroll;
+pub mod identity;
+pub mod server;
+pub mod telemetry;
+pub mod tls;
+
+/// The version every component reports at registration.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,1 +1,84 @@
-//! placeholder
+//! The master target (MT): receives replication data from a process server and writes it to
+//! replica disks in the datastores it sees, keeping recovery points.
+//!
+//! Two instances in the default lab: `mt-onprem` (sees `ds-onprem`, receives failback data)
+//! and `azure-target` (the Azure-side target storage, datastore `azure-storage`). It registers
+//! with the CS (reporting its datastores), keeps its control stream, and serves its data port
+//! (mutual TLS, process servers only) with a gRPC health service for readiness.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use failback_common::component::{DatastoreConfig, advertised, hello, register, validate_common};
+use failback_common::config::ConfigError;
+use failback_common::enroll::CsSettings;
+use failback_common::identity::{Identity, Role, Site};
+use failback_proto::pb::control::Hello;
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// `master-target --config FILE` (env `FBL_MT__*`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MtConfig {
+    pub name: String,
+    pub site: Site,
+    pub data_dir: PathBuf,
+    /// Data port.
+    pub listen: String,
+    pub advertise: BTreeMap<String, String>,
+    pub cs: CsSettings,
+    /// Datastores this MT's host can read and write.
+    pub datastore: Vec<DatastoreConfig>,
+}
+
+impl Default for MtConfig {
+    fn default() -> Self {
+        MtConfig {
+            name: "mt-onprem".into(),
+            site: Site::Onprem,
+            data_dir: PathBuf::from("mt-data"),
+            listen: "127.0.0.1:9444".into(),
+            advertise: BTreeMap::new(),
+            cs: CsSettings::default(),
+            datastore: Vec::new(),
+        }
+    }
+}
+
+impl MtConfig {
+    pub fn load(file: Option<&Path>) -> Result<MtConfig, ConfigError> {
+        let cfg: MtConfig = failback_common::config::load(file, "FBL_MT")?;
+        validate_common(file, &cfg.name, &cfg.cs)?;
+        for (i, ds) in cfg.datastore.iter().enumerate() {
+            failback_common::identity::validate_name(&ds.name)
+                .map_err(|m| ConfigError::key(file, format!("datastore[{i}].name"), m))?;
+        }
+        Ok(cfg)
+    }
+}
+
+/// Registers with the CS and serves the data port on `listener` until `shutdown`.
+pub async fn run(config: MtConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    for ds in &config.datastore {
+        std::fs::create_dir_all(&ds.path)
+            .map_err(|e| anyhow::anyhow!("datastore {} at {}: {e}", ds.name, ds.path.display()))?;
+    }
+    let identity = Identity::new(Role::MasterTarget, config.site, &config.name);
+    let addresses = advertised(&config.advertise, config.site, listener.local_addr().ok());
+    let base = hello(&identity);
+    let datastores = config.datastore.clone();
+    let hello_fn = Arc::new(move || Hello {
+        addresses: addresses.clone(),
+        datastores: datastores.iter().map(DatastoreConfig::describe).collect(),
+        ..base.clone()
+    });
+    let registered = register(&identity, &config.data_dir, &config.cs, hello_fn, &shutdown).await?;
+    let router = failback_common::server::builder(registered.credentials.server_tls())?
+        .add_service(failback_common::server::health_service());
+    tracing::info!(address = %listener.local_addr()?, "master target ready");
+    failback_common::server::serve(router, listener, shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,199 @@
+//! Client side of the control stream every component keeps to the configuration server.
+//!
+//! A supervisor task dials the CS, sends `Hello` (rebuilt on every connect, so it reports the
+//! current state), then heartbeats at the interval the CS asks for in `Welcome`. It forwards
+//! the CS's commands to the component and the component's reports to the CS. When the stream
+//! breaks, or the CS stops acknowledging heartbeats (a stalled link), it reconnects by itself
+//! with exponential backoff, logging why. Whether the stream is up is published in a
+//! `watch` channel.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use failback_proto::pb::control::{
+    ComponentMessage, CsMessage, Heartbeat, Hello, component_message, control_client::ControlClient,
+    cs_message,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+
+use crate::enroll::Backoff;
+use crate::tls::describe_error;
+
+/// Builds the `Hello` sent on each (re)connect.
+pub type HelloFn = Arc<dyn Fn() -> Hello + Send + Sync>;
+
+/// The component's end of the control stream.
+pub struct ControlHandle {
+    /// `true` while a session with the CS is established (Welcome received).
+    pub connected: watch::Receiver<bool>,
+    /// Commands from the CS (everything but Welcome and heartbeat acks).
+    pub commands: mpsc::Receiver<CsMessage>,
+    /// Reports to the CS; held while disconnected and sent after the next Hello.
+    pub outbox: mpsc::Sender<ComponentMessage>,
+}
+
+/// Starts the supervisor; it runs until `shutdown` is cancelled.
+pub fn spawn(
+    endpoint: Endpoint,
+    hello: HelloFn,
+    shutdown: CancellationToken,
+) -> (ControlHandle, tokio::task::JoinHandle<()>) {
+    let (connected_tx, connected) = watch::channel(false);
+    let (commands_tx, commands) = mpsc::channel(256);
+    let (outbox, outbox_rx) = mpsc::channel(256);
+    let task = tokio::spawn(supervise(
+        endpoint,
+        hello,
+        shutdown,
+        connected_tx,
+        commands_tx,
+        outbox_rx,
+    ));
+    (
+        ControlHandle {
+            connected,
+            commands,
+            outbox,
+        },
+        task,
+    )
+}
+
+async fn supervise(
+    endpoint: Endpoint,
+    hello: HelloFn,
+    shutdown: CancellationToken,
+    connected: watch::Sender<bool>,
+    commands: mpsc::Sender<CsMessage>,
+    mut outbox: mpsc::Receiver<ComponentMessage>,
+) {
+    let address = endpoint.uri().to_string();
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let mut ever_connected = false;
+    loop {
+        let started = Instant::now();
+        let result = session(
+            &endpoint,
+            &hello,
+            &shutdown,
+            &connected,
+            &commands,
+            &mut outbox,
+            &mut ever_connected,
+        )
+        .await;
+        let _ = connected.send(false);
+        if shutdown.is_cancelled() {
+            return;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff.reset();
+        }
+        let wait = backoff.next_delay();
+        match result {
+            Ok(()) => tracing::warn!(
+                "configuration server at {address} closed the control stream; reconnecting in {wait:?}"
+            ),
+            Err(e) => tracing::warn!(
+                "control stream to the configuration server at {address}: {e}; reconnecting in {wait:?}"
+            ),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn session(
+    endpoint: &Endpoint,
+    hello: &HelloFn,
+    shutdown: &CancellationToken,
+    connected: &watch::Sender<bool>,
+    commands: &mpsc::Sender<CsMessage>,
+    outbox: &mut mpsc::Receiver<ComponentMessage>,
+    ever_connected: &mut bool,
+) -> Result<(), String> {
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect: {}", describe_error(&e)))?;
+    let mut client = ControlClient::new(channel);
+    let (tx, rx) = mpsc::channel::<ComponentMessage>(64);
+    tx.send(ComponentMessage {
+        kind: Some(component_message::Kind::Hello(hello())),
+    })
+    .await
+    .map_err(|_| "stream closed before hello".to_string())?;
+    let mut inbound = client
+        .session(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| format!("refused: {}", s.message()))?
+        .into_inner();
+
+    let welcome = match inbound.message().await {
+        Ok(Some(CsMessage {
+            kind: Some(cs_message::Kind::Welcome(w)),
+        })) => w,
+        Ok(Some(_)) => return Err("protocol error: first message was not Welcome".into()),
+        Ok(None) => return Err("stream closed before Welcome".into()),
+        Err(s) => return Err(format!("refused: {}", s.message())),
+    };
+    let interval = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(50)));
+    if *ever_connected {
+        tracing::info!("reconnected to the configuration server");
+    } else {
+        tracing::info!(cs_version = %welcome.cs_version, "registered with the configuration server");
+    }
+    *ever_connected = true;
+    let _ = connected.send(true);
+
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sequence = 0u64;
+    let mut last_ack = Instant::now();
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                if last_ack.elapsed() > interval * 5 {
+                    return Err(format!("no heartbeat acknowledgement for {:?}", last_ack.elapsed()));
+                }
+                sequence += 1;
+                let hb = Heartbeat { sequence, sent_at_ms: now_ms() };
+                if tx.send(ComponentMessage { kind: Some(component_message::Kind::Heartbeat(hb)) }).await.is_err() {
+                    return Err("stream closed".into());
+                }
+            }
+            msg = inbound.message() => match msg {
+                Ok(Some(CsMessage { kind: Some(cs_message::Kind::HeartbeatAck(_)) })) => {
+                    last_ack = Instant::now();
+                }
+                Ok(Some(other)) => {
+                    last_ack = Instant::now();
+                    if commands.send(other).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Ok(None) => return Ok(()),
+                Err(s) => return Err(format!("{}: {}", s.code(), s.message())),
+            },
+            Some(report) = outbox.recv() => {
+                if tx.send(report).await.is_err() {
+                    return Err("stream closed".into());
+                }
+            }
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+    }
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

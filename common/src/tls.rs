@@ -1,0 +1,234 @@
+//! Credentials on disk and the TLS settings built from them.
+//!
+//! A component's credentials live in `DATA_DIR/identity/` as `cert.pem`, `key.pem` (mode
+//! 0600) and `ca.pem`. Servers require a client certificate from the lab CA (client auth is
+//! never optional on the mutual-TLS ports); clients verify the server's DNS name
+//! `NAME.failback.lab`, so a relayed address (through vpn-link) still verifies.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SanType};
+use sha2::{Digest, Sha256};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, ServerTlsConfig};
+
+use crate::identity::{Identity, dns_name};
+
+/// Installs the process-wide rustls crypto provider (ring). Safe to call more than once.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A component's key, its certificate from the lab CA, and the CA certificate.
+#[derive(Clone)]
+pub struct Credentials {
+    pub identity: Identity,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Errors reading or writing credentials.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("certificate in {path} is not a lab certificate: {reason}")]
+    BadCertificate { path: PathBuf, reason: String },
+    #[error(
+        "certificate in {path} names {found}, but this component is configured as {expected}; \
+         fix `name`/`site` in the config or remove {dir} to enroll again"
+    )]
+    WrongIdentity {
+        path: PathBuf,
+        dir: PathBuf,
+        found: Identity,
+        expected: Identity,
+    },
+}
+
+impl Credentials {
+    pub fn dir(data_dir: &Path) -> PathBuf {
+        data_dir.join("identity")
+    }
+
+    /// Loads credentials saved by an earlier enrollment, or `None` if there are none.
+    pub fn load(data_dir: &Path, expected: &Identity) -> Result<Option<Credentials>, CredentialsError> {
+        let dir = Self::dir(data_dir);
+        let cert_path = dir.join("cert.pem");
+        if !cert_path.exists() {
+            return Ok(None);
+        }
+        let read = |p: PathBuf| {
+            std::fs::read_to_string(&p).map_err(|source| CredentialsError::Read { path: p, source })
+        };
+        let cert_pem = read(cert_path.clone())?;
+        let key_pem = read(dir.join("key.pem"))?;
+        let ca_pem = read(dir.join("ca.pem"))?;
+        let identity = identity_of_pem(&cert_pem).map_err(|reason| CredentialsError::BadCertificate {
+            path: cert_path.clone(),
+            reason,
+        })?;
+        if &identity != expected {
+            return Err(CredentialsError::WrongIdentity {
+                path: cert_path,
+                dir,
+                found: identity,
+                expected: expected.clone(),
+            });
+        }
+        Ok(Some(Credentials {
+            identity,
+            cert_pem,
+            key_pem,
+            ca_pem,
+        }))
+    }
+
+    /// Writes the credentials atomically (the certificate last, so its presence means complete).
+    pub fn save(&self, data_dir: &Path) -> Result<(), CredentialsError> {
+        let dir = Self::dir(data_dir);
+        std::fs::create_dir_all(&dir).map_err(|source| CredentialsError::Write {
+            path: dir.clone(),
+            source,
+        })?;
+        write_private(&dir.join("key.pem"), &self.key_pem)?;
+        write_atomic(&dir.join("ca.pem"), &self.ca_pem)?;
+        write_atomic(&dir.join("cert.pem"), &self.cert_pem)?;
+        Ok(())
+    }
+
+    /// TLS for a mutual-TLS server: our certificate, client certificates from the lab CA required.
+    pub fn server_tls(&self) -> ServerTlsConfig {
+        ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem))
+            .client_ca_root(Certificate::from_pem(&self.ca_pem))
+    }
+
+    /// TLS for dialing the component named `server_name` with our client certificate.
+    pub fn client_tls(&self, server_name: &str) -> ClientTlsConfig {
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca_pem))
+            .identity(tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem))
+            .domain_name(dns_name(server_name))
+    }
+
+    /// An endpoint for `address` (host:port) serving as `server_name`, with lab timeouts.
+    pub fn endpoint(&self, address: &str, server_name: &str) -> Result<Endpoint, tonic::transport::Error> {
+        Ok(Endpoint::from_shared(format!("https://{address}"))?
+            .tls_config(self.client_tls(server_name))?
+            .connect_timeout(Duration::from_secs(3))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true))
+    }
+}
+
+/// Reads the identity from a PEM certificate.
+pub fn identity_of_pem(cert_pem: &str) -> Result<Identity, String> {
+    let der = pem_to_der(cert_pem)?;
+    Identity::from_certificate_der(&der)
+}
+
+/// The DER bytes of the first PEM block.
+pub fn pem_to_der(pem: &str) -> Result<Vec<u8>, String> {
+    use rustls::pki_types::pem::PemObject;
+    match rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()).next() {
+        Some(Ok(der)) => Ok(der.as_ref().to_vec()),
+        Some(Err(e)) => Err(format!("bad PEM certificate: {e}")),
+        None => Err("no PEM certificate found".into()),
+    }
+}
+
+/// SHA-256 fingerprint (lower-case hex) of a PEM certificate: what an operator pins.
+pub fn fingerprint(cert_pem: &str) -> Result<String, String> {
+    Ok(hex::encode(Sha256::digest(pem_to_der(cert_pem)?)))
+}
+
+/// Certificate parameters the CA signs for `identity` (also used in the CSR).
+pub fn certificate_params(identity: &Identity) -> Result<CertificateParams, rcgen::Error> {
+    let mut params = CertificateParams::new(vec![identity.dns_name()])?;
+    params
+        .subject_alt_names
+        .push(SanType::URI(identity.uri().try_into()?));
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, identity.name.clone());
+    dn.push(DnType::OrganizationalUnitName, identity.role.as_str());
+    dn.push(DnType::OrganizationName, "Failback Lab");
+    params.distinguished_name = dn;
+    Ok(params)
+}
+
+/// A fresh key pair and a CSR for `identity`. The private key stays with the caller.
+pub fn new_key_and_csr(identity: &Identity) -> Result<(KeyPair, String), rcgen::Error> {
+    let key = KeyPair::generate()?;
+    let csr = certificate_params(identity)?.serialize_request(&key)?;
+    Ok((key, csr.pem()?))
+}
+
+fn write_atomic(path: &Path, contents: &str) -> Result<(), CredentialsError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|source| CredentialsError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Writes a secret readable by the owner only.
+pub fn write_private(path: &Path, contents: &str) -> Result<(), CredentialsError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(contents.as_bytes()))
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|source| CredentialsError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// A short, actionable description of why a connection failed, walking the error chain
+/// (ASR's wording where there is one).
+pub fn describe_error(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut chain = Vec::new();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        chain.push(e.to_string());
+        cur = e.source();
+    }
+    let all = chain.join(": ");
+    if all.contains("UnknownIssuer") || all.contains("BadSignature") {
+        format!("peer certificate cannot be authenticated with given CA certificates ({all})")
+    } else if all.contains("NotValidForName") {
+        format!("peer certificate is not valid for the name dialed ({all})")
+    } else if all.contains("Connection refused") {
+        format!("couldn't connect to server: connection refused ({all})")
+    } else {
+        all
+    }
+}

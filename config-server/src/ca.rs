@@ -1,0 +1,114 @@
+//! The lab certificate authority, owned by the configuration server.
+//!
+//! Created on first start and kept in the database (so a backup carries it); valid three
+//! years, like ASR's CS certificate. It signs enrollment CSRs with parameters it builds
+//! itself from the enrollment request: a CSR can't ask for a role or name of its own choosing.
+
+use failback_common::identity::Identity;
+use failback_common::tls::{Credentials, certificate_params, fingerprint};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
+use time::{Duration, OffsetDateTime};
+
+use crate::db::{DbError, Store};
+
+/// Why a certificate could not be issued.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("certificate error: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("stored CA is unusable: {0}")]
+    Corrupt(String),
+}
+
+/// Certificates are valid this long (ASR: the CS certificate is valid three years).
+const VALIDITY_DAYS: i64 = 3 * 365;
+
+pub struct Ca {
+    cert_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Ca {
+    /// The stored CA, or a new one saved to the store.
+    pub fn load_or_create(store: &Store) -> Result<Ca, CaError> {
+        if let (Some(cert_pem), Some(key_pem)) = (store.setting("ca_cert")?, store.setting("ca_key")?) {
+            let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::Corrupt(e.to_string()))?;
+            let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
+                .map_err(|e| CaError::Corrupt(e.to_string()))?;
+            return Ok(Ca { cert_pem, issuer });
+        }
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "Failback Lab CA");
+        dn.push(DnType::OrganizationName, "Failback Lab");
+        params.distinguished_name = dn;
+        set_validity(&mut params);
+        let cert = params.self_signed(&key)?;
+        let cert_pem = cert.pem();
+        store.put_setting("ca_key", &key.serialize_pem())?;
+        store.put_setting("ca_cert", &cert_pem)?;
+        tracing::info!("created the lab certificate authority");
+        Ok(Ca {
+            cert_pem,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Signs `csr_pem` (its signature is verified) for `identity`; returns the certificate
+    /// PEM and its fingerprint.
+    pub fn sign_csr(&self, csr_pem: &str, identity: &Identity) -> Result<(String, String), CaError> {
+        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
+        csr.params = leaf_params(identity)?;
+        let cert = csr.signed_by(&self.issuer)?;
+        let pem = cert.pem();
+        let fp = fingerprint(&pem).map_err(CaError::Corrupt)?;
+        Ok((pem, fp))
+    }
+
+    /// Fresh credentials for a server identity the CS issues to itself.
+    pub fn issue(&self, identity: &Identity) -> Result<Credentials, CaError> {
+        let key = KeyPair::generate()?;
+        let cert = leaf_params(identity)?.signed_by(&key, &self.issuer)?;
+        Ok(Credentials {
+            identity: identity.clone(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            ca_pem: self.cert_pem.clone(),
+        })
+    }
+}
+
+fn leaf_params(identity: &Identity) -> Result<CertificateParams, rcgen::Error> {
+    let mut params = certificate_params(identity)?;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    set_validity(&mut params);
+    Ok(params)
+}
+
+fn set_validity(params: &mut CertificateParams) {
+    let now = OffsetDateTime::now_utc();
+    // Tolerate modest clock skew between lab hosts.
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + Duration::days(VALIDITY_DAYS);
+}

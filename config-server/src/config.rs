@@ -1,0 +1,64 @@
+//! Configuration of the configuration server (`config-server run --config FILE`, env `FBL_CS__*`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use failback_common::config::{ConfigError, load};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CsConfig {
+    /// Directory holding `cs.db`, `ca.pem` and `passphrase`.
+    pub data_dir: PathBuf,
+    /// Enrollment port: server-authenticated TLS, serves only `Enroll`.
+    pub enroll_listen: String,
+    /// Mutual-TLS port: control streams and the operator API.
+    pub api_listen: String,
+    /// How often components heartbeat (sent to them in `Welcome`).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// A control stream silent this long is dropped and its component shown "not connected".
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_timeout: Duration,
+    /// Failed enrollments allowed per source address per minute before refusing all.
+    pub enroll_failures_per_minute: u32,
+}
+
+impl Default for CsConfig {
+    fn default() -> Self {
+        CsConfig {
+            data_dir: PathBuf::from("cs-data"),
+            enroll_listen: "127.0.0.1:9442".into(),
+            api_listen: "127.0.0.1:9443".into(),
+            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_timeout: Duration::from_secs(4),
+            enroll_failures_per_minute: 5,
+        }
+    }
+}
+
+impl CsConfig {
+    /// Loads and validates the config: defaults, then `file`, then `FBL_CS__*`.
+    pub fn load(file: Option<&Path>) -> Result<CsConfig, ConfigError> {
+        let cfg: CsConfig = load(file, "FBL_CS")?;
+        if cfg.heartbeat_interval < Duration::from_millis(50) {
+            return Err(ConfigError::key(file, "heartbeat_interval", "must be at least 50ms"));
+        }
+        if cfg.heartbeat_timeout < cfg.heartbeat_interval * 2 {
+            return Err(ConfigError::key(
+                file,
+                "heartbeat_timeout",
+                "must be at least twice heartbeat_interval",
+            ));
+        }
+        if cfg.enroll_failures_per_minute == 0 {
+            return Err(ConfigError::key(file, "enroll_failures_per_minute", "must be at least 1"));
+        }
+        Ok(cfg)
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join("cs.db")
+    }
+}

@@ -1,0 +1,182 @@
+//! The `Control` service: one long-lived stream per component (and per machine's agent).
+//!
+//! The first message must be a `Hello` that matches the caller's certificate; the certificate
+//! must be the one this CS issued for that name (a removed or re-enrolled identity is
+//! refused). The CS records the registration, answers `Welcome`, acknowledges heartbeats,
+//! and drops a stream that stays silent past `heartbeat_timeout`; the component then shows
+//! "not connected" until it reconnects. A newer stream of the same component replaces the
+//! older one.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use failback_common::control::now_ms;
+use failback_common::identity::{Identity, Role, authorize};
+use failback_proto::pb::control::{
+    ComponentMessage, CsMessage, HeartbeatAck, Hello, Welcome, component_message,
+    control_server::Control, cs_message,
+};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::state::{Session, State};
+
+pub struct ControlService {
+    pub state: Arc<State>,
+}
+
+/// Heartbeats are written to the database at most this often per component.
+const PERSIST_HEARTBEAT_MS: i64 = 5_000;
+
+fn check_hello(hello: &Hello, who: &Identity) -> Result<(), Status> {
+    if hello.name != who.name || hello.role != who.role.as_str() || hello.site != who.site.as_str() {
+        return Err(Status::permission_denied(format!(
+            "hello names {} `{}` ({}), but the certificate is for {who}",
+            hello.role, hello.name, hello.site
+        )));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    type SessionStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<CsMessage, Status>> + Send>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<ComponentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let who = authorize(
+            &request,
+            "Control.Session",
+            &[Role::ProcessServer, Role::MasterTarget, Role::Host, Role::Agent],
+        )?;
+        let fingerprint = request
+            .peer_certs()
+            .and_then(|c| c.first().map(|c| hex::encode(Sha256::digest(c.as_ref()))))
+            .unwrap_or_default();
+        let state = self.state.clone();
+        match state.store.component(&who.name)? {
+            None => {
+                return Err(Status::permission_denied(format!(
+                    "{who} is not registered with this configuration server (removed, or the CS \
+                     was restored from an older backup); delete the component's identity \
+                     directory and enroll again"
+                )));
+            }
+            Some(row) if row.cert_fingerprint != fingerprint => {
+                return Err(Status::permission_denied(format!(
+                    "the certificate of {who} was revoked or replaced; enroll again"
+                )));
+            }
+            Some(_) => {}
+        }
+        let mut inbound = request.into_inner();
+        let timeout = state.config.heartbeat_timeout;
+        let hello = match tokio::time::timeout(timeout, inbound.message()).await {
+            Ok(Ok(Some(ComponentMessage {
+                kind: Some(component_message::Kind::Hello(h)),
+            }))) => h,
+            Ok(Ok(Some(_))) => return Err(Status::invalid_argument("the first message must be Hello")),
+            Ok(Ok(None)) => return Err(Status::cancelled("stream closed before Hello")),
+            Ok(Err(s)) => return Err(s),
+            Err(_) => return Err(Status::deadline_exceeded("no Hello within the heartbeat timeout")),
+        };
+        check_hello(&hello, &who)?;
+        let now = now_ms();
+        state.store.register(&hello, now)?;
+
+        let (tx, rx) = mpsc::channel(64);
+        tx.send(Ok(CsMessage {
+            kind: Some(cs_message::Kind::Welcome(Welcome {
+                heartbeat_interval_ms: state.config.heartbeat_interval.as_millis() as u32,
+                cs_version: failback_common::VERSION.to_string(),
+            })),
+        }))
+        .await
+        .map_err(|_| Status::cancelled("peer gone"))?;
+
+        let conn_id = state.next_conn_id();
+        let cancel = CancellationToken::new();
+        if let Some(old) = state.sessions().insert(
+            who.name.clone(),
+            Session {
+                conn_id,
+                tx: tx.clone(),
+                cancel: cancel.clone(),
+                last_heartbeat_ms: now,
+            },
+        ) {
+            old.cancel.cancel();
+            tracing::info!(%who, "new control stream replaces the previous one");
+        }
+        tracing::info!(%who, version = %hello.version, "connected");
+
+        tokio::spawn(async move {
+            let reason = pump(&state, &who, inbound, tx, &cancel).await;
+            let mut sessions = state.sessions();
+            if sessions.get(&who.name).is_some_and(|s| s.conn_id == conn_id) {
+                sessions.remove(&who.name);
+                drop(sessions);
+                tracing::warn!(%who, "not connected: {reason}");
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Reads the component's messages until the stream ends; returns why it ended.
+async fn pump(
+    state: &State,
+    who: &Identity,
+    mut inbound: Streaming<ComponentMessage>,
+    tx: mpsc::Sender<Result<CsMessage, Status>>,
+    cancel: &CancellationToken,
+) -> String {
+    let timeout = state.config.heartbeat_timeout;
+    let mut persisted_ms = 0i64;
+    loop {
+        let msg = tokio::select! {
+            m = tokio::time::timeout(timeout, inbound.message()) => m,
+            _ = cancel.cancelled() => return "replaced by a newer control stream".into(),
+        };
+        match msg {
+            Err(_) => return format!("no heartbeat for {timeout:?}"),
+            Ok(Err(s)) => return format!("stream error: {}", s.message()),
+            Ok(Ok(None)) => return "control stream closed".into(),
+            Ok(Ok(Some(m))) => match m.kind {
+                Some(component_message::Kind::Heartbeat(hb)) => {
+                    let now = now_ms();
+                    if let Some(s) = state.sessions().get_mut(&who.name) {
+                        s.last_heartbeat_ms = now;
+                    }
+                    if now - persisted_ms >= PERSIST_HEARTBEAT_MS {
+                        persisted_ms = now;
+                        if let Err(e) = state.store.heartbeat(&who.name, now) {
+                            tracing::error!("{e}");
+                        }
+                    }
+                    let ack = CsMessage {
+                        kind: Some(cs_message::Kind::HeartbeatAck(HeartbeatAck { sequence: hb.sequence })),
+                    };
+                    if tx.send(Ok(ack)).await.is_err() {
+                        return "peer gone".into();
+                    }
+                }
+                Some(component_message::Kind::Hello(_)) => {
+                    let _ = tx
+                        .send(Err(Status::invalid_argument("Hello may only be sent first")))
+                        .await;
+                    return "protocol error: second Hello".into();
+                }
+                None => {
+                    let _ = tx.send(Err(Status::invalid_argument("empty message"))).await;
+                    return "protocol error: empty message".into();
+                }
+            },
+        }
+    }
+}

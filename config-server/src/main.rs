@@ -1,0 +1,81 @@
+//! `config-server`: run the configuration server, or back up / restore its database.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use config_server::{ConfigServer, CsConfig};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(version, about = "Failback Lab configuration server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the configuration server.
+    Run {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Copy the database (CA, passphrase, inventory) while the server runs.
+    Backup {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Restore a backup into an empty data directory.
+    Restore {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        from: PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    failback_common::telemetry::init("config-server");
+    failback_common::tls::install_crypto_provider();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config } => run(config).await,
+        Command::Backup { config, to } => load(config).and_then(|c| {
+            config_server::backup(&c, &to)?;
+            println!("backed up to {}", to.display());
+            Ok(())
+        }),
+        Command::Restore { config, from } => load(config).and_then(|c| {
+            config_server::restore(&c, &from)?;
+            println!("restored {} into {}", from.display(), c.data_dir.display());
+            Ok(())
+        }),
+    };
+    if let Err(e) = result {
+        eprintln!("config-server: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn load(path: Option<PathBuf>) -> anyhow::Result<CsConfig> {
+    match CsConfig::load(path.as_deref()) {
+        Ok(c) => Ok(c),
+        Err(e) => {
+            eprintln!("config-server: {e}");
+            std::process::exit(2);
+        }
+    }
+}
+
+async fn run(path: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = load(path)?;
+    let (enroll, _) = failback_common::server::bind(&config.enroll_listen, "enroll_listen").await?;
+    let (api, _) = failback_common::server::bind(&config.api_listen, "api_listen").await?;
+    let server = ConfigServer::open(config)?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(failback_common::server::shutdown_on_signal(shutdown.clone()));
+    server.serve(enroll, api, shutdown).await
+}

@@ -1,0 +1,129 @@
+//! Configuration of a mobility-agent host (`mobility-agent --config FILE`, env `FBL_AGENT__*`):
+//!
+//! ```toml
+//! name = "esx-1"
+//! site = "onprem"
+//! data_dir = "lab/esx-1"
+//! listen = "127.0.0.1:0"
+//! [cs]
+//! address = "127.0.0.1:9443"
+//! enroll_address = "127.0.0.1:9442"
+//! ca_cert = "lab/cs/ca.pem"
+//! passphrase_file = "lab/cs/passphrase"
+//! [[datastore]]
+//! name = "ds-onprem"
+//! path = "lab/datastores/ds-onprem"
+//! [[machine]]
+//! name = "vm1"
+//! datastore = "ds-onprem"
+//! disk = [{ id = "disk0", size = "64 MiB" }]
+//! ```
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use bytesize::ByteSize;
+use failback_common::component::{DatastoreConfig, validate_common};
+use failback_common::config::ConfigError;
+use failback_common::enroll::CsSettings;
+use failback_common::identity::{Site, validate_name};
+use serde::Deserialize;
+
+/// Disk sizes must be a whole number of these (the replication block).
+pub const BLOCK_SIZE: u64 = 4096;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    pub name: String,
+    pub site: Site,
+    pub data_dir: PathBuf,
+    /// Health port of the host.
+    pub listen: String,
+    pub advertise: BTreeMap<String, String>,
+    pub cs: CsSettings,
+    pub datastore: Vec<DatastoreConfig>,
+    pub machine: Vec<MachineConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    pub name: String,
+    pub datastore: String,
+    #[serde(default)]
+    pub disk: Vec<DiskConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub id: String,
+    pub size: ByteSize,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            name: "esx-1".into(),
+            site: Site::Onprem,
+            data_dir: PathBuf::from("agent-data"),
+            listen: "127.0.0.1:0".into(),
+            advertise: BTreeMap::new(),
+            cs: CsSettings::default(),
+            datastore: Vec::new(),
+            machine: Vec::new(),
+        }
+    }
+}
+
+impl AgentConfig {
+    pub fn load(file: Option<&Path>) -> Result<AgentConfig, ConfigError> {
+        let cfg: AgentConfig = failback_common::config::load(file, "FBL_AGENT")?;
+        cfg.validate(file)?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self, file: Option<&Path>) -> Result<(), ConfigError> {
+        validate_common(file, &self.name, &self.cs)?;
+        let key = |k: String, m: String| ConfigError::key(file, k, m);
+        let mut ds_names = HashSet::new();
+        for (i, ds) in self.datastore.iter().enumerate() {
+            validate_name(&ds.name).map_err(|m| key(format!("datastore[{i}].name"), m))?;
+            if !ds_names.insert(ds.name.as_str()) {
+                return Err(key(format!("datastore[{i}].name"), format!("duplicate datastore `{}`", ds.name)));
+            }
+        }
+        let mut names = HashSet::new();
+        for (i, m) in self.machine.iter().enumerate() {
+            validate_name(&m.name).map_err(|e| key(format!("machine[{i}].name"), e))?;
+            if !names.insert(m.name.as_str()) {
+                return Err(key(format!("machine[{i}].name"), format!("duplicate machine `{}`", m.name)));
+            }
+            if !ds_names.contains(m.datastore.as_str()) {
+                return Err(key(
+                    format!("machine[{i}].datastore"),
+                    format!("unknown datastore `{}`: add it as a [[datastore]] of this host", m.datastore),
+                ));
+            }
+            let mut ids = HashSet::new();
+            for (j, d) in m.disk.iter().enumerate() {
+                validate_name(&d.id).map_err(|e| key(format!("machine[{i}].disk[{j}].id"), e))?;
+                if !ids.insert(d.id.as_str()) {
+                    return Err(key(format!("machine[{i}].disk[{j}].id"), format!("duplicate disk `{}`", d.id)));
+                }
+                if d.size.as_u64() == 0 || d.size.as_u64() % BLOCK_SIZE != 0 {
+                    return Err(key(
+                        format!("machine[{i}].disk[{j}].size"),
+                        format!("must be a positive multiple of {BLOCK_SIZE} bytes"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn datastore(&self, name: &str) -> Option<&DatastoreConfig> {
+        self.datastore.iter().find(|d| d.name == name)
+    }
+}
