@@ -8,6 +8,7 @@
 //!   once, where a message is received.
 
 /// Generated protobuf and gRPC code, one module per proto package.
+#[allow(clippy::large_enum_variant, clippy::derive_partial_eq_without_eq)]
 pub mod pb {
     pub mod enroll {
         tonic::include_proto!("failback.enroll.v1");

@@ -1,0 +1,252 @@
+//! vpn-link configuration: the TOML form ([`LinkConfig`], [`RouteConfig`]) and the validated
+//! runtime form ([`Config`], [`Route`]).
+//!
+//! Validation happens once, in [`LinkConfig::validate`]: every failure names its key
+//! (`route[2].from_site`) and the file. Addresses are `host:port`; hostnames (`cs:443`) are
+//! accepted because containers use DNS names, and are resolved only when a connection is
+//! dialled, so a peer that starts later is not a config error.
+//!
+//! ```toml
+//! control_listen = "127.0.0.1:7000"
+//! [[route]]
+//! name = "cs-enroll"
+//! from_site = "azure"
+//! listen = "127.0.0.1:7101"
+//! connect = "127.0.0.1:7001"
+//! ```
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use failback_common::config::{self, ConfigError};
+use serde::Deserialize;
+
+/// Environment prefix for overrides, e.g. `FBL_LINK__CONTROL_LISTEN`.
+pub const ENV_PREFIX: &str = "FBL_LINK";
+
+/// The configuration as written in the TOML file, before validation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LinkConfig {
+    /// Where the operator-facing control gRPC API listens (plaintext: loopback by default).
+    pub control_listen: String,
+    /// The relayed routes, one `[[route]]` table each.
+    pub route: Vec<RouteConfig>,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        LinkConfig {
+            control_listen: "127.0.0.1:7000".to_string(),
+            route: Vec::new(),
+        }
+    }
+}
+
+/// One `[[route]]` table as written; every field is required (checked by validation so the
+/// error names the key).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    pub from_site: String,
+    pub listen: String,
+    pub connect: String,
+}
+
+/// One of the two sites the link joins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Site {
+    Onprem,
+    Azure,
+}
+
+impl Site {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Site::Onprem => "onprem",
+            Site::Azure => "azure",
+        }
+    }
+
+    /// The site across the link.
+    pub fn other(self) -> Site {
+        match self {
+            Site::Onprem => Site::Azure,
+            Site::Azure => Site::Onprem,
+        }
+    }
+}
+
+impl fmt::Display for Site {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A validated route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Free text, unique within a link.
+    pub name: String,
+    /// The site the dialer is on. Bytes from the dialer (forward) cross from this site to
+    /// the other one; the replies (backward) cross the other way.
+    pub from_site: Site,
+    /// Where the relay accepts (`host:port`; port 0 binds an ephemeral port).
+    pub listen: String,
+    /// The real server on the other site (`host:port`), resolved at each dial.
+    pub connect: String,
+}
+
+impl Route {
+    pub fn new(
+        name: impl Into<String>,
+        from_site: Site,
+        listen: impl Into<String>,
+        connect: impl Into<String>,
+    ) -> Self {
+        Route {
+            name: name.into(),
+            from_site,
+            listen: listen.into(),
+            connect: connect.into(),
+        }
+    }
+}
+
+/// The validated configuration the binary runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub control_listen: String,
+    pub routes: Vec<Route>,
+}
+
+/// Loads defaults, `file` and `FBL_LINK__*` environment overrides, then validates.
+pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+    config::load::<LinkConfig>(file, ENV_PREFIX)?.validate(file)
+}
+
+impl LinkConfig {
+    /// Checks every key and converts to the runtime form; `file` only names the source in
+    /// errors.
+    pub fn validate(self, file: Option<&Path>) -> Result<Config, ConfigError> {
+        let err = |key: String, message: String| ConfigError::key(file, key, message);
+        check_addr(&self.control_listen).map_err(|m| err("control_listen".into(), m))?;
+        let mut names = HashSet::new();
+        let mut routes = Vec::with_capacity(self.route.len());
+        for (i, r) in self.route.into_iter().enumerate() {
+            let key = |field: &str| format!("route[{i}].{field}");
+            if r.name.trim().is_empty() {
+                return Err(err(key("name"), "must be set".into()));
+            }
+            if !names.insert(r.name.clone()) {
+                return Err(err(
+                    key("name"),
+                    format!("duplicate route name {:?}", r.name),
+                ));
+            }
+            let from_site = match r.from_site.as_str() {
+                "onprem" => Site::Onprem,
+                "azure" => Site::Azure,
+                other => {
+                    return Err(err(
+                        key("from_site"),
+                        format!("must be \"onprem\" or \"azure\", got {other:?}"),
+                    ));
+                }
+            };
+            check_addr(&r.listen).map_err(|m| err(key("listen"), m))?;
+            check_addr(&r.connect).map_err(|m| err(key("connect"), m))?;
+            routes.push(Route {
+                name: r.name,
+                from_site,
+                listen: r.listen,
+                connect: r.connect,
+            });
+        }
+        Ok(Config {
+            control_listen: self.control_listen,
+            routes,
+        })
+    }
+}
+
+/// Accepts `ip:port`, `[v6]:port` and `hostname:port`.
+fn check_addr(addr: &str) -> Result<(), String> {
+    if addr.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let bad = || format!("expected host:port, got {addr:?}");
+    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    let host_ok = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_');
+    if !host_ok || port.parse::<u16>().is_err() {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(name: &str, site: &str, listen: &str, connect: &str) -> RouteConfig {
+        RouteConfig {
+            name: name.into(),
+            from_site: site.into(),
+            listen: listen.into(),
+            connect: connect.into(),
+        }
+    }
+
+    fn validate(routes: Vec<RouteConfig>) -> Result<Config, String> {
+        LinkConfig {
+            route: routes,
+            ..LinkConfig::default()
+        }
+        .validate(None)
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn accepts_ips_and_hostnames() {
+        let c = validate(vec![
+            route("a", "onprem", "0.0.0.0:7101", "cs:443"),
+            route("b", "azure", "[::1]:0", "mt-onprem.lab:7003"),
+        ])
+        .expect("valid");
+        assert_eq!(c.routes[0].from_site, Site::Onprem);
+        assert_eq!(c.routes[1].connect, "mt-onprem.lab:7003");
+    }
+
+    #[test]
+    fn names_the_bad_key() {
+        let cases = [
+            (
+                vec![
+                    route("a", "onprem", "x:1", "y:2"),
+                    route("a", "azure", "x:3", "y:4"),
+                ],
+                "route[1].name",
+            ),
+            (vec![route("", "onprem", "x:1", "y:2")], "route[0].name"),
+            (vec![route("a", "onprem", "x", "y:2")], "route[0].listen"),
+            (
+                vec![route("a", "onprem", "x:1", "y:99999")],
+                "route[0].connect",
+            ),
+            (
+                vec![route("a", "Onprem", "x:1", "y:2")],
+                "route[0].from_site",
+            ),
+        ];
+        for (routes, key) in cases {
+            let msg = validate(routes).expect_err("must fail");
+            assert!(msg.contains(&format!("`{key}`")), "{key}: {msg}");
+        }
+    }
+}
