@@ -46,7 +46,8 @@ pub fn advertised(
     site: Site,
     bound: Option<std::net::SocketAddr>,
 ) -> std::collections::HashMap<String, String> {
-    let mut out: std::collections::HashMap<String, String> = advertise.clone().into_iter().collect();
+    let mut out: std::collections::HashMap<String, String> =
+        advertise.clone().into_iter().collect();
     if let Some(b) = bound {
         out.entry(site.to_string()).or_insert_with(|| b.to_string());
     }
@@ -86,12 +87,13 @@ pub async fn register(
         })
     })?;
     let credentials = ensure_enrolled(data_dir, cs, identity, shutdown).await?;
-    let endpoint = credentials
-        .endpoint(&cs.address, "cs")
-        .map_err(|e| EnrollError::BadAddress {
-            address: cs.address.clone(),
-            message: e.to_string(),
-        })?;
+    let endpoint =
+        credentials
+            .endpoint(&cs.address, "cs")
+            .map_err(|e| EnrollError::BadAddress {
+                address: cs.address.clone(),
+                message: e.to_string(),
+            })?;
     let (control, task) = crate::control::spawn(endpoint, hello, shutdown.child_token());
     Ok(Registered {
         credentials,
@@ -109,13 +111,25 @@ pub fn validate_common(
     use crate::config::ConfigError;
     crate::identity::validate_name(name).map_err(|m| ConfigError::key(file, "name", m))?;
     if cs.address.is_empty() {
-        return Err(ConfigError::key(file, "cs.address", "required: the configuration server's API address"));
+        return Err(ConfigError::key(
+            file,
+            "cs.address",
+            "required: the configuration server's API address",
+        ));
     }
     if cs.enroll_address.is_empty() {
-        return Err(ConfigError::key(file, "cs.enroll_address", "required: the configuration server's enrollment address"));
+        return Err(ConfigError::key(
+            file,
+            "cs.enroll_address",
+            "required: the configuration server's enrollment address",
+        ));
     }
     if cs.ca_cert.as_os_str().is_empty() {
-        return Err(ConfigError::key(file, "cs.ca_cert", "required: the lab CA certificate file"));
+        return Err(ConfigError::key(
+            file,
+            "cs.ca_cert",
+            "required: the lab CA certificate file",
+        ));
     }
     Ok(())
 }

@@ -57,9 +57,8 @@ pub fn load<T: DeserializeOwned>(file: Option<&Path>, env_prefix: &str) -> Resul
                 path: path.to_path_buf(),
             });
         }
-        builder = builder.add_source(
-            config::File::from(path.to_path_buf()).format(config::FileFormat::Toml),
-        );
+        builder = builder
+            .add_source(config::File::from(path.to_path_buf()).format(config::FileFormat::Toml));
     }
     builder = builder.add_source(
         config::Environment::with_prefix(env_prefix)

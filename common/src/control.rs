@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use failback_proto::pb::control::{
-    ComponentMessage, CsMessage, Heartbeat, Hello, component_message, control_client::ControlClient,
-    cs_message,
+    ComponentMessage, CsMessage, Heartbeat, Hello, component_message,
+    control_client::ControlClient, cs_message,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;

@@ -96,7 +96,10 @@ impl CsSettings {
         if let Some(p) = &self.passphrase {
             return Ok(p.trim().to_string());
         }
-        let path = self.passphrase_file.as_ref().ok_or(EnrollError::NoPassphrase)?;
+        let path = self
+            .passphrase_file
+            .as_ref()
+            .ok_or(EnrollError::NoPassphrase)?;
         std::fs::read_to_string(path)
             .map(|s| s.trim().to_string())
             .map_err(|source| EnrollError::PassphraseRead {

@@ -187,7 +187,10 @@ pub fn dns_name(name: &str) -> String {
 pub fn validate_name(name: &str) -> Result<(), String> {
     let ok_len = !name.is_empty() && name.len() <= 63;
     let ok_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
-    let ok_start = name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    let ok_start = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric());
     if ok_len && ok_chars && ok_start {
         Ok(())
     } else {

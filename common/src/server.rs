@@ -10,13 +10,15 @@ use tonic::transport::{Server, ServerTlsConfig, server::Router};
 
 /// A tonic server builder with the lab's TLS and transport settings.
 pub fn builder(tls: ServerTlsConfig) -> Result<Server, tonic::transport::Error> {
-    Server::builder()
-        .tls_config(tls)
-        .map(|b| b.tcp_nodelay(true).http2_keepalive_interval(Some(std::time::Duration::from_secs(5))))
+    Server::builder().tls_config(tls).map(|b| {
+        b.tcp_nodelay(true)
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(5)))
+    })
 }
 
 /// The standard gRPC health service, reporting SERVING for the whole server.
-pub fn health_service() -> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health> {
+pub fn health_service()
+-> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health> {
     let (reporter, service) = tonic_health::server::health_reporter();
     tokio::spawn(async move {
         reporter
@@ -49,7 +51,10 @@ pub async fn bind(address: &str, what: &str) -> anyhow::Result<(TcpListener, Soc
 /// Cancels `token` on SIGINT or SIGTERM.
 pub async fn shutdown_on_signal(token: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers");
         return;
     };

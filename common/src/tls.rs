@@ -69,7 +69,10 @@ impl Credentials {
     }
 
     /// Loads credentials saved by an earlier enrollment, or `None` if there are none.
-    pub fn load(data_dir: &Path, expected: &Identity) -> Result<Option<Credentials>, CredentialsError> {
+    pub fn load(
+        data_dir: &Path,
+        expected: &Identity,
+    ) -> Result<Option<Credentials>, CredentialsError> {
         let dir = Self::dir(data_dir);
         let cert_path = dir.join("cert.pem");
         if !cert_path.exists() {
@@ -81,10 +84,11 @@ impl Credentials {
         let cert_pem = read(cert_path.clone())?;
         let key_pem = read(dir.join("key.pem"))?;
         let ca_pem = read(dir.join("ca.pem"))?;
-        let identity = identity_of_pem(&cert_pem).map_err(|reason| CredentialsError::BadCertificate {
-            path: cert_path.clone(),
-            reason,
-        })?;
+        let identity =
+            identity_of_pem(&cert_pem).map_err(|reason| CredentialsError::BadCertificate {
+                path: cert_path.clone(),
+                reason,
+            })?;
         if &identity != expected {
             return Err(CredentialsError::WrongIdentity {
                 path: cert_path,
@@ -117,7 +121,10 @@ impl Credentials {
     /// TLS for a mutual-TLS server: our certificate, client certificates from the lab CA required.
     pub fn server_tls(&self) -> ServerTlsConfig {
         ServerTlsConfig::new()
-            .identity(tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem))
+            .identity(tonic::transport::Identity::from_pem(
+                &self.cert_pem,
+                &self.key_pem,
+            ))
             .client_ca_root(Certificate::from_pem(&self.ca_pem))
     }
 
@@ -125,12 +132,19 @@ impl Credentials {
     pub fn client_tls(&self, server_name: &str) -> ClientTlsConfig {
         ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&self.ca_pem))
-            .identity(tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem))
+            .identity(tonic::transport::Identity::from_pem(
+                &self.cert_pem,
+                &self.key_pem,
+            ))
             .domain_name(dns_name(server_name))
     }
 
     /// An endpoint for `address` (host:port) serving as `server_name`, with lab timeouts.
-    pub fn endpoint(&self, address: &str, server_name: &str) -> Result<Endpoint, tonic::transport::Error> {
+    pub fn endpoint(
+        &self,
+        address: &str,
+        server_name: &str,
+    ) -> Result<Endpoint, tonic::transport::Error> {
         Ok(Endpoint::from_shared(format!("https://{address}"))?
             .tls_config(self.client_tls(server_name))?
             .connect_timeout(Duration::from_secs(3))

@@ -36,7 +36,9 @@ pub struct Ca {
 impl Ca {
     /// The stored CA, or a new one saved to the store.
     pub fn load_or_create(store: &Store) -> Result<Ca, CaError> {
-        if let (Some(cert_pem), Some(key_pem)) = (store.setting("ca_cert")?, store.setting("ca_key")?) {
+        if let (Some(cert_pem), Some(key_pem)) =
+            (store.setting("ca_cert")?, store.setting("ca_key")?)
+        {
             let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::Corrupt(e.to_string()))?;
             let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
                 .map_err(|e| CaError::Corrupt(e.to_string()))?;
@@ -72,7 +74,11 @@ impl Ca {
 
     /// Signs `csr_pem` (its signature is verified) for `identity`; returns the certificate
     /// PEM and its fingerprint.
-    pub fn sign_csr(&self, csr_pem: &str, identity: &Identity) -> Result<(String, String), CaError> {
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        identity: &Identity,
+    ) -> Result<(String, String), CaError> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
         csr.params = leaf_params(identity)?;
         let cert = csr.signed_by(&self.issuer)?;

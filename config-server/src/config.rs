@@ -43,7 +43,11 @@ impl CsConfig {
     pub fn load(file: Option<&Path>) -> Result<CsConfig, ConfigError> {
         let cfg: CsConfig = load(file, "FBL_CS")?;
         if cfg.heartbeat_interval < Duration::from_millis(50) {
-            return Err(ConfigError::key(file, "heartbeat_interval", "must be at least 50ms"));
+            return Err(ConfigError::key(
+                file,
+                "heartbeat_interval",
+                "must be at least 50ms",
+            ));
         }
         if cfg.heartbeat_timeout < cfg.heartbeat_interval * 2 {
             return Err(ConfigError::key(
@@ -53,7 +57,11 @@ impl CsConfig {
             ));
         }
         if cfg.enroll_failures_per_minute == 0 {
-            return Err(ConfigError::key(file, "enroll_failures_per_minute", "must be at least 1"));
+            return Err(ConfigError::key(
+                file,
+                "enroll_failures_per_minute",
+                "must be at least 1",
+            ));
         }
         Ok(cfg)
     }

@@ -32,7 +32,8 @@ pub struct ControlService {
 const PERSIST_HEARTBEAT_MS: i64 = 5_000;
 
 fn check_hello(hello: &Hello, who: &Identity) -> Result<(), Status> {
-    if hello.name != who.name || hello.role != who.role.as_str() || hello.site != who.site.as_str() {
+    if hello.name != who.name || hello.role != who.role.as_str() || hello.site != who.site.as_str()
+    {
         return Err(Status::permission_denied(format!(
             "hello names {} `{}` ({}), but the certificate is for {who}",
             hello.role, hello.name, hello.site
@@ -43,7 +44,8 @@ fn check_hello(hello: &Hello, who: &Identity) -> Result<(), Status> {
 
 #[tonic::async_trait]
 impl Control for ControlService {
-    type SessionStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<CsMessage, Status>> + Send>>;
+    type SessionStream =
+        Pin<Box<dyn tokio_stream::Stream<Item = Result<CsMessage, Status>> + Send>>;
 
     async fn session(
         &self,
@@ -52,7 +54,12 @@ impl Control for ControlService {
         let who = authorize(
             &request,
             "Control.Session",
-            &[Role::ProcessServer, Role::MasterTarget, Role::Host, Role::Agent],
+            &[
+                Role::ProcessServer,
+                Role::MasterTarget,
+                Role::Host,
+                Role::Agent,
+            ],
         )?;
         let fingerprint = request
             .peer_certs()
@@ -80,10 +87,16 @@ impl Control for ControlService {
             Ok(Ok(Some(ComponentMessage {
                 kind: Some(component_message::Kind::Hello(h)),
             }))) => h,
-            Ok(Ok(Some(_))) => return Err(Status::invalid_argument("the first message must be Hello")),
+            Ok(Ok(Some(_))) => {
+                return Err(Status::invalid_argument("the first message must be Hello"));
+            }
             Ok(Ok(None)) => return Err(Status::cancelled("stream closed before Hello")),
             Ok(Err(s)) => return Err(s),
-            Err(_) => return Err(Status::deadline_exceeded("no Hello within the heartbeat timeout")),
+            Err(_) => {
+                return Err(Status::deadline_exceeded(
+                    "no Hello within the heartbeat timeout",
+                ));
+            }
         };
         check_hello(&hello, &who)?;
         let now = now_ms();
@@ -118,7 +131,10 @@ impl Control for ControlService {
         tokio::spawn(async move {
             let reason = pump(&state, &who, inbound, tx, &cancel).await;
             let mut sessions = state.sessions();
-            if sessions.get(&who.name).is_some_and(|s| s.conn_id == conn_id) {
+            if sessions
+                .get(&who.name)
+                .is_some_and(|s| s.conn_id == conn_id)
+            {
                 sessions.remove(&who.name);
                 drop(sessions);
                 tracing::warn!(%who, "not connected: {reason}");
@@ -160,7 +176,9 @@ async fn pump(
                         }
                     }
                     let ack = CsMessage {
-                        kind: Some(cs_message::Kind::HeartbeatAck(HeartbeatAck { sequence: hb.sequence })),
+                        kind: Some(cs_message::Kind::HeartbeatAck(HeartbeatAck {
+                            sequence: hb.sequence,
+                        })),
                     };
                     if tx.send(Ok(ack)).await.is_err() {
                         return "peer gone".into();
@@ -168,12 +186,16 @@ async fn pump(
                 }
                 Some(component_message::Kind::Hello(_)) => {
                     let _ = tx
-                        .send(Err(Status::invalid_argument("Hello may only be sent first")))
+                        .send(Err(Status::invalid_argument(
+                            "Hello may only be sent first",
+                        )))
                         .await;
                     return "protocol error: second Hello".into();
                 }
                 None => {
-                    let _ = tx.send(Err(Status::invalid_argument("empty message"))).await;
+                    let _ = tx
+                        .send(Err(Status::invalid_argument("empty message")))
+                        .await;
                     return "protocol error: empty message".into();
                 }
             },

@@ -126,7 +126,9 @@ impl Store {
     pub fn setting(&self, key: &str) -> Result<Option<String>, DbError> {
         Ok(self
             .conn()
-            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| r.get(0))
+            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
             .optional()?)
     }
 
@@ -141,11 +143,22 @@ impl Store {
 
     /// Records a newly enrolled component. Fails if the name is taken (checked by the caller
     /// first, so that the error can name the holder).
-    pub fn insert_enrolled(&self, id: &Identity, fingerprint: &str, now_ms: i64) -> Result<(), DbError> {
+    pub fn insert_enrolled(
+        &self,
+        id: &Identity,
+        fingerprint: &str,
+        now_ms: i64,
+    ) -> Result<(), DbError> {
         self.conn().execute(
             "INSERT INTO components(name, role, site, cert_fingerprint, enrolled_at_ms)
              VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![id.name, id.role.as_str(), id.site.as_str(), fingerprint, now_ms],
+            params![
+                id.name,
+                id.role.as_str(),
+                id.site.as_str(),
+                fingerprint,
+                now_ms
+            ],
         )?;
         Ok(())
     }
@@ -237,9 +250,11 @@ impl Store {
                 })
             })?
             .collect::<Result<_, _>>()?;
-        let mut ds_stmt =
-            conn.prepare("SELECT name, path, capacity, free FROM datastores WHERE component = ?1 ORDER BY name")?;
-        let mut m_stmt = conn.prepare("SELECT machine FROM host_machines WHERE host = ?1 ORDER BY machine")?;
+        let mut ds_stmt = conn.prepare(
+            "SELECT name, path, capacity, free FROM datastores WHERE component = ?1 ORDER BY name",
+        )?;
+        let mut m_stmt =
+            conn.prepare("SELECT machine FROM host_machines WHERE host = ?1 ORDER BY machine")?;
         let mut d_stmt = conn.prepare(
             "SELECT disk_id, datastore, path, size FROM disks WHERE machine = ?1 ORDER BY disk_id",
         )?;

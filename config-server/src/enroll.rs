@@ -24,7 +24,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 #[tonic::async_trait]
 impl Enrollment for EnrollmentService {
-    async fn enroll(&self, request: Request<EnrollRequest>) -> Result<Response<EnrollResponse>, Status> {
+    async fn enroll(
+        &self,
+        request: Request<EnrollRequest>,
+    ) -> Result<Response<EnrollResponse>, Status> {
         let ip = request
             .remote_addr()
             .map(|a| a.ip())
@@ -71,7 +74,9 @@ impl Enrollment for EnrollmentService {
             .state
             .ca
             .sign_csr(&req.csr_pem, &identity)
-            .map_err(|e| Status::invalid_argument(format!("bad certificate signing request: {e}")))?;
+            .map_err(|e| {
+                Status::invalid_argument(format!("bad certificate signing request: {e}"))
+            })?;
         self.state
             .store
             .insert_enrolled(&identity, &fingerprint, now_ms())?;

@@ -51,8 +51,9 @@ impl ConfigServer {
     /// Opens (or creates) the database, the CA and the passphrase; writes `ca.pem` and
     /// `passphrase` into the data directory.
     pub fn open(config: CsConfig) -> anyhow::Result<ConfigServer> {
-        std::fs::create_dir_all(&config.data_dir)
-            .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+        std::fs::create_dir_all(&config.data_dir).with_context(|| {
+            format!("cannot create data directory {}", config.data_dir.display())
+        })?;
         let store = db::Store::open(&config.db_path())
             .with_context(|| format!("cannot open {}", config.db_path().display()))?;
         let ca = ca::Ca::load_or_create(&store)?;
@@ -93,14 +94,21 @@ impl ConfigServer {
         if let Ok(mut a) = state.api_address.lock() {
             *a = api.local_addr()?.to_string();
         }
-        let enroll_tls = ServerTlsConfig::new().identity(TlsIdentity::from_pem(&me.cert_pem, &me.key_pem));
+        let enroll_tls =
+            ServerTlsConfig::new().identity(TlsIdentity::from_pem(&me.cert_pem, &me.key_pem));
         let enroll_router = failback_common::server::builder(enroll_tls)?
             .add_service(failback_common::server::health_service())
-            .add_service(EnrollmentServer::new(enroll::EnrollmentService { state: state.clone() }));
+            .add_service(EnrollmentServer::new(enroll::EnrollmentService {
+                state: state.clone(),
+            }));
         let api_router = failback_common::server::builder(me.server_tls())?
             .add_service(failback_common::server::health_service())
-            .add_service(ControlServer::new(control::ControlService { state: state.clone() }))
-            .add_service(OperatorServer::new(operator::OperatorService { state: state.clone() }));
+            .add_service(ControlServer::new(control::ControlService {
+                state: state.clone(),
+            }))
+            .add_service(OperatorServer::new(operator::OperatorService {
+                state: state.clone(),
+            }));
         tracing::info!(
             enroll = %enroll.local_addr()?,
             api = %api.local_addr()?,
@@ -133,7 +141,10 @@ pub fn backup(config: &CsConfig, to: &Path) -> anyhow::Result<()> {
         );
     }
     if to.exists() {
-        anyhow::bail!("{} already exists; choose a new file for the backup", to.display());
+        anyhow::bail!(
+            "{} already exists; choose a new file for the backup",
+            to.display()
+        );
     }
     db::backup(&db, to).with_context(|| format!("backup of {} to {}", db.display(), to.display()))
 }
@@ -148,7 +159,8 @@ pub fn restore(config: &CsConfig, from: &Path) -> anyhow::Result<()> {
         );
     }
     std::fs::create_dir_all(&config.data_dir)?;
-    db::backup(from, &db).with_context(|| format!("restore of {} into {}", from.display(), db.display()))?;
+    db::backup(from, &db)
+        .with_context(|| format!("restore of {} into {}", from.display(), db.display()))?;
     // Re-open to check the copy and to write ca.pem and the passphrase file.
     ConfigServer::open(config.clone())?;
     Ok(())

@@ -76,6 +76,8 @@ async fn run(path: Option<PathBuf>) -> anyhow::Result<()> {
     let (api, _) = failback_common::server::bind(&config.api_listen, "api_listen").await?;
     let server = ConfigServer::open(config)?;
     let shutdown = CancellationToken::new();
-    tokio::spawn(failback_common::server::shutdown_on_signal(shutdown.clone()));
+    tokio::spawn(failback_common::server::shutdown_on_signal(
+        shutdown.clone(),
+    ));
     server.serve(enroll, api, shutdown).await
 }

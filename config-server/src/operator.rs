@@ -50,8 +50,18 @@ impl Operator for OperatorService {
             components.push(Component {
                 address: row.addresses.get(&row.site).cloned().unwrap_or_default(),
                 addresses: row.addresses.clone().into_iter().collect(),
-                status: if live.is_some() { CONNECTED } else { NOT_CONNECTED }.into(),
-                last_heartbeat_ms: live.map(|s| s.last_heartbeat_ms).unwrap_or(row.last_heartbeat_ms),
+                // Operators call in; they keep no control stream.
+                status: if row.role == Role::Operator.as_str() {
+                    "-"
+                } else if live.is_some() {
+                    CONNECTED
+                } else {
+                    NOT_CONNECTED
+                }
+                .into(),
+                last_heartbeat_ms: live
+                    .map(|s| s.last_heartbeat_ms)
+                    .unwrap_or(row.last_heartbeat_ms),
                 enrolled_at_ms: row.enrolled_at_ms,
                 machines: row.machines,
                 host: row.host,
@@ -81,6 +91,7 @@ impl Operator for OperatorService {
                 version: row.version,
             });
         }
+        components.sort_by_key(|c| (site_rank(&c.site), role_rank(&c.role), c.name.clone()));
         Ok(Response::new(ListInfraResponse { components }))
     }
 
@@ -101,4 +112,15 @@ impl Operator for OperatorService {
         tracing::info!(%who, component = %name, "removed; its certificate is no longer accepted");
         Ok(Response::new(RemoveComponentResponse {}))
     }
+}
+
+fn site_rank(site: &str) -> u8 {
+    u8::from(site != "onprem")
+}
+
+fn role_rank(role: &str) -> usize {
+    Role::ALL
+        .iter()
+        .position(|r| r.as_str() == role)
+        .unwrap_or(usize::MAX)
 }

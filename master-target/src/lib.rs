@@ -61,7 +61,11 @@ impl MtConfig {
 }
 
 /// Registers with the CS and serves the data port on `listener` until `shutdown`.
-pub async fn run(config: MtConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: MtConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     for ds in &config.datastore {
         std::fs::create_dir_all(&ds.path)
             .map_err(|e| anyhow::anyhow!("datastore {} at {}: {e}", ds.name, ds.path.display()))?;

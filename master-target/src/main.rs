@@ -23,7 +23,9 @@ async fn main() {
         std::process::exit(2)
     });
     let shutdown = CancellationToken::new();
-    tokio::spawn(failback_common::server::shutdown_on_signal(shutdown.clone()));
+    tokio::spawn(failback_common::server::shutdown_on_signal(
+        shutdown.clone(),
+    ));
     let result = async {
         let (listener, _) = failback_common::server::bind(&config.listen, "listen").await?;
         master_target::run(config, listener, shutdown).await

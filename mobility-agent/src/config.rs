@@ -91,26 +91,38 @@ impl AgentConfig {
         for (i, ds) in self.datastore.iter().enumerate() {
             validate_name(&ds.name).map_err(|m| key(format!("datastore[{i}].name"), m))?;
             if !ds_names.insert(ds.name.as_str()) {
-                return Err(key(format!("datastore[{i}].name"), format!("duplicate datastore `{}`", ds.name)));
+                return Err(key(
+                    format!("datastore[{i}].name"),
+                    format!("duplicate datastore `{}`", ds.name),
+                ));
             }
         }
         let mut names = HashSet::new();
         for (i, m) in self.machine.iter().enumerate() {
             validate_name(&m.name).map_err(|e| key(format!("machine[{i}].name"), e))?;
             if !names.insert(m.name.as_str()) {
-                return Err(key(format!("machine[{i}].name"), format!("duplicate machine `{}`", m.name)));
+                return Err(key(
+                    format!("machine[{i}].name"),
+                    format!("duplicate machine `{}`", m.name),
+                ));
             }
             if !ds_names.contains(m.datastore.as_str()) {
                 return Err(key(
                     format!("machine[{i}].datastore"),
-                    format!("unknown datastore `{}`: add it as a [[datastore]] of this host", m.datastore),
+                    format!(
+                        "unknown datastore `{}`: add it as a [[datastore]] of this host",
+                        m.datastore
+                    ),
                 ));
             }
             let mut ids = HashSet::new();
             for (j, d) in m.disk.iter().enumerate() {
                 validate_name(&d.id).map_err(|e| key(format!("machine[{i}].disk[{j}].id"), e))?;
                 if !ids.insert(d.id.as_str()) {
-                    return Err(key(format!("machine[{i}].disk[{j}].id"), format!("duplicate disk `{}`", d.id)));
+                    return Err(key(
+                        format!("machine[{i}].disk[{j}].id"),
+                        format!("duplicate disk `{}`", d.id),
+                    ));
                 }
                 if d.size.as_u64() == 0 || d.size.as_u64() % BLOCK_SIZE != 0 {
                     return Err(key(

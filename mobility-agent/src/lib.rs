@@ -24,7 +24,11 @@ use tokio_util::sync::CancellationToken;
 pub use config::AgentConfig;
 
 /// Registers the host and its machines, then serves the host's health port until `shutdown`.
-pub async fn run(config: AgentConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: AgentConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let identity = Identity::new(Role::Host, config.site, &config.name);
     for ds in &config.datastore {
         std::fs::create_dir_all(&ds.path)

@@ -33,11 +33,16 @@ pub struct Machine {
 impl Machine {
     /// Opens the machine's disks, creating missing ones as sparse files of the configured size.
     pub fn open(config: &MachineConfig, host: &AgentConfig) -> anyhow::Result<Machine> {
-        let ds = host
-            .datastore(&config.datastore)
-            .ok_or_else(|| anyhow::anyhow!("machine {}: unknown datastore {}", config.name, config.datastore))?;
+        let ds = host.datastore(&config.datastore).ok_or_else(|| {
+            anyhow::anyhow!(
+                "machine {}: unknown datastore {}",
+                config.name,
+                config.datastore
+            )
+        })?;
         let dir = ds.path.join(&config.name);
-        std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
         let mut disks = Vec::new();
         for d in &config.disk {
             let path = dir.join(format!("{}.img", d.id));
@@ -53,8 +58,9 @@ impl Machine {
                 ),
                 Ok(_) => {}
                 Err(_) => {
-                    let f = std::fs::File::create(&path)
-                        .map_err(|e| anyhow::anyhow!("cannot create disk {}: {e}", path.display()))?;
+                    let f = std::fs::File::create(&path).map_err(|e| {
+                        anyhow::anyhow!("cannot create disk {}: {e}", path.display())
+                    })?;
                     f.set_len(size)?;
                     f.sync_all()?;
                 }

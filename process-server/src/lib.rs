@@ -55,7 +55,11 @@ impl PsConfig {
 }
 
 /// Registers with the CS and serves the data port on `listener` until `shutdown`.
-pub async fn run(config: PsConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: PsConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let identity = Identity::new(Role::ProcessServer, config.site, &config.name);
     let addresses = advertised(&config.advertise, config.site, listener.local_addr().ok());
     let base = hello(&identity);

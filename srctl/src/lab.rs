@@ -1,0 +1,702 @@
+//! The local lab: the default two-site topology of DESIGN.md as separate OS processes on
+//! loopback, all state under one directory.
+//!
+//! # Directory layout
+//! ```text
+//! DIR/lab.json            what runs where (ports, pids, configs, logs); read by every srctl command
+//! DIR/config/NAME.toml    each component's config
+//! DIR/data/NAME/          each component's data directory (identity, state); cs: CA, passphrase, cs.db
+//! DIR/datastores/ds-onprem, DIR/datastores/azure-storage
+//! DIR/logs/NAME.log       one log per component
+//! DIR/operator/           the operator credentials srctl uses
+//! ```
+//! Azure-side components reach the CS, and onprem components reach azure-side data ports,
+//! only through vpn-link routes. `lab up` on a directory that holds a stopped lab starts the
+//! same lab again (same ports, same data, no new enrollment).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use failback_common::enroll::{CsSettings, enroll_once};
+use failback_proto::pb::operator::ListInfraRequest;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::client::{operator_credentials, operator_identity};
+
+/// One process of the lab.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Proc {
+    pub name: String,
+    /// The binary: config-server, vpn-link, process-server, master-target, mobility-agent.
+    pub binary: String,
+    pub site: String,
+    pub args: Vec<String>,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    /// Main listen address (data port, API port, or control port).
+    pub listen: String,
+    pub pid: Option<u32>,
+}
+
+/// `DIR/lab.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabState {
+    pub dir: PathBuf,
+    /// CS API as reached from onprem (what srctl dials).
+    pub cs_api: String,
+    pub cs_enroll: String,
+    pub link_control: String,
+    /// Everything that must show "connected" for the lab to be up (components and machines).
+    pub expected: Vec<String>,
+    pub procs: Vec<Proc>,
+}
+
+impl LabState {
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join("lab.json")
+    }
+
+    pub fn load(dir: &Path) -> anyhow::Result<LabState> {
+        let path = Self::path(dir);
+        let text = std::fs::read_to_string(&path).map_err(|_| {
+            anyhow!(
+                "no lab in {} (no lab.json): start one with `srctl lab up --dir {}`",
+                dir.display(),
+                dir.display()
+            )
+        })?;
+        serde_json::from_str(&text).with_context(|| format!("{} is corrupt", path.display()))
+    }
+
+    pub fn save(&self) -> anyhow::Result<()> {
+        let path = Self::path(&self.dir);
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    pub fn proc(&self, name: &str) -> Option<&Proc> {
+        self.procs.iter().find(|p| p.name == name)
+    }
+}
+
+/// Options of `lab up`.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    pub machines: usize,
+    pub disk_size: u64,
+    pub timeout: Duration,
+}
+
+impl Default for UpOptions {
+    fn default() -> Self {
+        UpOptions {
+            machines: 2,
+            disk_size: 64 << 20,
+            timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn addr(port: u16) -> String {
+    format!("127.0.0.1:{port}")
+}
+
+/// Where the component binaries are: `FAILBACK_BIN_DIR`, else next to this executable.
+pub fn bin_dir() -> anyhow::Result<PathBuf> {
+    if let Some(d) = std::env::var_os("FAILBACK_BIN_DIR") {
+        return Ok(PathBuf::from(d));
+    }
+    let exe = std::env::current_exe()?;
+    exe.parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| anyhow!("cannot locate the directory of {}", exe.display()))
+}
+
+fn write_toml(path: &Path, value: serde_json::Value) -> anyhow::Result<()> {
+    let v: toml::Value = toml::Value::try_from(value)?;
+    std::fs::write(path, toml::to_string_pretty(&v)?)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Writes configs for the default topology and returns the lab state (nothing started).
+fn plan(dir: &Path, opts: &UpOptions) -> anyhow::Result<LabState> {
+    for sub in [
+        "config",
+        "data",
+        "logs",
+        "datastores/ds-onprem",
+        "datastores/azure-storage",
+    ] {
+        std::fs::create_dir_all(dir.join(sub))?;
+    }
+    let dir = std::fs::canonicalize(dir)?;
+    let p = |s: &str| dir.join(s);
+    let mut port = BTreeMap::new();
+    for name in [
+        "cs-enroll",
+        "cs-api",
+        "vpn",
+        "ps-onprem",
+        "mt-onprem",
+        "esx-1",
+        "azure-target",
+        "ps-azure",
+        "azure-compute",
+        "link-cs-enroll",
+        "link-cs-api",
+        "link-mt-onprem",
+        "link-ps-onprem",
+        "link-azure-target",
+    ] {
+        port.insert(name, free_port()?);
+    }
+    let cs_for = |site: &str| {
+        let (api, enroll) = if site == "onprem" {
+            (port["cs-api"], port["cs-enroll"])
+        } else {
+            (port["link-cs-api"], port["link-cs-enroll"])
+        };
+        json!({
+            "address": addr(api),
+            "enroll_address": addr(enroll),
+            "ca_cert": p("data/cs/ca.pem"),
+            "passphrase_file": p("data/cs/passphrase"),
+        })
+    };
+    let ds_onprem = json!({"name": "ds-onprem", "path": p("datastores/ds-onprem")});
+    let ds_azure = json!({"name": "azure-storage", "path": p("datastores/azure-storage")});
+
+    let mut procs = Vec::new();
+    let mut add = |name: &str,
+                   binary: &str,
+                   site: &str,
+                   listen: String,
+                   cfg: serde_json::Value,
+                   run: bool|
+     -> anyhow::Result<()> {
+        let config = p(&format!("config/{name}.toml"));
+        write_toml(&config, cfg)?;
+        let mut args = Vec::new();
+        if run {
+            args.push("run".to_string());
+        }
+        args.push("--config".to_string());
+        args.push(config.display().to_string());
+        procs.push(Proc {
+            name: name.to_string(),
+            binary: binary.to_string(),
+            site: site.to_string(),
+            args,
+            config,
+            log: p(&format!("logs/{name}.log")),
+            listen,
+            pid: None,
+        });
+        Ok(())
+    };
+
+    add(
+        "cs",
+        "config-server",
+        "onprem",
+        addr(port["cs-api"]),
+        json!({
+            "data_dir": p("data/cs"),
+            "enroll_listen": addr(port["cs-enroll"]),
+            "api_listen": addr(port["cs-api"]),
+        }),
+        true,
+    )?;
+    let route = |name: &str, from: &str, listen: &str, connect: &str| json!({"name": name, "from_site": from, "listen": addr(port[listen]), "connect": addr(port[connect])});
+    add(
+        "vpn",
+        "vpn-link",
+        "link",
+        addr(port["vpn"]),
+        json!({
+            "control_listen": addr(port["vpn"]),
+            "route": [
+                route("cs-enroll", "azure", "link-cs-enroll", "cs-enroll"),
+                route("cs-api", "azure", "link-cs-api", "cs-api"),
+                route("mt-onprem", "azure", "link-mt-onprem", "mt-onprem"),
+                route("ps-onprem", "azure", "link-ps-onprem", "ps-onprem"),
+                route("azure-target", "onprem", "link-azure-target", "azure-target"),
+            ],
+        }),
+        false,
+    )?;
+    let component = |name: &str, site: &str, adv: serde_json::Value| {
+        json!({
+            "name": name,
+            "site": site,
+            "data_dir": p(&format!("data/{name}")),
+            "listen": addr(port[name]),
+            "advertise": adv,
+            "cs": cs_for(site),
+        })
+    };
+    add(
+        "ps-onprem",
+        "process-server",
+        "onprem",
+        addr(port["ps-onprem"]),
+        component(
+            "ps-onprem",
+            "onprem",
+            json!({
+                "onprem": addr(port["ps-onprem"]), "azure": addr(port["link-ps-onprem"]),
+            }),
+        ),
+        false,
+    )?;
+    let mut mt = component(
+        "mt-onprem",
+        "onprem",
+        json!({
+            "onprem": addr(port["mt-onprem"]), "azure": addr(port["link-mt-onprem"]),
+        }),
+    );
+    mt["datastore"] = json!([ds_onprem.clone()]);
+    add(
+        "mt-onprem",
+        "master-target",
+        "onprem",
+        addr(port["mt-onprem"]),
+        mt,
+        false,
+    )?;
+    let mut esx = component("esx-1", "onprem", json!({}));
+    esx["datastore"] = json!([ds_onprem]);
+    esx["machine"] = (1..=opts.machines)
+        .map(|i| json!({"name": format!("vm{i}"), "datastore": "ds-onprem", "disk": [{"id": "disk0", "size": opts.disk_size}]}))
+        .collect();
+    add(
+        "esx-1",
+        "mobility-agent",
+        "onprem",
+        addr(port["esx-1"]),
+        esx,
+        false,
+    )?;
+    let mut at = component(
+        "azure-target",
+        "azure",
+        json!({
+            "azure": addr(port["azure-target"]), "onprem": addr(port["link-azure-target"]),
+        }),
+    );
+    at["datastore"] = json!([ds_azure.clone()]);
+    add(
+        "azure-target",
+        "master-target",
+        "azure",
+        addr(port["azure-target"]),
+        at,
+        false,
+    )?;
+    add(
+        "ps-azure",
+        "process-server",
+        "azure",
+        addr(port["ps-azure"]),
+        component(
+            "ps-azure",
+            "azure",
+            json!({
+                "azure": addr(port["ps-azure"]),
+            }),
+        ),
+        false,
+    )?;
+    let mut compute = component("azure-compute", "azure", json!({}));
+    compute["datastore"] = json!([ds_azure]);
+    add(
+        "azure-compute",
+        "mobility-agent",
+        "azure",
+        addr(port["azure-compute"]),
+        compute,
+        false,
+    )?;
+
+    let mut expected: Vec<String> = [
+        "ps-onprem",
+        "mt-onprem",
+        "esx-1",
+        "azure-target",
+        "ps-azure",
+        "azure-compute",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    expected.extend((1..=opts.machines).map(|i| format!("vm{i}")));
+    Ok(LabState {
+        dir: dir.clone(),
+        cs_api: addr(port["cs-api"]),
+        cs_enroll: addr(port["cs-enroll"]),
+        link_control: addr(port["vpn"]),
+        expected,
+        procs,
+    })
+}
+
+/// Whether `pid` is a live (not zombie) process.
+pub fn alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // Field 3, after the parenthesised command name.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, Some("Z") | Some("X") | None)
+}
+
+fn spawn(bin_dir: &Path, proc: &Proc) -> anyhow::Result<u32> {
+    use std::os::unix::process::CommandExt;
+    let bin = bin_dir.join(&proc.binary);
+    if !bin.exists() {
+        bail!(
+            "component binary `{}` not found in {}; build the workspace first (`cargo build --release`) \
+             or set FAILBACK_BIN_DIR",
+            proc.binary,
+            bin_dir.display()
+        );
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&proc.log)
+        .with_context(|| format!("cannot open {}", proc.log.display()))?;
+    let child = Command::new(&bin)
+        .args(&proc.args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    Ok(child.id())
+}
+
+fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Polls `check` every 50 ms until it is true, `deadline` passes, or `proc` dies.
+async fn wait_for<F, Fut>(
+    what: &str,
+    proc: Option<&Proc>,
+    deadline: Instant,
+    mut check: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    loop {
+        if check().await {
+            return Ok(());
+        }
+        if let Some(p) = proc {
+            if let Some(pid) = p.pid {
+                if !alive(pid) {
+                    bail!(
+                        "{} exited while starting; last lines of {}:\n{}",
+                        p.name,
+                        p.log.display(),
+                        log_tail(&p.log, 15)
+                    );
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Starts the lab in `dir` (a new one, or the stopped one already there) and waits until
+/// every component and machine has registered.
+pub async fn up(dir: &Path, opts: &UpOptions) -> anyhow::Result<LabState> {
+    let mut state = match LabState::load(dir) {
+        Ok(existing) => {
+            if let Some(p) = existing.procs.iter().find(|p| p.pid.is_some_and(alive)) {
+                bail!(
+                    "a lab is already running in {} ({} is pid {}); stop it with `srctl lab down --dir {}`",
+                    dir.display(),
+                    p.name,
+                    p.pid.unwrap_or_default(),
+                    dir.display()
+                );
+            }
+            existing
+        }
+        Err(_) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            plan(dir, opts)?
+        }
+    };
+    let bins = bin_dir()?;
+    let result = start_all(&mut state, &bins, opts.timeout).await;
+    if let Err(e) = result {
+        let _ = stop_all(&mut state, Duration::from_secs(5)).await;
+        return Err(e);
+    }
+    Ok(state)
+}
+
+async fn start_all(state: &mut LabState, bins: &Path, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let dir = state.dir.clone();
+    // 1. The configuration server, then wait for its CA, passphrase and enrollment port.
+    let cs_index = 0;
+    state.procs[cs_index].pid = Some(spawn(bins, &state.procs[cs_index])?);
+    state.save()?;
+    let ca = dir.join("data/cs/ca.pem");
+    let enroll = state.cs_enroll.clone();
+    wait_for(
+        "the configuration server",
+        Some(&state.procs[cs_index]),
+        deadline,
+        || {
+            let ca = ca.clone();
+            let enroll = enroll.clone();
+            async move { ca.exists() && tokio::net::TcpStream::connect(&enroll).await.is_ok() }
+        },
+    )
+    .await?;
+    // 2. The VPN link.
+    let vpn = state
+        .procs
+        .iter()
+        .position(|p| p.binary == "vpn-link")
+        .ok_or_else(|| anyhow!("lab has no vpn-link"))?;
+    state.procs[vpn].pid = Some(spawn(bins, &state.procs[vpn])?);
+    state.save()?;
+    let link = state.link_control.clone();
+    wait_for("vpn-link", Some(&state.procs[vpn]), deadline, || {
+        let link = link.clone();
+        async move { tokio::net::TcpStream::connect(&link).await.is_ok() }
+    })
+    .await?;
+    // 3. The operator identity (first start only).
+    if operator_credentials(&dir).is_err() {
+        let settings = CsSettings {
+            address: state.cs_api.clone(),
+            enroll_address: state.cs_enroll.clone(),
+            ca_cert: ca.clone(),
+            passphrase_file: Some(dir.join("data/cs/passphrase")),
+            ..Default::default()
+        };
+        let creds = enroll_once(&settings, &operator_identity()).await?;
+        creds.save(&dir.join("operator"))?;
+    }
+    // 4. Everything else, all at once.
+    for i in 0..state.procs.len() {
+        if state.procs[i].pid.is_none() {
+            state.procs[i].pid = Some(spawn(bins, &state.procs[i])?);
+        }
+    }
+    state.save()?;
+    // 5. Wait until everything has registered and is connected.
+    let mut client = crate::client::operator(&dir).await?;
+    let expected = state.expected.clone();
+    let mut missing: Vec<String> = expected.clone();
+    loop {
+        if let Ok(resp) = client.list_infra(ListInfraRequest {}).await {
+            let rows = resp.into_inner().components;
+            missing = expected
+                .iter()
+                .filter(|n| {
+                    !rows
+                        .iter()
+                        .any(|c| &c.name == *n && c.status == "connected")
+                })
+                .cloned()
+                .collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
+        }
+        if let Some(dead) = state
+            .procs
+            .iter()
+            .find(|p| p.pid.is_some_and(|pid| !alive(pid)))
+        {
+            bail!(
+                "{} exited while the lab was starting; last lines of {}:\n{}",
+                dead.name,
+                dead.log.display(),
+                log_tail(&dead.log, 15)
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "timed out after {timeout:?} waiting for {} to register; see the logs in {}",
+                missing.join(", "),
+                dir.join("logs").display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Stops every process of the lab: SIGTERM, then SIGKILL after `grace`. Returns how many ran.
+pub async fn stop_all(state: &mut LabState, grace: Duration) -> anyhow::Result<usize> {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let running: Vec<u32> = state
+        .procs
+        .iter()
+        .filter_map(|p| p.pid)
+        .filter(|pid| alive(*pid))
+        .collect();
+    for pid in running.iter().rev() {
+        let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + grace;
+    while running.iter().any(|p| alive(*p)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for pid in running.iter().filter(|p| alive(**p)) {
+        tracing::warn!(pid, "did not stop within the grace period; killing");
+        let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while running.iter().any(|p| alive(*p)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for p in &mut state.procs {
+        p.pid = None;
+    }
+    state.save()?;
+    if let Some(p) = running.iter().find(|p| alive(**p)) {
+        bail!("process {p} is still running after SIGKILL");
+    }
+    Ok(running.len())
+}
+
+/// `lab down`.
+pub async fn down(dir: &Path) -> anyhow::Result<usize> {
+    let mut state = LabState::load(dir)?;
+    stop_all(&mut state, Duration::from_secs(10)).await
+}
+
+/// Prints what runs where.
+pub fn print_procs(state: &LabState) {
+    println!(
+        "{:<14} {:<15} {:<7} {:<22} {:>8}  {}",
+        "NAME", "BINARY", "SITE", "LISTEN", "PID", "LOG"
+    );
+    for p in &state.procs {
+        let pid = match p.pid {
+            Some(pid) if alive(pid) => pid.to_string(),
+            Some(_) => "exited".into(),
+            None => "stopped".into(),
+        };
+        println!(
+            "{:<14} {:<15} {:<7} {:<22} {:>8}  {}",
+            p.name,
+            p.binary,
+            p.site,
+            p.listen,
+            pid,
+            p.log.display()
+        );
+    }
+}
+
+/// What `lab kill|restart|pause|resume` does to one component.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcAction {
+    /// SIGKILL, no grace: a crash.
+    Kill,
+    /// Stop (SIGTERM, grace, SIGKILL) if running, then start again on the same data directory.
+    Restart,
+    /// SIGSTOP: the process hangs, its sockets stay open.
+    Pause,
+    /// SIGCONT.
+    Resume,
+}
+
+/// Applies `action` to the component `name` of the lab in `dir`.
+pub async fn control_proc(dir: &Path, name: &str, action: ProcAction) -> anyhow::Result<()> {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let mut state = LabState::load(dir)?;
+    let idx = state
+        .procs
+        .iter()
+        .position(|p| p.name == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = state.procs.iter().map(|p| p.name.as_str()).collect();
+            anyhow!(
+                "no component `{name}` in this lab (components: {})",
+                names.join(", ")
+            )
+        })?;
+    let running = state.procs[idx].pid.filter(|p| alive(*p));
+    let signal = |sig: Signal| -> anyhow::Result<()> {
+        let pid = running.ok_or_else(|| {
+            anyhow!("{name} is not running; start it with `srctl lab restart {name}`")
+        })?;
+        kill(Pid::from_raw(pid as i32), sig)
+            .map_err(|e| anyhow!("cannot signal {name} (pid {pid}): {e}"))
+    };
+    match action {
+        ProcAction::Kill => {
+            signal(Signal::SIGKILL)?;
+            wait_dead(running, Duration::from_secs(5)).await;
+        }
+        ProcAction::Pause => signal(Signal::SIGSTOP)?,
+        ProcAction::Resume => signal(Signal::SIGCONT)?,
+        ProcAction::Restart => {
+            if let Some(pid) = running {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGCONT);
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+                if !wait_dead(Some(pid), Duration::from_secs(10)).await {
+                    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                    wait_dead(Some(pid), Duration::from_secs(5)).await;
+                }
+            }
+            state.procs[idx].pid = Some(spawn(&bin_dir()?, &state.procs[idx])?);
+        }
+    }
+    if action == ProcAction::Kill {
+        state.procs[idx].pid = None;
+    }
+    state.save()
+}
+
+async fn wait_dead(pid: Option<u32>, within: Duration) -> bool {
+    let Some(pid) = pid else { return true };
+    let deadline = Instant::now() + within;
+    while alive(pid) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
