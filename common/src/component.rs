@@ -26,8 +26,8 @@ impl DatastoreConfig {
     pub fn describe(&self) -> Datastore {
         let (capacity, free) = nix::sys::statvfs::statvfs(&self.path)
             .map(|s| {
-                let frag = s.fragment_size() as u64;
-                (s.blocks() as u64 * frag, s.blocks_available() as u64 * frag)
+                let frag = s.fragment_size();
+                (s.blocks() * frag, s.blocks_available() * frag)
             })
             .unwrap_or((0, 0));
         Datastore {

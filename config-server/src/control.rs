@@ -66,6 +66,9 @@ impl Control for ControlService {
             .and_then(|c| c.first().map(|c| hex::encode(Sha256::digest(c.as_ref()))))
             .unwrap_or_default();
         let state = self.state.clone();
+        if state.stopping.is_cancelled() {
+            return Err(Status::unavailable("configuration server shutting down"));
+        }
         match state.store.component(&who.name)? {
             None => {
                 return Err(Status::permission_denied(format!(
@@ -158,6 +161,7 @@ async fn pump(
         let msg = tokio::select! {
             m = tokio::time::timeout(timeout, inbound.message()) => m,
             _ = cancel.cancelled() => return "replaced by a newer control stream".into(),
+            _ = state.stopping.cancelled() => return "configuration server shutting down".into(),
         };
         match msg {
             Err(_) => return format!("no heartbeat for {timeout:?}"),

@@ -114,6 +114,12 @@ impl ConfigServer {
             api = %api.local_addr()?,
             "configuration server ready"
         );
+        let stopping = state.stopping.clone();
+        let watch = shutdown.clone();
+        tokio::spawn(async move {
+            watch.cancelled().await;
+            stopping.cancel();
+        });
         let (a, b) = tokio::join!(
             failback_common::server::serve(enroll_router, enroll, shutdown.clone()),
             failback_common::server::serve(api_router, api, shutdown.clone()),

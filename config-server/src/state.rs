@@ -35,6 +35,9 @@ pub struct State {
     /// Address the mutual-TLS API is served on (shown for `cs` in `infra list`).
     pub api_address: Mutex<String>,
     pub sessions: Mutex<HashMap<String, Session>>,
+    /// Cancelled when the CS shuts down: ends every control stream so the graceful shutdown
+    /// of the server (which waits for open streams) completes.
+    pub stopping: CancellationToken,
     /// Failed enrollment attempts per source address in the last minute.
     failures: Mutex<HashMap<IpAddr, VecDeque<Instant>>>,
     next_conn: AtomicU64,
@@ -49,6 +52,7 @@ impl State {
             passphrase,
             api_address: Mutex::new(String::new()),
             sessions: Mutex::new(HashMap::new()),
+            stopping: CancellationToken::new(),
             failures: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
         }

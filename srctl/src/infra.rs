@@ -79,8 +79,8 @@ pub fn print(components: &[Component], as_json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<14} {:<15} {:<7} {:<22} {:<8} {:<14} {}",
-        "NAME", "ROLE", "SITE", "ADDRESS", "VERSION", "STATUS", "DETAILS"
+        "{:<14} {:<15} {:<7} {:<22} {:<8} {:<14} DETAILS",
+        "NAME", "ROLE", "SITE", "ADDRESS", "VERSION", "STATUS"
     );
     for c in components {
         println!(

@@ -416,17 +416,15 @@ where
         if check().await {
             return Ok(());
         }
-        if let Some(p) = proc {
-            if let Some(pid) = p.pid {
-                if !alive(pid) {
-                    bail!(
-                        "{} exited while starting; last lines of {}:\n{}",
-                        p.name,
-                        p.log.display(),
-                        log_tail(&p.log, 15)
-                    );
-                }
-            }
+        if let Some(p) = proc
+            && p.pid.is_some_and(|pid| !alive(pid))
+        {
+            bail!(
+                "{} exited while starting; last lines of {}:\n{}",
+                p.name,
+                p.log.display(),
+                log_tail(&p.log, 15)
+            );
         }
         if Instant::now() > deadline {
             bail!("timed out waiting for {what}");
@@ -606,8 +604,8 @@ pub async fn down(dir: &Path) -> anyhow::Result<usize> {
 /// Prints what runs where.
 pub fn print_procs(state: &LabState) {
     println!(
-        "{:<14} {:<15} {:<7} {:<22} {:>8}  {}",
-        "NAME", "BINARY", "SITE", "LISTEN", "PID", "LOG"
+        "{:<14} {:<15} {:<7} {:<22} {:>8}  LOG",
+        "NAME", "BINARY", "SITE", "LISTEN", "PID"
     );
     for p in &state.procs {
         let pid = match p.pid {

@@ -1,0 +1,354 @@
+//! Registration against a real configuration server on ephemeral ports: enrollment and its
+//! refusals, per-RPC roles, foreign certificates, reconnection after a CS restart, backup
+//! and restore.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use config_server::{ConfigServer, CsConfig};
+use failback_common::enroll::{CsSettings, EnrollError, enroll_once};
+use failback_common::identity::{Identity, Role, Site};
+use failback_common::tls::{Credentials, describe_error};
+use failback_proto::pb::operator::{Component, ListInfraRequest, operator_client::OperatorClient};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+struct Cs {
+    dir: PathBuf,
+    enroll: String,
+    api: String,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Cs {
+    /// Starts a CS with its data in `dir`, on the given ports (0 = ephemeral).
+    async fn start(dir: &Path, enroll_port: u16, api_port: u16) -> Cs {
+        failback_common::tls::install_crypto_provider();
+        let enroll = TcpListener::bind(("127.0.0.1", enroll_port))
+            .await
+            .expect("bind enroll");
+        let api = TcpListener::bind(("127.0.0.1", api_port))
+            .await
+            .expect("bind api");
+        let config = CsConfig {
+            data_dir: dir.to_path_buf(),
+            heartbeat_interval: Duration::from_millis(200),
+            heartbeat_timeout: Duration::from_millis(1000),
+            ..CsConfig::default()
+        };
+        let enroll_addr = enroll.local_addr().expect("addr").to_string();
+        let api_addr = api.local_addr().expect("addr").to_string();
+        let server = ConfigServer::open(config).expect("open cs");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(server.serve(enroll, api, shutdown.clone()));
+        Cs {
+            dir: dir.to_path_buf(),
+            enroll: enroll_addr,
+            api: api_addr,
+            shutdown,
+            task,
+        }
+    }
+
+    fn settings(&self) -> CsSettings {
+        CsSettings {
+            address: self.api.clone(),
+            enroll_address: self.enroll.clone(),
+            ca_cert: self.dir.join("ca.pem"),
+            passphrase_file: Some(self.dir.join("passphrase")),
+            ..Default::default()
+        }
+    }
+
+    async fn enroll(&self, role: Role, name: &str) -> Credentials {
+        enroll_once(&self.settings(), &Identity::new(role, Site::Onprem, name))
+            .await
+            .expect("enrollment succeeds")
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.expect("join").expect("cs ran cleanly");
+    }
+}
+
+async fn list(api: &str, creds: &Credentials) -> Result<Vec<Component>, tonic::Status> {
+    let channel = creds
+        .endpoint(api, "cs")
+        .expect("endpoint")
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(describe_error(&e)))?;
+    Ok(OperatorClient::new(channel)
+        .list_infra(ListInfraRequest {})
+        .await?
+        .into_inner()
+        .components)
+}
+
+async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn status_of(api: &str, op: &Credentials, name: &str) -> Option<String> {
+    list(api, op)
+        .await
+        .ok()?
+        .into_iter()
+        .find(|c| c.name == name)
+        .map(|c| c.status)
+}
+
+#[tokio::test]
+async fn wrong_passphrase_is_refused_rate_limited_and_records_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cs = Cs::start(dir.path(), 0, 0).await;
+    let op = cs.enroll(Role::Operator, "op").await;
+
+    let mut wrong = cs.settings();
+    wrong.passphrase_file = None;
+    wrong.passphrase = Some("not-the-passphrase".into());
+    let id = Identity::new(Role::ProcessServer, Site::Onprem, "ps-x");
+    for _ in 0..5 {
+        match enroll_once(&wrong, &id).await {
+            Err(EnrollError::Refused { message, .. }) => {
+                assert!(message.contains("wrong passphrase"), "{message}")
+            }
+            other => panic!("expected refusal, got {other:?}"),
+        }
+    }
+    // The source is now rate limited: even the right passphrase is refused for a while.
+    match enroll_once(&cs.settings(), &id).await {
+        Err(EnrollError::Refused { message, .. }) => {
+            assert!(
+                message.contains("too many failed enrollment attempts"),
+                "{message}"
+            )
+        }
+        other => panic!("expected rate limiting, got {other:?}"),
+    }
+    let names: Vec<String> = list(&cs.api, &op)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert!(!names.contains(&"ps-x".to_string()), "{names:?}");
+    cs.stop().await;
+}
+
+#[tokio::test]
+async fn duplicate_name_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cs = Cs::start(dir.path(), 0, 0).await;
+    cs.enroll(Role::ProcessServer, "ps-dup").await;
+    let again = enroll_once(
+        &cs.settings(),
+        &Identity::new(Role::MasterTarget, Site::Azure, "ps-dup"),
+    )
+    .await;
+    match again {
+        Err(EnrollError::Refused { message, .. }) => {
+            assert!(message.contains("already registered"), "{message}");
+            assert!(message.contains("srctl infra remove ps-dup"), "{message}");
+        }
+        other => panic!("expected refusal, got {other:?}"),
+    }
+    cs.stop().await;
+}
+
+#[tokio::test]
+async fn wrong_role_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cs = Cs::start(dir.path(), 0, 0).await;
+    let agent = cs.enroll(Role::Agent, "vm9").await;
+    let err = list(&cs.api, &agent)
+        .await
+        .expect_err("an agent may not list the inventory");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(
+        err.message().contains("requires role operator"),
+        "{}",
+        err.message()
+    );
+    cs.stop().await;
+}
+
+#[tokio::test]
+async fn certificate_from_another_ca_is_refused() {
+    let a = tempfile::tempdir().expect("tempdir");
+    let b = tempfile::tempdir().expect("tempdir");
+    let cs = Cs::start(a.path(), 0, 0).await;
+    let other = Cs::start(b.path(), 0, 0).await;
+    let foreign = other.enroll(Role::Operator, "op").await;
+
+    // A client of the other lab does not trust this CS ...
+    let err = list(&cs.api, &foreign).await.expect_err("foreign CA");
+    assert!(
+        err.message()
+            .contains("cannot be authenticated with given CA certificates"),
+        "{}",
+        err.message()
+    );
+    // ... and a foreign client certificate is refused by this CS even if the client trusts it.
+    let mut mixed = foreign.clone();
+    mixed.ca_pem = std::fs::read_to_string(a.path().join("ca.pem")).expect("ca");
+    assert!(
+        list(&cs.api, &mixed).await.is_err(),
+        "a certificate from another CA must not get in"
+    );
+    // Enrollment with a pinned fingerprint that doesn't match the CA file is refused locally.
+    let mut pinned = cs.settings();
+    pinned.ca_fingerprint = Some("00".repeat(32));
+    match enroll_once(&pinned, &Identity::new(Role::Host, Site::Onprem, "esx-9")).await {
+        Err(EnrollError::CaMismatch { .. }) => {}
+        other => panic!("expected CA mismatch, got {other:?}"),
+    }
+    other.stop().await;
+    cs.stop().await;
+}
+
+fn ps_config(cs: &Cs, data: &Path) -> process_server::PsConfig {
+    process_server::PsConfig {
+        name: "ps-onprem".into(),
+        site: Site::Onprem,
+        data_dir: data.to_path_buf(),
+        cs: cs.settings(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn component_reconnects_after_cs_restart_without_enrolling_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ps_dir = tempfile::tempdir().expect("tempdir");
+    let cs = Cs::start(dir.path(), 0, 0).await;
+    let op = cs.enroll(Role::Operator, "op").await;
+    let (enroll_port, api_port) = (
+        cs.enroll
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse::<u16>().ok())
+            .expect("port"),
+        cs.api
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse::<u16>().ok())
+            .expect("port"),
+    );
+    let ps_stop = CancellationToken::new();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let ps = tokio::spawn(process_server::run(
+        ps_config(&cs, ps_dir.path()),
+        listener,
+        ps_stop.clone(),
+    ));
+    let api = cs.api.clone();
+    eventually("ps-onprem connected", || {
+        status_of(&api, &op, "ps-onprem").then_some_connected()
+    })
+    .await;
+    let cert_before =
+        std::fs::read_to_string(ps_dir.path().join("identity/cert.pem")).expect("cert");
+
+    cs.stop().await;
+    let cs = Cs::start(dir.path(), enroll_port, api_port).await;
+    eventually("ps-onprem reconnected", || {
+        status_of(&api, &op, "ps-onprem").then_some_connected()
+    })
+    .await;
+    let cert_after =
+        std::fs::read_to_string(ps_dir.path().join("identity/cert.pem")).expect("cert");
+    assert_eq!(cert_before, cert_after, "the PS must not enroll again");
+
+    // A stopped component shows "not connected" within a few heartbeat intervals.
+    ps_stop.cancel();
+    ps.await.expect("join").expect("ps ran cleanly");
+    eventually("ps-onprem not connected", || async {
+        status_of(&api, &op, "ps-onprem").await.as_deref() == Some("not connected")
+    })
+    .await;
+    cs.stop().await;
+}
+
+#[tokio::test]
+async fn backup_then_restore_serves_the_same_inventory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ps_dir = tempfile::tempdir().expect("tempdir");
+    let cs = Cs::start(dir.path(), 0, 0).await;
+    let op = cs.enroll(Role::Operator, "op").await;
+    let ps_stop = CancellationToken::new();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let ps = tokio::spawn(process_server::run(
+        ps_config(&cs, ps_dir.path()),
+        listener,
+        ps_stop.clone(),
+    ));
+    let api = cs.api.clone();
+    eventually("ps-onprem connected", || {
+        status_of(&api, &op, "ps-onprem").then_some_connected()
+    })
+    .await;
+
+    // Online backup while the CS runs.
+    let backup = dir.path().join("backup.db");
+    let cfg = CsConfig {
+        data_dir: dir.path().to_path_buf(),
+        ..CsConfig::default()
+    };
+    config_server::backup(&cfg, &backup).expect("backup");
+    let before: Vec<(String, String, String)> = list(&cs.api, &op)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|c| (c.name, c.role, c.site))
+        .collect();
+    ps_stop.cancel();
+    ps.await.expect("join").expect("ps ran");
+    cs.stop().await;
+
+    // A new CS restored from the copy has the same CA (the old operator certificate works),
+    // the same passphrase and the same inventory.
+    let restored_dir = tempfile::tempdir().expect("tempdir");
+    let restored_cfg = CsConfig {
+        data_dir: restored_dir.path().to_path_buf(),
+        ..CsConfig::default()
+    };
+    config_server::restore(&restored_cfg, &backup).expect("restore");
+    assert_eq!(
+        std::fs::read_to_string(restored_dir.path().join("passphrase")).expect("passphrase"),
+        std::fs::read_to_string(dir.path().join("passphrase")).expect("passphrase"),
+    );
+    let restored = Cs::start(restored_dir.path(), 0, 0).await;
+    let after: Vec<(String, String, String)> = list(&restored.api, &op)
+        .await
+        .expect("list on the restored CS")
+        .into_iter()
+        .map(|c| (c.name, c.role, c.site))
+        .collect();
+    assert_eq!(before, after);
+    assert!(after.iter().any(|(n, _, _)| n == "ps-onprem"));
+    // Restoring over an existing database is refused and changes nothing.
+    let err = config_server::restore(&restored_cfg, &backup).expect_err("must refuse");
+    assert!(err.to_string().contains("already exists"), "{err}");
+    restored.stop().await;
+}
+
+trait ConnectedExt {
+    fn then_some_connected(self) -> impl std::future::Future<Output = bool>;
+}
+
+impl<F: std::future::Future<Output = Option<String>>> ConnectedExt for F {
+    async fn then_some_connected(self) -> bool {
+        self.await.as_deref() == Some("connected")
+    }
+}
