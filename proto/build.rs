@@ -6,12 +6,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/control.proto",
         "proto/operator.proto",
         "proto/link.proto",
+        "proto/data.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }
     let fds = protox::compile(protos, ["proto"])?;
     tonic_prost_build::configure()
+        .bytes(".failback.data.v1")
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;

@@ -130,6 +130,7 @@ impl Control for ControlService {
             tracing::info!(%who, "new control stream replaces the previous one");
         }
         tracing::info!(%who, version = %hello.version, "connected");
+        crate::reports::resume(state.clone(), who.clone());
 
         tokio::spawn(async move {
             let reason = pump(&state, &who, inbound, tx, &cancel).await;
@@ -186,6 +187,12 @@ async fn pump(
                     };
                     if tx.send(Ok(ack)).await.is_err() {
                         return "peer gone".into();
+                    }
+                }
+                Some(component_message::Kind::Result(r)) => state.command_result(r),
+                Some(component_message::Kind::Report(r)) => {
+                    if let Err(e) = crate::reports::on_report(state, who, r) {
+                        tracing::error!(%who, "report: {e}");
                     }
                 }
                 Some(component_message::Kind::Hello(_)) => {

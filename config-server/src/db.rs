@@ -44,6 +44,46 @@ CREATE TABLE IF NOT EXISTS host_machines (
     machine TEXT NOT NULL,
     PRIMARY KEY (host, machine)
 );
+CREATE TABLE IF NOT EXISTS policies (
+    name             TEXT PRIMARY KEY,
+    rpo_threshold_s  INTEGER NOT NULL,
+    retention_s      INTEGER NOT NULL,
+    crash_interval_s INTEGER NOT NULL,
+    app_interval_s   INTEGER NOT NULL,
+    failback_of      TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS items (
+    id                TEXT PRIMARY KEY,
+    machine           TEXT NOT NULL,
+    direction         TEXT NOT NULL,
+    state             TEXT NOT NULL,
+    process_server    TEXT NOT NULL,
+    target            TEXT NOT NULL,
+    datastore         TEXT NOT NULL,
+    policy            TEXT NOT NULL,
+    replication_group TEXT NOT NULL DEFAULT '',
+    created_ms        INTEGER NOT NULL,
+    active            INTEGER NOT NULL DEFAULT 1,
+    progress          TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS recovery_points (
+    item    TEXT NOT NULL REFERENCES items(id) ON DELETE CASCADE,
+    id      TEXT NOT NULL,
+    seq     INTEGER NOT NULL,
+    time_ms INTEGER NOT NULL,
+    kind    TEXT NOT NULL,
+    PRIMARY KEY (item, id)
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    name       TEXT NOT NULL,
+    item       TEXT NOT NULL,
+    state      TEXT NOT NULL,
+    steps      TEXT NOT NULL DEFAULT '[]',
+    started_ms INTEGER NOT NULL,
+    ended_ms   INTEGER NOT NULL DEFAULT 0,
+    error      TEXT NOT NULL DEFAULT ''
+);
 CREATE TABLE IF NOT EXISTS disks (
     machine   TEXT NOT NULL REFERENCES components(name) ON DELETE CASCADE,
     disk_id   TEXT NOT NULL,
@@ -117,7 +157,7 @@ impl Store {
         })
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+    pub(crate) fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite inconsistent (statements are
         // atomic), so a poisoned lock is still usable.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())

@@ -6,6 +6,8 @@
 //! - [`db`]: the SQLite store (WAL) and online backup.
 //! - [`ca`]: the lab CA (in the database) and certificate issuing.
 //! - [`state`]: shared state, live sessions, enrollment rate limiting.
+//! - [`items`]: replicated items, policies, recovery points, jobs; "Enable protection".
+//! - [`reports`]: reports from components; what is re-sent when one reconnects.
 //! - [`enroll`], [`control`], [`operator`]: the gRPC services.
 //!
 //! # Ports
@@ -18,7 +20,9 @@ pub mod config;
 pub mod control;
 pub mod db;
 pub mod enroll;
+pub mod items;
 pub mod operator;
+pub mod reports;
 pub mod state;
 
 use std::path::Path;
@@ -67,6 +71,9 @@ impl ConfigServer {
             }
         };
         write_public_files(&config.data_dir, ca.cert_pem(), &passphrase)?;
+        if store.policy("default")?.is_none() {
+            store.put_policy_with_twin(&items::default_policy())?;
+        }
         Ok(ConfigServer {
             state: Arc::new(State::new(config, store, ca, passphrase)),
         })

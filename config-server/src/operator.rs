@@ -4,13 +4,45 @@ use std::sync::Arc;
 
 use failback_common::control::now_ms;
 use failback_common::identity::{Role, authorize};
+use failback_proto::pb::control::{VerifyPoint, WorkloadCommand, command};
 use failback_proto::pb::operator::{
-    Component, DatastoreRow, DiskRow, ListInfraRequest, ListInfraResponse, RemoveComponentRequest,
-    RemoveComponentResponse, operator_server::Operator,
+    Component, DatastoreRow, DiskRow, DiskVerification, EnableItemRequest, Item, ListInfraRequest,
+    ListInfraResponse, ListItemsRequest, ListItemsResponse, ListPoliciesRequest,
+    ListPoliciesResponse, Policy, RemoveComponentRequest, RemoveComponentResponse, VerifyRequest,
+    VerifyResponse, WorkloadRequest, WorkloadResponse, operator_server::Operator,
 };
 use tonic::{Request, Response, Status};
 
+use crate::items;
 use crate::state::State;
+
+fn validate_policy(p: &Policy) -> Result<(), Status> {
+    failback_common::identity::validate_name(&p.name).map_err(Status::invalid_argument)?;
+    if p.crash_interval_s == 0 {
+        return Err(Status::invalid_argument(
+            "crash_interval_s must be at least 1 second",
+        ));
+    }
+    if p.retention_s < p.crash_interval_s {
+        return Err(Status::invalid_argument(
+            "retention_s must be at least crash_interval_s, or no point would be kept",
+        ));
+    }
+    if p.rpo_threshold_s == 0 {
+        return Err(Status::invalid_argument(
+            "rpo_threshold_s must be at least 1 second",
+        ));
+    }
+    Ok(())
+}
+
+/// Verification result returned by a target (`VerifyPoint` detail).
+#[derive(serde::Deserialize)]
+struct VerifyDetail {
+    point: String,
+    equal: bool,
+    disks: Vec<(String, String, String)>,
+}
 
 pub const CONNECTED: &str = "connected";
 pub const NOT_CONNECTED: &str = "not connected";
@@ -93,6 +125,176 @@ impl Operator for OperatorService {
         }
         components.sort_by_key(|c| (site_rank(&c.site), role_rank(&c.role), c.name.clone()));
         Ok(Response::new(ListInfraResponse { components }))
+    }
+
+    async fn list_policies(
+        &self,
+        request: Request<ListPoliciesRequest>,
+    ) -> Result<Response<ListPoliciesResponse>, Status> {
+        authorize(&request, "Operator.ListPolicies", &[Role::Operator])?;
+        Ok(Response::new(ListPoliciesResponse {
+            policies: self.state.store.policies()?,
+        }))
+    }
+
+    async fn create_policy(&self, request: Request<Policy>) -> Result<Response<Policy>, Status> {
+        authorize(&request, "Operator.CreatePolicy", &[Role::Operator])?;
+        let mut p = request.into_inner();
+        p.failback_of.clear();
+        validate_policy(&p)?;
+        if p.name.ends_with("-failback") {
+            return Err(Status::invalid_argument(
+                "names ending in -failback are reserved for the failback policies ASR creates automatically",
+            ));
+        }
+        if self.state.store.policy(&p.name)?.is_some() {
+            return Err(Status::already_exists(format!(
+                "policy `{}` exists; change it with `srctl policy update`",
+                p.name
+            )));
+        }
+        self.state.store.put_policy_with_twin(&p)?;
+        Ok(Response::new(p))
+    }
+
+    async fn update_policy(&self, request: Request<Policy>) -> Result<Response<Policy>, Status> {
+        authorize(&request, "Operator.UpdatePolicy", &[Role::Operator])?;
+        let mut p = request.into_inner();
+        let existing = self.state.store.policy(&p.name)?.ok_or_else(|| {
+            Status::not_found(format!(
+                "no policy named `{}`; see `srctl policy list`",
+                p.name
+            ))
+        })?;
+        if !existing.failback_of.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "`{}` is the failback policy of `{}`: it is created automatically and can't be edited \
+                 (RPO threshold 15 min, retention 24 h, app-consistent 60 min)",
+                existing.name, existing.failback_of
+            )));
+        }
+        p.failback_of.clear();
+        validate_policy(&p)?;
+        self.state.store.put_policy_with_twin(&p)?;
+        Ok(Response::new(p))
+    }
+
+    async fn enable_item(
+        &self,
+        request: Request<EnableItemRequest>,
+    ) -> Result<Response<Item>, Status> {
+        authorize(&request, "Operator.EnableItem", &[Role::Operator])?;
+        let row = items::enable(&self.state, request.into_inner()).await?;
+        Ok(Response::new(items::view(&self.state, &row)?))
+    }
+
+    async fn list_items(
+        &self,
+        request: Request<ListItemsRequest>,
+    ) -> Result<Response<ListItemsResponse>, Status> {
+        authorize(&request, "Operator.ListItems", &[Role::Operator])?;
+        let machine = request.into_inner().machine;
+        let rows = self.state.store.items()?;
+        if !machine.is_empty() && !rows.iter().any(|r| r.machine == machine) {
+            return Err(Status::not_found(format!(
+                "`{machine}` has no replicated item; enable it with `srctl item enable {machine}`"
+            )));
+        }
+        let items = rows
+            .iter()
+            .filter(|r| machine.is_empty() || r.machine == machine)
+            .map(|r| items::view(&self.state, r))
+            .collect::<Result<_, _>>()?;
+        Ok(Response::new(ListItemsResponse { items }))
+    }
+
+    async fn verify(
+        &self,
+        request: Request<VerifyRequest>,
+    ) -> Result<Response<VerifyResponse>, Status> {
+        authorize(&request, "Operator.Verify", &[Role::Operator])?;
+        let req = request.into_inner();
+        let item = self
+            .state
+            .store
+            .item_of_machine(&req.machine)?
+            .ok_or_else(|| {
+                Status::not_found(format!("`{}` has no replicated item", req.machine))
+            })?;
+        let points = self.state.store.points(&item.id)?;
+        let point = if req.point.is_empty() || req.point == "latest" {
+            points.last().map(|p| p.id.clone()).ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "`{}` has no recovery point yet (state {}); wait for the first one",
+                    req.machine, item.state
+                ))
+            })?
+        } else if points.iter().any(|p| p.id == req.point) {
+            req.point.clone()
+        } else {
+            return Err(Status::not_found(format!(
+                "no recovery point `{}` for `{}`; see `srctl item show {}`",
+                req.point, req.machine, req.machine
+            )));
+        };
+        let result = self
+            .state
+            .command(
+                &item.target,
+                command::Kind::VerifyPoint(VerifyPoint {
+                    item: item.id.clone(),
+                    point,
+                }),
+            )
+            .await?;
+        let detail: VerifyDetail = serde_json::from_str(&result.detail_json).map_err(|e| {
+            Status::internal(format!("bad verification result from {}: {e}", item.target))
+        })?;
+        Ok(Response::new(VerifyResponse {
+            equal: detail.equal,
+            point: detail.point,
+            disks: detail
+                .disks
+                .into_iter()
+                .map(|(disk, source_blake3, replica_blake3)| DiskVerification {
+                    disk,
+                    source_blake3,
+                    replica_blake3,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn workload(
+        &self,
+        request: Request<WorkloadRequest>,
+    ) -> Result<Response<WorkloadResponse>, Status> {
+        authorize(&request, "Operator.Workload", &[Role::Operator])?;
+        let req = request.into_inner();
+        let machine = self
+            .state
+            .store
+            .component(&req.machine)?
+            .filter(|c| c.role == "agent");
+        if machine.is_none() {
+            return Err(Status::not_found(format!(
+                "no machine named `{}`",
+                req.machine
+            )));
+        }
+        self.state
+            .command(
+                &req.machine,
+                command::Kind::Workload(WorkloadCommand {
+                    action: req.action,
+                    rate_mb_s: req.rate_mb_s,
+                    write_size: req.write_size,
+                    pattern: req.pattern,
+                    compressible: req.compressible,
+                }),
+            )
+            .await?;
+        Ok(Response::new(WorkloadResponse {}))
     }
 
     async fn remove_component(

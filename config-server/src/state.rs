@@ -7,8 +7,11 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use failback_proto::pb::control::CsMessage;
+use failback_proto::pb::control::{
+    Command, CommandResult, CsMessage, PsStatus, command, cs_message,
+};
 use tokio::sync::mpsc;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::ca::Ca;
@@ -38,6 +41,10 @@ pub struct State {
     /// Cancelled when the CS shuts down: ends every control stream so the graceful shutdown
     /// of the server (which waits for open streams) completes.
     pub stopping: CancellationToken,
+    /// Commands sent to components, waiting for their result.
+    pending: Mutex<HashMap<u64, oneshot::Sender<CommandResult>>>,
+    /// Last status each process server reported.
+    pub ps_status: Mutex<HashMap<String, PsStatus>>,
     /// Failed enrollment attempts per source address in the last minute.
     failures: Mutex<HashMap<IpAddr, VecDeque<Instant>>>,
     next_conn: AtomicU64,
@@ -54,6 +61,8 @@ impl State {
             sessions: Mutex::new(HashMap::new()),
             stopping: CancellationToken::new(),
             failures: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            ps_status: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
         }
     }
@@ -85,5 +94,83 @@ impl State {
     pub fn record_enroll_failure(&self, ip: IpAddr) {
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         failures.entry(ip).or_default().push_back(Instant::now());
+    }
+}
+
+/// How long a component has to answer a command.
+const COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl State {
+    /// Sends a command on `component`'s control stream and waits for its result. A refusal by
+    /// the component becomes `FailedPrecondition` carrying its message.
+    pub async fn command(
+        &self,
+        component: &str,
+        kind: command::Kind,
+    ) -> Result<CommandResult, tonic::Status> {
+        let id = self.next_conn_id();
+        let tx = self
+            .sessions()
+            .get(component)
+            .map(|s| s.tx.clone())
+            .ok_or_else(|| tonic::Status::unavailable(format!("`{component}` is not connected")))?;
+        let (done_tx, done_rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, done_tx);
+        let msg = CsMessage {
+            kind: Some(cs_message::Kind::Command(Command {
+                id,
+                kind: Some(kind),
+            })),
+        };
+        if tx.send(Ok(msg)).await.is_err() {
+            self.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            return Err(tonic::Status::unavailable(format!(
+                "`{component}` disconnected"
+            )));
+        }
+        let result = tokio::time::timeout(COMMAND_TIMEOUT, done_rx).await;
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        match result {
+            Ok(Ok(r)) if r.ok => Ok(r),
+            Ok(Ok(r)) => Err(tonic::Status::failed_precondition(format!(
+                "{component}: {}",
+                r.error
+            ))),
+            Ok(Err(_)) => Err(tonic::Status::unavailable(format!(
+                "`{component}` disconnected before answering"
+            ))),
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                "`{component}` did not answer within {COMMAND_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    /// Completes a pending command.
+    pub fn command_result(&self, result: CommandResult) {
+        if let Some(tx) = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&result.id)
+        {
+            let _ = tx.send(result);
+        }
+    }
+
+    pub fn ps_health(&self, name: &str) -> Option<PsStatus> {
+        self.ps_status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
     }
 }

@@ -6,6 +6,9 @@
 //! with the CS (reporting its datastores), keeps its control stream, and serves its data port
 //! (mutual TLS, process servers only) with a gRPC health service for readiness.
 
+pub mod data;
+pub mod replica;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,9 +17,13 @@ use failback_common::component::{DatastoreConfig, advertised, hello, register, v
 use failback_common::config::ConfigError;
 use failback_common::enroll::CsSettings;
 use failback_common::identity::{Identity, Role, Site};
-use failback_proto::pb::control::Hello;
+use failback_proto::pb::control::{
+    CommandResult, ComponentMessage, CsMessage, Hello, command, component_message, cs_message,
+};
+use failback_proto::pb::data::target_data_server::TargetDataServer;
 use serde::Deserialize;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// `master-target --config FILE` (env `FBL_MT__*`).
@@ -80,9 +87,55 @@ pub async fn run(
         ..base.clone()
     });
     let registered = register(&identity, &config.data_dir, &config.cs, hello_fn, &shutdown).await?;
+    let replicas = data::Replicas::new(
+        config.name.clone(),
+        config.datastore.clone(),
+        registered.control.outbox.clone(),
+        shutdown.clone(),
+    );
+    tokio::spawn(handle_commands(
+        replicas.clone(),
+        registered.control.commands,
+        registered.control.outbox,
+    ));
     let router = failback_common::server::builder(registered.credentials.server_tls())?
-        .add_service(failback_common::server::health_service());
+        .add_service(failback_common::server::health_service())
+        .add_service(
+            TargetDataServer::new(data::TargetService { replicas })
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
+        );
     tracing::info!(address = %listener.local_addr()?, "master target ready");
     failback_common::server::serve(router, listener, shutdown).await?;
     Ok(())
+}
+
+async fn handle_commands(
+    replicas: std::sync::Arc<data::Replicas>,
+    mut commands: mpsc::Receiver<CsMessage>,
+    outbox: mpsc::Sender<ComponentMessage>,
+) {
+    while let Some(msg) = commands.recv().await {
+        let Some(cs_message::Kind::Command(cmd)) = msg.kind else {
+            continue;
+        };
+        let result = match cmd.kind {
+            Some(command::Kind::PrepareReplica(p)) => {
+                replicas.prepare(p).await.map(|_| String::new())
+            }
+            Some(command::Kind::VerifyPoint(v)) => replicas.verify(&v.item, &v.point).await,
+            _ => Err("a master target doesn't take this command".to_string()),
+        };
+        let reply = ComponentMessage {
+            kind: Some(component_message::Kind::Result(CommandResult {
+                id: cmd.id,
+                ok: result.is_ok(),
+                error: result.as_ref().err().cloned().unwrap_or_default(),
+                detail_json: result.unwrap_or_default(),
+            })),
+        };
+        if outbox.send(reply).await.is_err() {
+            return;
+        }
+    }
 }

@@ -44,6 +44,9 @@ pub struct AgentConfig {
     pub cs: CsSettings,
     pub datastore: Vec<DatastoreConfig>,
     pub machine: Vec<MachineConfig>,
+    /// Most bytes a machine's replication log plus unacknowledged batches may hold before
+    /// the workload is throttled.
+    pub replication_buffer: ByteSize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -73,6 +76,7 @@ impl Default for AgentConfig {
             cs: CsSettings::default(),
             datastore: Vec::new(),
             machine: Vec::new(),
+            replication_buffer: ByteSize::mib(256),
         }
     }
 }

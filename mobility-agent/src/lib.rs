@@ -9,15 +9,23 @@
 //! # Layout
 //! - [`config`]: host, datastores, machines and disks.
 //! - [`machine`]: a machine's disks on its datastore.
+//! - [`capture`]: the write path: activity log, replication log, tags.
+//! - [`sender`]: replication to the process server (initial copy, delta, resync of hot regions).
+//! - [`workload`]: the workload generator standing in for the guest OS.
 
+pub mod capture;
 pub mod config;
 pub mod machine;
+pub mod sender;
+pub mod workload;
 
 use std::sync::Arc;
 
 use failback_common::component::{DatastoreConfig, advertised, hello, register};
 use failback_common::identity::{Identity, Role};
-use failback_proto::pb::control::{Hello, MachineInfo};
+use failback_proto::pb::control::{
+    CommandResult, ComponentMessage, Hello, MachineInfo, command, component_message, cs_message,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -52,7 +60,7 @@ pub async fn run(
     let host = register(&identity, &config.data_dir, &config.cs, hello_fn, &shutdown).await?;
 
     let mut agents = Vec::new();
-    for m in machines {
+    for (index, m) in machines.into_iter().enumerate() {
         let id = Identity::new(Role::Agent, config.site, &m.name);
         let base = hello(&id);
         let info = MachineInfo {
@@ -65,7 +73,21 @@ pub async fn run(
             ..base.clone()
         });
         let data_dir = config.data_dir.join("machines").join(&m.name);
-        agents.push(register(&id, &data_dir, &config.cs, hello_fn, &shutdown).await?);
+        let capture = capture::Capture::open(&m, &data_dir, config.replication_buffer.as_u64())?;
+        let registered = register(&id, &data_dir, &config.cs, hello_fn, &shutdown).await?;
+        let agent = Agent {
+            name: m.name.clone(),
+            capture,
+            credentials: registered.credentials.clone(),
+            outbox: registered.control.outbox.clone(),
+            state_dir: data_dir,
+            seed: index as u64 + 1,
+            shutdown: shutdown.clone(),
+            replication: None,
+            workload: None,
+        };
+        tokio::spawn(agent.run(registered.control.commands));
+        agents.push(registered.task);
     }
     tracing::info!(machines = agents.len(), "host ready");
 
@@ -73,4 +95,156 @@ pub async fn run(
         .add_service(failback_common::server::health_service());
     failback_common::server::serve(router, listener, shutdown).await?;
     Ok(())
+}
+
+/// One machine's agent: answers the CS's commands for it.
+struct Agent {
+    name: String,
+    capture: Arc<capture::Capture>,
+    credentials: failback_common::tls::Credentials,
+    outbox: tokio::sync::mpsc::Sender<ComponentMessage>,
+    state_dir: std::path::PathBuf,
+    seed: u64,
+    shutdown: CancellationToken,
+    replication: Option<sender::Replication>,
+    workload: Option<workload::Workload>,
+}
+
+impl Agent {
+    async fn run(
+        mut self,
+        mut commands: tokio::sync::mpsc::Receiver<failback_proto::pb::control::CsMessage>,
+    ) {
+        while let Some(msg) = commands.recv().await {
+            let Some(cs_message::Kind::Command(cmd)) = msg.kind else {
+                continue;
+            };
+            let result = match cmd.kind {
+                Some(kind) => self.handle(kind).await,
+                None => Err("empty command".to_string()),
+            };
+            let reply = ComponentMessage {
+                kind: Some(component_message::Kind::Result(CommandResult {
+                    id: cmd.id,
+                    ok: result.is_ok(),
+                    error: result.as_ref().err().cloned().unwrap_or_default(),
+                    detail_json: result.unwrap_or_default(),
+                })),
+            };
+            if self.outbox.send(reply).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn handle(&mut self, kind: command::Kind) -> Result<String, String> {
+        match kind {
+            command::Kind::StartReplication(s) => {
+                let params = sender::Params {
+                    item: s.item,
+                    process_server: s.process_server,
+                    ps_address: s.ps_address,
+                    crash_interval: std::time::Duration::from_millis(s.crash_interval_ms.max(100)),
+                    app_interval: (s.app_interval_ms > 0)
+                        .then(|| std::time::Duration::from_millis(s.app_interval_ms)),
+                    verify_tags: s.verify_tags,
+                };
+                if self
+                    .replication
+                    .as_ref()
+                    .is_some_and(|r| r.params == params)
+                {
+                    return Ok(String::new());
+                }
+                if let Some(old) = self.replication.take() {
+                    old.stop();
+                }
+                tracing::info!(machine = %self.name, item = %params.item, ps = %params.process_server, "replicating");
+                self.replication = Some(
+                    sender::start(
+                        params,
+                        self.capture.clone(),
+                        self.credentials.clone(),
+                        &self.state_dir,
+                        self.outbox.clone(),
+                        &self.shutdown,
+                    )
+                    .map_err(|e| format!("cannot start replication: {e}"))?,
+                );
+                Ok(String::new())
+            }
+            command::Kind::StopReplication(_) => {
+                if let Some(old) = self.replication.take() {
+                    old.stop();
+                }
+                self.capture.set_logging(false);
+                Ok(String::new())
+            }
+            command::Kind::Workload(w) => {
+                if let Some(old) = self.workload.take() {
+                    old.stop();
+                }
+                match w.action.as_str() {
+                    "stop" => Ok(String::new()),
+                    "start" | "set" => {
+                        let d = workload::WorkloadSpec::default();
+                        let spec = workload::WorkloadSpec {
+                            rate_mb_s: if w.rate_mb_s > 0.0 {
+                                w.rate_mb_s
+                            } else {
+                                d.rate_mb_s
+                            },
+                            write_size: if w.write_size > 0 {
+                                w.write_size
+                            } else {
+                                d.write_size
+                            },
+                            sequential: w.pattern == "sequential",
+                            compressible: if w.compressible >= 0.0 {
+                                w.compressible
+                            } else {
+                                d.compressible
+                            },
+                        };
+                        spec.validate()?;
+                        self.seed += 1000;
+                        self.workload = Some(workload::start(
+                            self.capture.clone(),
+                            spec,
+                            self.seed,
+                            &self.shutdown,
+                        ));
+                        Ok(String::new())
+                    }
+                    other => Err(format!(
+                        "unknown workload action `{other}` (start, set or stop)"
+                    )),
+                }
+            }
+            command::Kind::MakeTag(t) => {
+                let capture = self.capture.clone();
+                let verify = self
+                    .replication
+                    .as_ref()
+                    .is_some_and(|r| r.params.verify_tags);
+                tokio::task::spawn_blocking(move || {
+                    capture.tag(
+                        t.id,
+                        &t.kind,
+                        failback_common::control::now_ms(),
+                        verify,
+                        t.kind.contains("app"),
+                    )
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+                Ok(String::new())
+            }
+            _ => Err(format!(
+                "`{}` is an agent: it doesn't take this command",
+                self.name
+            )),
+        }
+    }
 }

@@ -4,6 +4,13 @@
 //! (`ps-azure`) carries failback replication across the VPN link. It registers with the CS,
 //! keeps its control stream, and serves its data port (mutual TLS, agents only) with a gRPC
 //! health service for readiness.
+//!
+//! # Layout
+//! - [`cache`]: the durable segmented disk cache.
+//! - [`data`]: the agents' replication streams in, forwarding to targets out.
+
+pub mod cache;
+pub mod data;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,9 +20,14 @@ use failback_common::component::{advertised, hello, register, validate_common};
 use failback_common::config::ConfigError;
 use failback_common::enroll::CsSettings;
 use failback_common::identity::{Identity, Role, Site};
-use failback_proto::pb::control::Hello;
+use failback_proto::pb::control::{
+    CommandResult, ComponentMessage, CsMessage, Hello, PsStatus, Report, command,
+    component_message, cs_message, report,
+};
+use failback_proto::pb::data::process_server_data_server::ProcessServerDataServer;
 use serde::Deserialize;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// `process-server --config FILE` (env `FBL_PS__*`).
@@ -31,6 +43,8 @@ pub struct PsConfig {
     /// Address per site the data port is reached from (e.g. through the VPN link).
     pub advertise: BTreeMap<String, String>,
     pub cs: CsSettings,
+    /// Disk cache capacity (ASR recommends 600 GB; the lab default is small).
+    pub cache_capacity: bytesize::ByteSize,
 }
 
 impl Default for PsConfig {
@@ -42,6 +56,7 @@ impl Default for PsConfig {
             listen: "127.0.0.1:9443".into(),
             advertise: BTreeMap::new(),
             cs: CsSettings::default(),
+            cache_capacity: bytesize::ByteSize::gib(2),
         }
     }
 }
@@ -68,9 +83,95 @@ pub async fn run(
         ..base.clone()
     });
     let registered = register(&identity, &config.data_dir, &config.cs, hello_fn, &shutdown).await?;
+    let cache_dir = config.data_dir.join("cache");
+    let capacity = config.cache_capacity.as_u64();
+    let cache =
+        tokio::task::spawn_blocking(move || cache::Cache::open(&cache_dir, capacity)).await??;
+    let dp = data::DataPlane::new(
+        std::sync::Arc::new(cache),
+        registered.credentials.clone(),
+        &config.data_dir,
+        shutdown.clone(),
+    );
+    tokio::spawn(handle_commands(
+        dp.clone(),
+        registered.control.commands,
+        registered.control.outbox.clone(),
+    ));
+    tokio::spawn(report_status(
+        dp.clone(),
+        registered.control.outbox,
+        shutdown.clone(),
+    ));
     let router = failback_common::server::builder(registered.credentials.server_tls())?
-        .add_service(failback_common::server::health_service());
+        .add_service(failback_common::server::health_service())
+        .add_service(
+            ProcessServerDataServer::new(data::DataService { dp })
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
+        );
     tracing::info!(address = %listener.local_addr()?, "process server ready");
     failback_common::server::serve(router, listener, shutdown).await?;
     Ok(())
+}
+
+async fn handle_commands(
+    dp: std::sync::Arc<data::DataPlane>,
+    mut commands: mpsc::Receiver<CsMessage>,
+    outbox: mpsc::Sender<ComponentMessage>,
+) {
+    while let Some(msg) = commands.recv().await {
+        let Some(cs_message::Kind::Command(cmd)) = msg.kind else {
+            continue;
+        };
+        let result = match cmd.kind {
+            Some(command::Kind::SetRoute(r)) => {
+                tracing::info!(item = %r.item, target = %r.target, "route set");
+                dp.set_route(
+                    &r.item,
+                    data::Route {
+                        target: r.target,
+                        address: r.target_address,
+                    },
+                )
+            }
+            _ => Err("a process server doesn't take this command".to_string()),
+        };
+        let reply = ComponentMessage {
+            kind: Some(component_message::Kind::Result(CommandResult {
+                id: cmd.id,
+                ok: result.is_ok(),
+                error: result.err().unwrap_or_default(),
+                detail_json: String::new(),
+            })),
+        };
+        if outbox.send(reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn report_status(
+    dp: std::sync::Arc<data::DataPlane>,
+    outbox: mpsc::Sender<ComponentMessage>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let (health, throttled) = dp.cache.health();
+        let _ = outbox.try_send(ComponentMessage {
+            kind: Some(component_message::Kind::Report(Report {
+                kind: Some(report::Kind::PsStatus(PsStatus {
+                    cache_used_bytes: dp.cache.used_bytes(),
+                    cache_capacity_bytes: dp.cache.capacity(),
+                    cache_health: health.to_string(),
+                    throttled,
+                })),
+            })),
+        });
+    }
 }

@@ -19,6 +19,9 @@ pub mod pb {
     pub mod operator {
         tonic::include_proto!("failback.operator.v1");
     }
+    pub mod data {
+        tonic::include_proto!("failback.data.v1");
+    }
     pub mod link {
         tonic::include_proto!("failback.link.v1");
     }

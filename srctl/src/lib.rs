@@ -10,5 +10,6 @@
 
 pub mod client;
 pub mod infra;
+pub mod item;
 pub mod lab;
 pub mod link;

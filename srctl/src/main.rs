@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use srctl::{infra, lab, link};
+use failback_proto::pb::operator::{EnableItemRequest, Policy, WorkloadRequest};
+use srctl::{infra, item, lab, link};
 
 #[derive(Parser)]
 #[command(version, about = "Failback Lab operator CLI")]
@@ -26,6 +27,100 @@ enum Cmd {
     /// The simulated site-to-site VPN.
     #[command(subcommand)]
     Link(LinkCmd),
+    /// Replicated items.
+    #[command(subcommand)]
+    Item(ItemCmd),
+    /// Replication policies.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// A machine's workload generator (the guest OS writing to its disks).
+    #[command(subcommand)]
+    Workload(WorkloadCmd),
+}
+
+#[derive(Subcommand)]
+enum ItemCmd {
+    /// Enable replication of a machine ("Enable protection").
+    Enable {
+        machine: String,
+        #[arg(long, default_value = "default")]
+        policy: String,
+        #[arg(long, default_value = "")]
+        process_server: String,
+        #[arg(long, default_value = "")]
+        replication_group: String,
+    },
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    Show {
+        machine: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prove the replica at a point equals what the source held then (BLAKE3 per disk).
+    Verify {
+        machine: String,
+        #[arg(long, default_value = "latest")]
+        point: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a policy (its NAME-failback twin is created with it).
+    Create(PolicyArgs),
+    /// Change a policy (failback twins can't be edited).
+    Update(PolicyArgs),
+}
+
+#[derive(clap::Args)]
+struct PolicyArgs {
+    name: String,
+    #[arg(long, default_value = "60s")]
+    rpo_threshold: humantime::Duration,
+    #[arg(long, default_value = "10m")]
+    retention: humantime::Duration,
+    #[arg(long, default_value = "5s")]
+    crash_interval: humantime::Duration,
+    /// 0s = no app-consistent points.
+    #[arg(long, default_value = "30s")]
+    app_interval: humantime::Duration,
+}
+
+#[derive(Subcommand)]
+enum WorkloadCmd {
+    Start(WorkloadArgs),
+    Set(WorkloadArgs),
+    Stop { machine: String },
+}
+
+#[derive(clap::Args)]
+struct WorkloadArgs {
+    machine: String,
+    /// MB/s written.
+    #[arg(long, default_value_t = 1.0)]
+    rate: f64,
+    #[arg(long, default_value = "64KiB")]
+    write_size: String,
+    /// random | sequential
+    #[arg(long, default_value = "random")]
+    pattern: String,
+    /// Share of each write that compresses, 0..1.
+    #[arg(long, default_value_t = 0.5)]
+    compressible: f64,
 }
 
 #[derive(Subcommand)]
@@ -178,6 +273,128 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             infra::remove(&dir, &name).await?;
             println!("removed {name}; it must enroll again to reconnect");
         }
+        Cmd::Item(cmd) => {
+            let dir = srctl::client::lab_dir(lab_flag)?;
+            match cmd {
+                ItemCmd::Enable {
+                    machine,
+                    policy,
+                    process_server,
+                    replication_group,
+                } => {
+                    let i = item::enable(
+                        &dir,
+                        EnableItemRequest {
+                            machine,
+                            policy,
+                            process_server,
+                            replication_group,
+                        },
+                    )
+                    .await?;
+                    println!(
+                        "{}: {} (item {}, {} -> {} -> {})",
+                        i.machine, i.state, i.id, i.machine, i.process_server, i.target
+                    );
+                }
+                ItemCmd::List { json } => item::print_list(&item::list(&dir, "").await?, json)?,
+                ItemCmd::Show { machine, json } => {
+                    let items = item::list(&dir, &machine).await?;
+                    for i in &items {
+                        item::print_show(i, json)?;
+                    }
+                }
+                ItemCmd::Verify {
+                    machine,
+                    point,
+                    json,
+                } => {
+                    let v = item::verify(&dir, &machine, &point).await?;
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&serde_json::json!({
+                                "equal": v.equal, "point": v.point,
+                                "disks": v.disks.iter().map(|d| serde_json::json!({"disk": d.disk, "source": d.source_blake3, "replica": d.replica_blake3})).collect::<Vec<_>>(),
+                            }))?
+                        );
+                    } else {
+                        for d in &v.disks {
+                            println!(
+                                "{:<8} source {}  replica {}",
+                                d.disk, &d.source_blake3, &d.replica_blake3
+                            );
+                        }
+                        println!(
+                            "point {}: {}",
+                            v.point,
+                            if v.equal {
+                                "replica equals the source"
+                            } else {
+                                "MISMATCH"
+                            }
+                        );
+                    }
+                    if !v.equal {
+                        anyhow::bail!(
+                            "replica of {machine} at {} differs from the source",
+                            v.point
+                        );
+                    }
+                }
+            }
+        }
+        Cmd::Policy(cmd) => {
+            let dir = srctl::client::lab_dir(lab_flag)?;
+            match cmd {
+                PolicyCmd::List { json } => {
+                    item::print_policies(&item::policies(&dir).await?, json)?
+                }
+                PolicyCmd::Show { name, json } => {
+                    let all = item::policies(&dir).await?;
+                    let p: Vec<_> = all.into_iter().filter(|p| p.name == name).collect();
+                    if p.is_empty() {
+                        anyhow::bail!("no policy named `{name}`; see `srctl policy list`");
+                    }
+                    item::print_policies(&p, json)?;
+                }
+                PolicyCmd::Create(a) => {
+                    let p = item::create_policy(&dir, policy_of(a), false).await?;
+                    println!(
+                        "created policy {} and its failback twin {}-failback",
+                        p.name, p.name
+                    );
+                }
+                PolicyCmd::Update(a) => {
+                    let p = item::create_policy(&dir, policy_of(a), true).await?;
+                    println!("updated policy {}", p.name);
+                }
+            }
+        }
+        Cmd::Workload(cmd) => {
+            let dir = srctl::client::lab_dir(lab_flag)?;
+            let (action, req) = match cmd {
+                WorkloadCmd::Start(a) => ("start", workload_of(a)?),
+                WorkloadCmd::Set(a) => ("set", workload_of(a)?),
+                WorkloadCmd::Stop { machine } => (
+                    "stop",
+                    WorkloadRequest {
+                        machine,
+                        ..Default::default()
+                    },
+                ),
+            };
+            let machine = req.machine.clone();
+            item::workload(
+                &dir,
+                WorkloadRequest {
+                    action: action.into(),
+                    ..req
+                },
+            )
+            .await?;
+            println!("{machine}: workload {action}");
+        }
         Cmd::Link(cmd) => {
             let dir = srctl::client::lab_dir(lab_flag)?;
             match cmd {
@@ -199,4 +416,33 @@ async fn proc_action(
     lab::control_proc(&dir, name, action).await?;
     println!("{name}: {action:?} done");
     Ok(())
+}
+
+fn policy_of(a: PolicyArgs) -> Policy {
+    let secs = |d: humantime::Duration| std::time::Duration::from(d).as_secs();
+    Policy {
+        name: a.name,
+        rpo_threshold_s: secs(a.rpo_threshold),
+        retention_s: secs(a.retention),
+        crash_interval_s: secs(a.crash_interval),
+        app_interval_s: secs(a.app_interval),
+        failback_of: String::new(),
+    }
+}
+
+fn workload_of(a: WorkloadArgs) -> anyhow::Result<WorkloadRequest> {
+    if a.pattern != "random" && a.pattern != "sequential" {
+        anyhow::bail!(
+            "--pattern must be random or sequential, not `{}`",
+            a.pattern
+        );
+    }
+    Ok(WorkloadRequest {
+        machine: a.machine,
+        action: String::new(),
+        rate_mb_s: a.rate,
+        write_size: parse_size(&a.write_size)?,
+        pattern: a.pattern,
+        compressible: a.compressible,
+    })
 }

@@ -1,0 +1,663 @@
+//! Replicated items, policies, recovery points and jobs: their tables and the orchestration
+//! the CS runs for them ("Enable protection").
+//!
+//! An item is one machine replicating in one direction (`forward`: onprem -> azure,
+//! `reverse`: azure -> onprem) through one process server to one target. Its id is
+//! `MACHINE-N`. States use ASR's words (see DESIGN.md). The CS drives components with
+//! commands on their control streams and learns progress and recovery points from reports.
+
+use std::collections::BTreeMap;
+
+use failback_common::control::now_ms;
+use failback_proto::pb::control::{
+    DiskInfo, ItemProgress, PointAdded, PrepareReplica, SetRoute, StartReplication, command,
+};
+use failback_proto::pb::operator::{EnableItemRequest, Item, ItemDisk, Point, Policy};
+use rusqlite::{OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+use tonic::Status;
+
+use crate::db::{ComponentRow, DbError, Store};
+use crate::state::State;
+
+pub const ENABLING: &str = "Enabling protection";
+pub const INITIAL: &str = "Initial replication in progress";
+pub const PROTECTED: &str = "Protected";
+
+/// The lab's default policy: ASR's shape, lab timers (points within a minute).
+pub fn default_policy() -> Policy {
+    Policy {
+        name: "default".into(),
+        rpo_threshold_s: 60,
+        retention_s: 600,
+        crash_interval_s: 5,
+        app_interval_s: 30,
+        failback_of: String::new(),
+    }
+}
+
+/// ASR's failback twin of `p`: RPO threshold 15 min, retention 24 h, app-consistent 60 min.
+pub fn failback_twin(p: &Policy) -> Policy {
+    Policy {
+        name: format!("{}-failback", p.name),
+        rpo_threshold_s: 15 * 60,
+        retention_s: 24 * 3600,
+        crash_interval_s: p.crash_interval_s,
+        app_interval_s: 60 * 60,
+        failback_of: p.name.clone(),
+    }
+}
+
+/// What the agent last reported about an item (kept as JSON in `items.progress`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Progress {
+    pub phase: String,
+    pub disks: BTreeMap<String, (String, f64)>,
+    pub bytes_sent: u64,
+    pub bytes_per_second: f64,
+    pub acked_seq: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ItemRow {
+    pub id: String,
+    pub machine: String,
+    pub direction: String,
+    pub state: String,
+    pub process_server: String,
+    pub target: String,
+    pub datastore: String,
+    pub policy: String,
+    pub replication_group: String,
+    pub created_ms: i64,
+    pub progress: Progress,
+}
+
+fn policy_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Policy> {
+    Ok(Policy {
+        name: r.get(0)?,
+        rpo_threshold_s: r.get::<_, i64>(1)? as u64,
+        retention_s: r.get::<_, i64>(2)? as u64,
+        crash_interval_s: r.get::<_, i64>(3)? as u64,
+        app_interval_s: r.get::<_, i64>(4)? as u64,
+        failback_of: r.get(5)?,
+    })
+}
+
+const ITEM_COLUMNS: &str = "id, machine, direction, state, process_server, target, datastore, policy, \
+                            replication_group, created_ms, progress";
+
+fn item_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ItemRow> {
+    let progress: String = r.get(10)?;
+    Ok(ItemRow {
+        id: r.get(0)?,
+        machine: r.get(1)?,
+        direction: r.get(2)?,
+        state: r.get(3)?,
+        process_server: r.get(4)?,
+        target: r.get(5)?,
+        datastore: r.get(6)?,
+        policy: r.get(7)?,
+        replication_group: r.get(8)?,
+        created_ms: r.get(9)?,
+        progress: serde_json::from_str(&progress).unwrap_or_default(),
+    })
+}
+
+impl Store {
+    pub fn policies(&self) -> Result<Vec<Policy>, DbError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT name, rpo_threshold_s, retention_s, crash_interval_s, app_interval_s, failback_of
+             FROM policies ORDER BY name",
+        )?;
+        let rows = stmt
+            .query_map([], policy_from_row)?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    pub fn policy(&self, name: &str) -> Result<Option<Policy>, DbError> {
+        Ok(self.policies()?.into_iter().find(|p| p.name == name))
+    }
+
+    /// Inserts (or replaces) a policy together with its failback twin, in one transaction.
+    pub fn put_policy_with_twin(&self, p: &Policy) -> Result<(), DbError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for p in [p.clone(), failback_twin(p)] {
+            tx.execute(
+                "INSERT INTO policies(name, rpo_threshold_s, retention_s, crash_interval_s, app_interval_s, failback_of)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT(name) DO UPDATE SET rpo_threshold_s = excluded.rpo_threshold_s,
+                   retention_s = excluded.retention_s, crash_interval_s = excluded.crash_interval_s,
+                   app_interval_s = excluded.app_interval_s, failback_of = excluded.failback_of",
+                params![
+                    p.name,
+                    p.rpo_threshold_s as i64,
+                    p.retention_s as i64,
+                    p.crash_interval_s as i64,
+                    p.app_interval_s as i64,
+                    p.failback_of
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn items(&self) -> Result<Vec<ItemRow>, DbError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {ITEM_COLUMNS} FROM items WHERE active = 1 ORDER BY machine, created_ms"
+        ))?;
+        let rows = stmt
+            .query_map([], item_from_row)?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    pub fn item(&self, id: &str) -> Result<Option<ItemRow>, DbError> {
+        let conn = self.conn();
+        Ok(conn
+            .query_row(
+                &format!("SELECT {ITEM_COLUMNS} FROM items WHERE id = ?1"),
+                [id],
+                item_from_row,
+            )
+            .optional()?)
+    }
+
+    /// The active item of a machine, if it has one.
+    pub fn item_of_machine(&self, machine: &str) -> Result<Option<ItemRow>, DbError> {
+        Ok(self.items()?.into_iter().find(|i| i.machine == machine))
+    }
+
+    pub fn insert_item(&self, item: &ItemRow) -> Result<(), DbError> {
+        self.conn().execute(
+            "INSERT INTO items(id, machine, direction, state, process_server, target, datastore, policy,
+                               replication_group, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                item.id,
+                item.machine,
+                item.direction,
+                item.state,
+                item.process_server,
+                item.target,
+                item.datastore,
+                item.policy,
+                item.replication_group,
+                item.created_ms
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_item(&self, id: &str) -> Result<(), DbError> {
+        self.conn()
+            .execute("DELETE FROM items WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    pub fn set_item_state(&self, id: &str, state: &str) -> Result<(), DbError> {
+        self.conn().execute(
+            "UPDATE items SET state = ?2 WHERE id = ?1",
+            params![id, state],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_item_progress(&self, id: &str, progress: &Progress) -> Result<(), DbError> {
+        let json = serde_json::to_string(progress).unwrap_or_else(|_| "{}".into());
+        self.conn().execute(
+            "UPDATE items SET progress = ?2 WHERE id = ?1",
+            params![id, json],
+        )?;
+        Ok(())
+    }
+
+    /// How many items were ever created for `machine` (ids are `MACHINE-N`).
+    pub fn item_count(&self, machine: &str) -> Result<i64, DbError> {
+        Ok(self.conn().query_row(
+            "SELECT COUNT(*) FROM items WHERE machine = ?1",
+            [machine],
+            |r| r.get(0),
+        )?)
+    }
+
+    pub fn add_point(&self, p: &PointAdded) -> Result<(), DbError> {
+        self.conn().execute(
+            "INSERT OR IGNORE INTO recovery_points(item, id, seq, time_ms, kind) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![p.item, p.id, p.seq as i64, p.time_ms, p.kind],
+        )?;
+        Ok(())
+    }
+
+    pub fn remove_points(&self, item: &str, ids: &[String]) -> Result<(), DbError> {
+        let conn = self.conn();
+        for id in ids {
+            conn.execute(
+                "DELETE FROM recovery_points WHERE item = ?1 AND id = ?2",
+                params![item, id],
+            )?;
+        }
+        Ok(())
+    }
+
+    pub fn points(&self, item: &str) -> Result<Vec<Point>, DbError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, time_ms, kind, seq FROM recovery_points WHERE item = ?1 ORDER BY seq",
+        )?;
+        let rows = stmt
+            .query_map([item], |r| {
+                Ok(Point {
+                    id: r.get(0)?,
+                    time_ms: r.get(1)?,
+                    kind: r.get(2)?,
+                    seq: r.get::<_, i64>(3)? as u64,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// Records a job and returns its id.
+    pub fn start_job(&self, name: &str, item: &str) -> Result<i64, DbError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO jobs(name, item, state, started_ms) VALUES (?1, ?2, 'In progress', ?3)",
+            params![name, item, now_ms()],
+        )?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    pub fn job_step(&self, job: i64, step: &str, state: &str) -> Result<(), DbError> {
+        let conn = self.conn();
+        let steps: String =
+            conn.query_row("SELECT steps FROM jobs WHERE id = ?1", [job], |r| r.get(0))?;
+        let mut steps: Vec<(String, String, i64)> =
+            serde_json::from_str(&steps).unwrap_or_default();
+        match steps.iter_mut().find(|s| s.0 == step) {
+            Some(s) => {
+                s.1 = state.to_string();
+                s.2 = now_ms();
+            }
+            None => steps.push((step.to_string(), state.to_string(), now_ms())),
+        }
+        conn.execute(
+            "UPDATE jobs SET steps = ?2 WHERE id = ?1",
+            params![job, serde_json::to_string(&steps).unwrap_or_default()],
+        )?;
+        Ok(())
+    }
+
+    pub fn end_job(&self, job: i64, error: Option<&str>) -> Result<(), DbError> {
+        self.conn().execute(
+            "UPDATE jobs SET state = ?2, ended_ms = ?3, error = ?4 WHERE id = ?1",
+            params![
+                job,
+                if error.is_some() {
+                    "Failed"
+                } else {
+                    "Succeeded"
+                },
+                now_ms(),
+                error.unwrap_or("")
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Ends the open "Enable protection" job of `item` successfully.
+    pub fn finish_enable_job(&self, item: &str) -> Result<(), DbError> {
+        let job: Option<i64> = self
+            .conn()
+            .query_row(
+                "SELECT id FROM jobs WHERE item = ?1 AND name = 'Enable protection' AND state = 'In progress'",
+                [item],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(job) = job {
+            self.job_step(job, "Initial replication", "Succeeded")?;
+            self.end_job(job, None)?;
+        }
+        Ok(())
+    }
+}
+
+/// The address of `component` as reachable from `site`.
+pub fn address_for(row: &ComponentRow, site: &str) -> Option<String> {
+    row.addresses.get(site).cloned()
+}
+
+fn connected(state: &State, name: &str) -> bool {
+    state.sessions().contains_key(name)
+}
+
+/// `EnableItem`: checks, then the "Enable protection" job. A failed check changes nothing; a
+/// failed step rolls the item back.
+pub async fn enable(state: &State, req: EnableItemRequest) -> Result<ItemRow, Status> {
+    let store = &state.store;
+    let machine = store
+        .component(&req.machine)?
+        .filter(|c| c.role == "agent")
+        .ok_or_else(|| {
+            Status::not_found(format!(
+                "no machine named `{}` is registered; see `srctl infra list`",
+                req.machine
+            ))
+        })?;
+    if !connected(state, &machine.name) {
+        return Err(Status::failed_precondition(format!(
+            "the agent isn't installed on `{}` (it is not connected to the configuration server); \
+             wait until it registers (ASR: up to 15 minutes after boot) and try again",
+            machine.name
+        )));
+    }
+    if let Some(existing) = store.item_of_machine(&machine.name)? {
+        return Err(Status::already_exists(format!(
+            "`{}` is already protected (item {}, state {}); disable it first",
+            machine.name, existing.id, existing.state
+        )));
+    }
+    let policy_name = if req.policy.is_empty() {
+        "default".to_string()
+    } else {
+        req.policy.clone()
+    };
+    let policy = store.policy(&policy_name)?.ok_or_else(|| {
+        Status::not_found(format!(
+            "no policy named `{policy_name}`; see `srctl policy list`"
+        ))
+    })?;
+    let site = machine.site.clone();
+    let ps_name = if req.process_server.is_empty() {
+        if site == "onprem" {
+            "ps-onprem"
+        } else {
+            "ps-azure"
+        }
+        .to_string()
+    } else {
+        req.process_server.clone()
+    };
+    let ps = store
+        .component(&ps_name)?
+        .filter(|c| c.role == "process-server")
+        .ok_or_else(|| {
+            Status::not_found(format!(
+                "no process server named `{ps_name}`; see `srctl infra list`"
+            ))
+        })?;
+    if !connected(state, &ps.name) {
+        return Err(Status::failed_precondition(format!(
+            "process server `{}` is not connected (ASR 806: no heartbeat from the process server); \
+             start it or choose another with --process-server",
+            ps.name
+        )));
+    }
+    if let Some(h) = state.ps_health(&ps.name)
+        && h.cache_health == "Critical"
+    {
+        return Err(Status::failed_precondition(format!(
+            "process server `{}` is in critical health (cache {} of {} bytes used); choose another \
+             with --process-server or let it drain",
+            ps.name, h.cache_used_bytes, h.cache_capacity_bytes
+        )));
+    }
+    let target_site = if site == "onprem" { "azure" } else { "onprem" };
+    let target = store
+        .list()?
+        .into_iter()
+        .filter(|c| c.role == "master-target" && c.site == target_site && !c.datastores.is_empty())
+        .min_by_key(|c| {
+            (
+                c.name != "azure-target" && c.name != "mt-onprem",
+                c.name.clone(),
+            )
+        })
+        .ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "no master target with a datastore in {target_site}"
+            ))
+        })?;
+    if !connected(state, &target.name) {
+        return Err(Status::failed_precondition(format!(
+            "target `{}` is not connected (ASR 78022: no heartbeat from the master target)",
+            target.name
+        )));
+    }
+    let target_address = address_for(&target, &ps.site).ok_or_else(|| {
+        Status::failed_precondition(format!(
+            "target `{}` advertises no address reachable from {} (check its `advertise` config)",
+            target.name, ps.site
+        ))
+    })?;
+    let ps_address = address_for(&ps, &site).ok_or_else(|| {
+        Status::failed_precondition(format!(
+            "process server `{}` advertises no address reachable from {site}",
+            ps.name
+        ))
+    })?;
+    if !req.replication_group.is_empty() {
+        failback_common::identity::validate_name(&req.replication_group)
+            .map_err(Status::invalid_argument)?;
+    }
+
+    let n = store.item_count(&machine.name)? + 1;
+    let item = ItemRow {
+        id: format!("{}-{n}", machine.name),
+        machine: machine.name.clone(),
+        direction: if site == "onprem" {
+            "forward"
+        } else {
+            "reverse"
+        }
+        .into(),
+        state: ENABLING.into(),
+        process_server: ps.name.clone(),
+        target: target.name.clone(),
+        datastore: target.datastores[0].name.clone(),
+        policy: policy.name.clone(),
+        replication_group: req.replication_group.clone(),
+        created_ms: now_ms(),
+        progress: Progress::default(),
+    };
+    store.insert_item(&item)?;
+    let job = store.start_job("Enable protection", &item.id)?;
+    let result = async {
+        store.job_step(job, "Prepare the target", "In progress")?;
+        state
+            .command(&target.name, prepare_command(&item, &machine, &policy))
+            .await?;
+        store.job_step(job, "Prepare the target", "Succeeded")?;
+        store.job_step(job, "Assign the process server", "In progress")?;
+        state
+            .command(
+                &ps.name,
+                command::Kind::SetRoute(SetRoute {
+                    item: item.id.clone(),
+                    target: target.name.clone(),
+                    target_address,
+                }),
+            )
+            .await?;
+        store.job_step(job, "Assign the process server", "Succeeded")?;
+        store.job_step(job, "Start replication", "In progress")?;
+        state
+            .command(
+                &machine.name,
+                start_command(&item, &ps.name, &ps_address, &policy),
+            )
+            .await?;
+        store.job_step(job, "Start replication", "Succeeded")?;
+        store.job_step(job, "Initial replication", "In progress")?;
+        Ok::<(), Status>(())
+    }
+    .await;
+    match result {
+        Ok(()) => {
+            store.set_item_state(&item.id, INITIAL)?;
+            tracing::info!(item = %item.id, ps = %ps.name, target = %target.name, "protection enabled");
+            Ok(ItemRow {
+                state: INITIAL.into(),
+                ..item
+            })
+        }
+        Err(status) => {
+            store.end_job(job, Some(status.message()))?;
+            store.delete_item(&item.id)?;
+            Err(status)
+        }
+    }
+}
+
+pub fn prepare_command(item: &ItemRow, machine: &ComponentRow, policy: &Policy) -> command::Kind {
+    command::Kind::PrepareReplica(PrepareReplica {
+        item: item.id.clone(),
+        datastore: item.datastore.clone(),
+        disks: machine
+            .disks
+            .iter()
+            .map(|d| DiskInfo {
+                id: d.id.clone(),
+                datastore: d.datastore.clone(),
+                path: d.path.clone(),
+                size_bytes: d.size,
+            })
+            .collect(),
+        retention_ms: policy.retention_s * 1000,
+    })
+}
+
+pub fn start_command(item: &ItemRow, ps: &str, ps_address: &str, policy: &Policy) -> command::Kind {
+    command::Kind::StartReplication(StartReplication {
+        item: item.id.clone(),
+        process_server: ps.to_string(),
+        ps_address: ps_address.to_string(),
+        crash_interval_ms: policy.crash_interval_s * 1000,
+        app_interval_ms: policy.app_interval_s * 1000,
+        verify_tags: true,
+    })
+}
+
+/// An agent's progress report: stored; the first delta phase completes initial replication.
+pub fn on_progress(state: &State, p: ItemProgress) -> Result<(), DbError> {
+    let Some(item) = state.store.item(&p.item)? else {
+        return Ok(());
+    };
+    let progress = Progress {
+        phase: p.phase.clone(),
+        disks: p
+            .disks
+            .iter()
+            .map(|d| (d.id.clone(), (d.state.clone(), d.percent)))
+            .collect(),
+        bytes_sent: p.bytes_sent,
+        bytes_per_second: p.bytes_per_second,
+        acked_seq: p.acked_seq,
+    };
+    state.store.set_item_progress(&item.id, &progress)?;
+    if p.phase == "delta" && (item.state == INITIAL || item.state == ENABLING) {
+        state.store.set_item_state(&item.id, PROTECTED)?;
+        state.store.finish_enable_job(&item.id)?;
+        tracing::info!(item = %item.id, "initial replication complete: Protected");
+    }
+    Ok(())
+}
+
+/// The operator's view of an item, with RPO and health computed now.
+pub fn view(state: &State, item: &ItemRow) -> Result<Item, DbError> {
+    let store = &state.store;
+    let points = store.points(&item.id)?;
+    let policy = store.policy(&item.policy)?.unwrap_or_else(default_policy);
+    let now = now_ms();
+    let rpo_ms = now - points.last().map(|p| p.time_ms).unwrap_or(item.created_ms);
+    let mut errors = Vec::new();
+    let mut health = "Healthy";
+    let mut worse = |h: &'static str, e: String| {
+        if h == "Critical" || health == "Healthy" {
+            health = h;
+        }
+        errors.push(e);
+    };
+    if !connected(state, &item.machine) {
+        worse(
+            "Critical",
+            format!("78174: no heartbeat from source machine {}", item.machine),
+        );
+    }
+    if !connected(state, &item.process_server) {
+        worse(
+            "Critical",
+            format!(
+                "806: no heartbeat from process server {}",
+                item.process_server
+            ),
+        );
+    }
+    if !connected(state, &item.target) {
+        worse(
+            "Critical",
+            format!("78022: no heartbeat from master target {}", item.target),
+        );
+    }
+    if item.state == PROTECTED && rpo_ms as u64 > policy.rpo_threshold_s * 1000 {
+        worse(
+            "Warning",
+            format!(
+                "RPO {:.0} s is over the policy threshold of {} s",
+                rpo_ms as f64 / 1000.0,
+                policy.rpo_threshold_s
+            ),
+        );
+    }
+    let machine = store.component(&item.machine)?;
+    let disks = machine
+        .map(|m| m.disks)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|d| {
+            let (st, pct) = item
+                .progress
+                .disks
+                .get(&d.id)
+                .cloned()
+                .unwrap_or_else(|| ("In queue".into(), 0.0));
+            ItemDisk {
+                id: d.id,
+                size_bytes: d.size,
+                state: st,
+                percent: pct,
+            }
+        })
+        .collect::<Vec<_>>();
+    let initial_percent = if disks.is_empty() {
+        0.0
+    } else {
+        disks.iter().map(|d| d.percent).sum::<f64>() / disks.len() as f64
+    };
+    Ok(Item {
+        id: item.id.clone(),
+        machine: item.machine.clone(),
+        direction: item.direction.clone(),
+        state: item.state.clone(),
+        health: health.into(),
+        health_errors: errors,
+        process_server: item.process_server.clone(),
+        target: item.target.clone(),
+        policy: item.policy.clone(),
+        replication_group: item.replication_group.clone(),
+        rpo_seconds: rpo_ms.max(0) as f64 / 1000.0,
+        disks,
+        points,
+        bytes_replicated: item.progress.bytes_sent,
+        bytes_per_second: item.progress.bytes_per_second,
+        initial_percent,
+        created_ms: item.created_ms,
+        acked_seq: item.progress.acked_seq,
+    })
+}

@@ -1,0 +1,84 @@
+//! What the CS does with components' reports, and what it re-sends when a component
+//! (re)connects so that replication resumes by itself: targets get their replicas, process
+//! servers their routes, agents their replication settings.
+
+use std::sync::Arc;
+
+use failback_common::identity::{Identity, Role};
+use failback_proto::pb::control::{Report, SetRoute, command, report};
+
+use crate::db::DbError;
+use crate::items::{self, address_for};
+use crate::state::State;
+
+pub fn on_report(state: &State, who: &Identity, r: Report) -> Result<(), DbError> {
+    match r.kind {
+        Some(report::Kind::Progress(p)) => items::on_progress(state, p),
+        Some(report::Kind::PointAdded(p)) => state.store.add_point(&p),
+        Some(report::Kind::PointsPruned(p)) => state.store.remove_points(&p.item, &p.ids),
+        Some(report::Kind::PsStatus(s)) => {
+            state
+                .ps_status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(who.name.clone(), s);
+            Ok(())
+        }
+        None => Ok(()),
+    }
+}
+
+/// Re-sends what `who` needs for the active items it takes part in.
+pub fn resume(state: Arc<State>, who: Identity) {
+    tokio::spawn(async move {
+        if let Err(e) = resume_inner(&state, &who).await {
+            tracing::warn!(%who, "resuming replication: {e}");
+        }
+    });
+}
+
+async fn resume_inner(state: &State, who: &Identity) -> Result<(), tonic::Status> {
+    let store = &state.store;
+    for item in store.items()? {
+        let policy = store
+            .policy(&item.policy)?
+            .unwrap_or_else(items::default_policy);
+        match who.role {
+            Role::MasterTarget if item.target == who.name => {
+                if let Some(machine) = store.component(&item.machine)? {
+                    state
+                        .command(&who.name, items::prepare_command(&item, &machine, &policy))
+                        .await?;
+                }
+            }
+            Role::ProcessServer if item.process_server == who.name => {
+                if let Some(target) = store.component(&item.target)? {
+                    let address = address_for(&target, who.site.as_str()).unwrap_or_default();
+                    state
+                        .command(
+                            &who.name,
+                            command::Kind::SetRoute(SetRoute {
+                                item: item.id.clone(),
+                                target: target.name.clone(),
+                                target_address: address,
+                            }),
+                        )
+                        .await?;
+                }
+            }
+            Role::Agent if item.machine == who.name => {
+                if let Some(ps) = store.component(&item.process_server)? {
+                    let address = address_for(&ps, who.site.as_str()).unwrap_or_default();
+                    state
+                        .command(
+                            &who.name,
+                            items::start_command(&item, &ps.name, &address, &policy),
+                        )
+                        .await?;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}

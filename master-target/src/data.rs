@@ -1,0 +1,409 @@
+//! The target's data plane: process servers' `Apply` streams into the replica store of each
+//! item, the applier (journal -> disks, retention pruning), recovery points reported to the
+//! CS, and verification of a point against the digests the source recorded.
+//!
+//! Each batch is checked (decompression, CRC-32 of the raw payload, decoding, sequence)
+//! before anything is journaled: a corrupted, truncated or out-of-order batch is refused
+//! with a clear status and changes nothing. A batch is acknowledged only once durable in the
+//! journal.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use failback_common::component::DatastoreConfig;
+use failback_common::control::now_ms;
+use failback_common::identity::{Role, authorize};
+use failback_proto::pb::control::{
+    ComponentMessage, PointAdded, PointsPruned, PrepareReplica, Report, component_message, report,
+};
+use failback_proto::pb::data::{
+    self as pb, BatchAck, ChecksumRequest, ChecksumResponse, TargetBatch,
+    target_data_server::TargetData,
+};
+use prost::Message;
+use tokio::sync::{Notify, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::replica::{AppendOutcome, DiskSpec, Entry, ReplicaError, ReplicaStore};
+
+/// One item's replica on this target.
+pub struct ItemReplica {
+    pub item: String,
+    pub dir: PathBuf,
+    pub store: Mutex<ReplicaStore>,
+    retention_ms: std::sync::atomic::AtomicU64,
+    apply: Notify,
+}
+
+impl ItemReplica {
+    fn store(&self) -> std::sync::MutexGuard<'_, ReplicaStore> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// All replicas of this target.
+pub struct Replicas {
+    pub name: String,
+    datastores: Vec<DatastoreConfig>,
+    items: Mutex<HashMap<String, Arc<ItemReplica>>>,
+    outbox: mpsc::Sender<ComponentMessage>,
+    shutdown: CancellationToken,
+}
+
+fn report(outbox: &mpsc::Sender<ComponentMessage>, kind: report::Kind) {
+    let _ = outbox.try_send(ComponentMessage {
+        kind: Some(component_message::Kind::Report(Report { kind: Some(kind) })),
+    });
+}
+
+fn point_added(item: &str, p: &crate::replica::RecoveryPoint) -> report::Kind {
+    report::Kind::PointAdded(PointAdded {
+        item: item.to_string(),
+        id: p.id.clone(),
+        seq: p.seq,
+        time_ms: p.time_ms,
+        kind: p.kind.to_string(),
+    })
+}
+
+impl Replicas {
+    pub fn new(
+        name: String,
+        datastores: Vec<DatastoreConfig>,
+        outbox: mpsc::Sender<ComponentMessage>,
+        shutdown: CancellationToken,
+    ) -> Arc<Replicas> {
+        Arc::new(Replicas {
+            name,
+            datastores,
+            items: Mutex::new(HashMap::new()),
+            outbox,
+            shutdown,
+        })
+    }
+
+    pub fn get(&self, item: &str) -> Option<Arc<ItemReplica>> {
+        self.items
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(item)
+            .cloned()
+    }
+
+    /// Opens (creating) the replica of an item; idempotent. Reports its points to the CS.
+    pub async fn prepare(self: &Arc<Self>, p: PrepareReplica) -> Result<(), String> {
+        failback_common::identity::validate_name(&p.item)?;
+        if let Some(existing) = self.get(&p.item) {
+            existing
+                .retention_ms
+                .store(p.retention_ms, std::sync::atomic::Ordering::Relaxed);
+            for point in existing.store().points() {
+                report(&self.outbox, point_added(&p.item, &point));
+            }
+            return Ok(());
+        }
+        let ds = self
+            .datastores
+            .iter()
+            .find(|d| d.name == p.datastore)
+            .ok_or_else(|| {
+                format!(
+                    "datastore `{}` is not accessible from {} (ASR 8061); it sees: {}",
+                    p.datastore,
+                    self.name,
+                    self.datastores
+                        .iter()
+                        .map(|d| d.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })?;
+        let dir = ds.path.join("replicas").join(&p.item);
+        let disks: Vec<DiskSpec> = p
+            .disks
+            .iter()
+            .map(|d| DiskSpec {
+                id: d.id.clone(),
+                size: d.size_bytes,
+            })
+            .collect();
+        let open_dir = dir.clone();
+        let store = tokio::task::spawn_blocking(move || ReplicaStore::open(&open_dir, &disks))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let points = store.points();
+        let replica = Arc::new(ItemReplica {
+            item: p.item.clone(),
+            dir,
+            store: Mutex::new(store),
+            retention_ms: std::sync::atomic::AtomicU64::new(p.retention_ms),
+            apply: Notify::new(),
+        });
+        self.items
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(p.item.clone(), replica.clone());
+        for point in points {
+            report(&self.outbox, point_added(&p.item, &point));
+        }
+        tokio::spawn(applier(replica, self.outbox.clone(), self.shutdown.clone()));
+        tracing::info!(item = %p.item, datastore = %ds.name, "replica prepared");
+        Ok(())
+    }
+
+    /// Materializes `point` and compares each disk with the digest the source recorded.
+    pub async fn verify(&self, item: &str, point: &str) -> Result<String, String> {
+        let replica = self
+            .get(item)
+            .ok_or_else(|| format!("no replica of `{item}` on {}", self.name))?;
+        let point = point.to_string();
+        tokio::task::spawn_blocking(move || {
+            let mut store = replica.store();
+            let p = store
+                .point(&point)
+                .ok_or_else(|| format!("no recovery point `{point}` on the target"))?;
+            if p.digests.is_empty() {
+                return Err(format!(
+                    "point `{point}` carries no source digests (taken without verification mode)"
+                ));
+            }
+            let got = store.digest(Some(&point)).map_err(|e| e.to_string())?;
+            let mut disks = Vec::new();
+            let mut equal = true;
+            for src in &p.digests {
+                let replica = got
+                    .iter()
+                    .find(|d| d.disk == src.disk)
+                    .map(|d| d.blake3.clone())
+                    .unwrap_or_default();
+                equal &= replica == src.blake3;
+                disks.push((src.disk.clone(), src.blake3.clone(), replica));
+            }
+            Ok(serde_json::json!({"point": point, "equal": equal, "disks": disks}).to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+}
+
+/// Applies journaled batches to the replica disks and prunes points past retention.
+async fn applier(
+    replica: Arc<ItemReplica>,
+    outbox: mpsc::Sender<ComponentMessage>,
+    shutdown: CancellationToken,
+) {
+    let mut prune_tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = replica.apply.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = prune_tick.tick() => {
+                let r = replica.clone();
+                let retention = r.retention_ms.load(std::sync::atomic::Ordering::Relaxed) as i64;
+                let pruned = tokio::task::spawn_blocking(move || {
+                    let cutoff = now_ms() - retention;
+                    r.store().prune(|p| p.time_ms >= cutoff)
+                }).await;
+                match pruned {
+                    Ok(Ok(ids)) if !ids.is_empty() => report(&outbox, report::Kind::PointsPruned(PointsPruned {
+                        item: replica.item.clone(),
+                        ids,
+                    })),
+                    Ok(Err(e)) => tracing::error!(item = %replica.item, "pruning: {e}"),
+                    _ => {}
+                }
+            }
+            _ = shutdown.cancelled() => return,
+        }
+        let r = replica.clone();
+        match tokio::task::spawn_blocking(move || r.store().apply_pending()).await {
+            Ok(Err(e)) => tracing::error!(item = %replica.item, "applying the journal: {e}"),
+            Err(e) => tracing::error!(item = %replica.item, "applier: {e}"),
+            Ok(Ok(())) => {}
+        }
+    }
+}
+
+fn decode(item: &str, batch: &TargetBatch) -> Result<Vec<Entry>, Status> {
+    let raw = match batch.codec.as_str() {
+        "none" => batch.payload.to_vec(),
+        "lz4" => {
+            lz4_flex::block::decompress(&batch.payload, batch.raw_len as usize).map_err(|e| {
+                Status::data_loss(format!(
+                    "batch {} of {item} does not decompress: {e}; refused",
+                    batch.seq
+                ))
+            })?
+        }
+        other => return Err(Status::invalid_argument(format!("unknown codec `{other}`"))),
+    };
+    if raw.len() as u64 != batch.raw_len || crc32fast::hash(&raw) != batch.crc32 {
+        return Err(Status::data_loss(format!(
+            "batch {} of {item} failed its checksum: refused, nothing journaled",
+            batch.seq
+        )));
+    }
+    let entries = pb::Entries::decode(raw.as_slice()).map_err(|e| {
+        Status::invalid_argument(format!("batch {} of {item} is malformed: {e}", batch.seq))
+    })?;
+    entries
+        .entries
+        .into_iter()
+        .map(|e| match e.kind {
+            Some(pb::entry::Kind::Write(w)) => Ok(Entry::Write {
+                disk: w.disk,
+                offset: w.offset,
+                data: w.data.to_vec(),
+            }),
+            Some(pb::entry::Kind::Tag(t)) => Ok(Entry::Tag {
+                kind: t
+                    .kind
+                    .parse()
+                    .map_err(|e: crate::replica::UnknownPointKind| {
+                        Status::invalid_argument(e.to_string())
+                    })?,
+                id: t.id,
+                time_ms: t.time_ms,
+                digests: t
+                    .digests
+                    .into_iter()
+                    .map(|d| crate::replica::DiskDigest {
+                        disk: d.disk,
+                        blake3: d.blake3,
+                    })
+                    .collect(),
+            }),
+            None => Err(Status::invalid_argument(format!(
+                "batch {} of {item} has an empty entry",
+                batch.seq
+            ))),
+        })
+        .collect()
+}
+
+/// The `TargetData` service (process servers only).
+pub struct TargetService {
+    pub replicas: Arc<Replicas>,
+}
+
+type AckStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<BatchAck, Status>> + Send>>;
+
+fn replica_status(e: ReplicaError) -> Status {
+    match e {
+        e @ ReplicaError::OutOfOrder { .. } => Status::invalid_argument(e.to_string()),
+        e @ (ReplicaError::OutOfRange { .. } | ReplicaError::UnknownDisk(_)) => {
+            Status::invalid_argument(e.to_string())
+        }
+        e => Status::internal(e.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl TargetData for TargetService {
+    type ApplyStream = AckStream;
+
+    async fn apply(
+        &self,
+        request: Request<Streaming<TargetBatch>>,
+    ) -> Result<Response<AckStream>, Status> {
+        authorize(&request, "TargetData.Apply", &[Role::ProcessServer])?;
+        let mut inbound = request.into_inner();
+        let item = match inbound.message().await? {
+            Some(TargetBatch { open: Some(o), .. }) => o.item,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message must open an item",
+                ));
+            }
+        };
+        let replica = self.replicas.get(&item).ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "item `{item}` is not prepared on target {} (the CS prepares it when protection is enabled)",
+                self.replicas.name
+            ))
+        })?;
+        let outbox = self.replicas.outbox.clone();
+        let (tx, rx) = mpsc::channel(64);
+        let last = replica.store().last_seq();
+        tx.send(Ok(BatchAck { seq: last }))
+            .await
+            .map_err(|_| Status::cancelled("peer gone"))?;
+        tokio::spawn(async move {
+            let result: Result<(), Status> = async {
+                while let Some(batch) = inbound.message().await? {
+                    let seq = batch.seq;
+                    let entries = decode(&item, &batch)?;
+                    let tags: Vec<String> = entries
+                        .iter()
+                        .filter_map(|e| match e {
+                            Entry::Tag { id, .. } => Some(id.clone()),
+                            _ => None,
+                        })
+                        .collect();
+                    let r = replica.clone();
+                    let outcome =
+                        tokio::task::spawn_blocking(move || r.store().append(seq, &entries))
+                            .await
+                            .map_err(|e| Status::internal(e.to_string()))?
+                            .map_err(replica_status)?;
+                    if outcome == AppendOutcome::Appended {
+                        replica.apply.notify_one();
+                        for id in tags {
+                            let point = replica.store().point(&id);
+                            if let Some(p) = point {
+                                report(&outbox, point_added(&item, &p));
+                            }
+                        }
+                    }
+                    if tx.send(Ok(BatchAck { seq })).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Ok(())
+            }
+            .await;
+            if let Err(status) = result {
+                tracing::warn!(%item, "apply stream refused: {}", status.message());
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn block_checksums(
+        &self,
+        request: Request<ChecksumRequest>,
+    ) -> Result<Response<ChecksumResponse>, Status> {
+        authorize(
+            &request,
+            "TargetData.BlockChecksums",
+            &[Role::ProcessServer],
+        )?;
+        let req = request.into_inner();
+        let replica = self.replicas.get(&req.item).ok_or_else(|| {
+            Status::failed_precondition(format!("item `{}` is not prepared here", req.item))
+        })?;
+        if req.block_size == 0 || req.length > (1 << 34) {
+            return Err(Status::invalid_argument(
+                "block_size must be > 0 and length at most 16 GiB",
+            ));
+        }
+        let sums = tokio::task::spawn_blocking(move || {
+            replica
+                .store()
+                .block_checksums(&req.disk, req.offset, req.length, req.block_size)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(replica_status)?;
+        Ok(Response::new(ChecksumResponse {
+            checksums: sums.concat().into(),
+        }))
+    }
+}

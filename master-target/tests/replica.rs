@@ -1,0 +1,893 @@
+//! Tests of `master_target::replica`: an in-memory model of the disks is the oracle for every
+//! byte a recovery point or the latest state must hold.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use master_target::replica::{
+    AppendOutcome, DiskDigest, DiskSpec, Entry, FaultPoint, PointKind, RecoveryPoint, ReplicaError,
+    ReplicaStore, StoreOptions, file_digest,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, RngCore, SeedableRng};
+
+const MIB: u64 = 1 << 20;
+
+fn two_disks() -> Vec<DiskSpec> {
+    vec![
+        DiskSpec {
+            id: "os".into(),
+            size: MIB,
+        },
+        DiskSpec {
+            id: "data".into(),
+            size: 256 << 10,
+        },
+    ]
+}
+
+/// The expected contents of every disk.
+#[derive(Debug, Clone)]
+struct Model {
+    disks: BTreeMap<String, Vec<u8>>,
+}
+
+impl Model {
+    fn new(specs: &[DiskSpec]) -> Model {
+        Model {
+            disks: specs
+                .iter()
+                .map(|s| {
+                    (
+                        s.id.clone(),
+                        vec![0; usize::try_from(s.size).expect("size")],
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn apply(&mut self, entries: &[Entry]) {
+        for entry in entries {
+            if let Entry::Write { disk, offset, data } = entry {
+                let bytes = self.disks.get_mut(disk).expect("model disk");
+                let at = usize::try_from(*offset).expect("offset");
+                bytes[at..at + data.len()].copy_from_slice(data);
+            }
+        }
+    }
+
+    fn digests(&self) -> Vec<DiskDigest> {
+        self.disks
+            .iter()
+            .map(|(disk, bytes)| DiskDigest {
+                disk: disk.clone(),
+                blake3: blake3::hash(bytes).to_hex().to_string(),
+            })
+            .collect()
+    }
+}
+
+fn sorted(mut digests: Vec<DiskDigest>) -> Vec<DiskDigest> {
+    digests.sort_by(|a, b| a.disk.cmp(&b.disk));
+    digests
+}
+
+/// Random overlapping writes: random lengths and offsets, some all-zero data, and some writes
+/// that land on (part of) the previous write of the same batch.
+fn random_writes(rng: &mut StdRng, specs: &[DiskSpec], max_writes: usize) -> Vec<Entry> {
+    let count = rng.random_range(1..=max_writes);
+    let mut entries: Vec<Entry> = Vec::with_capacity(count);
+    for _ in 0..count {
+        let spec = &specs[rng.random_range(0..specs.len())];
+        let len = if rng.random_bool(0.1) {
+            rng.random_range(16_384..=65_536)
+        } else {
+            rng.random_range(1..=8_192)
+        };
+        let max_offset = spec.size - len;
+        let offset = match entries.last() {
+            Some(Entry::Write { disk, offset, data })
+                if disk == &spec.id && rng.random_bool(0.4) =>
+            {
+                (offset + rng.random_range(0..=data.len() as u64)).min(max_offset)
+            }
+            _ => rng.random_range(0..=max_offset),
+        };
+        let mut data = vec![0u8; usize::try_from(len).expect("len")];
+        if !rng.random_bool(0.1) {
+            rng.fill_bytes(&mut data);
+        }
+        entries.push(Entry::Write {
+            disk: spec.id.clone(),
+            offset,
+            data,
+        });
+    }
+    entries
+}
+
+fn tag(id: &str, kind: PointKind, digests: Vec<DiskDigest>) -> Vec<Entry> {
+    vec![Entry::Tag {
+        id: id.into(),
+        kind,
+        time_ms: 1_700_000_000_000,
+        digests,
+    }]
+}
+
+/// Asserts `path` holds exactly `expected`, naming the first differing byte.
+fn assert_file_bytes(path: &Path, expected: &[u8], what: &str) {
+    let actual = fs::read(path).expect("read materialized disk");
+    assert_eq!(
+        actual.len(),
+        expected.len(),
+        "{what}: size of {}",
+        path.display()
+    );
+    if let Some(at) = actual.iter().zip(expected).position(|(a, b)| a != b) {
+        panic!(
+            "{what}: {} differs at byte {at}: {} != expected {}",
+            path.display(),
+            actual[at],
+            expected[at]
+        );
+    }
+}
+
+/// Materializes `point` into `out` and checks every disk against `model`.
+fn assert_point(store: &mut ReplicaStore, point: Option<&str>, model: &Model, out: &Path) {
+    let what = point.unwrap_or("latest");
+    let files = store.materialize(point, out).expect("materialize");
+    assert_eq!(files.len(), model.disks.len(), "{what}: one file per disk");
+    for (disk, path) in &files {
+        assert_eq!(path, &out.join(format!("{disk}.img")));
+        assert_file_bytes(path, &model.disks[disk], &format!("{what}/{disk}"));
+    }
+    fs::remove_dir_all(out).expect("clean materialized");
+}
+
+/// A replica under test with its model, the model at each point, and the next seq.
+struct Lab {
+    dir: tempfile::TempDir,
+    specs: Vec<DiskSpec>,
+    options: StoreOptions,
+    store: Option<ReplicaStore>,
+    model: Model,
+    snapshots: Vec<(String, Model)>,
+    seq: u64,
+}
+
+impl Lab {
+    fn new(specs: Vec<DiskSpec>, options: StoreOptions) -> Lab {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ReplicaStore::open_with(&dir.path().join("replica"), &specs, options.clone())
+            .expect("open");
+        Lab {
+            model: Model::new(&specs),
+            dir,
+            specs,
+            options,
+            store: Some(store),
+            snapshots: Vec::new(),
+            seq: 0,
+        }
+    }
+
+    fn store(&mut self) -> &mut ReplicaStore {
+        self.store.as_mut().expect("store open")
+    }
+
+    fn replica_dir(&self) -> PathBuf {
+        self.dir.path().join("replica")
+    }
+
+    fn out(&self, name: &str) -> PathBuf {
+        self.dir.path().join("out").join(name)
+    }
+
+    /// Drops the store (a crash, as far as the files are concerned) and opens it again.
+    fn reopen(&mut self) {
+        self.store = None;
+        self.store = Some(
+            ReplicaStore::open_with(&self.replica_dir(), &self.specs, self.options.clone())
+                .expect("reopen"),
+        );
+    }
+
+    fn append(&mut self, entries: Vec<Entry>) {
+        self.seq += 1;
+        let seq = self.seq;
+        assert_eq!(
+            self.store().append(seq, &entries).expect("append"),
+            AppendOutcome::Appended
+        );
+        self.model.apply(&entries);
+    }
+
+    fn writes(&mut self, rng: &mut StdRng, max_writes: usize) {
+        let entries = random_writes(rng, &self.specs, max_writes);
+        self.append(entries);
+    }
+
+    fn tag(&mut self, id: &str, kind: PointKind) {
+        let digests = self.model.digests();
+        self.append(tag(id, kind, digests));
+        self.snapshots.push((id.to_owned(), self.model.clone()));
+    }
+
+    /// Every retained point and the latest state are byte-exact.
+    fn check_all(&mut self) {
+        let snapshots = self.snapshots.clone();
+        let retained: Vec<String> = self.store().points().into_iter().map(|p| p.id).collect();
+        for (id, snapshot) in snapshots.iter().filter(|(id, _)| retained.contains(id)) {
+            let out = self.out(id);
+            assert_point(self.store(), Some(id), snapshot, &out);
+        }
+        let (model, out) = (self.model.clone(), self.out("latest"));
+        assert_point(self.store(), None, &model, &out);
+    }
+}
+
+fn redo_segments(replica: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(replica.join("journal"))
+        .expect("journal dir")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    files.sort();
+    files
+}
+
+fn undo_bytes(replica: &Path) -> u64 {
+    fs::read_dir(replica.join("undo"))
+        .expect("undo dir")
+        .map(|e| e.expect("entry").metadata().expect("metadata").len())
+        .sum()
+}
+
+#[test]
+fn random_workload_every_point_materializes_byte_exact() {
+    let mut rng = StdRng::seed_from_u64(0x5eed_f00d);
+    let mut lab = Lab::new(two_disks(), StoreOptions::default());
+    let kinds = [
+        PointKind::Crash,
+        PointKind::App,
+        PointKind::MultiVmCrash,
+        PointKind::MultiVmApp,
+    ];
+    let mut next_tag = rng.random_range(15..=25);
+    for batch in 1..=300 {
+        lab.writes(&mut rng, 8);
+        if batch == next_tag {
+            let id = format!("rp-{batch:03}");
+            lab.tag(&id, kinds[lab.snapshots.len() % kinds.len()]);
+            next_tag = batch + rng.random_range(15..=25);
+        }
+        // Apply sometimes after each append, sometimes after a run of them.
+        if rng.random_bool(0.4) {
+            lab.store().apply_pending().expect("apply");
+            assert_eq!(lab.store().applied_seq(), lab.store().last_seq());
+        }
+        if batch == 150 {
+            lab.reopen();
+        }
+    }
+    lab.store().apply_pending().expect("apply");
+    assert!(lab.snapshots.len() >= 11, "{} points", lab.snapshots.len());
+
+    let points = lab.store().points();
+    let ids: Vec<&str> = points.iter().map(|p| p.id.as_str()).collect();
+    let expected: Vec<&str> = lab.snapshots.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, expected, "points oldest first");
+    assert!(points.windows(2).all(|w| w[0].seq < w[1].seq));
+    for (i, p) in points.iter().enumerate() {
+        assert_eq!(p.kind, kinds[i % kinds.len()]);
+        assert_eq!(lab.store().point(&p.id).as_ref(), Some(p));
+    }
+
+    lab.check_all();
+    for p in &points {
+        let digests = lab.store().digest(Some(&p.id)).expect("digest at point");
+        assert_eq!(
+            sorted(digests),
+            sorted(p.digests.clone()),
+            "digest of {}",
+            p.id
+        );
+    }
+    let latest = lab.store().digest(None).expect("digest latest");
+    assert_eq!(sorted(latest), lab.model.digests());
+    // digest() cleans up after itself.
+    let scratch = lab.replica_dir().join("tmp");
+    assert!(!scratch.exists() || fs::read_dir(&scratch).expect("tmp").next().is_none());
+
+    // Everything survives a reopen.
+    lab.reopen();
+    assert_eq!(lab.store().points(), points);
+    lab.check_all();
+}
+
+#[test]
+fn duplicates_gaps_and_rejected_batches_change_nothing() {
+    let mut lab = Lab::new(two_disks(), StoreOptions::default());
+    let first = vec![Entry::Write {
+        disk: "os".into(),
+        offset: 4096,
+        data: vec![0xAA; 5000],
+    }];
+    lab.append(first);
+    let journal = lab.store().journal_bytes();
+    assert!(journal > 5000);
+
+    // A retry of batch 1 with other content is a duplicate and is not applied.
+    let retry = vec![Entry::Write {
+        disk: "os".into(),
+        offset: 4096,
+        data: vec![0x55; 5000],
+    }];
+    assert_eq!(
+        lab.store().append(1, &retry).expect("dup"),
+        AppendOutcome::Duplicate
+    );
+    assert_eq!(
+        lab.store().append(0, &retry).expect("dup 0"),
+        AppendOutcome::Duplicate
+    );
+    assert_eq!(lab.store().last_seq(), 1);
+    assert_eq!(lab.store().journal_bytes(), journal);
+
+    // A gap.
+    match lab.store().append(3, &retry) {
+        Err(ReplicaError::OutOfOrder {
+            expected: 2,
+            got: 3,
+        }) => {}
+        other => panic!("expected OutOfOrder, got {other:?}"),
+    }
+
+    // A batch with one bad write is rejected whole.
+    let bad = vec![
+        Entry::Write {
+            disk: "os".into(),
+            offset: 0,
+            data: vec![1; 10],
+        },
+        Entry::Write {
+            disk: "data".into(),
+            offset: (256 << 10) - 10,
+            data: vec![2; 11],
+        },
+    ];
+    match lab.store().append(2, &bad) {
+        Err(ReplicaError::OutOfRange {
+            disk,
+            offset,
+            len: 11,
+            size,
+        }) => {
+            assert_eq!(
+                (disk.as_str(), offset, size),
+                ("data", (256 << 10) - 10, 256 << 10)
+            );
+        }
+        other => panic!("expected OutOfRange, got {other:?}"),
+    }
+    let overflow = vec![Entry::Write {
+        disk: "os".into(),
+        offset: u64::MAX - 2,
+        data: vec![1; 10],
+    }];
+    assert!(matches!(
+        lab.store().append(2, &overflow),
+        Err(ReplicaError::OutOfRange { .. })
+    ));
+    let unknown = vec![Entry::Write {
+        disk: "nope".into(),
+        offset: 0,
+        data: vec![1],
+    }];
+    assert!(
+        matches!(lab.store().append(2, &unknown), Err(ReplicaError::UnknownDisk(d)) if d == "nope")
+    );
+    let mut mixed = tag("rp-1", PointKind::Crash, Vec::new());
+    mixed.push(Entry::Write {
+        disk: "os".into(),
+        offset: 0,
+        data: vec![1],
+    });
+    assert!(matches!(
+        lab.store().append(2, &mixed),
+        Err(ReplicaError::InvalidBatch { seq: 2, .. })
+    ));
+    assert_eq!(lab.store().last_seq(), 1);
+    assert_eq!(lab.store().journal_bytes(), journal);
+    assert!(lab.store().points().is_empty());
+
+    // Nothing of the rejected batches reached the journal: a reopen sees batch 1 only.
+    lab.reopen();
+    assert_eq!(lab.store().last_seq(), 1);
+    assert_eq!(lab.store().applied_seq(), 1);
+    lab.append(vec![Entry::Write {
+        disk: "data".into(),
+        offset: 100,
+        data: vec![7; 300],
+    }]);
+    lab.tag("rp-2", PointKind::App);
+    match lab
+        .store()
+        .append(4, &tag("rp-2", PointKind::Crash, Vec::new()))
+    {
+        Err(ReplicaError::InvalidBatch { seq: 4, reason }) => assert!(reason.contains("rp-2")),
+        other => panic!("expected a duplicate point id rejection, got {other:?}"),
+    }
+    lab.check_all();
+    let out = lab.out("x");
+    assert!(matches!(
+        lab.store().materialize(Some("rp-1"), &out),
+        Err(ReplicaError::UnknownPoint(p)) if p == "rp-1"
+    ));
+
+    // One owner at a time, and the disk sizes must match the spec.
+    let replica = lab.replica_dir();
+    assert!(matches!(
+        ReplicaStore::open(&replica, &lab.specs),
+        Err(ReplicaError::Locked { .. })
+    ));
+    lab.store = None;
+    let mut resized = lab.specs.clone();
+    resized[1].size += 4096;
+    match ReplicaStore::open(&replica, &resized) {
+        Err(ReplicaError::DiskSizeMismatch {
+            disk,
+            expected,
+            actual,
+            ..
+        }) => {
+            assert_eq!(
+                (disk.as_str(), expected, actual),
+                ("data", (256 << 10) + 4096, 256 << 10)
+            );
+        }
+        other => panic!("expected DiskSizeMismatch, got {other:?}"),
+    }
+}
+
+#[test]
+fn batches_appended_but_not_applied_survive_a_crash() {
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut lab = Lab::new(two_disks(), StoreOptions::default());
+    for i in 0..30 {
+        lab.writes(&mut rng, 6);
+        if i % 10 == 9 {
+            lab.tag(&format!("rp-{i}"), PointKind::Crash);
+        }
+    }
+    assert_eq!(lab.store().applied_seq(), 0, "nothing applied yet");
+    lab.reopen();
+    assert_eq!(lab.store().last_seq(), lab.seq);
+    lab.store().apply_pending().expect("apply");
+    assert_eq!(lab.store().applied_seq(), lab.seq);
+    assert_eq!(lab.store().points().len(), 3);
+    lab.check_all();
+}
+
+#[test]
+fn torn_journal_tail_is_truncated_and_the_batch_can_be_sent_again() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut lab = Lab::new(two_disks(), StoreOptions::default());
+    for _ in 0..4 {
+        lab.writes(&mut rng, 4);
+    }
+    lab.tag("rp-a", PointKind::App);
+    lab.store().apply_pending().expect("apply");
+    let durable_model = lab.model.clone();
+    lab.writes(&mut rng, 4); // batch 6, torn below
+    assert_eq!(lab.store().last_seq(), 6);
+    lab.store = None;
+
+    let last = redo_segments(&lab.replica_dir())
+        .pop()
+        .expect("a redo segment");
+    let len = fs::metadata(&last).expect("segment").len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&last)
+        .expect("open")
+        .set_len(len - 7)
+        .expect("tear");
+
+    lab.reopen();
+    assert_eq!(lab.store().last_seq(), 5, "the torn batch is gone");
+    assert_eq!(lab.store().applied_seq(), 5);
+    lab.model = durable_model;
+    lab.seq = 5;
+    lab.writes(&mut rng, 4); // batch 6 again, other content
+    lab.check_all();
+
+    // Garbage after the last valid frame is cut off too; a torn tag frame takes its point along.
+    lab.tag("rp-b", PointKind::Crash);
+    lab.store = None;
+    let last = redo_segments(&lab.replica_dir())
+        .pop()
+        .expect("a redo segment");
+    let len = fs::metadata(&last).expect("segment").len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&last)
+        .expect("open")
+        .set_len(len - 3)
+        .expect("tear");
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&last)
+        .expect("open")
+        .write_at(&[0x5a; 100], len - 3)
+        .expect("garbage");
+    lab.snapshots.pop();
+    lab.seq = 6;
+    lab.reopen();
+    assert_eq!(lab.store().last_seq(), 6);
+    let ids: Vec<String> = lab.store().points().into_iter().map(|p| p.id).collect();
+    assert_eq!(ids, ["rp-a"]);
+    lab.tag("rp-b", PointKind::Crash);
+    lab.writes(&mut rng, 4);
+    lab.check_all();
+    lab.reopen();
+    lab.check_all();
+}
+
+/// Builds a replica with points and unapplied, heavily overlapping batches, crashes while
+/// applying batch `crash_seq` at `fault`, optionally tears the undo tail, reopens, and checks
+/// every point and the latest state byte for byte.
+fn crash_while_applying(fault: FaultPoint, tear_undo: bool) {
+    let mut rng = StdRng::seed_from_u64(23);
+    let mut lab = Lab::new(two_disks(), StoreOptions::default());
+    for _ in 0..5 {
+        lab.writes(&mut rng, 6);
+    }
+    lab.tag("rp-1", PointKind::Crash);
+    for _ in 0..5 {
+        lab.writes(&mut rng, 6);
+    }
+    lab.tag("rp-2", PointKind::App);
+    lab.store().apply_pending().expect("apply");
+    let applied = lab.store().applied_seq();
+
+    // Pending: 4 batches, each rewriting the same region several times, so a before-image
+    // re-read after a partial apply would capture this batch's own data.
+    for round in 0..4u8 {
+        let entries: Vec<Entry> = (0..4u8)
+            .map(|w| Entry::Write {
+                disk: "os".into(),
+                offset: 10_000 + u64::from(w) * 1500,
+                data: vec![0x10 * (round + 1) + w; 4000],
+            })
+            .chain(random_writes(&mut rng, &lab.specs, 3))
+            .collect();
+        lab.append(entries);
+    }
+    let crash_seq = applied + 3;
+    lab.store().inject_fault_for_test(Some((fault, crash_seq)));
+    match lab.store().apply_pending() {
+        Err(ReplicaError::FaultInjected(_)) => {}
+        other => panic!("expected the injected crash, got {other:?}"),
+    }
+    assert!(matches!(
+        lab.store().apply_pending(),
+        Err(ReplicaError::Poisoned(_))
+    ));
+    let next = lab.seq + 1;
+    assert!(matches!(
+        lab.store().append(next, &[]),
+        Err(ReplicaError::Poisoned(_))
+    ));
+    lab.store = None;
+    if tear_undo {
+        let undo = lab.replica_dir().join("undo");
+        let mut segments: Vec<PathBuf> = fs::read_dir(&undo)
+            .expect("undo")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        segments.sort();
+        let last = segments.pop().expect("an undo segment");
+        let len = fs::metadata(&last).expect("segment").len();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&last)
+            .expect("open")
+            .set_len(len - 9)
+            .expect("tear");
+    }
+    lab.reopen();
+    assert_eq!(
+        lab.store().applied_seq(),
+        lab.seq,
+        "recovery finishes the apply"
+    );
+    lab.check_all();
+    // And it keeps working.
+    lab.writes(&mut rng, 4);
+    lab.tag("rp-3", PointKind::Crash);
+    lab.writes(&mut rng, 4);
+    lab.check_all();
+}
+
+#[test]
+fn crash_after_undo_record_before_disk_writes() {
+    crash_while_applying(FaultPoint::AfterUndo, false);
+}
+
+#[test]
+fn crash_with_torn_undo_record() {
+    crash_while_applying(FaultPoint::AfterUndo, true);
+}
+
+#[test]
+fn crash_after_some_disk_writes_of_a_batch() {
+    crash_while_applying(FaultPoint::AfterFirstWrite, false);
+}
+
+#[test]
+fn crash_after_disk_writes_before_applied_seq_is_persisted() {
+    crash_while_applying(FaultPoint::AfterDiskWrites, false);
+}
+
+#[test]
+fn prune_frees_undo_and_drop_points_keeps_latest() {
+    let mut rng = StdRng::seed_from_u64(99);
+    let options = StoreOptions {
+        segment_bytes: 64 << 10,
+    };
+    let mut lab = Lab::new(two_disks(), options);
+    for batch in 1..=120 {
+        lab.writes(&mut rng, 3);
+        if batch % 10 == 0 {
+            lab.tag(&format!("rp-{batch:03}"), PointKind::Crash);
+        }
+        lab.store().apply_pending().expect("apply");
+    }
+    lab.writes(&mut rng, 3);
+    lab.store().apply_pending().expect("apply");
+    let replica = lab.replica_dir();
+    let undo_before = undo_bytes(&replica);
+    let journal_before = lab.store().journal_bytes();
+    assert!(
+        undo_before > 500_000,
+        "undo holds before-images: {undo_before}"
+    );
+
+    // Keep the newer half.
+    let cutoff = lab.store().point("rp-060").expect("rp-060").seq;
+    let removed = lab
+        .store()
+        .prune(|p: &RecoveryPoint| p.seq >= cutoff)
+        .expect("prune");
+    assert_eq!(removed, ["rp-010", "rp-020", "rp-030", "rp-040", "rp-050"]);
+    let undo_half = undo_bytes(&replica);
+    assert!(
+        undo_half < undo_before * 3 / 4,
+        "undo {undo_before} -> {undo_half}"
+    );
+    assert!(lab.store().journal_bytes() < journal_before);
+    let out = lab.out("gone");
+    assert!(matches!(
+        lab.store().materialize(Some("rp-030"), &out),
+        Err(ReplicaError::UnknownPoint(_))
+    ));
+    lab.check_all();
+
+    // Pruning everything keeps the newest point.
+    let removed = lab.store().prune(|_| false).expect("prune all");
+    assert_eq!(removed.len(), 6);
+    let ids: Vec<String> = lab.store().points().into_iter().map(|p| p.id).collect();
+    assert_eq!(ids, ["rp-120"]);
+    assert!(undo_bytes(&replica) < undo_half / 2);
+    lab.reopen();
+    lab.check_all();
+
+    lab.store().drop_points().expect("drop points");
+    assert!(lab.store().points().is_empty());
+    assert_eq!(undo_bytes(&replica), 0);
+    lab.check_all();
+
+    // New points after a commit work as before, also across a reopen.
+    lab.writes(&mut rng, 3);
+    lab.tag("after-commit", PointKind::App);
+    lab.writes(&mut rng, 3);
+    lab.writes(&mut rng, 3);
+    lab.reopen();
+    assert_eq!(lab.store().points().len(), 1);
+    lab.check_all();
+}
+
+#[test]
+fn block_checksums_match_the_model_and_holes_read_as_zeros() {
+    let specs = vec![DiskSpec {
+        id: "os".into(),
+        size: MIB + 1000,
+    }];
+    let mut lab = Lab::new(specs, StoreOptions::default());
+    lab.append(vec![
+        Entry::Write {
+            disk: "os".into(),
+            offset: 70_000,
+            data: vec![3; 10_000],
+        },
+        Entry::Write {
+            disk: "os".into(),
+            offset: 500_000,
+            data: vec![9; 200_000],
+        },
+        Entry::Write {
+            disk: "os".into(),
+            offset: MIB + 990,
+            data: vec![4; 10],
+        },
+    ]);
+    // Not applied yet: block_checksums applies first.
+    let bytes = lab.model.disks["os"].clone();
+    let expect = |offset: usize, len: usize, block: usize| -> Vec<[u8; 32]> {
+        bytes[offset..offset + len]
+            .chunks(block)
+            .map(|c| *blake3::hash(c).as_bytes())
+            .collect()
+    };
+    let size = MIB + 1000;
+    let whole = lab
+        .store()
+        .block_checksums("os", 0, size, 65_536)
+        .expect("checksums");
+    assert_eq!(whole.len(), 17);
+    assert_eq!(whole, expect(0, size as usize, 65_536));
+    assert_eq!(
+        whole[0],
+        *blake3::hash(&[0u8; 65_536]).as_bytes(),
+        "a hole reads as zeros"
+    );
+    let unaligned = lab
+        .store()
+        .block_checksums("os", 1000, 300_000, 4096)
+        .expect("checksums");
+    assert_eq!(unaligned, expect(1000, 300_000, 4096));
+    let tail = lab
+        .store()
+        .block_checksums("os", MIB, 1000, 4096)
+        .expect("tail");
+    assert_eq!(tail, expect(MIB as usize, 1000, 4096));
+    assert!(
+        lab.store()
+            .block_checksums("os", 0, 0, 4096)
+            .expect("empty")
+            .is_empty()
+    );
+
+    assert!(matches!(
+        lab.store().block_checksums("os", MIB, 1001, 4096),
+        Err(ReplicaError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        lab.store().block_checksums("nope", 0, 1, 4096),
+        Err(ReplicaError::UnknownDisk(_))
+    ));
+    assert!(lab.store().block_checksums("os", 0, 4096, 0).is_err());
+}
+
+#[test]
+fn materializing_a_mostly_empty_1_gib_disk_copies_only_data() {
+    let gib = 1u64 << 30;
+    let specs = vec![DiskSpec {
+        id: "big".into(),
+        size: gib,
+    }];
+    let mut lab = Lab::new(specs, StoreOptions::default());
+    let first = vec![
+        Entry::Write {
+            disk: "big".into(),
+            offset: 0,
+            data: vec![1; 4096],
+        },
+        Entry::Write {
+            disk: "big".into(),
+            offset: gib / 2 + 123,
+            data: vec![2; 5000],
+        },
+        Entry::Write {
+            disk: "big".into(),
+            offset: gib - 4096,
+            data: vec![3; 4096],
+        },
+    ];
+    lab.append(first);
+    lab.append(tag("rp-1", PointKind::Crash, Vec::new()));
+    lab.append(vec![
+        Entry::Write {
+            disk: "big".into(),
+            offset: 0,
+            data: vec![9; 8192],
+        },
+        Entry::Write {
+            disk: "big".into(),
+            offset: 100 * MIB,
+            data: vec![8; 65_536],
+        },
+    ]);
+    lab.store().apply_pending().expect("apply");
+
+    let check = |path: &Path, expected: &[(u64, usize, u8)]| {
+        let meta = fs::metadata(path).expect("metadata");
+        assert_eq!(meta.len(), gib);
+        let allocated = meta.blocks() * 512;
+        assert!(
+            allocated < 4 * MIB,
+            "{} has {allocated} bytes allocated",
+            path.display()
+        );
+        let file = fs::File::open(path).expect("open");
+        for &(offset, len, byte) in expected {
+            let mut buf = vec![0xff; len];
+            file.read_exact_at(&mut buf, offset).expect("read");
+            assert!(
+                buf.iter().all(|b| *b == byte),
+                "{} at {offset}: expected {byte}",
+                path.display()
+            );
+        }
+    };
+    let out = lab.out("latest");
+    let latest = lab.store().materialize(None, &out).expect("latest");
+    check(
+        &latest[0].1,
+        &[
+            (0, 8192, 9),
+            (gib / 2 + 123, 5000, 2),
+            (100 * MIB, 65_536, 8),
+            (gib - 4096, 4096, 3),
+            (200 * MIB, 4096, 0),
+        ],
+    );
+    let out = lab.out("rp-1");
+    let point = lab.store().materialize(Some("rp-1"), &out).expect("rp-1");
+    check(
+        &point[0].1,
+        &[
+            (0, 4096, 1),
+            (4096, 4096, 0),
+            (gib / 2 + 123, 5000, 2),
+            (100 * MIB, 65_536, 0),
+            (gib - 4096, 4096, 3),
+        ],
+    );
+}
+
+#[test]
+fn file_digest_is_blake3_of_the_contents() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("f");
+    let mut data = vec![0u8; 3 * MIB as usize + 17];
+    StdRng::seed_from_u64(1).fill_bytes(&mut data);
+    fs::write(&path, &data).expect("write");
+    assert_eq!(
+        file_digest(&path).expect("digest"),
+        blake3::hash(&data).to_hex().to_string()
+    );
+}
+
+#[test]
+fn point_kind_names() {
+    for (kind, name) in [
+        (PointKind::Crash, "crash"),
+        (PointKind::App, "app"),
+        (PointKind::MultiVmCrash, "multi-vm-crash"),
+        (PointKind::MultiVmApp, "multi-vm-app"),
+    ] {
+        assert_eq!(kind.to_string(), name);
+        assert_eq!(name.parse::<PointKind>().expect("parse"), kind);
+        assert_eq!(
+            serde_json::to_string(&kind).expect("json"),
+            format!("\"{name}\"")
+        );
+    }
+    assert!("multi_vm".parse::<PointKind>().is_err());
+}

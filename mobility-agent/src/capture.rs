@@ -1,0 +1,466 @@
+//! Write capture: the agent owns the write path of its machine's disks (the stand-in for
+//! ASR's filter driver).
+//!
+//! Every write goes through [`Capture::write`]: it marks the touched 1 MiB regions "hot" in
+//! the persisted activity log *before* writing (so a crash never loses track of a region
+//! that may differ from the replica, as DRBD's activity log), writes the disk file, and, while
+//! replication is on, appends the write to the in-memory replication log. Consistency tags are
+//! records in the same log, taken with writes held (the workload is quiesced), optionally with
+//! a BLAKE3 digest of every disk for verification. A hot region is cleared once every log
+//! record that touched it has been acknowledged by the process server.
+//!
+//! Bounded memory: when the log plus unacknowledged batches exceed the cap, writers wait
+//! (the guest is throttled) instead of dropping tracking.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::machine::Machine;
+
+/// Activity-log granularity.
+pub const REGION: u64 = 1 << 20;
+
+/// One record of the replication log.
+#[derive(Debug, Clone)]
+pub enum LogEntry {
+    Write {
+        disk: usize,
+        offset: u64,
+        data: Bytes,
+    },
+    Tag(TagRecord),
+}
+
+#[derive(Debug, Clone)]
+pub struct TagRecord {
+    pub id: String,
+    pub kind: String,
+    pub time_ms: i64,
+    /// (disk id, blake3 hex) when verification is on.
+    pub digests: Vec<(String, String)>,
+}
+
+impl LogEntry {
+    pub fn bytes(&self) -> u64 {
+        match self {
+            LogEntry::Write { data, .. } => data.len() as u64 + 32,
+            LogEntry::Tag(_) => 128,
+        }
+    }
+}
+
+struct DiskState {
+    id: String,
+    file: File,
+    size: u64,
+    /// Per region: hot (may differ from the replica).
+    hot: Vec<bool>,
+    /// Per region: id of the last log entry that touched it (cleared when acked past it).
+    last_entry: Vec<u64>,
+}
+
+struct Inner {
+    disks: Vec<DiskState>,
+    log: VecDeque<(u64, LogEntry)>,
+    /// Id the next log entry gets.
+    next_entry: u64,
+    /// Bytes in the log plus sent-but-unacknowledged.
+    buffered: u64,
+    logging: bool,
+    al_path: PathBuf,
+}
+
+/// The machine's capture path, shared by the workload, the tagger and the sender.
+pub struct Capture {
+    inner: Mutex<Inner>,
+    /// Signalled when the log gets entries.
+    pub data_ready: Notify,
+    /// Signalled when buffered bytes drop (writers waiting for space).
+    pub space_freed: Notify,
+    /// Most bytes the log and in-flight batches may hold before writers wait.
+    pub cap: u64,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct ActivityLog {
+    /// disk id -> hot region indices.
+    hot: std::collections::BTreeMap<String, Vec<u64>>,
+}
+
+fn io_err(path: &Path, e: std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+impl Capture {
+    /// Opens the machine's disks and its activity log (hot regions from before a crash stay hot).
+    pub fn open(machine: &Machine, state_dir: &Path, cap: u64) -> std::io::Result<Arc<Capture>> {
+        std::fs::create_dir_all(state_dir)?;
+        let al_path = state_dir.join("activity-log.json");
+        let al: ActivityLog = std::fs::read(&al_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let mut disks = Vec::new();
+        for d in &machine.disks {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&d.path)
+                .map_err(|e| io_err(&d.path, e))?;
+            let regions = d.size.div_ceil(REGION) as usize;
+            let mut hot = vec![false; regions];
+            for r in al.hot.get(&d.id).into_iter().flatten() {
+                if let Some(h) = hot.get_mut(*r as usize) {
+                    *h = true;
+                }
+            }
+            disks.push(DiskState {
+                id: d.id.clone(),
+                file,
+                size: d.size,
+                hot,
+                last_entry: vec![0; regions],
+            });
+        }
+        Ok(Arc::new(Capture {
+            inner: Mutex::new(Inner {
+                disks,
+                log: VecDeque::new(),
+                next_entry: 1,
+                buffered: 0,
+                logging: false,
+                al_path,
+            }),
+            data_ready: Notify::new(),
+            space_freed: Notify::new(),
+            cap,
+        }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn disk_ids(&self) -> Vec<(String, u64)> {
+        self.lock()
+            .disks
+            .iter()
+            .map(|d| (d.id.clone(), d.size))
+            .collect()
+    }
+
+    pub fn disk_index(&self, id: &str) -> Option<usize> {
+        self.lock().disks.iter().position(|d| d.id == id)
+    }
+
+    /// Starts or stops appending writes to the replication log.
+    pub fn set_logging(&self, on: bool) {
+        let mut g = self.lock();
+        g.logging = on;
+        if !on {
+            g.log.clear();
+            g.buffered = 0;
+        }
+    }
+
+    /// Writes `data` at `offset` of disk `disk`, waiting while the buffer is full.
+    pub async fn write(&self, disk: usize, offset: u64, data: Bytes) -> std::io::Result<()> {
+        loop {
+            let wait = self.space_freed.notified();
+            {
+                let g = self.lock();
+                if !g.logging || g.buffered < self.cap {
+                    break;
+                }
+            }
+            wait.await;
+        }
+        self.write_now(disk, offset, data)
+    }
+
+    fn write_now(&self, disk: usize, offset: u64, data: Bytes) -> std::io::Result<()> {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let d = inner
+            .disks
+            .get_mut(disk)
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no such disk"))?;
+        let end = offset + data.len() as u64;
+        if end > d.size {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "write [{offset}, {end}) beyond the end of disk {} ({} bytes)",
+                    d.id, d.size
+                ),
+            ));
+        }
+        let entry_id = inner.next_entry;
+        let mut newly_hot = false;
+        for r in (offset / REGION)..end.div_ceil(REGION) {
+            let r = r as usize;
+            if !d.hot[r] {
+                d.hot[r] = true;
+                newly_hot = true;
+            }
+            d.last_entry[r] = entry_id;
+        }
+        if newly_hot {
+            persist_al(&inner.al_path, &inner.disks)?;
+        }
+        let d = &inner.disks[disk];
+        d.file.write_all_at(&data, offset)?;
+        if inner.logging {
+            let e = LogEntry::Write { disk, offset, data };
+            inner.buffered += e.bytes();
+            inner.log.push_back((entry_id, e));
+            inner.next_entry += 1;
+            drop(g);
+            self.data_ready.notify_one();
+        } else {
+            inner.next_entry += 1;
+        }
+        Ok(())
+    }
+
+    /// Appends a consistency tag with writes held; with `digest`, records each disk's BLAKE3
+    /// (the state the tag stands for). `flush` (app-consistent) syncs the disks first.
+    pub fn tag(
+        &self,
+        id: String,
+        kind: &str,
+        time_ms: i64,
+        digest: bool,
+        flush: bool,
+    ) -> std::io::Result<()> {
+        let mut g = self.lock();
+        if !g.logging {
+            return Ok(());
+        }
+        let mut digests = Vec::new();
+        for d in &g.disks {
+            if flush {
+                d.file.sync_data()?;
+            }
+            if digest {
+                digests.push((d.id.clone(), file_digest(&d.file, d.size)?));
+            }
+        }
+        let e = LogEntry::Tag(TagRecord {
+            id,
+            kind: kind.to_string(),
+            time_ms,
+            digests,
+        });
+        let entry_id = g.next_entry;
+        g.next_entry += 1;
+        g.buffered += e.bytes();
+        g.log.push_back((entry_id, e));
+        drop(g);
+        self.data_ready.notify_one();
+        Ok(())
+    }
+
+    /// Takes log entries for one batch: up to `max_bytes`, never mixing a tag with writes.
+    /// Returns the entries and the id of the last one.
+    pub fn take_batch(&self, max_bytes: u64) -> Option<(Vec<LogEntry>, u64)> {
+        let mut g = self.lock();
+        let mut out = Vec::new();
+        let mut size = 0;
+        let mut last = 0;
+        while let Some((_, front)) = g.log.front() {
+            let is_tag = matches!(front, LogEntry::Tag(_));
+            if is_tag && !out.is_empty() {
+                break;
+            }
+            if !out.is_empty() && size + front.bytes() > max_bytes {
+                break;
+            }
+            let Some((id, e)) = g.log.pop_front() else {
+                break;
+            };
+            size += e.bytes();
+            last = id;
+            out.push(e);
+            if is_tag {
+                break;
+            }
+        }
+        (!out.is_empty()).then_some((out, last))
+    }
+
+    /// The process server acknowledged everything up to log entry `entry` (`bytes` of it):
+    /// free the buffer and clear regions no unacknowledged entry touches.
+    pub fn acked(&self, entry: u64, bytes: u64) -> std::io::Result<()> {
+        let mut g = self.lock();
+        g.buffered = g.buffered.saturating_sub(bytes);
+        let mut cleared = false;
+        for d in &mut g.disks {
+            for r in 0..d.hot.len() {
+                // The last record that touched the region is acknowledged: the replica has it.
+                if d.hot[r] && d.last_entry[r] != 0 && d.last_entry[r] <= entry {
+                    d.hot[r] = false;
+                    cleared = true;
+                }
+            }
+        }
+        if cleared {
+            let inner = &*g;
+            persist_al(&inner.al_path, &inner.disks)?;
+        }
+        drop(g);
+        self.space_freed.notify_waiters();
+        Ok(())
+    }
+
+    /// Hot regions as (disk, offset, len): what must be re-sent after a crash.
+    pub fn hot_regions(&self) -> Vec<(usize, u64, u64)> {
+        let g = self.lock();
+        let mut out = Vec::new();
+        for (i, d) in g.disks.iter().enumerate() {
+            for (r, hot) in d.hot.iter().enumerate() {
+                if *hot {
+                    let off = r as u64 * REGION;
+                    out.push((i, off, REGION.min(d.size - off)));
+                }
+            }
+        }
+        out
+    }
+
+    /// Allocated (ever written) extents of each disk, for initial replication.
+    pub fn allocated_extents(&self, disk: usize) -> std::io::Result<Vec<(u64, u64)>> {
+        use nix::unistd::{Whence, lseek};
+        let g = self.lock();
+        let d = &g.disks[disk];
+        let mut out = Vec::new();
+        let mut pos: i64 = 0;
+        let size = d.size as i64;
+        while pos < size {
+            let data = match lseek(&d.file, pos, Whence::SeekData) {
+                Ok(p) => p,
+                Err(nix::errno::Errno::ENXIO) => break,
+                Err(e) => return Err(std::io::Error::from(e)),
+            };
+            let hole = lseek(&d.file, data, Whence::SeekHole)
+                .unwrap_or(size)
+                .min(size);
+            out.push((data as u64, (hole - data) as u64));
+            pos = hole;
+        }
+        Ok(out)
+    }
+
+    /// Copies `len` bytes of disk `disk` at `offset` into the log as a write record (initial
+    /// replication, or re-sending a hot region after a crash). Read and append happen under
+    /// the write lock, so the record takes its place in write order: writes logged before it
+    /// are older, writes after it newer. Waits while the buffer is full.
+    pub async fn copy(&self, disk: usize, offset: u64, len: u64) -> std::io::Result<()> {
+        loop {
+            let wait = self.space_freed.notified();
+            if self.lock().buffered < self.cap {
+                break;
+            }
+            wait.await;
+        }
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let d = &mut inner.disks[disk];
+        let mut buf = vec![0u8; len as usize];
+        let n = d.file.read_at(&mut buf, offset)?;
+        buf[n..].fill(0);
+        let entry_id = inner.next_entry;
+        inner.next_entry += 1;
+        let end = offset + len;
+        for r in (offset / REGION)..end.div_ceil(REGION) {
+            d.last_entry[r as usize] = entry_id;
+        }
+        let e = LogEntry::Write {
+            disk,
+            offset,
+            data: Bytes::from(buf),
+        };
+        inner.buffered += e.bytes();
+        inner.log.push_back((entry_id, e));
+        drop(g);
+        self.data_ready.notify_one();
+        Ok(())
+    }
+
+    /// Id of the newest log entry.
+    pub fn last_entry_id(&self) -> u64 {
+        self.lock().next_entry - 1
+    }
+
+    pub fn buffered(&self) -> u64 {
+        self.lock().buffered
+    }
+
+    pub fn disk_id(&self, disk: usize) -> String {
+        self.lock().disks[disk].id.clone()
+    }
+
+    /// BLAKE3 of every disk now (the source side of a verification).
+    pub fn digests(&self) -> std::io::Result<Vec<(String, String)>> {
+        let g = self.lock();
+        g.disks
+            .iter()
+            .map(|d| Ok((d.id.clone(), file_digest(&d.file, d.size)?)))
+            .collect()
+    }
+}
+
+fn persist_al(path: &Path, disks: &[DiskState]) -> std::io::Result<()> {
+    let al = ActivityLog {
+        hot: disks
+            .iter()
+            .map(|d| {
+                (
+                    d.id.clone(),
+                    d.hot
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, h)| **h)
+                        .map(|(i, _)| i as u64)
+                        .collect(),
+                )
+            })
+            .collect(),
+    };
+    let tmp = path.with_extension("tmp");
+    let bytes = serde_json::to_vec(&al).map_err(std::io::Error::other)?;
+    {
+        let f = File::create(&tmp)?;
+        f.write_all_at(&bytes, 0)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+/// BLAKE3 hex of the first `size` bytes of `file` (holes read as zeros).
+pub fn file_digest(file: &File, size: u64) -> std::io::Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < size {
+        let want = (size - off).min(buf.len() as u64) as usize;
+        let n = file.read_at(&mut buf[..want], off)?;
+        if n == 0 {
+            // Past EOF of a shorter file: zeros.
+            buf[..want].fill(0);
+            hasher.update(&buf[..want]);
+            off += want as u64;
+            continue;
+        }
+        hasher.update(&buf[..n]);
+        off += n as u64;
+    }
+    Ok(hasher.finalize().to_hex().to_string())
+}

@@ -1,0 +1,408 @@
+//! The process server's data plane: agents' replication streams in, the durable cache, and
+//! one forwarder per item out to the target the CS assigned.
+//!
+//! Receive path: check the batch (CRC-32 of the payload, sequence), compress it (LZ4: see
+//! the README's measurement), append it to the cache (fsync), then acknowledge. A corrupted
+//! or out-of-order batch is refused with a clear status and nothing is cached. Below 20 %
+//! free cache the PS throttles agents by delaying acknowledgements.
+//!
+//! Forward path: dial the target, learn the last batch it journaled, release the cache up
+//! to it, stream the rest in order, release on every acknowledgement.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use failback_common::enroll::Backoff;
+use failback_common::identity::{Role, authorize};
+use failback_common::tls::{Credentials, describe_error};
+use failback_proto::pb::data::{
+    AgentBatch, BatchAck, ChecksumRequest, ChecksumResponse, StreamOpen, TargetBatch,
+    process_server_data_server::ProcessServerData, target_data_client::TargetDataClient,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::cache::{AppendOutcome, Cache, CacheError};
+
+/// Where the CS told this PS to forward an item.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Route {
+    pub target: String,
+    pub address: String,
+}
+
+/// Most bytes in flight to a target.
+const FORWARD_WINDOW: u64 = 32 << 20;
+const CODEC_NONE: u8 = 0;
+const CODEC_LZ4: u8 = 1;
+
+/// The cached form of a batch: codec, CRC of the raw payload, raw length, data.
+pub fn frame(raw: &[u8], crc: u32) -> Vec<u8> {
+    let compressed = lz4_flex::block::compress(raw);
+    let (codec, data) = if compressed.len() < raw.len() {
+        (CODEC_LZ4, compressed.as_slice())
+    } else {
+        (CODEC_NONE, raw)
+    };
+    let mut out = Vec::with_capacity(13 + data.len());
+    out.push(codec);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(&(raw.len() as u64).to_le_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+fn unframe(item: &str, seq: u64, bytes: Vec<u8>) -> Result<TargetBatch, String> {
+    if bytes.len() < 13 {
+        return Err(format!("cached batch {seq} of {item} is truncated"));
+    }
+    let codec = match bytes[0] {
+        CODEC_NONE => "none",
+        CODEC_LZ4 => "lz4",
+        other => {
+            return Err(format!(
+                "cached batch {seq} of {item} has unknown codec {other}"
+            ));
+        }
+    };
+    let crc = u32::from_le_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&bytes[5..13]);
+    let mut bytes = bytes;
+    let payload = Bytes::from(bytes.split_off(13));
+    Ok(TargetBatch {
+        open: None,
+        seq,
+        payload,
+        crc32: crc,
+        codec: codec.into(),
+        raw_len: u64::from_le_bytes(len),
+    })
+}
+
+/// The PS's data-plane state.
+pub struct DataPlane {
+    pub cache: Arc<Cache>,
+    pub credentials: Credentials,
+    routes: Mutex<HashMap<String, Route>>,
+    routes_path: PathBuf,
+    forwarders: Mutex<HashMap<String, (Route, CancellationToken)>>,
+    shutdown: CancellationToken,
+}
+
+impl DataPlane {
+    pub fn new(
+        cache: Arc<Cache>,
+        credentials: Credentials,
+        data_dir: &std::path::Path,
+        shutdown: CancellationToken,
+    ) -> Arc<DataPlane> {
+        let routes_path = data_dir.join("routes.json");
+        let routes: HashMap<String, Route> = std::fs::read(&routes_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let dp = Arc::new(DataPlane {
+            cache,
+            credentials,
+            routes: Mutex::new(routes.clone()),
+            routes_path,
+            forwarders: Mutex::new(HashMap::new()),
+            shutdown,
+        });
+        // Cached batches of known routes are forwarded at once, even before the CS answers.
+        for (item, route) in routes {
+            dp.ensure_forwarder(&item, route);
+        }
+        dp
+    }
+
+    /// Records (and persists) a route and starts or redirects the item's forwarder.
+    pub fn set_route(self: &Arc<Self>, item: &str, route: Route) -> Result<(), String> {
+        failback_common::identity::validate_name(item)?;
+        {
+            let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+            routes.insert(item.to_string(), route.clone());
+            let bytes = serde_json::to_vec(&*routes).map_err(|e| e.to_string())?;
+            let tmp = self.routes_path.with_extension("tmp");
+            std::fs::write(&tmp, bytes)
+                .and_then(|_| std::fs::rename(&tmp, &self.routes_path))
+                .map_err(|e| format!("cannot persist routes: {e}"))?;
+        }
+        self.ensure_forwarder(item, route);
+        Ok(())
+    }
+
+    fn route(&self, item: &str) -> Option<Route> {
+        self.routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(item)
+            .cloned()
+    }
+
+    fn ensure_forwarder(self: &Arc<Self>, item: &str, route: Route) {
+        let mut fw = self.forwarders.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((r, _)) = fw.get(item)
+            && *r == route
+        {
+            return;
+        }
+        if let Some((_, old)) = fw.remove(item) {
+            old.cancel();
+        }
+        let cancel = self.shutdown.child_token();
+        fw.insert(item.to_string(), (route.clone(), cancel.clone()));
+        tokio::spawn(forward(self.clone(), item.to_string(), route, cancel));
+    }
+}
+
+async fn forward(dp: Arc<DataPlane>, item: String, route: Route, cancel: CancellationToken) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
+    loop {
+        let started = Instant::now();
+        let result = forward_session(&dp, &item, &route, &cancel).await;
+        if cancel.is_cancelled() {
+            return;
+        }
+        if started.elapsed() > Duration::from_secs(5) {
+            backoff.reset();
+        }
+        let wait = backoff.next_delay();
+        tracing::warn!(
+            %item,
+            "forwarding to {} at {}: {}; retrying in {wait:?}",
+            route.target,
+            route.address,
+            result.err().unwrap_or_else(|| "closed".into())
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = cancel.cancelled() => return,
+        }
+    }
+}
+
+async fn forward_session(
+    dp: &DataPlane,
+    item: &str,
+    route: &Route,
+    cancel: &CancellationToken,
+) -> Result<(), String> {
+    let channel = dp
+        .credentials
+        .endpoint(&route.address, &route.target)
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| describe_error(&e))?;
+    let mut client = TargetDataClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    let (tx, rx) = mpsc::channel::<TargetBatch>(8);
+    tx.send(TargetBatch {
+        open: Some(StreamOpen {
+            item: item.to_string(),
+        }),
+        ..Default::default()
+    })
+    .await
+    .map_err(|_| "stream closed")?;
+    let mut acks = client
+        .apply(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| s.message().to_string())?
+        .into_inner();
+    let first = acks
+        .message()
+        .await
+        .map_err(|s| s.message().to_string())?
+        .ok_or("target closed the stream")?;
+    let release = |seq: u64| {
+        let cache = dp.cache.clone();
+        let item = item.to_string();
+        async move {
+            tokio::task::spawn_blocking(move || cache.release(&item, seq))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())
+        }
+    };
+    release(first.seq).await?;
+    let mut sent = first.seq.max(dp.cache.released_seq(item));
+    let mut acked = sent;
+    let mut in_flight: std::collections::VecDeque<(u64, u64)> = Default::default();
+    let notify = dp.cache.notifier(item);
+    loop {
+        let window: u64 = in_flight.iter().map(|(_, b)| b).sum();
+        let wake = notify.notified();
+        if window < FORWARD_WINDOW {
+            let cache = dp.cache.clone();
+            let it = item.to_string();
+            let batches = tokio::task::spawn_blocking(move || cache.read_after(&it, sent, 8 << 20))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            if !batches.is_empty() {
+                for (seq, bytes) in batches {
+                    let len = bytes.len() as u64;
+                    let batch = unframe(item, seq, bytes)?;
+                    tokio::select! {
+                        r = tx.send(batch) => r.map_err(|_| "stream closed")?,
+                        _ = cancel.cancelled() => return Ok(()),
+                    }
+                    in_flight.push_back((seq, len));
+                    sent = seq;
+                }
+                continue;
+            }
+        }
+        tokio::select! {
+            _ = wake, if window < FORWARD_WINDOW => {}
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            ack = acks.message() => match ack {
+                Ok(Some(a)) => {
+                    while in_flight.front().is_some_and(|(s, _)| *s <= a.seq) {
+                        in_flight.pop_front();
+                    }
+                    if a.seq > acked {
+                        acked = a.seq;
+                        release(acked).await?;
+                    }
+                }
+                Ok(None) => return Err("target closed the stream".into()),
+                Err(s) => return Err(format!("{}: {}", s.code(), s.message())),
+            },
+            _ = cancel.cancelled() => return Ok(()),
+        }
+    }
+}
+
+/// The `ProcessServerData` service (agents only).
+pub struct DataService {
+    pub dp: Arc<DataPlane>,
+}
+
+type AckStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<BatchAck, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ProcessServerData for DataService {
+    type ReplicateStream = AckStream;
+
+    async fn replicate(
+        &self,
+        request: Request<Streaming<AgentBatch>>,
+    ) -> Result<Response<AckStream>, Status> {
+        let who = authorize(&request, "ProcessServerData.Replicate", &[Role::Agent])?;
+        let mut inbound = request.into_inner();
+        let item = match inbound.message().await? {
+            Some(AgentBatch { open: Some(o), .. }) => o.item,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message must open an item",
+                ));
+            }
+        };
+        if !item.starts_with(&format!("{}-", who.name)) {
+            return Err(Status::permission_denied(format!(
+                "{who} may not replicate item `{item}`: it belongs to another machine"
+            )));
+        }
+        failback_common::identity::validate_name(&item).map_err(Status::invalid_argument)?;
+        let dp = self.dp.clone();
+        let (tx, rx) = mpsc::channel(64);
+        tx.send(Ok(BatchAck {
+            seq: dp.cache.last_seq(&item),
+        }))
+        .await
+        .map_err(|_| Status::cancelled("agent gone"))?;
+        tokio::spawn(async move {
+            if let Err(status) = receive(&dp, &item, &mut inbound, &tx).await {
+                tracing::warn!(%item, "replication stream refused: {}", status.message());
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn block_checksums(
+        &self,
+        request: Request<ChecksumRequest>,
+    ) -> Result<Response<ChecksumResponse>, Status> {
+        let who = authorize(&request, "ProcessServerData.BlockChecksums", &[Role::Agent])?;
+        let req = request.into_inner();
+        if !req.item.starts_with(&format!("{}-", who.name)) {
+            return Err(Status::permission_denied(format!(
+                "{who} may not read item `{}`",
+                req.item
+            )));
+        }
+        let route = self.dp.route(&req.item).ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "no route for item `{}` on this process server",
+                req.item
+            ))
+        })?;
+        let channel = self
+            .dp
+            .credentials
+            .endpoint(&route.address, &route.target)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .connect()
+            .await
+            .map_err(|e| {
+                Status::unavailable(format!("target {}: {}", route.target, describe_error(&e)))
+            })?;
+        TargetDataClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .block_checksums(req)
+            .await
+    }
+}
+
+async fn receive(
+    dp: &DataPlane,
+    item: &str,
+    inbound: &mut Streaming<AgentBatch>,
+    tx: &mpsc::Sender<Result<BatchAck, Status>>,
+) -> Result<(), Status> {
+    while let Some(batch) = inbound.message().await? {
+        let seq = batch.seq;
+        if crc32fast::hash(&batch.payload) != batch.crc32 {
+            return Err(Status::data_loss(format!(
+                "batch {seq} of {item} failed its checksum: refused, nothing cached; the agent sends it again"
+            )));
+        }
+        let framed = frame(&batch.payload, batch.crc32);
+        let cache = dp.cache.clone();
+        let it = item.to_string();
+        let outcome = tokio::task::spawn_blocking(move || cache.append(&it, seq, &framed))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        match outcome {
+            Ok(AppendOutcome::Appended | AppendOutcome::Duplicate) => {}
+            Err(e @ CacheError::OutOfOrder { .. }) => {
+                return Err(Status::invalid_argument(e.to_string()));
+            }
+            Err(e @ CacheError::Full { .. }) => {
+                return Err(Status::resource_exhausted(e.to_string()));
+            }
+            Err(e) => return Err(Status::internal(e.to_string())),
+        }
+        // Throttle agents while the cache is nearly full (ASR: below 20 % free).
+        if dp.cache.health().1 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if tx.send(Ok(BatchAck { seq })).await.is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}

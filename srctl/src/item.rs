@@ -1,0 +1,226 @@
+//! `srctl item ...`, `srctl policy ...`, `srctl workload ...`: replicated items, replication
+//! policies and the machines' workload generators.
+
+use std::path::Path;
+
+use failback_proto::pb::operator::{
+    EnableItemRequest, Item, ListItemsRequest, ListPoliciesRequest, Policy, VerifyRequest,
+    VerifyResponse, WorkloadRequest,
+};
+use serde_json::json;
+
+use crate::client::{operator, status_message};
+
+fn err(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", status_message(&s))
+}
+
+pub async fn enable(dir: &Path, req: EnableItemRequest) -> anyhow::Result<Item> {
+    Ok(operator(dir)
+        .await?
+        .enable_item(req)
+        .await
+        .map_err(err)?
+        .into_inner())
+}
+
+pub async fn list(dir: &Path, machine: &str) -> anyhow::Result<Vec<Item>> {
+    Ok(operator(dir)
+        .await?
+        .list_items(ListItemsRequest {
+            machine: machine.to_string(),
+        })
+        .await
+        .map_err(err)?
+        .into_inner()
+        .items)
+}
+
+pub async fn verify(dir: &Path, machine: &str, point: &str) -> anyhow::Result<VerifyResponse> {
+    Ok(operator(dir)
+        .await?
+        .verify(VerifyRequest {
+            machine: machine.to_string(),
+            point: point.to_string(),
+        })
+        .await
+        .map_err(err)?
+        .into_inner())
+}
+
+pub async fn workload(dir: &Path, req: WorkloadRequest) -> anyhow::Result<()> {
+    operator(dir).await?.workload(req).await.map_err(err)?;
+    Ok(())
+}
+
+pub async fn policies(dir: &Path) -> anyhow::Result<Vec<Policy>> {
+    Ok(operator(dir)
+        .await?
+        .list_policies(ListPoliciesRequest {})
+        .await
+        .map_err(err)?
+        .into_inner()
+        .policies)
+}
+
+pub async fn create_policy(dir: &Path, p: Policy, update: bool) -> anyhow::Result<Policy> {
+    let mut c = operator(dir).await?;
+    let r = if update {
+        c.update_policy(p).await
+    } else {
+        c.create_policy(p).await
+    };
+    Ok(r.map_err(err)?.into_inner())
+}
+
+pub fn item_json(i: &Item) -> serde_json::Value {
+    json!({
+        "id": i.id,
+        "machine": i.machine,
+        "direction": i.direction,
+        "state": i.state,
+        "health": i.health,
+        "health_errors": i.health_errors,
+        "process_server": i.process_server,
+        "target": i.target,
+        "policy": i.policy,
+        "replication_group": i.replication_group,
+        "rpo_seconds": i.rpo_seconds,
+        "initial_percent": i.initial_percent,
+        "bytes_replicated": i.bytes_replicated,
+        "bytes_per_second": i.bytes_per_second,
+        "acked_seq": i.acked_seq,
+        "disks": i.disks.iter().map(|d| json!({
+            "id": d.id, "size_bytes": d.size_bytes, "state": d.state, "percent": d.percent,
+        })).collect::<Vec<_>>(),
+        "recovery_points": i.points.iter().map(|p| json!({
+            "id": p.id, "time_ms": p.time_ms, "kind": p.kind, "seq": p.seq,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn state_line(i: &Item) -> String {
+    if i.state.starts_with("Initial replication") {
+        format!("{} ({:.0} %)", i.state, i.initial_percent)
+    } else {
+        i.state.clone()
+    }
+}
+
+pub fn print_list(items: &[Item], as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&items.iter().map(item_json).collect::<Vec<_>>())?
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<8} {:<8} {:<9} {:<40} {:<8} {:>8} {:<10} {:<13} {:>6}",
+        "MACHINE", "ITEM", "DIRECTION", "STATE", "HEALTH", "RPO", "PS", "TARGET", "POINTS"
+    );
+    for i in items {
+        println!(
+            "{:<8} {:<8} {:<9} {:<40} {:<8} {:>7.1}s {:<10} {:<13} {:>6}",
+            i.machine,
+            i.id,
+            i.direction,
+            state_line(i),
+            i.health,
+            i.rpo_seconds,
+            i.process_server,
+            i.target,
+            i.points.len()
+        );
+    }
+    Ok(())
+}
+
+pub fn print_show(i: &Item, as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&item_json(i))?);
+        return Ok(());
+    }
+    println!(
+        "item            {} ({} replication of {})",
+        i.id, i.direction, i.machine
+    );
+    println!("state           {}", state_line(i));
+    println!("health          {}", i.health);
+    for e in &i.health_errors {
+        println!("                {e}");
+    }
+    println!("RPO             {:.1} s", i.rpo_seconds);
+    println!(
+        "route           {} -> {} -> {}",
+        i.machine, i.process_server, i.target
+    );
+    println!("policy          {}", i.policy);
+    if !i.replication_group.is_empty() {
+        println!("group           {}", i.replication_group);
+    }
+    println!(
+        "replicated      {} bytes, {:.1} MB/s now, batch {}",
+        i.bytes_replicated,
+        i.bytes_per_second / 1e6,
+        i.acked_seq
+    );
+    println!("disks");
+    for d in &i.disks {
+        println!(
+            "  {:<10} {:>12} B  {:<12} {:>5.1} %",
+            d.id, d.size_bytes, d.state, d.percent
+        );
+    }
+    println!("recovery points ({})", i.points.len());
+    for p in i.points.iter().rev().take(20) {
+        println!(
+            "  {:<22} {:<15} {}",
+            p.id,
+            p.kind,
+            humantime::format_rfc3339_millis(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(p.time_ms.max(0) as u64)
+            )
+        );
+    }
+    Ok(())
+}
+
+pub fn print_policies(ps: &[Policy], as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        let v: Vec<_> = ps
+            .iter()
+            .map(|p| json!({
+                "name": p.name, "rpo_threshold_s": p.rpo_threshold_s, "retention_s": p.retention_s,
+                "crash_interval_s": p.crash_interval_s, "app_interval_s": p.app_interval_s,
+                "failback_of": p.failback_of,
+            }))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:>10} {:>10} {:>10} {:>10}  NOTE",
+        "NAME", "RPO ALERT", "RETENTION", "CRASH", "APP"
+    );
+    for p in ps {
+        println!(
+            "{:<20} {:>9}s {:>9}s {:>9}s {:>10}  {}",
+            p.name,
+            p.rpo_threshold_s,
+            p.retention_s,
+            p.crash_interval_s,
+            if p.app_interval_s == 0 {
+                "off".to_string()
+            } else {
+                format!("{}s", p.app_interval_s)
+            },
+            if p.failback_of.is_empty() {
+                String::new()
+            } else {
+                format!("failback policy of {} (not editable)", p.failback_of)
+            }
+        );
+    }
+    Ok(())
+}
