@@ -5,6 +5,7 @@
 //! - [`config`]: layered config (defaults, TOML file, environment) with errors naming file and key.
 //! - [`identity`]: roles, sites, the identity in a lab certificate, per-RPC authorization.
 //! - [`tls`]: credentials on disk, mutual-TLS server and client settings.
+//! - [`fence`]: one live replication stream per item at a receiver.
 //! - [`enroll`]: one-time enrollment with the configuration server (passphrase + CSR).
 //! - [`control`]: the self-reconnecting control stream to the configuration server.
 //! - [`server`]: serving a tonic router on an already bound listener until shutdown.
@@ -13,6 +14,7 @@ pub mod component;
 pub mod config;
 pub mod control;
 pub mod enroll;
+pub mod fence;
 pub mod identity;
 pub mod server;
 pub mod telemetry;

@@ -51,6 +51,8 @@ pub struct Replicas {
     pub name: String,
     datastores: Vec<DatastoreConfig>,
     items: Mutex<HashMap<String, Arc<ItemReplica>>>,
+    /// One live PS stream per item.
+    fence: failback_common::fence::Fence,
     outbox: mpsc::Sender<ComponentMessage>,
     shutdown: CancellationToken,
 }
@@ -82,6 +84,7 @@ impl Replicas {
             name,
             datastores,
             items: Mutex::new(HashMap::new()),
+            fence: Default::default(),
             outbox,
             shutdown,
         })
@@ -330,7 +333,11 @@ impl TargetData for TargetService {
         })?;
         let outbox = self.replicas.outbox.clone();
         let (tx, rx) = mpsc::channel(64);
-        let last = replica.store().last_seq();
+        let ticket = self.replicas.fence.open(&item).await;
+        let last = {
+            let _guard = ticket.lock().await;
+            replica.store().last_seq()
+        };
         tx.send(Ok(BatchAck { seq: last }))
             .await
             .map_err(|_| Status::cancelled("peer gone"))?;
@@ -347,11 +354,17 @@ impl TargetData for TargetService {
                         })
                         .collect();
                     let r = replica.clone();
+                    let Some(guard) = ticket.lock().await else {
+                        return Err(Status::aborted(format!(
+                            "a newer stream of {item} took over; this one is closed"
+                        )));
+                    };
                     let outcome =
                         tokio::task::spawn_blocking(move || r.store().append(seq, &entries))
                             .await
                             .map_err(|e| Status::internal(e.to_string()))?
                             .map_err(replica_status)?;
+                    drop(guard);
                     if outcome == AppendOutcome::Appended {
                         replica.apply.notify_one();
                         for id in tags {

@@ -723,6 +723,15 @@ impl ReplicaStore {
             });
         }
         create_dir(out_dir)?;
+        let disks_dir = self.dir.join("disks");
+        if fs::canonicalize(out_dir).map_err(io_at(out_dir))?
+            == fs::canonicalize(&disks_dir).map_err(io_at(&disks_dir))?
+        {
+            return Err(ReplicaError::InvalidArgument(format!(
+                "{} holds the replica disks themselves; materialize elsewhere",
+                out_dir.display()
+            )));
+        }
         let mut outputs = Vec::with_capacity(self.disks.len());
         for disk in &self.disks {
             let path = out_dir.join(format!("{}.img", disk.spec.id));
@@ -797,7 +806,8 @@ impl ReplicaStore {
         let idx = self.check_write(disk, offset, usize::try_from(len).unwrap_or(usize::MAX))?;
         let Disk { file, path, .. } = &self.disks[idx];
         let end = offset + len;
-        let mut sums = Vec::with_capacity(usize::try_from(len.div_ceil(block_size)).unwrap_or(0));
+        let blocks = usize::try_from(len.div_ceil(block_size)).unwrap_or(usize::MAX);
+        let mut sums = Vec::with_capacity(blocks.min(1 << 16));
         let mut buf = vec![0u8; usize::try_from(block_size).unwrap_or(CHUNK).min(CHUNK)];
         let mut zero_sum: Option<(u64, [u8; 32])> = None;
         // First offset >= the current block that holds data (u64::MAX: none), once known.

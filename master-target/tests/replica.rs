@@ -429,8 +429,15 @@ fn duplicates_gaps_and_rejected_batches_change_nothing() {
         Err(ReplicaError::UnknownPoint(p)) if p == "rp-1"
     ));
 
-    // One owner at a time, and the disk sizes must match the spec.
+    // Materializing over the replica's own disks is refused (it would truncate them).
     let replica = lab.replica_dir();
+    assert!(matches!(
+        lab.store().materialize(None, &replica.join("disks")),
+        Err(ReplicaError::InvalidArgument(_))
+    ));
+    lab.check_all();
+
+    // One owner at a time, and the disk sizes must match the spec.
     assert!(matches!(
         ReplicaStore::open(&replica, &lab.specs),
         Err(ReplicaError::Locked { .. })

@@ -6,8 +6,8 @@
 //! policy's timers once the replica is consistent; the *sender* cuts the log into batches,
 //! streams them to the PS and clears them on the PS's acknowledgements (the durability chain:
 //! nothing is forgotten before the PS has it on disk). On reconnect the PS says the last
-//! batch it holds; the sender re-sends the rest. Sequence numbers persist in
-//! `replication.json`, so they never go backwards, even across a PS switch.
+//! batch it holds; the sender re-sends the rest. The highest acknowledged sequence number
+//! persists in `replication.json`, so numbering never goes backwards, even across a PS switch.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -54,8 +54,11 @@ pub struct Params {
 struct Persisted {
     item: String,
     initial_done: bool,
-    /// Highest seq ever handed to a PS.
-    last_seq: u64,
+    /// Highest seq a PS acknowledged as durable. After a restart the agent continues after
+    /// the larger of this and what the PS says it holds: batches sent but never received died
+    /// with the process (their regions are still hot and get re-sent), and a new PS after a
+    /// switch starts where the old one had got to.
+    acked_seq: u64,
 }
 
 fn load(path: &Path) -> Persisted {
@@ -116,7 +119,7 @@ pub fn start(
         persisted = Persisted {
             item: params.item.clone(),
             initial_done: false,
-            last_seq: 0,
+            acked_seq: 0,
         };
         save(&state_path, &persisted)?;
     }
@@ -148,7 +151,7 @@ async fn copier(shared: Arc<Shared>, cancel: CancellationToken) {
     let capture = &shared.capture;
     let mut plan: Vec<Vec<(u64, u64)>> = Vec::new();
     let disks = capture.disk_ids();
-    for i in 0..disks.len() {
+    for (i, (disk_id, disk_size)) in disks.iter().enumerate() {
         let extents = if shared.resync {
             capture
                 .hot_regions()
@@ -158,11 +161,8 @@ async fn copier(shared: Arc<Shared>, cancel: CancellationToken) {
                 .collect()
         } else {
             capture.allocated_extents(i).unwrap_or_else(|e| {
-                tracing::error!(
-                    "cannot map the extents of disk {}: {e}; copying all of it",
-                    disks[i].0
-                );
-                vec![(0, disks[i].1)]
+                tracing::error!("cannot map the extents of disk {disk_id}: {e}; copying all of it");
+                vec![(0, *disk_size)]
             })
         };
         plan.push(extents);
@@ -308,7 +308,13 @@ fn on_ack(shared: &Shared, inflight: &mut VecDeque<InFlight>, seq: u64) -> Resul
             .acked(f.last_entry, f.bytes)
             .map_err(|e| format!("activity log: {e}"))?;
     }
-    shared.acked_seq.fetch_max(seq, Ordering::SeqCst);
+    if shared.acked_seq.fetch_max(seq, Ordering::SeqCst) < seq
+        && let Ok(mut p) = shared.persisted.lock()
+    {
+        p.acked_seq = p.acked_seq.max(seq);
+        save(&shared.state_path, &p)
+            .map_err(|e| format!("cannot persist replication state: {e}"))?;
+    }
     let end = shared.copy_end_entry.load(Ordering::SeqCst);
     if end != 0
         && !shared.consistent.load(Ordering::SeqCst)
@@ -364,7 +370,7 @@ async fn session(
     on_ack(shared, inflight, first.seq)?;
     let mut next_seq = {
         let persisted = shared.persisted.lock().map_err(|_| "poisoned")?;
-        persisted.last_seq.max(first.seq) + 1
+        persisted.acked_seq.max(first.seq) + 1
     };
     if let Some(f) = inflight.front() {
         next_seq = next_seq.min(f.seq);
@@ -391,11 +397,6 @@ async fn session(
             let crc = crc32fast::hash(&payload);
             let seq = next_seq;
             next_seq += 1;
-            if let Ok(mut persisted) = shared.persisted.lock() {
-                persisted.last_seq = persisted.last_seq.max(seq);
-                save(&shared.state_path, &persisted)
-                    .map_err(|e| format!("cannot persist sequence: {e}"))?;
-            }
             shared
                 .bytes_sent
                 .fetch_add(payload.len() as u64, Ordering::Relaxed);

@@ -37,7 +37,10 @@ impl WorkloadSpec {
         if !(self.rate_mb_s > 0.0 && self.rate_mb_s <= 1000.0) {
             return Err(format!("rate {} MB/s must be in (0, 1000]", self.rate_mb_s));
         }
-        if self.write_size == 0 || self.write_size % 512 != 0 || self.write_size > (4 << 20) {
+        if self.write_size == 0
+            || !self.write_size.is_multiple_of(512)
+            || self.write_size > (4 << 20)
+        {
             return Err(format!(
                 "write size {} must be a multiple of 512 bytes, at most 4 MiB",
                 self.write_size

@@ -94,6 +94,8 @@ pub struct DataPlane {
     routes: Mutex<HashMap<String, Route>>,
     routes_path: PathBuf,
     forwarders: Mutex<HashMap<String, (Route, CancellationToken)>>,
+    /// One live agent stream per item.
+    fence: failback_common::fence::Fence,
     shutdown: CancellationToken,
 }
 
@@ -115,6 +117,7 @@ impl DataPlane {
             routes: Mutex::new(routes.clone()),
             routes_path,
             forwarders: Mutex::new(HashMap::new()),
+            fence: Default::default(),
             shutdown,
         });
         // Cached batches of known routes are forwarded at once, even before the CS answers.
@@ -318,13 +321,16 @@ impl ProcessServerData for DataService {
         failback_common::identity::validate_name(&item).map_err(Status::invalid_argument)?;
         let dp = self.dp.clone();
         let (tx, rx) = mpsc::channel(64);
-        tx.send(Ok(BatchAck {
-            seq: dp.cache.last_seq(&item),
-        }))
-        .await
-        .map_err(|_| Status::cancelled("agent gone"))?;
+        let ticket = dp.fence.open(&item).await;
+        let last = {
+            let _guard = ticket.lock().await;
+            dp.cache.last_seq(&item)
+        };
+        tx.send(Ok(BatchAck { seq: last }))
+            .await
+            .map_err(|_| Status::cancelled("agent gone"))?;
         tokio::spawn(async move {
-            if let Err(status) = receive(&dp, &item, &mut inbound, &tx).await {
+            if let Err(status) = receive(&dp, &item, &ticket, &mut inbound, &tx).await {
                 tracing::warn!(%item, "replication stream refused: {}", status.message());
                 let _ = tx.send(Err(status)).await;
             }
@@ -370,6 +376,7 @@ impl ProcessServerData for DataService {
 async fn receive(
     dp: &DataPlane,
     item: &str,
+    ticket: &failback_common::fence::Ticket,
     inbound: &mut Streaming<AgentBatch>,
     tx: &mpsc::Sender<Result<BatchAck, Status>>,
 ) -> Result<(), Status> {
@@ -383,9 +390,15 @@ async fn receive(
         let framed = frame(&batch.payload, batch.crc32);
         let cache = dp.cache.clone();
         let it = item.to_string();
+        let Some(guard) = ticket.lock().await else {
+            return Err(Status::aborted(format!(
+                "a newer replication stream of {item} took over; this one is closed"
+            )));
+        };
         let outcome = tokio::task::spawn_blocking(move || cache.append(&it, seq, &framed))
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
+        drop(guard);
         match outcome {
             Ok(AppendOutcome::Appended | AppendOutcome::Duplicate) => {}
             Err(e @ CacheError::OutOfOrder { .. }) => {

@@ -103,9 +103,40 @@ impl Default for UpOptions {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+/// A free port below the kernel's ephemeral range (which starts at 32768 by default), so that
+/// no outgoing connection of another process can take it between now and the component's bind.
+fn free_port(taken: &BTreeMap<&str, u16>) -> anyhow::Result<u16> {
+    let (low, _) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|x| x.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    let top = low.saturating_sub(1).max(12000);
+    for _ in 0..1000 {
+        let port = 10000 + (rand_u16() % (top - 10000));
+        if taken.values().any(|p| *p == port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port found on 127.0.0.1 between 10000 and {top}")
+}
+
+fn rand_u16() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    h.finish() as u16
 }
 
 fn addr(port: u16) -> String {
@@ -159,7 +190,8 @@ fn plan(dir: &Path, opts: &UpOptions) -> anyhow::Result<LabState> {
         "link-ps-onprem",
         "link-azure-target",
     ] {
-        port.insert(name, free_port()?);
+        let p = free_port(&port)?;
+        port.insert(name, p);
     }
     let cs_for = |site: &str| {
         let (api, enroll) = if site == "onprem" {
