@@ -23,6 +23,7 @@ use crate::state::State;
 pub const ENABLING: &str = "Enabling protection";
 pub const INITIAL: &str = "Initial replication in progress";
 pub const PROTECTED: &str = "Protected";
+pub const RESYNCING: &str = "Resynchronization in progress";
 
 /// The lab's default policy: ASR's shape, lab timers (points within a minute).
 pub fn default_policy() -> Policy {
@@ -56,6 +57,10 @@ pub struct Progress {
     pub bytes_sent: u64,
     pub bytes_per_second: f64,
     pub acked_seq: u64,
+    #[serde(default)]
+    pub resync_bytes: u64,
+    #[serde(default)]
+    pub resync_blocks_compared: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -559,12 +564,22 @@ pub fn on_progress(state: &State, p: ItemProgress) -> Result<(), DbError> {
         bytes_sent: p.bytes_sent,
         bytes_per_second: p.bytes_per_second,
         acked_seq: p.acked_seq,
+        resync_bytes: p.resync_bytes,
+        resync_blocks_compared: p.resync_blocks_compared,
     };
     state.store.set_item_progress(&item.id, &progress)?;
-    if p.phase == "delta" && (item.state == INITIAL || item.state == ENABLING) {
-        state.store.set_item_state(&item.id, PROTECTED)?;
-        state.store.finish_enable_job(&item.id)?;
-        tracing::info!(item = %item.id, "initial replication complete: Protected");
+    match (p.phase.as_str(), item.state.as_str()) {
+        ("delta", INITIAL | ENABLING) => {
+            state.store.set_item_state(&item.id, PROTECTED)?;
+            state.store.finish_enable_job(&item.id)?;
+            tracing::info!(item = %item.id, "initial replication complete: Protected");
+        }
+        ("delta", RESYNCING) => {
+            state.store.set_item_state(&item.id, PROTECTED)?;
+            tracing::info!(item = %item.id, bytes = p.resync_bytes, "resynchronization complete: Protected");
+        }
+        ("resync", PROTECTED) => state.store.set_item_state(&item.id, RESYNCING)?,
+        _ => {}
     }
     Ok(())
 }
@@ -659,5 +674,7 @@ pub fn view(state: &State, item: &ItemRow) -> Result<Item, DbError> {
         initial_percent,
         created_ms: item.created_ms,
         acked_seq: item.progress.acked_seq,
+        resync_bytes: item.progress.resync_bytes,
+        resync_blocks_compared: item.progress.resync_blocks_compared,
     })
 }

@@ -4,12 +4,12 @@ use std::sync::Arc;
 
 use failback_common::control::now_ms;
 use failback_common::identity::{Role, authorize};
-use failback_proto::pb::control::{VerifyPoint, WorkloadCommand, command};
+use failback_proto::pb::control::{Resync, VerifyPoint, WorkloadCommand, command};
 use failback_proto::pb::operator::{
     Component, DatastoreRow, DiskRow, DiskVerification, EnableItemRequest, Item, ListInfraRequest,
     ListInfraResponse, ListItemsRequest, ListItemsResponse, ListPoliciesRequest,
-    ListPoliciesResponse, Policy, RemoveComponentRequest, RemoveComponentResponse, VerifyRequest,
-    VerifyResponse, WorkloadRequest, WorkloadResponse, operator_server::Operator,
+    ListPoliciesResponse, Policy, RemoveComponentRequest, RemoveComponentResponse, ResyncRequest,
+    VerifyRequest, VerifyResponse, WorkloadRequest, WorkloadResponse, operator_server::Operator,
 };
 use tonic::{Request, Response, Status};
 
@@ -295,6 +295,42 @@ impl Operator for OperatorService {
             )
             .await?;
         Ok(Response::new(WorkloadResponse {}))
+    }
+
+    async fn resync(&self, request: Request<ResyncRequest>) -> Result<Response<Item>, Status> {
+        authorize(&request, "Operator.Resync", &[Role::Operator])?;
+        let machine = request.into_inner().machine;
+        let item = self
+            .state
+            .store
+            .item_of_machine(&machine)?
+            .ok_or_else(|| Status::not_found(format!("`{machine}` has no replicated item")))?;
+        if item.state != items::PROTECTED {
+            return Err(Status::failed_precondition(format!(
+                "`{machine}` is {}: resynchronize a Protected item",
+                item.state
+            )));
+        }
+        let job = self.state.store.start_job("Resynchronize", &item.id)?;
+        let sent = self
+            .state
+            .command(
+                &item.machine,
+                command::Kind::Resync(Resync {
+                    item: item.id.clone(),
+                }),
+            )
+            .await;
+        if let Err(status) = sent {
+            self.state.store.end_job(job, Some(status.message()))?;
+            return Err(status);
+        }
+        self.state
+            .store
+            .set_item_state(&item.id, items::RESYNCING)?;
+        self.state.store.end_job(job, None)?;
+        let row = self.state.store.item(&item.id)?.unwrap_or(item);
+        Ok(Response::new(items::view(&self.state, &row)?))
     }
 
     async fn remove_component(

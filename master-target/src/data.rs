@@ -407,6 +407,13 @@ impl TargetData for TargetService {
                 "block_size must be > 0 and length at most 16 GiB",
             ));
         }
+        let last = replica.store().last_seq();
+        if last < req.min_seq {
+            return Err(Status::unavailable(format!(
+                "target has journaled {} batches of {}, the comparison needs {}: still catching up",
+                last, req.item, req.min_seq
+            )));
+        }
         let sums = tokio::task::spawn_blocking(move || {
             replica
                 .store()

@@ -394,6 +394,26 @@ impl Capture {
         Ok(())
     }
 
+    /// BLAKE3 of each `block` bytes of disk `disk` in `[offset, offset + len)`, read with
+    /// writes held (a hole reads as zeros, as at the target).
+    pub fn block_checksums(
+        &self,
+        disk: usize,
+        offset: u64,
+        len: u64,
+        block: u64,
+    ) -> std::io::Result<Vec<[u8; 32]>> {
+        let g = self.lock();
+        let mut buf = vec![0u8; len as usize];
+        let n = g.disks[disk].file.read_at(&mut buf, offset)?;
+        buf[n..].fill(0);
+        drop(g);
+        Ok(buf
+            .chunks(block as usize)
+            .map(|c| *blake3::hash(c).as_bytes())
+            .collect())
+    }
+
     /// Id of the newest log entry.
     pub fn last_entry_id(&self) -> u64 {
         self.lock().next_entry - 1

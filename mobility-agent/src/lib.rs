@@ -221,6 +221,13 @@ impl Agent {
                     )),
                 }
             }
+            command::Kind::Resync(r) => match &self.replication {
+                Some(rep) if rep.params.item == r.item => rep.resync().map(|_| String::new()),
+                _ => Err(format!(
+                    "`{}` is not replicating item {}",
+                    self.name, r.item
+                )),
+            },
             command::Kind::MakeTag(t) => {
                 let capture = self.capture.clone();
                 let verify = self

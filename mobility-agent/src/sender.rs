@@ -39,6 +39,10 @@ const BATCH_BYTES: u64 = 4 << 20;
 const WINDOW_BYTES: u64 = 48 << 20;
 /// Initial-copy chunk.
 const COPY_CHUNK: u64 = 1 << 20;
+/// Resync compares checksums of blocks of this size (rsync-like).
+pub const RESYNC_BLOCK: u64 = 64 << 10;
+/// Bytes compared per checksum request.
+const COMPARE_CHUNK: u64 = 8 << 20;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Params {
@@ -86,7 +90,14 @@ struct Shared {
     copy_end_entry: AtomicU64,
     /// Per disk: (bytes to copy, bytes copied).
     copy_progress: std::sync::Mutex<Vec<(u64, u64)>>,
-    resync: bool,
+    /// A resync (after a crash, or asked for) is running rather than the initial copy.
+    resyncing: AtomicBool,
+    /// Set once a session learned what the PS holds (the resync barrier needs it).
+    connected_once: AtomicBool,
+    /// Asks the copier for a checksum resync of every allocated block.
+    resync_requests: tokio::sync::Notify,
+    resync_bytes: AtomicU64,
+    resync_blocks: AtomicU64,
     bytes_sent: AtomicU64,
     acked_seq: AtomicU64,
     acked_entry: AtomicU64,
@@ -96,11 +107,26 @@ struct Shared {
 pub struct Replication {
     pub params: Params,
     cancel: CancellationToken,
+    shared: Arc<Shared>,
 }
 
 impl Replication {
     pub fn stop(&self) {
         self.cancel.cancel();
+    }
+
+    /// Starts a checksum resync of every allocated block (refused while one runs or while
+    /// initial replication is not complete).
+    pub fn resync(&self) -> Result<(), String> {
+        if !self.shared.consistent.load(Ordering::SeqCst) {
+            return Err(if self.shared.resyncing.load(Ordering::SeqCst) {
+                "a resynchronization is already in progress".into()
+            } else {
+                "initial replication is not complete yet; nothing to resynchronize".into()
+            });
+        }
+        self.shared.resync_requests.notify_one();
+        Ok(())
     }
 }
 
@@ -124,6 +150,7 @@ pub fn start(
         save(&state_path, &persisted)?;
     }
     let resync = persisted.initial_done;
+    let acked = persisted.acked_seq;
     let disks = capture.disk_ids().len();
     let shared = Arc::new(Shared {
         params: params.clone(),
@@ -133,57 +160,140 @@ pub fn start(
         consistent: AtomicBool::new(false),
         copy_end_entry: AtomicU64::new(0),
         copy_progress: std::sync::Mutex::new(vec![(0, 0); disks]),
-        resync,
+        resyncing: AtomicBool::new(resync),
+        connected_once: AtomicBool::new(false),
+        resync_requests: tokio::sync::Notify::new(),
+        resync_bytes: AtomicU64::new(0),
+        resync_blocks: AtomicU64::new(0),
         bytes_sent: AtomicU64::new(0),
-        acked_seq: AtomicU64::new(0),
+        acked_seq: AtomicU64::new(acked),
         acked_entry: AtomicU64::new(0),
     });
     capture.set_logging(true);
     let cancel = shutdown.child_token();
-    tokio::spawn(copier(shared.clone(), cancel.clone()));
+    tokio::spawn(copier(shared.clone(), credentials.clone(), cancel.clone()));
     tokio::spawn(tagger(shared.clone(), cancel.clone()));
     tokio::spawn(reporter(shared.clone(), outbox, cancel.clone()));
-    tokio::spawn(sender(shared, credentials, cancel.clone()));
-    Ok(Replication { params, cancel })
+    tokio::spawn(sender(shared.clone(), credentials, cancel.clone()));
+    Ok(Replication {
+        params,
+        cancel,
+        shared,
+    })
 }
 
-async fn copier(shared: Arc<Shared>, cancel: CancellationToken) {
-    let capture = &shared.capture;
-    let mut plan: Vec<Vec<(u64, u64)>> = Vec::new();
+/// Queues the initial copy, or after a crash a checksum resync of the hot regions; then
+/// serves resync requests (every allocated block) until cancelled.
+async fn copier(shared: Arc<Shared>, credentials: Credentials, cancel: CancellationToken) {
+    let capture = shared.capture.clone();
     let disks = capture.disk_ids();
-    for (i, (disk_id, disk_size)) in disks.iter().enumerate() {
-        let extents = if shared.resync {
-            capture
-                .hot_regions()
-                .into_iter()
-                .filter(|(d, _, _)| *d == i)
-                .map(|(_, o, l)| (o, l))
-                .collect()
-        } else {
-            capture.allocated_extents(i).unwrap_or_else(|e| {
-                tracing::error!("cannot map the extents of disk {disk_id}: {e}; copying all of it");
-                vec![(0, *disk_size)]
+    let first = if shared.resyncing.load(Ordering::SeqCst) {
+        disks
+            .iter()
+            .enumerate()
+            .map(|(i, _)| {
+                capture
+                    .hot_regions()
+                    .into_iter()
+                    .filter(|(d, _, _)| *d == i)
+                    .map(|(_, o, l)| (o, l))
+                    .collect()
             })
-        };
-        plan.push(extents);
+            .collect()
+    } else {
+        allocated(&capture)
+    };
+    let resync = shared.resyncing.load(Ordering::SeqCst);
+    if !run_copy(&shared, &credentials, &cancel, first, resync).await {
+        return;
     }
-    if let Ok(mut p) = shared.copy_progress.lock() {
-        for (i, ext) in plan.iter().enumerate() {
-            p[i].0 = ext.iter().map(|(_, l)| l).sum();
+    loop {
+        tokio::select! {
+            _ = shared.resync_requests.notified() => {}
+            _ = cancel.cancelled() => return,
+        }
+        shared.consistent.store(false, Ordering::SeqCst);
+        shared.resyncing.store(true, Ordering::SeqCst);
+        shared.copy_end_entry.store(0, Ordering::SeqCst);
+        let plan = allocated(&capture);
+        if !run_copy(&shared, &credentials, &cancel, plan, true).await {
+            return;
         }
     }
+}
+
+fn allocated(capture: &Capture) -> Vec<Vec<(u64, u64)>> {
+    capture
+        .disk_ids()
+        .iter()
+        .enumerate()
+        .map(|(i, (disk_id, size))| {
+            capture.allocated_extents(i).unwrap_or_else(|e| {
+                tracing::error!("cannot map the extents of disk {disk_id}: {e}; using all of it");
+                vec![(0, *size)]
+            })
+        })
+        .collect()
+}
+
+/// Copies `plan` (per disk: extents) into the log: everything (initial copy) or, with
+/// `compare`, only the blocks whose checksum differs from the replica's. Returns false if
+/// cancelled or failed.
+async fn run_copy(
+    shared: &Arc<Shared>,
+    credentials: &Credentials,
+    cancel: &CancellationToken,
+    plan: Vec<Vec<(u64, u64)>>,
+    compare: bool,
+) -> bool {
+    let capture = &shared.capture;
+    if let Ok(mut p) = shared.copy_progress.lock() {
+        for (i, ext) in plan.iter().enumerate() {
+            p[i] = (ext.iter().map(|(_, l)| l).sum(), 0);
+        }
+    }
+    shared.resync_bytes.store(0, Ordering::SeqCst);
+    shared.resync_blocks.store(0, Ordering::SeqCst);
+    let mut client = None;
+    if compare {
+        // Barrier: compare only once the target holds everything sent before the resync.
+        while !shared.connected_once.load(Ordering::SeqCst) {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = cancel.cancelled() => return false,
+            }
+        }
+    }
+    let min_seq = shared.acked_seq.load(Ordering::SeqCst);
     // ASR copies at most 3 disks of a machine at a time; here they go one after the other.
     for (disk, extents) in plan.into_iter().enumerate() {
+        let disk_id = capture.disk_id(disk);
         for (off, len) in extents {
             let mut pos = off;
             while pos < off + len {
                 if cancel.is_cancelled() {
-                    return;
+                    return false;
                 }
-                let n = COPY_CHUNK.min(off + len - pos);
-                if let Err(e) = capture.copy(disk, pos, n).await {
-                    tracing::error!("initial copy of disk {disk} at {pos}: {e}");
-                    return;
+                let n = if compare { COMPARE_CHUNK } else { COPY_CHUNK }.min(off + len - pos);
+                let result = if compare {
+                    compare_and_copy(
+                        shared,
+                        credentials,
+                        &mut client,
+                        disk,
+                        &disk_id,
+                        pos,
+                        n,
+                        min_seq,
+                        cancel,
+                    )
+                    .await
+                } else {
+                    capture.copy(disk, pos, n).await.map_err(|e| e.to_string())
+                };
+                if let Err(e) = result {
+                    tracing::error!(item = %shared.params.item, "copy of disk {disk_id} at {pos}: {e}");
+                    return false;
                 }
                 pos += n;
                 if let Ok(mut p) = shared.copy_progress.lock() {
@@ -192,15 +302,96 @@ async fn copier(shared: Arc<Shared>, cancel: CancellationToken) {
             }
         }
     }
-    // The copy is complete once the PS acknowledged a marker entry after it: an empty copy.
-    let _ = capture.copy(0, 0, 0).await;
+    // Consistent once the PS acknowledged a marker entry queued after the copies.
+    if capture.copy(0, 0, 0).await.is_err() {
+        return false;
+    }
     let marker = capture.last_entry_id();
     shared.copy_end_entry.store(marker.max(1), Ordering::SeqCst);
     tracing::info!(
         item = %shared.params.item,
+        resync_bytes = shared.resync_bytes.load(Ordering::SeqCst),
         "{} queued; consistent once acknowledged",
-        if shared.resync { "resync of hot regions" } else { "initial copy" }
+        if compare { "resync" } else { "initial copy" }
     );
+    true
+}
+
+/// Compares one chunk block by block with the replica and queues the blocks that differ.
+#[allow(clippy::too_many_arguments)]
+async fn compare_and_copy(
+    shared: &Shared,
+    credentials: &Credentials,
+    client: &mut Option<ProcessServerDataClient<tonic::transport::Channel>>,
+    disk: usize,
+    disk_id: &str,
+    offset: u64,
+    len: u64,
+    min_seq: u64,
+    cancel: &CancellationToken,
+) -> Result<(), String> {
+    let local = shared
+        .capture
+        .block_checksums(disk, offset, len, RESYNC_BLOCK)
+        .map_err(|e| e.to_string())?;
+    let request = pb::ChecksumRequest {
+        item: shared.params.item.clone(),
+        disk: disk_id.to_string(),
+        offset,
+        length: len,
+        block_size: RESYNC_BLOCK,
+        min_seq,
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let remote = loop {
+        if client.is_none() {
+            let p = &shared.params;
+            let channel = credentials
+                .endpoint(&p.ps_address, &p.process_server)
+                .map_err(|e| e.to_string())?
+                .connect()
+                .await
+                .map_err(|e| describe_error(&e));
+            *client = channel
+                .ok()
+                .map(|c| ProcessServerDataClient::new(c).max_decoding_message_size(64 << 20));
+        }
+        let answer = match client.as_mut() {
+            Some(c) => c
+                .block_checksums(request.clone())
+                .await
+                .map(|r| r.into_inner().checksums),
+            None => Err(tonic::Status::unavailable("process server unreachable")),
+        };
+        match answer {
+            Ok(sums) => break sums,
+            Err(s) if Instant::now() < deadline => {
+                if s.code() != tonic::Code::Unavailable {
+                    *client = None;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = cancel.cancelled() => return Err("cancelled".into()),
+                }
+            }
+            Err(s) => return Err(format!("block checksums from the replica: {}", s.message())),
+        }
+    };
+    for (i, sum) in local.iter().enumerate() {
+        shared.resync_blocks.fetch_add(1, Ordering::Relaxed);
+        let theirs = remote.get(i * 32..i * 32 + 32);
+        if theirs != Some(sum.as_slice()) {
+            let block_off = offset + i as u64 * RESYNC_BLOCK;
+            let block_len = RESYNC_BLOCK.min(offset + len - block_off);
+            shared
+                .capture
+                .copy(disk, block_off, block_len)
+                .await
+                .map_err(|e| e.to_string())?;
+            shared.resync_bytes.fetch_add(block_len, Ordering::Relaxed);
+        }
+    }
+    Ok(())
 }
 
 async fn tagger(shared: Arc<Shared>, cancel: CancellationToken) {
@@ -321,6 +512,7 @@ fn on_ack(shared: &Shared, inflight: &mut VecDeque<InFlight>, seq: u64) -> Resul
         && shared.acked_entry.load(Ordering::SeqCst) >= end
     {
         shared.consistent.store(true, Ordering::SeqCst);
+        shared.resyncing.store(false, Ordering::SeqCst);
         if let Ok(mut p) = shared.persisted.lock() {
             p.initial_done = true;
             save(&shared.state_path, &p)
@@ -368,6 +560,7 @@ async fn session(
         .ok_or("stream closed before the first acknowledgement")?;
     // Everything the PS already holds is acknowledged; the rest is sent again.
     on_ack(shared, inflight, first.seq)?;
+    shared.connected_once.store(true, Ordering::SeqCst);
     let mut next_seq = {
         let persisted = shared.persisted.lock().map_err(|_| "poisoned")?;
         persisted.acked_seq.max(first.seq) + 1
@@ -452,7 +645,7 @@ async fn reporter(
         let consistent = shared.consistent.load(Ordering::SeqCst);
         let phase = if consistent {
             "delta"
-        } else if shared.resync {
+        } else if shared.resyncing.load(Ordering::SeqCst) {
             "resync"
         } else {
             "initial"
@@ -505,6 +698,8 @@ async fn reporter(
                     bytes_per_second: rate,
                     acked_seq: shared.acked_seq.load(Ordering::SeqCst),
                     pending_bytes: shared.capture.buffered(),
+                    resync_bytes: shared.resync_bytes.load(Ordering::Relaxed),
+                    resync_blocks_compared: shared.resync_blocks.load(Ordering::Relaxed),
                 })),
             })),
         };

@@ -48,6 +48,17 @@ pub async fn verify(dir: &Path, machine: &str, point: &str) -> anyhow::Result<Ve
         .into_inner())
 }
 
+pub async fn resync(dir: &Path, machine: &str) -> anyhow::Result<Item> {
+    Ok(operator(dir)
+        .await?
+        .resync(failback_proto::pb::operator::ResyncRequest {
+            machine: machine.to_string(),
+        })
+        .await
+        .map_err(err)?
+        .into_inner())
+}
+
 pub async fn workload(dir: &Path, req: WorkloadRequest) -> anyhow::Result<()> {
     operator(dir).await?.workload(req).await.map_err(err)?;
     Ok(())
@@ -90,6 +101,8 @@ pub fn item_json(i: &Item) -> serde_json::Value {
         "bytes_replicated": i.bytes_replicated,
         "bytes_per_second": i.bytes_per_second,
         "acked_seq": i.acked_seq,
+        "resync_bytes": i.resync_bytes,
+        "resync_blocks_compared": i.resync_blocks_compared,
         "disks": i.disks.iter().map(|d| json!({
             "id": d.id, "size_bytes": d.size_bytes, "state": d.state, "percent": d.percent,
         })).collect::<Vec<_>>(),
@@ -165,6 +178,12 @@ pub fn print_show(i: &Item, as_json: bool) -> anyhow::Result<()> {
         i.bytes_per_second / 1e6,
         i.acked_seq
     );
+    if i.resync_blocks_compared > 0 {
+        println!(
+            "last resync     {} blocks compared, {} bytes differed and were sent",
+            i.resync_blocks_compared, i.resync_bytes
+        );
+    }
     println!("disks");
     for d in &i.disks {
         println!(

@@ -59,6 +59,8 @@ enum ItemCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Resynchronize: compare block checksums with the replica, send only what differs.
+    Resync { machine: String },
     /// Prove the replica at a point equals what the source held then (BLAKE3 per disk).
     Verify {
         machine: String,
@@ -296,6 +298,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         "{}: {} (item {}, {} -> {} -> {})",
                         i.machine, i.state, i.id, i.machine, i.process_server, i.target
                     );
+                }
+                ItemCmd::Resync { machine } => {
+                    let i = item::resync(&dir, &machine).await?;
+                    println!("{}: {}", i.machine, i.state);
                 }
                 ItemCmd::List { json } => item::print_list(&item::list(&dir, "").await?, json)?,
                 ItemCmd::Show { machine, json } => {

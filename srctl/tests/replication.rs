@@ -190,3 +190,61 @@ fn replication_is_byte_exact_and_survives_kill_9_of_each_hop() {
         serde_json::from_str(&ok(srctl(&lab, &["item", "list", "--json"]))).expect("json");
     assert_eq!(items.as_array().map(|a| a.len()), Some(1));
 }
+
+#[test]
+fn resync_moves_only_the_blocks_that_differ() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let lab = tmp.path().join("lab");
+    ok(Command::new(SRCTL)
+        .args(["lab", "up", "--dir"])
+        .arg(&lab)
+        .args(["--disk-size", "32MiB", "--machines", "1"])
+        .output()
+        .expect("lab up"));
+    let _guard = Guard(&lab);
+    ok(srctl(&lab, &["workload", "start", "vm1", "--rate", "8"]));
+    ok(srctl(&lab, &["item", "enable", "vm1"]));
+    eventually("vm1 Protected", 60, || {
+        show(&lab, "vm1")["state"] == "Protected"
+    });
+    ok(srctl(&lab, &["workload", "stop", "vm1"]));
+    verify_point_after(&lab, "vm1", now_ms(), "before the resync");
+
+    // Change three 64 KiB blocks of the source behind the agent's back (as an offline edit
+    // would); the replica no longer matches and nothing tracked it.
+    let disk = lab.join("datastores/ds-onprem/vm1/disk0.img");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&disk)
+            .expect("open disk");
+        for off in [1u64 << 20, 5 << 20, (9 << 20) + 4096] {
+            f.write_all_at(&[0x5a; 1000], off).expect("write");
+        }
+    }
+    let link_bytes = |lab: &Path| -> u64 {
+        let v: Value =
+            serde_json::from_str(&ok(srctl(lab, &["link", "status", "--json"]))).expect("json");
+        v["bytes_onprem_to_azure"].as_u64().unwrap_or(0)
+    };
+    let before = link_bytes(&lab);
+    let out = ok(srctl(&lab, &["item", "resync", "vm1"]));
+    assert!(out.contains("Resynchronization in progress"), "{out}");
+    eventually("resync done", 60, || {
+        let v = show(&lab, "vm1");
+        v["state"] == "Protected" && v["resync_blocks_compared"].as_u64().unwrap_or(0) > 0
+    });
+    let v = show(&lab, "vm1");
+    let moved = v["resync_bytes"].as_u64().unwrap_or(0);
+    assert!(
+        moved > 0 && moved <= 3 * 65536,
+        "only the 3 changed blocks may move, moved {moved}: {v}"
+    );
+    let crossed = link_bytes(&lab) - before;
+    assert!(
+        crossed < (1 << 20),
+        "{crossed} bytes crossed the link for a 32 MiB disk"
+    );
+    verify_point_after(&lab, "vm1", now_ms(), "after the resync");
+}
