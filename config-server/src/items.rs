@@ -363,8 +363,13 @@ pub async fn enable(state: &State, req: EnableItemRequest) -> Result<ItemRow, St
         )));
     }
     if let Some(existing) = store.item_of_machine(&machine.name)? {
+        let group_hint = if req.replication_group.is_empty() {
+            String::new()
+        } else {
+            "; a machine joins a replication group only when its replication is enabled".into()
+        };
         return Err(Status::already_exists(format!(
-            "`{}` is already protected (item {}, state {}); disable it first",
+            "`{}` is already protected (item {}, state {}){group_hint}",
             machine.name, existing.id, existing.state
         )));
     }
@@ -539,12 +544,22 @@ pub fn prepare_command(item: &ItemRow, machine: &ComponentRow, policy: &Policy) 
 }
 
 pub fn start_command(item: &ItemRow, ps: &str, ps_address: &str, policy: &Policy) -> command::Kind {
+    // Members of a replication group take only the tags the CS coordinates.
+    let grouped = !item.replication_group.is_empty();
     command::Kind::StartReplication(StartReplication {
         item: item.id.clone(),
         process_server: ps.to_string(),
         ps_address: ps_address.to_string(),
-        crash_interval_ms: policy.crash_interval_s * 1000,
-        app_interval_ms: policy.app_interval_s * 1000,
+        crash_interval_ms: if grouped {
+            0
+        } else {
+            policy.crash_interval_s * 1000
+        },
+        app_interval_ms: if grouped {
+            0
+        } else {
+            policy.app_interval_s * 1000
+        },
         verify_tags: true,
     })
 }
@@ -677,4 +692,74 @@ pub fn view(state: &State, item: &ItemRow) -> Result<Item, DbError> {
         resync_bytes: item.progress.resync_bytes,
         resync_blocks_compared: item.progress.resync_blocks_compared,
     })
+}
+
+/// Coordinates the tags of replication groups: every member gets the same tag id at the
+/// policy's intervals (multi-VM crash- and app-consistent points), so they share points.
+pub async fn group_tagger(state: std::sync::Arc<State>, stop: tokio_util::sync::CancellationToken) {
+    let mut last: std::collections::HashMap<(String, &'static str), i64> = Default::default();
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let Ok(items) = state.store.items() else {
+            continue;
+        };
+        let mut groups: BTreeMap<String, Vec<ItemRow>> = BTreeMap::new();
+        for i in items
+            .into_iter()
+            .filter(|i| !i.replication_group.is_empty() && i.state == PROTECTED)
+        {
+            groups
+                .entry(i.replication_group.clone())
+                .or_default()
+                .push(i);
+        }
+        let now = now_ms();
+        for (group, members) in groups {
+            let policy = state
+                .store
+                .policy(&members[0].policy)
+                .ok()
+                .flatten()
+                .unwrap_or_else(default_policy);
+            for (kind, every_s) in [
+                ("multi-vm-crash", policy.crash_interval_s),
+                ("multi-vm-app", policy.app_interval_s),
+            ] {
+                if every_s == 0 {
+                    continue;
+                }
+                let key = (group.clone(), kind);
+                if last
+                    .get(&key)
+                    .is_some_and(|t| now - t < every_s as i64 * 1000)
+                {
+                    continue;
+                }
+                last.insert(key, now);
+                let id = format!(
+                    "{}-{group}-{now}",
+                    if kind == "multi-vm-app" { "mva" } else { "mvc" }
+                );
+                let sends = members.iter().map(|m| {
+                    state.command(
+                        &m.machine,
+                        command::Kind::MakeTag(failback_proto::pb::control::MakeTag {
+                            item: m.id.clone(),
+                            id: id.clone(),
+                            kind: kind.to_string(),
+                        }),
+                    )
+                });
+                for (m, r) in members.iter().zip(futures::future::join_all(sends).await) {
+                    if let Err(e) = r {
+                        tracing::warn!(group = %group, machine = %m.machine, "{kind} tag {id}: {}", e.message());
+                    }
+                }
+            }
+        }
+    }
 }

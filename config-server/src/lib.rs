@@ -121,6 +121,7 @@ impl ConfigServer {
             api = %api.local_addr()?,
             "configuration server ready"
         );
+        tokio::spawn(items::group_tagger(state.clone(), shutdown.clone()));
         let stopping = state.stopping.clone();
         let watch = shutdown.clone();
         tokio::spawn(async move {

@@ -144,7 +144,8 @@ impl Agent {
                     item: s.item,
                     process_server: s.process_server,
                     ps_address: s.ps_address,
-                    crash_interval: std::time::Duration::from_millis(s.crash_interval_ms.max(100)),
+                    crash_interval: (s.crash_interval_ms > 0)
+                        .then(|| std::time::Duration::from_millis(s.crash_interval_ms.max(100))),
                     app_interval: (s.app_interval_ms > 0)
                         .then(|| std::time::Duration::from_millis(s.app_interval_ms)),
                     verify_tags: s.verify_tags,
@@ -228,26 +229,15 @@ impl Agent {
                     self.name, r.item
                 )),
             },
-            command::Kind::MakeTag(t) => {
-                let capture = self.capture.clone();
-                let verify = self
-                    .replication
-                    .as_ref()
-                    .is_some_and(|r| r.params.verify_tags);
-                tokio::task::spawn_blocking(move || {
-                    capture.tag(
-                        t.id,
-                        &t.kind,
-                        failback_common::control::now_ms(),
-                        verify,
-                        t.kind.contains("app"),
-                    )
-                })
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
-                Ok(String::new())
-            }
+            command::Kind::MakeTag(t) => match &self.replication {
+                Some(rep) if rep.params.item == t.item => {
+                    rep.tag(t.id, &t.kind).await.map(|_| String::new())
+                }
+                _ => Err(format!(
+                    "`{}` is not replicating item {}",
+                    self.name, t.item
+                )),
+            },
             _ => Err(format!(
                 "`{}` is an agent: it doesn't take this command",
                 self.name

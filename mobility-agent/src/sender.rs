@@ -49,7 +49,8 @@ pub struct Params {
     pub item: String,
     pub process_server: String,
     pub ps_address: String,
-    pub crash_interval: Duration,
+    /// None: the CS coordinates tags (replication group members).
+    pub crash_interval: Option<Duration>,
     pub app_interval: Option<Duration>,
     pub verify_tags: bool,
 }
@@ -396,10 +397,10 @@ async fn compare_and_copy(
 
 async fn tagger(shared: Arc<Shared>, cancel: CancellationToken) {
     let p = &shared.params;
-    let mut crash = tokio::time::interval(p.crash_interval);
-    let app_every = p
-        .app_interval
-        .unwrap_or(Duration::from_secs(365 * 24 * 3600));
+    let never = Duration::from_secs(365 * 24 * 3600);
+    let crash_every = p.crash_interval.unwrap_or(never);
+    let app_every = p.app_interval.unwrap_or(never);
+    let mut crash = tokio::time::interval(crash_every);
     let mut app = tokio::time::interval_at(tokio::time::Instant::now() + app_every, app_every);
     loop {
         let kind = tokio::select! {
@@ -407,22 +408,38 @@ async fn tagger(shared: Arc<Shared>, cancel: CancellationToken) {
             _ = crash.tick() => "crash",
             _ = app.tick() => "app",
         };
-        if !shared.consistent.load(Ordering::SeqCst) {
+        if p.crash_interval.is_none() || !shared.consistent.load(Ordering::SeqCst) {
             continue;
         }
-        let capture = shared.capture.clone();
-        let verify = p.verify_tags;
-        let time_ms = now_ms();
-        let id = format!("{}-{time_ms}", if kind == "app" { "app" } else { "crash" });
-        // App-consistent: the workload is quiesced (writes wait on the capture lock) and the
-        // disks flushed before the tag.
-        let result = tokio::task::spawn_blocking(move || {
-            capture.tag(id, kind, time_ms, verify, kind == "app")
-        })
-        .await;
-        if let Ok(Err(e)) | Err(e) = result.map_err(std::io::Error::other) {
+        let id = format!("{kind}-{}", now_ms());
+        if let Err(e) = take_tag(&shared, id, kind).await {
             tracing::error!("cannot take a {kind} tag: {e}");
         }
+    }
+}
+
+/// Takes a tag now. App-consistent kinds quiesce the workload (writes wait on the capture
+/// lock) and flush the disks first.
+async fn take_tag(shared: &Arc<Shared>, id: String, kind: &str) -> Result<(), String> {
+    let capture = shared.capture.clone();
+    let verify = shared.params.verify_tags;
+    let kind = kind.to_string();
+    let flush = kind.contains("app");
+    tokio::task::spawn_blocking(move || capture.tag(id, &kind, now_ms(), verify, flush))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+}
+
+impl Replication {
+    /// A tag the CS asked for (replication groups share its id across members).
+    pub async fn tag(&self, id: String, kind: &str) -> Result<(), String> {
+        if !self.shared.consistent.load(Ordering::SeqCst) {
+            return Err(
+                "the replica is not consistent yet (initial replication or resync running)".into(),
+            );
+        }
+        take_tag(&self.shared, id, kind).await
     }
 }
 

@@ -248,3 +248,85 @@ fn resync_moves_only_the_blocks_that_differ() {
     );
     verify_point_after(&lab, "vm1", now_ms(), "after the resync");
 }
+
+#[test]
+fn replication_group_members_share_points() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let lab = tmp.path().join("lab");
+    ok(Command::new(SRCTL)
+        .args(["lab", "up", "--dir"])
+        .arg(&lab)
+        .args(["--disk-size", "8MiB"])
+        .output()
+        .expect("lab up"));
+    let _guard = Guard(&lab);
+    for vm in ["vm1", "vm2"] {
+        ok(srctl(&lab, &["workload", "start", vm, "--rate", "1"]));
+        ok(srctl(
+            &lab,
+            &["item", "enable", vm, "--replication-group", "app-tier"],
+        ));
+    }
+    // Joining later is refused: membership is set when replication is enabled.
+    let e = fails(srctl(
+        &lab,
+        &["item", "enable", "vm1", "--replication-group", "other"],
+    ));
+    assert!(
+        e.contains("joins a replication group only when its replication is enabled"),
+        "{e}"
+    );
+
+    let mut shared = String::new();
+    eventually("a point shared by vm1 and vm2", 60, || {
+        let ids = |v: Value| -> Vec<(String, String)> {
+            v["recovery_points"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|p| {
+                            (
+                                p["id"].as_str().unwrap_or("").to_string(),
+                                p["kind"].as_str().unwrap_or("").to_string(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let a = ids(show(&lab, "vm1"));
+        let b = ids(show(&lab, "vm2"));
+        match a.iter().rev().find(|p| b.contains(p)) {
+            Some((id, kind)) => {
+                assert!(
+                    kind.starts_with("multi-vm-"),
+                    "group members take only coordinated tags: {kind}"
+                );
+                shared = id.clone();
+                true
+            }
+            None => false,
+        }
+    });
+    for vm in ["vm1", "vm2"] {
+        let v: Value = serde_json::from_str(&ok(srctl(
+            &lab,
+            &["item", "verify", vm, "--point", &shared, "--json"],
+        )))
+        .expect("json");
+        assert_eq!(v["equal"], true, "{vm}: {v}");
+        // No member has points of its own.
+        let kinds: Vec<String> = show(&lab, vm)["recovery_points"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| p["kind"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(
+            kinds.iter().all(|k| k.starts_with("multi-vm")),
+            "{vm}: {kinds:?}"
+        );
+    }
+}
