@@ -61,6 +61,12 @@ pub struct Progress {
     pub resync_bytes: u64,
     #[serde(default)]
     pub resync_blocks_compared: u64,
+    #[serde(default)]
+    pub target_seq: u64,
+    #[serde(default)]
+    pub lag_p50_ms: f64,
+    #[serde(default)]
+    pub lag_p99_ms: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -581,6 +587,9 @@ pub fn on_progress(state: &State, p: ItemProgress) -> Result<(), DbError> {
         acked_seq: p.acked_seq,
         resync_bytes: p.resync_bytes,
         resync_blocks_compared: p.resync_blocks_compared,
+        target_seq: p.target_seq,
+        lag_p50_ms: p.lag_p50_ms,
+        lag_p99_ms: p.lag_p99_ms,
     };
     state.store.set_item_progress(&item.id, &progress)?;
     match (p.phase.as_str(), item.state.as_str()) {
@@ -691,6 +700,9 @@ pub fn view(state: &State, item: &ItemRow) -> Result<Item, DbError> {
         acked_seq: item.progress.acked_seq,
         resync_bytes: item.progress.resync_bytes,
         resync_blocks_compared: item.progress.resync_blocks_compared,
+        target_seq: item.progress.target_seq,
+        lag_p50_ms: item.progress.lag_p50_ms,
+        lag_p99_ms: item.progress.lag_p99_ms,
     })
 }
 

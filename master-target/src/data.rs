@@ -338,9 +338,12 @@ impl TargetData for TargetService {
             let _guard = ticket.lock().await;
             replica.store().last_seq()
         };
-        tx.send(Ok(BatchAck { seq: last }))
-            .await
-            .map_err(|_| Status::cancelled("peer gone"))?;
+        tx.send(Ok(BatchAck {
+            seq: last,
+            target_seq: last,
+        }))
+        .await
+        .map_err(|_| Status::cancelled("peer gone"))?;
         tokio::spawn(async move {
             let result: Result<(), Status> = async {
                 while let Some(batch) = inbound.message().await? {
@@ -374,7 +377,14 @@ impl TargetData for TargetService {
                             }
                         }
                     }
-                    if tx.send(Ok(BatchAck { seq })).await.is_err() {
+                    if tx
+                        .send(Ok(BatchAck {
+                            seq,
+                            target_seq: seq,
+                        }))
+                        .await
+                        .is_err()
+                    {
                         return Ok(());
                     }
                 }

@@ -68,7 +68,8 @@ struct DiskState {
 
 struct Inner {
     disks: Vec<DiskState>,
-    log: VecDeque<(u64, LogEntry)>,
+    /// (entry id, when captured, entry).
+    log: VecDeque<(u64, std::time::Instant, LogEntry)>,
     /// Id the next log entry gets.
     next_entry: u64,
     /// Bytes in the log plus sent-but-unacknowledged.
@@ -220,7 +221,9 @@ impl Capture {
         if inner.logging {
             let e = LogEntry::Write { disk, offset, data };
             inner.buffered += e.bytes();
-            inner.log.push_back((entry_id, e));
+            inner
+                .log
+                .push_back((entry_id, std::time::Instant::now(), e));
             inner.next_entry += 1;
             drop(g);
             self.data_ready.notify_one();
@@ -262,20 +265,21 @@ impl Capture {
         let entry_id = g.next_entry;
         g.next_entry += 1;
         g.buffered += e.bytes();
-        g.log.push_back((entry_id, e));
+        g.log.push_back((entry_id, std::time::Instant::now(), e));
         drop(g);
         self.data_ready.notify_one();
         Ok(())
     }
 
     /// Takes log entries for one batch: up to `max_bytes`, never mixing a tag with writes.
-    /// Returns the entries and the id of the last one.
-    pub fn take_batch(&self, max_bytes: u64) -> Option<(Vec<LogEntry>, u64)> {
+    /// Returns the entries, the id of the last one and when the first was captured.
+    pub fn take_batch(&self, max_bytes: u64) -> Option<(Vec<LogEntry>, u64, std::time::Instant)> {
         let mut g = self.lock();
         let mut out = Vec::new();
         let mut size = 0;
         let mut last = 0;
-        while let Some((_, front)) = g.log.front() {
+        let oldest = g.log.front().map(|(_, t, _)| *t)?;
+        while let Some((_, _, front)) = g.log.front() {
             let is_tag = matches!(front, LogEntry::Tag(_));
             if is_tag && !out.is_empty() {
                 break;
@@ -283,7 +287,7 @@ impl Capture {
             if !out.is_empty() && size + front.bytes() > max_bytes {
                 break;
             }
-            let Some((id, e)) = g.log.pop_front() else {
+            let Some((id, _, e)) = g.log.pop_front() else {
                 break;
             };
             size += e.bytes();
@@ -293,7 +297,7 @@ impl Capture {
                 break;
             }
         }
-        (!out.is_empty()).then_some((out, last))
+        (!out.is_empty()).then_some((out, last, oldest))
     }
 
     /// The process server acknowledged everything up to log entry `entry` (`bytes` of it):
@@ -388,7 +392,9 @@ impl Capture {
             data: Bytes::from(buf),
         };
         inner.buffered += e.bytes();
-        inner.log.push_back((entry_id, e));
+        inner
+            .log
+            .push_back((entry_id, std::time::Instant::now(), e));
         drop(g);
         self.data_ready.notify_one();
         Ok(())

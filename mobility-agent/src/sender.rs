@@ -100,6 +100,12 @@ struct Shared {
     resync_bytes: AtomicU64,
     resync_blocks: AtomicU64,
     bytes_sent: AtomicU64,
+    /// Highest seq durable at the target (from the PS's acks).
+    target_seq: AtomicU64,
+    /// Batches the PS has but the target may not yet: (seq, capture time of the oldest write).
+    awaiting_target: std::sync::Mutex<VecDeque<(u64, Instant)>>,
+    /// Capture -> target-journal lag samples of the last 10 s: (when, lag).
+    lag: std::sync::Mutex<VecDeque<(Instant, Duration)>>,
     acked_seq: AtomicU64,
     acked_entry: AtomicU64,
 }
@@ -167,6 +173,9 @@ pub fn start(
         resync_bytes: AtomicU64::new(0),
         resync_blocks: AtomicU64::new(0),
         bytes_sent: AtomicU64::new(0),
+        target_seq: AtomicU64::new(0),
+        awaiting_target: std::sync::Mutex::new(VecDeque::new()),
+        lag: std::sync::Mutex::new(VecDeque::new()),
         acked_seq: AtomicU64::new(acked),
         acked_entry: AtomicU64::new(0),
     });
@@ -474,6 +483,7 @@ fn encode(capture: &Capture, entries: &[LogEntry]) -> Bytes {
 
 struct InFlight {
     seq: u64,
+    captured: Instant,
     last_entry: u64,
     bytes: u64,
     payload: Bytes,
@@ -507,15 +517,24 @@ async fn sender(shared: Arc<Shared>, credentials: Credentials, cancel: Cancellat
     }
 }
 
-fn on_ack(shared: &Shared, inflight: &mut VecDeque<InFlight>, seq: u64) -> Result<(), String> {
+fn on_ack(
+    shared: &Shared,
+    inflight: &mut VecDeque<InFlight>,
+    seq: u64,
+    target_seq: u64,
+) -> Result<(), String> {
     while inflight.front().is_some_and(|f| f.seq <= seq) {
         let Some(f) = inflight.pop_front() else { break };
+        if let Ok(mut w) = shared.awaiting_target.lock() {
+            w.push_back((f.seq, f.captured));
+        }
         shared.acked_entry.store(f.last_entry, Ordering::SeqCst);
         shared
             .capture
             .acked(f.last_entry, f.bytes)
             .map_err(|e| format!("activity log: {e}"))?;
     }
+    record_target(shared, target_seq);
     if shared.acked_seq.fetch_max(seq, Ordering::SeqCst) < seq
         && let Ok(mut p) = shared.persisted.lock()
     {
@@ -538,6 +557,44 @@ fn on_ack(shared: &Shared, inflight: &mut VecDeque<InFlight>, seq: u64) -> Resul
         tracing::info!(item = %shared.params.item, "replica consistent: delta replication");
     }
     Ok(())
+}
+
+/// The target has everything up to `target_seq`: take lag samples of the batches it covers.
+fn record_target(shared: &Shared, target_seq: u64) {
+    shared.target_seq.fetch_max(target_seq, Ordering::SeqCst);
+    let now = Instant::now();
+    let (Ok(mut waiting), Ok(mut lag)) = (shared.awaiting_target.lock(), shared.lag.lock()) else {
+        return;
+    };
+    while waiting.front().is_some_and(|(s, _)| *s <= target_seq) {
+        if let Some((_, captured)) = waiting.pop_front() {
+            lag.push_back((now, now - captured));
+        }
+    }
+    while lag
+        .front()
+        .is_some_and(|(t, _)| now - *t > Duration::from_secs(10))
+    {
+        lag.pop_front();
+    }
+    // Batches the target will never confirm to this session (PS switch) must not pile up.
+    while waiting.len() > 100_000 {
+        waiting.pop_front();
+    }
+}
+
+/// (p50, p99) of the capture -> target lag over the last 10 s, in ms.
+fn lag_percentiles(shared: &Shared) -> (f64, f64) {
+    let Ok(lag) = shared.lag.lock() else {
+        return (0.0, 0.0);
+    };
+    let mut v: Vec<f64> = lag.iter().map(|(_, d)| d.as_secs_f64() * 1000.0).collect();
+    if v.is_empty() {
+        return (0.0, 0.0);
+    }
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    (at(0.5), at(0.99))
 }
 
 async fn session(
@@ -576,7 +633,7 @@ async fn session(
         .map_err(|s| s.message().to_string())?
         .ok_or("stream closed before the first acknowledgement")?;
     // Everything the PS already holds is acknowledged; the rest is sent again.
-    on_ack(shared, inflight, first.seq)?;
+    on_ack(shared, inflight, first.seq, first.target_seq)?;
     shared.connected_once.store(true, Ordering::SeqCst);
     let mut next_seq = {
         let persisted = shared.persisted.lock().map_err(|_| "poisoned")?;
@@ -600,7 +657,8 @@ async fn session(
         let window_full =
             inflight.iter().map(|f| f.payload.len() as u64).sum::<u64>() >= WINDOW_BYTES;
         let ready = shared.capture.data_ready.notified();
-        if !window_full && let Some((entries, last_entry)) = shared.capture.take_batch(BATCH_BYTES)
+        if !window_full
+            && let Some((entries, last_entry, captured)) = shared.capture.take_batch(BATCH_BYTES)
         {
             let bytes: u64 = entries.iter().map(LogEntry::bytes).sum();
             let payload = encode(&shared.capture, &entries);
@@ -612,6 +670,7 @@ async fn session(
                 .fetch_add(payload.len() as u64, Ordering::Relaxed);
             inflight.push_back(InFlight {
                 seq,
+                captured,
                 last_entry,
                 bytes,
                 payload: payload.clone(),
@@ -626,7 +685,7 @@ async fn session(
         tokio::select! {
             _ = ready, if !window_full => {}
             ack = acks.message() => match ack {
-                Ok(Some(a)) => on_ack(shared, inflight, a.seq)?,
+                Ok(Some(a)) => on_ack(shared, inflight, a.seq, a.target_seq)?,
                 Ok(None) => return Err("process server closed the stream".into()),
                 Err(s) => return Err(format!("{}: {}", s.code(), s.message())),
             },
@@ -640,7 +699,7 @@ async fn reporter(
     outbox: mpsc::Sender<ComponentMessage>,
     cancel: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut last = (Instant::now(), 0u64);
     let mut rate = 0.0;
     loop {
@@ -659,6 +718,7 @@ async fn reporter(
             };
         }
         last = (Instant::now(), sent);
+        let lag = lag_percentiles(&shared);
         let consistent = shared.consistent.load(Ordering::SeqCst);
         let phase = if consistent {
             "delta"
@@ -716,6 +776,9 @@ async fn reporter(
                     acked_seq: shared.acked_seq.load(Ordering::SeqCst),
                     pending_bytes: shared.capture.buffered(),
                     resync_bytes: shared.resync_bytes.load(Ordering::Relaxed),
+                    target_seq: shared.target_seq.load(Ordering::SeqCst),
+                    lag_p50_ms: lag.0,
+                    lag_p99_ms: lag.1,
                     resync_blocks_compared: shared.resync_blocks.load(Ordering::Relaxed),
                 })),
             })),

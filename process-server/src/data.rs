@@ -96,6 +96,8 @@ pub struct DataPlane {
     forwarders: Mutex<HashMap<String, (Route, CancellationToken)>>,
     /// One live agent stream per item.
     fence: failback_common::fence::Fence,
+    /// Highest seq per item the target acknowledged (sent on to agents for end-to-end lag).
+    target_acked: tokio::sync::watch::Sender<HashMap<String, u64>>,
     shutdown: CancellationToken,
 }
 
@@ -118,6 +120,7 @@ impl DataPlane {
             routes_path,
             forwarders: Mutex::new(HashMap::new()),
             fence: Default::default(),
+            target_acked: tokio::sync::watch::Sender::new(HashMap::new()),
             shutdown,
         });
         // Cached batches of known routes are forwarded at once, even before the CS answers.
@@ -239,6 +242,9 @@ async fn forward_session(
         }
     };
     release(first.seq).await?;
+    dp.target_acked.send_modify(|m| {
+        m.insert(item.to_string(), first.seq);
+    });
     let mut sent = first.seq.max(dp.cache.released_seq(item));
     let mut acked = sent;
     let mut in_flight: std::collections::VecDeque<(u64, u64)> = Default::default();
@@ -277,6 +283,9 @@ async fn forward_session(
                     }
                     if a.seq > acked {
                         acked = a.seq;
+                        dp.target_acked.send_modify(|m| {
+                            m.insert(item.to_string(), acked);
+                        });
                         release(acked).await?;
                     }
                 }
@@ -326,9 +335,13 @@ impl ProcessServerData for DataService {
             let _guard = ticket.lock().await;
             dp.cache.last_seq(&item)
         };
-        tx.send(Ok(BatchAck { seq: last }))
-            .await
-            .map_err(|_| Status::cancelled("agent gone"))?;
+        let target_seq = dp.target_acked.borrow().get(&item).copied().unwrap_or(0);
+        tx.send(Ok(BatchAck {
+            seq: last,
+            target_seq,
+        }))
+        .await
+        .map_err(|_| Status::cancelled("agent gone"))?;
         tokio::spawn(async move {
             if let Err(status) = receive(&dp, &item, &ticket, &mut inbound, &tx).await {
                 tracing::warn!(%item, "replication stream refused: {}", status.message());
@@ -380,7 +393,29 @@ async fn receive(
     inbound: &mut Streaming<AgentBatch>,
     tx: &mpsc::Sender<Result<BatchAck, Status>>,
 ) -> Result<(), Status> {
-    while let Some(batch) = inbound.message().await? {
+    let mut targets = dp.target_acked.subscribe();
+    let target_seq = |t: &tokio::sync::watch::Receiver<HashMap<String, u64>>| {
+        t.borrow().get(item).copied().unwrap_or(0)
+    };
+    let mut last_appended = dp.cache.last_seq(item);
+    loop {
+        let batch = tokio::select! {
+            m = inbound.message() => match m? {
+                Some(b) => b,
+                None => return Ok(()),
+            },
+            // The target got further: tell the agent (its end-to-end lag).
+            changed = targets.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                let ack = BatchAck { seq: last_appended, target_seq: target_seq(&targets) };
+                if tx.send(Ok(ack)).await.is_err() {
+                    return Ok(());
+                }
+                continue;
+            }
+        };
         let seq = batch.seq;
         if crc32fast::hash(&batch.payload) != batch.crc32 {
             return Err(Status::data_loss(format!(
@@ -409,13 +444,17 @@ async fn receive(
             }
             Err(e) => return Err(Status::internal(e.to_string())),
         }
+        last_appended = last_appended.max(seq);
         // Throttle agents while the cache is nearly full (ASR: below 20 % free).
         if dp.cache.health().1 {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        if tx.send(Ok(BatchAck { seq })).await.is_err() {
+        let ack = BatchAck {
+            seq,
+            target_seq: target_seq(&targets),
+        };
+        if tx.send(Ok(ack)).await.is_err() {
             return Ok(());
         }
     }
-    Ok(())
 }

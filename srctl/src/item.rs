@@ -102,6 +102,9 @@ pub fn item_json(i: &Item) -> serde_json::Value {
         "bytes_per_second": i.bytes_per_second,
         "acked_seq": i.acked_seq,
         "resync_bytes": i.resync_bytes,
+        "target_seq": i.target_seq,
+        "lag_p50_ms": i.lag_p50_ms,
+        "lag_p99_ms": i.lag_p99_ms,
         "resync_blocks_compared": i.resync_blocks_compared,
         "disks": i.disks.iter().map(|d| json!({
             "id": d.id, "size_bytes": d.size_bytes, "state": d.state, "percent": d.percent,
@@ -177,6 +180,10 @@ pub fn print_show(i: &Item, as_json: bool) -> anyhow::Result<()> {
         i.bytes_replicated,
         i.bytes_per_second / 1e6,
         i.acked_seq
+    );
+    println!(
+        "lag             p50 {:.0} ms, p99 {:.0} ms (capture -> target journal, last 10 s); target at batch {}",
+        i.lag_p50_ms, i.lag_p99_ms, i.target_seq
     );
     if i.resync_blocks_compared > 0 {
         println!(

@@ -36,6 +36,23 @@ enum Cmd {
     /// A machine's workload generator (the guest OS writing to its disks).
     #[command(subcommand)]
     Workload(WorkloadCmd),
+    /// Benchmarks, each against a baseline measured in the same run.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Full replication path vs one mutual-TLS gRPC stream; lag at 20 MB/s of writes.
+    Replication {
+        #[arg(long, default_value = "512MiB")]
+        size: String,
+        /// Share of the data that compresses, 0..1.
+        #[arg(long, default_value_t = 0.5)]
+        compressible: f64,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -400,6 +417,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await?;
             println!("{machine}: workload {action}");
+        }
+        Cmd::Bench(BenchCmd::Replication {
+            size,
+            compressible,
+            json,
+        }) => {
+            let r = srctl::bench::replication(parse_size(&size)?, compressible, !json).await?;
+            srctl::bench::print_replication(&r, json)?;
         }
         Cmd::Link(cmd) => {
             let dir = srctl::client::lab_dir(lab_flag)?;
