@@ -77,8 +77,21 @@ impl Operator for OperatorService {
             last_heartbeat_ms: now_ms(),
             ..Default::default()
         }];
+        let ps_status = self
+            .state
+            .ps_status
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default();
         for row in rows {
             let live = sessions.get(&row.name);
+            let (health, health_errors) = component_health(
+                &row.role,
+                &row.name,
+                live.is_some(),
+                ps_status.get(&row.name),
+            );
+            let cache = ps_status.get(&row.name);
             components.push(Component {
                 address: row.addresses.get(&row.site).cloned().unwrap_or_default(),
                 addresses: row.addresses.clone().into_iter().collect(),
@@ -117,6 +130,10 @@ impl Operator for OperatorService {
                     })
                     .collect(),
                 power_state: row.power_state,
+                health,
+                health_errors,
+                cache_used_bytes: cache.map(|c| c.cache_used_bytes).unwrap_or(0),
+                cache_capacity_bytes: cache.map(|c| c.cache_capacity_bytes).unwrap_or(0),
                 name: row.name,
                 role: row.role,
                 site: row.site,
@@ -361,4 +378,53 @@ fn role_rank(role: &str) -> usize {
         .iter()
         .position(|r| r.as_str() == role)
         .unwrap_or(usize::MAX)
+}
+
+/// ASR-like health of a component: heartbeats for all; cache, CPU and memory for process
+/// servers (warning > 80 % CPU/memory, > 70 % cache used; critical > 95 %, > 75 %).
+fn component_health(
+    role: &str,
+    name: &str,
+    connected: bool,
+    ps: Option<&failback_proto::pb::control::PsStatus>,
+) -> (String, Vec<String>) {
+    let mut health = "Healthy";
+    let mut errors = Vec::new();
+    let mut raise = |h: &'static str, e: String| {
+        if h == "Critical" || health == "Healthy" {
+            health = h;
+        }
+        errors.push(e);
+    };
+    if role == Role::Operator.as_str() {
+        return ("-".into(), errors);
+    }
+    if !connected {
+        let code = match role {
+            "process-server" => "806: no heartbeat from the process server",
+            "master-target" => "78022: no heartbeat from the master target",
+            "agent" => "78174: no heartbeat from the source machine",
+            _ => "no heartbeat",
+        };
+        raise("Critical", format!("{code} {name}"));
+    }
+    if let Some(ps) = ps.filter(|_| connected) {
+        match ps.cache_health.as_str() {
+            "Warning" => raise("Warning", "cache free space below 30 %".into()),
+            "Critical" if ps.throttled => raise(
+                "Critical",
+                "cache free space below 20 %: agents throttled".into(),
+            ),
+            "Critical" => raise("Critical", "cache free space below 25 %".into()),
+            _ => {}
+        }
+        for (what, v) in [("CPU", ps.cpu_percent), ("memory", ps.memory_percent)] {
+            if v > 95.0 {
+                raise("Critical", format!("{what} use {v:.0} % (over 95 %)"));
+            } else if v > 80.0 {
+                raise("Warning", format!("{what} use {v:.0} % (over 80 %)"));
+            }
+        }
+    }
+    (health.into(), errors)
 }

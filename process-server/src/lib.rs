@@ -157,6 +157,7 @@ async fn report_status(
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut cpu = CpuSampler::default();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -170,8 +171,57 @@ async fn report_status(
                     cache_capacity_bytes: dp.cache.capacity(),
                     cache_health: health.to_string(),
                     throttled,
+                    cpu_percent: cpu.sample(),
+                    memory_percent: memory_percent(),
                 })),
             })),
         });
+    }
+}
+
+/// Host CPU use between two samples of /proc/stat.
+#[derive(Default)]
+struct CpuSampler {
+    last: Option<(u64, u64)>,
+}
+
+impl CpuSampler {
+    fn sample(&mut self) -> f64 {
+        let Some((busy, total)) = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+            let line = s.lines().next()?.to_string();
+            let v: Vec<u64> = line
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+            let total: u64 = v.iter().sum();
+            Some((total - idle, total))
+        }) else {
+            return 0.0;
+        };
+        let pct = match self.last {
+            Some((b0, t0)) if total > t0 => (busy - b0) as f64 / (total - t0) as f64 * 100.0,
+            _ => 0.0,
+        };
+        self.last = Some((busy, total));
+        pct
+    }
+}
+
+/// Host memory in use, from /proc/meminfo.
+fn memory_percent() -> f64 {
+    let Ok(s) = std::fs::read_to_string("/proc/meminfo") else {
+        return 0.0;
+    };
+    let field = |name: &str| {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    match (field("MemTotal:"), field("MemAvailable:")) {
+        (Some(t), Some(a)) if t > 0.0 => (t - a) / t * 100.0,
+        _ => 0.0,
     }
 }

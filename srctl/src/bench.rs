@@ -8,6 +8,9 @@
 //!    agent (read, CRC) -> PS (LZ4, cache fsync) -> vpn-link relay -> target (CRC, journal
 //!    fsync), timed from the request until the target has journaled the last batch;
 //! 3. replication lag (capture -> target journal) p50/p99 under a steady 20 MB/s workload.
+//!
+//! `bench compression` measures the codecs the process server could use (LZ4 and zstd) on the
+//! same data: the measurement behind the PS's choice of LZ4.
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -328,4 +331,63 @@ pub fn print_replication(r: &ReplicationReport, as_json: bool) -> anyhow::Result
         r.lag_write_rate_mb_s, r.lag_p50_ms, r.lag_p99_ms
     );
     Ok(())
+}
+
+/// One codec's numbers.
+#[derive(Debug, serde::Serialize)]
+pub struct CodecResult {
+    pub codec: String,
+    pub compress_mb_s: f64,
+    pub decompress_mb_s: f64,
+    /// Compressed size / original size.
+    pub ratio: f64,
+}
+
+/// LZ4 and zstd (levels 1 and 3) on 4 MiB batches of data with the given compressible share.
+pub fn compression(size: u64, compressible: f64) -> anyhow::Result<Vec<CodecResult>> {
+    let data = payload(size.max(BATCH as u64) as usize, compressible, 11);
+    let mut out = Vec::new();
+    type Codec = (
+        &'static str,
+        Box<dyn Fn(&[u8]) -> Vec<u8>>,
+        Box<dyn Fn(&[u8], usize) -> anyhow::Result<Vec<u8>>>,
+    );
+    let codecs: Vec<Codec> = vec![
+        (
+            "lz4",
+            Box::new(|b: &[u8]| lz4_flex::block::compress(b)),
+            Box::new(|b: &[u8], n| Ok(lz4_flex::block::decompress(b, n)?)),
+        ),
+        (
+            "zstd-1",
+            Box::new(|b: &[u8]| zstd::bulk::compress(b, 1).unwrap_or_default()),
+            Box::new(|b: &[u8], n| Ok(zstd::bulk::decompress(b, n)?)),
+        ),
+        (
+            "zstd-3",
+            Box::new(|b: &[u8]| zstd::bulk::compress(b, 3).unwrap_or_default()),
+            Box::new(|b: &[u8], n| Ok(zstd::bulk::decompress(b, n)?)),
+        ),
+    ];
+    for (name, compress, decompress) in codecs {
+        let start = Instant::now();
+        let packed: Vec<Vec<u8>> = data.chunks(BATCH).map(&compress).collect();
+        let c_secs = start.elapsed().as_secs_f64();
+        let start = Instant::now();
+        for (p, c) in packed.iter().zip(data.chunks(BATCH)) {
+            let back = decompress(p, c.len())?;
+            if back != c {
+                anyhow::bail!("{name} did not round-trip");
+            }
+        }
+        let d_secs = start.elapsed().as_secs_f64();
+        let packed_len: usize = packed.iter().map(Vec::len).sum();
+        out.push(CodecResult {
+            codec: name.into(),
+            compress_mb_s: data.len() as f64 / c_secs / 1e6,
+            decompress_mb_s: data.len() as f64 / d_secs / 1e6,
+            ratio: packed_len as f64 / data.len() as f64,
+        });
+    }
+    Ok(out)
 }

@@ -35,6 +35,10 @@ pub fn to_json(c: &Component) -> serde_json::Value {
         "host": c.host,
         "machines": c.machines,
         "power_state": c.power_state,
+        "health": c.health,
+        "health_errors": c.health_errors,
+        "cache_used_bytes": c.cache_used_bytes,
+        "cache_capacity_bytes": c.cache_capacity_bytes,
         "datastores": c.datastores.iter().map(|d| json!({
             "name": d.name, "path": d.path, "capacity_bytes": d.capacity_bytes, "free_bytes": d.free_bytes,
         })).collect::<Vec<_>>(),
@@ -46,6 +50,16 @@ pub fn to_json(c: &Component) -> serde_json::Value {
 
 fn details(c: &Component) -> String {
     let mut parts = Vec::new();
+    if c.health != "Healthy" && c.health != "-" && !c.health.is_empty() {
+        parts.push(format!("{}: {}", c.health, c.health_errors.join("; ")));
+    }
+    if c.cache_capacity_bytes > 0 {
+        parts.push(format!(
+            "cache {} of {}",
+            bytes(c.cache_used_bytes),
+            bytes(c.cache_capacity_bytes)
+        ));
+    }
     if !c.machines.is_empty() {
         parts.push(format!("machines: {}", c.machines.join(", ")));
     }

@@ -43,6 +43,15 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// LZ4 vs zstd on the same data (why the process server uses LZ4).
+    Compression {
+        #[arg(long, default_value = "256MiB")]
+        size: String,
+        #[arg(long, default_value_t = 0.5)]
+        compressible: f64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Full replication path vs one mutual-TLS gRPC stream; lag at 20 MB/s of writes.
     Replication {
         #[arg(long, default_value = "512MiB")]
@@ -417,6 +426,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await?;
             println!("{machine}: workload {action}");
+        }
+        Cmd::Bench(BenchCmd::Compression {
+            size,
+            compressible,
+            json,
+        }) => {
+            let r = srctl::bench::compression(parse_size(&size)?, compressible)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "{:<8} {:>14} {:>16} {:>7}",
+                    "CODEC", "COMPRESS MB/s", "DECOMPRESS MB/s", "RATIO"
+                );
+                for c in &r {
+                    println!(
+                        "{:<8} {:>14.0} {:>16.0} {:>7.3}",
+                        c.codec, c.compress_mb_s, c.decompress_mb_s, c.ratio
+                    );
+                }
+            }
         }
         Cmd::Bench(BenchCmd::Replication {
             size,
