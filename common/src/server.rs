@@ -8,11 +8,22 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Server, ServerTlsConfig, server::Router};
 
+/// HTTP/2 flow-control windows of every lab connection (both ends).
+pub const STREAM_WINDOW: u32 = 32 << 20;
+pub const CONNECTION_WINDOW: u32 = 64 << 20;
+/// Largest HTTP/2 frame accepted (the protocol's default, 16 KiB, costs a frame per 16 KiB).
+pub const MAX_FRAME: u32 = (1 << 24) - 1;
+
 /// A tonic server builder with the lab's TLS and transport settings.
 pub fn builder(tls: ServerTlsConfig) -> Result<Server, tonic::transport::Error> {
     Server::builder().tls_config(tls).map(|b| {
         b.tcp_nodelay(true)
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(5)))
+            // Replication streams carry 4 MiB batches: windows large enough that the next
+            // batch flows while the receiver makes the previous one durable.
+            .initial_stream_window_size(Some(STREAM_WINDOW))
+            .initial_connection_window_size(Some(CONNECTION_WINDOW))
+            .max_frame_size(Some(MAX_FRAME))
     })
 }
 

@@ -151,7 +151,10 @@ impl Credentials {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true))
+            .keep_alive_while_idle(true)
+            .initial_stream_window_size(crate::server::STREAM_WINDOW)
+            .initial_connection_window_size(crate::server::CONNECTION_WINDOW)
+            .max_frame_size(crate::server::MAX_FRAME))
     }
 }
 

@@ -204,7 +204,11 @@ async fn applier(
     let mut prune_tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {
-            _ = replica.apply.notified() => {}
+            // Batches are applied in groups: one disk checkpoint (fdatasync) for many of
+            // them, instead of one per batch holding up the journal.
+            _ = replica.apply.notified() => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             _ = prune_tick.tick() => {
                 let r = replica.clone();
