@@ -24,6 +24,7 @@ pub const ENABLING: &str = "Enabling protection";
 pub const INITIAL: &str = "Initial replication in progress";
 pub const PROTECTED: &str = "Protected";
 pub const RESYNCING: &str = "Resynchronization in progress";
+pub const RESYNC_REQUIRED: &str = "Resync required";
 
 /// The lab's default policy: ASR's shape, lab timers (points within a minute).
 pub fn default_policy() -> Policy {
@@ -598,11 +599,17 @@ pub fn on_progress(state: &State, p: ItemProgress) -> Result<(), DbError> {
             state.store.finish_enable_job(&item.id)?;
             tracing::info!(item = %item.id, "initial replication complete: Protected");
         }
-        ("delta", RESYNCING) => {
+        ("delta", RESYNCING | RESYNC_REQUIRED) => {
             state.store.set_item_state(&item.id, PROTECTED)?;
             tracing::info!(item = %item.id, bytes = p.resync_bytes, "resynchronization complete: Protected");
         }
-        ("resync", PROTECTED) => state.store.set_item_state(&item.id, RESYNCING)?,
+        ("resync", PROTECTED | RESYNC_REQUIRED) => {
+            state.store.set_item_state(&item.id, RESYNCING)?
+        }
+        ("resync-required", _) if item.state != RESYNC_REQUIRED => {
+            tracing::warn!(item = %item.id, "tracking lost: resync required");
+            state.store.set_item_state(&item.id, RESYNC_REQUIRED)?
+        }
         _ => {}
     }
     Ok(())

@@ -416,6 +416,13 @@ impl TargetData for TargetService {
         let replica = self.replicas.get(&req.item).ok_or_else(|| {
             Status::failed_precondition(format!("item `{}` is not prepared here", req.item))
         })?;
+        if req.length == 0 {
+            let last = replica.store().last_seq();
+            return Ok(Response::new(ChecksumResponse {
+                checksums: Default::default(),
+                target_seq: last,
+            }));
+        }
         if req.block_size == 0 || req.length > (1 << 34) {
             return Err(Status::invalid_argument(
                 "block_size must be > 0 and length at most 16 GiB",
@@ -438,6 +445,7 @@ impl TargetData for TargetService {
         .map_err(replica_status)?;
         Ok(Response::new(ChecksumResponse {
             checksums: sums.concat().into(),
+            target_seq: last,
         }))
     }
 }

@@ -420,6 +420,15 @@ impl Capture {
             .collect())
     }
 
+    /// Forgets `bytes` of buffered records without cooling any region (they are superseded
+    /// by a resync).
+    pub fn release_buffer(&self, bytes: u64) {
+        let mut g = self.lock();
+        g.buffered = g.buffered.saturating_sub(bytes);
+        drop(g);
+        self.space_freed.notify_waiters();
+    }
+
     /// Id of the newest log entry.
     pub fn last_entry_id(&self) -> u64 {
         self.lock().next_entry - 1

@@ -95,6 +95,8 @@ struct Shared {
     resyncing: AtomicBool,
     /// Set once a session learned what the PS holds (the resync barrier needs it).
     connected_once: AtomicBool,
+    /// Tracking was lost (the PS lost its cache): a full resync is queued.
+    resync_required: AtomicBool,
     /// Asks the copier for a checksum resync of every allocated block.
     resync_requests: tokio::sync::Notify,
     resync_bytes: AtomicU64,
@@ -169,6 +171,7 @@ pub fn start(
         copy_progress: std::sync::Mutex::new(vec![(0, 0); disks]),
         resyncing: AtomicBool::new(resync),
         connected_once: AtomicBool::new(false),
+        resync_required: AtomicBool::new(false),
         resync_requests: tokio::sync::Notify::new(),
         resync_bytes: AtomicU64::new(0),
         resync_blocks: AtomicU64::new(0),
@@ -224,6 +227,7 @@ async fn copier(shared: Arc<Shared>, credentials: Credentials, cancel: Cancellat
         }
         shared.consistent.store(false, Ordering::SeqCst);
         shared.resyncing.store(true, Ordering::SeqCst);
+        shared.resync_required.store(false, Ordering::SeqCst);
         shared.copy_end_entry.store(0, Ordering::SeqCst);
         let plan = allocated(&capture);
         if !run_copy(&shared, &credentials, &cancel, plan, true).await {
@@ -559,6 +563,52 @@ fn on_ack(
     Ok(())
 }
 
+/// The PS holds less than it acknowledged: its cache was lost, and with it batches whose
+/// regions already cooled down. Tracking is lost ("Resync required"): continue numbering after
+/// what the target journaled, and compare every allocated block with the replica.
+async fn cache_lost(
+    shared: &Shared,
+    client: &mut ProcessServerDataClient<tonic::transport::Channel>,
+    inflight: &mut VecDeque<InFlight>,
+    ps_seq: u64,
+    acked: u64,
+) -> Result<(), String> {
+    tracing::warn!(
+        item = %shared.params.item,
+        "{} holds batch {ps_seq} but had acknowledged {acked}: its cache was lost; resync required",
+        shared.params.process_server
+    );
+    shared.consistent.store(false, Ordering::SeqCst);
+    shared.resyncing.store(true, Ordering::SeqCst);
+    shared.resync_required.store(true, Ordering::SeqCst);
+    let target_seq = client
+        .block_checksums(pb::ChecksumRequest {
+            item: shared.params.item.clone(),
+            disk: shared.capture.disk_id(0),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| format!("asking the target how far it got: {}", s.message()))?
+        .into_inner()
+        .target_seq;
+    // Batches in flight are superseded by the resync; their regions stay hot until then.
+    let dropped: u64 = inflight.drain(..).map(|f| f.bytes).sum();
+    shared.capture.release_buffer(dropped);
+    if let Ok(mut w) = shared.awaiting_target.lock() {
+        w.clear();
+    }
+    let resume = target_seq.max(ps_seq);
+    shared.acked_seq.store(resume, Ordering::SeqCst);
+    if let Ok(mut p) = shared.persisted.lock() {
+        p.acked_seq = resume;
+        save(&shared.state_path, &p)
+            .map_err(|e| format!("cannot persist replication state: {e}"))?;
+    }
+    shared.copy_end_entry.store(0, Ordering::SeqCst);
+    shared.resync_requests.notify_one();
+    Ok(())
+}
+
 /// The target has everything up to `target_seq`: take lag samples of the batches it covers.
 fn record_target(shared: &Shared, target_seq: u64) {
     shared.target_seq.fetch_max(target_seq, Ordering::SeqCst);
@@ -632,8 +682,14 @@ async fn session(
         .await
         .map_err(|s| s.message().to_string())?
         .ok_or("stream closed before the first acknowledgement")?;
-    // Everything the PS already holds is acknowledged; the rest is sent again.
-    on_ack(shared, inflight, first.seq, first.target_seq)?;
+    let acked_before = shared.persisted.lock().map(|p| p.acked_seq).unwrap_or(0);
+    if first.seq < acked_before {
+        // Numbering continues after what the PS and the target still have.
+        cache_lost(shared, &mut client, inflight, first.seq, acked_before).await?;
+    } else {
+        // Everything the PS already holds is acknowledged; the rest is sent again.
+        on_ack(shared, inflight, first.seq, first.target_seq)?;
+    }
     shared.connected_once.store(true, Ordering::SeqCst);
     let mut next_seq = {
         let persisted = shared.persisted.lock().map_err(|_| "poisoned")?;
@@ -722,6 +778,8 @@ async fn reporter(
         let consistent = shared.consistent.load(Ordering::SeqCst);
         let phase = if consistent {
             "delta"
+        } else if shared.resync_required.load(Ordering::SeqCst) {
+            "resync-required"
         } else if shared.resyncing.load(Ordering::SeqCst) {
             "resync"
         } else {

@@ -330,3 +330,38 @@ fn replication_group_members_share_points() {
         );
     }
 }
+
+#[test]
+fn a_lost_process_server_cache_is_detected_and_resynchronized() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let lab = tmp.path().join("lab");
+    ok(Command::new(SRCTL)
+        .args(["lab", "up", "--dir"])
+        .arg(&lab)
+        .args(["--disk-size", "16MiB", "--machines", "1"])
+        .output()
+        .expect("lab up"));
+    let _guard = Guard(&lab);
+    ok(srctl(&lab, &["workload", "start", "vm1", "--rate", "2"]));
+    ok(srctl(&lab, &["item", "enable", "vm1"]));
+    eventually("vm1 Protected", 60, || {
+        show(&lab, "vm1")["state"] == "Protected"
+    });
+
+    // The target hangs, so the PS holds acknowledged batches it could not forward; then the
+    // PS dies and its cache disk is lost.
+    ok(srctl(&lab, &["lab", "pause", "azure-target"]));
+    std::thread::sleep(Duration::from_millis(2000));
+    ok(srctl(&lab, &["lab", "kill", "ps-onprem"]));
+    std::fs::remove_dir_all(lab.join("data/ps-onprem/cache")).expect("remove the PS cache");
+    ok(srctl(&lab, &["lab", "restart", "ps-onprem"]));
+    ok(srctl(&lab, &["lab", "resume", "azure-target"]));
+
+    eventually("a full resync after the lost cache", 60, || {
+        let v = show(&lab, "vm1");
+        v["state"] == "Protected" && v["resync_blocks_compared"].as_u64().unwrap_or(0) > 0
+    });
+    let log = std::fs::read_to_string(lab.join("logs/esx-1.log")).expect("log");
+    assert!(log.contains("its cache was lost; resync required"), "{log}");
+    verify_point_after(&lab, "vm1", now_ms(), "after the lost PS cache");
+}
