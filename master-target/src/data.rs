@@ -214,8 +214,10 @@ async fn applier(
                 let r = replica.clone();
                 let retention = r.retention_ms.load(std::sync::atomic::Ordering::Relaxed) as i64;
                 let pruned = tokio::task::spawn_blocking(move || {
-                    let cutoff = now_ms() - retention;
-                    r.store().prune(|p| p.time_ms >= cutoff)
+                    let mut store = r.store();
+                    let all: Vec<(String, i64)> = store.points().into_iter().map(|p| (p.id, p.time_ms)).collect();
+                    let keep = crate::retention::keep(&all, now_ms(), retention);
+                    store.prune(|p| keep.contains(&p.id))
                 }).await;
                 match pruned {
                     Ok(Ok(ids)) if !ids.is_empty() => report(&outbox, report::Kind::PointsPruned(PointsPruned {

@@ -5,9 +5,15 @@
 //! and `azure-target` (the Azure-side target storage, datastore `azure-storage`). It registers
 //! with the CS (reporting its datastores), keeps its control stream, and serves its data port
 //! (mutual TLS, process servers only) with a gRPC health service for readiness.
+//!
+//! # Layout
+//! - [`replica`]: the durable replica store of one item (journal, disks, undo log, points).
+//! - [`data`]: the `TargetData` service, the applier, verification.
+//! - [`retention`]: which recovery points to keep (ASR's pruning rules).
 
 pub mod data;
 pub mod replica;
+pub mod retention;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
