@@ -23,6 +23,10 @@ pub struct CsConfig {
     pub heartbeat_timeout: Duration,
     /// Failed enrollments allowed per source address per minute before refusing all.
     pub enroll_failures_per_minute: u32,
+    /// How long a failed-over VM takes to boot before its agent registers (ASR: up to 15
+    /// minutes; lab default a few seconds).
+    #[serde(with = "humantime_serde")]
+    pub boot_delay: Duration,
 }
 
 impl Default for CsConfig {
@@ -34,6 +38,7 @@ impl Default for CsConfig {
             heartbeat_interval: Duration::from_secs(1),
             heartbeat_timeout: Duration::from_secs(4),
             enroll_failures_per_minute: 5,
+            boot_delay: Duration::from_secs(2),
         }
     }
 }

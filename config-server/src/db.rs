@@ -64,7 +64,12 @@ CREATE TABLE IF NOT EXISTS items (
     replication_group TEXT NOT NULL DEFAULT '',
     created_ms        INTEGER NOT NULL,
     active            INTEGER NOT NULL DEFAULT 1,
-    progress          TEXT NOT NULL DEFAULT '{}'
+    progress          TEXT NOT NULL DEFAULT '{}',
+    -- The point the item failed over to, and the source digests recorded with it.
+    failover_point    TEXT NOT NULL DEFAULT '',
+    failover_digests  TEXT NOT NULL DEFAULT '[]',
+    -- The running test-failover VM, if any.
+    test_vm           TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS recovery_points (
     item    TEXT NOT NULL REFERENCES items(id) ON DELETE CASCADE,

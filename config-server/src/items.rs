@@ -83,6 +83,10 @@ pub struct ItemRow {
     pub replication_group: String,
     pub created_ms: i64,
     pub progress: Progress,
+    pub failover_point: String,
+    /// (disk, blake3) the source recorded with the failover point.
+    pub failover_digests: Vec<(String, String)>,
+    pub test_vm: String,
 }
 
 fn policy_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Policy> {
@@ -97,7 +101,7 @@ fn policy_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Policy> {
 }
 
 const ITEM_COLUMNS: &str = "id, machine, direction, state, process_server, target, datastore, policy, \
-                            replication_group, created_ms, progress";
+                            replication_group, created_ms, progress, failover_point, failover_digests, test_vm";
 
 fn item_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ItemRow> {
     let progress: String = r.get(10)?;
@@ -113,6 +117,9 @@ fn item_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ItemRow> {
         replication_group: r.get(8)?,
         created_ms: r.get(9)?,
         progress: serde_json::from_str(&progress).unwrap_or_default(),
+        failover_point: r.get(11)?,
+        failover_digests: serde_json::from_str(&r.get::<_, String>(12)?).unwrap_or_default(),
+        test_vm: r.get(13)?,
     })
 }
 
@@ -225,6 +232,111 @@ impl Store {
         self.conn().execute(
             "UPDATE items SET progress = ?2 WHERE id = ?1",
             params![id, json],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_failover(
+        &self,
+        id: &str,
+        point: &str,
+        digests: &[(String, String)],
+    ) -> Result<(), DbError> {
+        self.conn().execute(
+            "UPDATE items SET failover_point = ?2, failover_digests = ?3 WHERE id = ?1",
+            params![
+                id,
+                point,
+                serde_json::to_string(digests).unwrap_or_default()
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_test_vm(&self, id: &str, vm: &str) -> Result<(), DbError> {
+        self.conn().execute(
+            "UPDATE items SET test_vm = ?2 WHERE id = ?1",
+            params![id, vm],
+        )?;
+        Ok(())
+    }
+
+    pub fn clear_points(&self, item: &str) -> Result<(), DbError> {
+        self.conn()
+            .execute("DELETE FROM recovery_points WHERE item = ?1", [item])?;
+        Ok(())
+    }
+
+    /// The job running on `item`, if any: (id, name).
+    pub fn running_job(&self, item: &str) -> Result<Option<(i64, String)>, DbError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT id, name FROM jobs WHERE item = ?1 AND state = 'In progress' ORDER BY id DESC LIMIT 1",
+                [item],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    pub fn jobs(&self, id: i64) -> Result<Vec<failback_proto::pb::operator::Job>, DbError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, name, item, state, steps, started_ms, ended_ms, error FROM jobs
+             WHERE ?1 = 0 OR id = ?1 ORDER BY id",
+        )?;
+        let rows = stmt
+            .query_map([id], |r| {
+                let steps: String = r.get(4)?;
+                let steps: Vec<(String, String, i64)> =
+                    serde_json::from_str(&steps).unwrap_or_default();
+                Ok(failback_proto::pb::operator::Job {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    item: r.get(2)?,
+                    state: r.get(3)?,
+                    steps: steps
+                        .into_iter()
+                        .map(
+                            |(name, state, time_ms)| failback_proto::pb::operator::JobStep {
+                                name,
+                                state,
+                                time_ms,
+                            },
+                        )
+                        .collect(),
+                    started_ms: r.get(5)?,
+                    ended_ms: r.get(6)?,
+                    error: r.get(7)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// Records that the component `name` now runs as `identity` with a certificate the CS
+    /// issued (a failed-over VM): inserted, or moved to its new site and host.
+    pub fn upsert_issued(
+        &self,
+        identity: &failback_common::identity::Identity,
+        fingerprint: &str,
+        host: &str,
+        now_ms: i64,
+    ) -> Result<(), DbError> {
+        self.conn().execute(
+            "INSERT INTO components(name, role, site, cert_fingerprint, enrolled_at_ms, host, power_state)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'starting')
+             ON CONFLICT(name) DO UPDATE SET role = excluded.role, site = excluded.site,
+               cert_fingerprint = excluded.cert_fingerprint, host = excluded.host, power_state = 'starting'",
+            params![identity.name, identity.role.as_str(), identity.site.as_str(), fingerprint, now_ms, host],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_power_state(&self, name: &str, power: &str) -> Result<(), DbError> {
+        self.conn().execute(
+            "UPDATE components SET power_state = ?2 WHERE name = ?1",
+            params![name, power],
         )?;
         Ok(())
     }
@@ -482,6 +594,9 @@ pub async fn enable(state: &State, req: EnableItemRequest) -> Result<ItemRow, St
         replication_group: req.replication_group.clone(),
         created_ms: now_ms(),
         progress: Progress::default(),
+        failover_point: String::new(),
+        failover_digests: Vec::new(),
+        test_vm: String::new(),
     };
     store.insert_item(&item)?;
     let job = store.start_job("Enable protection", &item.id)?;

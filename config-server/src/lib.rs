@@ -7,6 +7,7 @@
 //! - [`ca`]: the lab CA (in the database) and certificate issuing.
 //! - [`state`]: shared state, live sessions, enrollment rate limiting.
 //! - [`items`]: replicated items, policies, recovery points, jobs; "Enable protection".
+//! - [`failover`]: failover, planned and test failover, change-point, commit.
 //! - [`reports`]: reports from components; what is re-sent when one reconnects.
 //! - [`enroll`], [`control`], [`operator`]: the gRPC services.
 //!
@@ -20,6 +21,7 @@ pub mod config;
 pub mod control;
 pub mod db;
 pub mod enroll;
+pub mod failover;
 pub mod items;
 pub mod operator;
 pub mod reports;

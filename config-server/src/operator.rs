@@ -6,15 +6,66 @@ use failback_common::control::now_ms;
 use failback_common::identity::{Role, authorize};
 use failback_proto::pb::control::{Resync, VerifyPoint, WorkloadCommand, command};
 use failback_proto::pb::operator::{
-    Component, DatastoreRow, DiskRow, DiskVerification, EnableItemRequest, Item, ListInfraRequest,
-    ListInfraResponse, ListItemsRequest, ListItemsResponse, ListPoliciesRequest,
-    ListPoliciesResponse, Policy, RemoveComponentRequest, RemoveComponentResponse, ResyncRequest,
-    VerifyRequest, VerifyResponse, WorkloadRequest, WorkloadResponse, operator_server::Operator,
+    Component, DatastoreRow, DiskRow, DiskVerification, EnableItemRequest, FailoverRequest, Item,
+    ItemRequest, Job, ListInfraRequest, ListInfraResponse, ListItemsRequest, ListItemsResponse,
+    ListJobsRequest, ListJobsResponse, ListPoliciesRequest, ListPoliciesResponse, Policy,
+    RemoveComponentRequest, RemoveComponentResponse, ResyncRequest, VerifyRequest, VerifyResponse,
+    WorkloadRequest, WorkloadResponse, operator_server::Operator,
 };
 use tonic::{Request, Response, Status};
 
 use crate::items;
 use crate::state::State;
+
+impl OperatorService {
+    /// Compares the disks of the failed-over (or test) VM with the digests the source recorded
+    /// at the failover point.
+    async fn verify_vm(&self, item: &items::ItemRow) -> Result<VerifyResponse, Status> {
+        let vm = if item.test_vm.is_empty() {
+            item.machine.clone()
+        } else {
+            item.test_vm.clone()
+        };
+        let result = self
+            .state
+            .command(
+                &item.target,
+                command::Kind::VerifyPoint(VerifyPoint {
+                    item: item.id.clone(),
+                    point: String::new(),
+                    vm,
+                }),
+            )
+            .await?;
+        let detail: VerifyDetail = serde_json::from_str(&result.detail_json).map_err(|e| {
+            Status::internal(format!("bad verification result from {}: {e}", item.target))
+        })?;
+        let mut equal = !item.failover_digests.is_empty();
+        let disks = item
+            .failover_digests
+            .iter()
+            .map(|(disk, source)| {
+                let replica = detail
+                    .disks
+                    .iter()
+                    .find(|(d, _, _)| d == disk)
+                    .map(|(_, _, r)| r.clone())
+                    .unwrap_or_default();
+                equal &= &replica == source;
+                DiskVerification {
+                    disk: disk.clone(),
+                    source_blake3: source.clone(),
+                    replica_blake3: replica,
+                }
+            })
+            .collect();
+        Ok(VerifyResponse {
+            equal,
+            point: item.failover_point.clone(),
+            disks,
+        })
+    }
+}
 
 fn validate_policy(p: &Policy) -> Result<(), Status> {
     failback_common::identity::validate_name(&p.name).map_err(Status::invalid_argument)?;
@@ -238,6 +289,11 @@ impl Operator for OperatorService {
             .ok_or_else(|| {
                 Status::not_found(format!("`{}` has no replicated item", req.machine))
             })?;
+        if !item.failover_digests.is_empty()
+            && (req.point.is_empty() || req.point == "latest" || req.point == item.failover_point)
+        {
+            return self.verify_vm(&item).await.map(Response::new);
+        }
         let points = self.state.store.points(&item.id)?;
         let point = if req.point.is_empty() || req.point == "latest" {
             points.last().map(|p| p.id.clone()).ok_or_else(|| {
@@ -261,6 +317,7 @@ impl Operator for OperatorService {
                 command::Kind::VerifyPoint(VerifyPoint {
                     item: item.id.clone(),
                     point,
+                    vm: String::new(),
                 }),
             )
             .await?;
@@ -348,6 +405,46 @@ impl Operator for OperatorService {
         self.state.store.end_job(job, None)?;
         let row = self.state.store.item(&item.id)?.unwrap_or(item);
         Ok(Response::new(items::view(&self.state, &row)?))
+    }
+
+    async fn failover(&self, request: Request<FailoverRequest>) -> Result<Response<Job>, Status> {
+        authorize(&request, "Operator.Failover", &[Role::Operator])?;
+        Ok(Response::new(
+            crate::failover::failover(&self.state, request.into_inner()).await?,
+        ))
+    }
+
+    async fn cleanup_test_failover(
+        &self,
+        request: Request<ItemRequest>,
+    ) -> Result<Response<Job>, Status> {
+        authorize(&request, "Operator.CleanupTestFailover", &[Role::Operator])?;
+        let machine = request.into_inner().machine;
+        Ok(Response::new(
+            crate::failover::cleanup_test(&self.state, &machine).await?,
+        ))
+    }
+
+    async fn commit(&self, request: Request<ItemRequest>) -> Result<Response<Item>, Status> {
+        authorize(&request, "Operator.Commit", &[Role::Operator])?;
+        let machine = request.into_inner().machine;
+        let row = crate::failover::commit(&self.state, &machine).await?;
+        Ok(Response::new(items::view(&self.state, &row)?))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<ListJobsRequest>,
+    ) -> Result<Response<ListJobsResponse>, Status> {
+        authorize(&request, "Operator.ListJobs", &[Role::Operator])?;
+        let id = request.into_inner().id;
+        let jobs = self.state.store.jobs(id)?;
+        if id != 0 && jobs.is_empty() {
+            return Err(Status::not_found(format!(
+                "no job {id}; see `srctl job list`"
+            )));
+        }
+        Ok(Response::new(ListJobsResponse { jobs }))
     }
 
     async fn remove_component(

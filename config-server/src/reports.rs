@@ -40,6 +40,15 @@ pub fn resume(state: Arc<State>, who: Identity) {
 async fn resume_inner(state: &State, who: &Identity) -> Result<(), tonic::Status> {
     let store = &state.store;
     for item in store.items()? {
+        // A failed-over item no longer replicates (its machine now runs at the target site).
+        if matches!(
+            item.state.as_str(),
+            crate::failover::FAILOVER_IN_PROGRESS
+                | crate::failover::FAILOVER_COMPLETED
+                | crate::failover::FAILOVER_COMMITTED
+        ) {
+            continue;
+        }
         let policy = store
             .policy(&item.policy)?
             .unwrap_or_else(items::default_policy);

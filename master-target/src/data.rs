@@ -160,6 +160,115 @@ impl Replicas {
         Ok(())
     }
 
+    /// The datastore directory of `item`'s replica.
+    fn datastore_of(&self, replica: &ItemReplica) -> Option<PathBuf> {
+        // DATASTORE/replicas/ITEM
+        replica
+            .dir
+            .parent()
+            .and_then(|p| p.parent())
+            .map(PathBuf::from)
+    }
+
+    /// Writes the item's disks as of `point` into DATASTORE/vms/VM (replacing what was there);
+    /// returns the disks and the digests the source recorded at the point.
+    pub async fn materialize(&self, item: &str, point: &str, vm: &str) -> Result<String, String> {
+        failback_common::identity::validate_name(vm)?;
+        let replica = self
+            .get(item)
+            .ok_or_else(|| format!("no replica of `{item}` on {}", self.name))?;
+        let ds = self
+            .datastore_of(&replica)
+            .ok_or("replica outside a datastore")?;
+        let out = ds.join("vms").join(vm);
+        let point = point.to_string();
+        tokio::task::spawn_blocking(move || {
+            if out.exists() {
+                std::fs::remove_dir_all(&out)
+                    .map_err(|e| format!("cannot replace {}: {e}", out.display()))?;
+            }
+            std::fs::create_dir_all(&out)
+                .map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+            let mut store = replica.store();
+            let p = store
+                .point(&point)
+                .ok_or_else(|| format!("no recovery point `{point}` on the target"))?;
+            let files = store
+                .materialize(Some(&point), &out)
+                .map_err(|e| e.to_string())?;
+            let sizes: std::collections::HashMap<String, u64> = store
+                .disks()
+                .iter()
+                .map(|d| (d.id.clone(), d.size))
+                .collect();
+            let disks: Vec<(String, String, u64)> = files
+                .into_iter()
+                .map(|(id, path)| {
+                    let size = sizes.get(&id).copied().unwrap_or(0);
+                    (id, path.display().to_string(), size)
+                })
+                .collect();
+            let digests: Vec<(String, String)> =
+                p.digests.into_iter().map(|d| (d.disk, d.blake3)).collect();
+            Ok(serde_json::json!({"disks": disks, "digests": digests}).to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    /// Deletes every recovery point of `item` (commit).
+    pub async fn drop_points(&self, item: &str) -> Result<String, String> {
+        let replica = self
+            .get(item)
+            .ok_or_else(|| format!("no replica of `{item}` on {}", self.name))?;
+        let ids: Vec<String> = replica.store().points().into_iter().map(|p| p.id).collect();
+        let r = replica.clone();
+        tokio::task::spawn_blocking(move || r.store().drop_points())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        report(
+            &self.outbox,
+            report::Kind::PointsPruned(PointsPruned {
+                item: item.to_string(),
+                ids,
+            }),
+        );
+        Ok(String::new())
+    }
+
+    /// BLAKE3 of each disk of the VM in DATASTORE/vms/VM.
+    pub async fn digest_vm(&self, item: &str, vm: &str) -> Result<String, String> {
+        failback_common::identity::validate_name(vm)?;
+        let replica = self
+            .get(item)
+            .ok_or_else(|| format!("no replica of `{item}` on {}", self.name))?;
+        let dir = self
+            .datastore_of(&replica)
+            .ok_or("replica outside a datastore")?
+            .join("vms")
+            .join(vm);
+        let disks: Vec<String> = replica
+            .store()
+            .disks()
+            .iter()
+            .map(|d| d.id.clone())
+            .collect();
+        let vm = vm.to_string();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            for d in disks {
+                let path = dir.join(format!("{d}.img"));
+                let digest = crate::replica::file_digest(&path)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                out.push((d, String::new(), digest));
+            }
+            Ok(serde_json::json!({"point": vm, "equal": false, "disks": out}).to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
     /// Materializes `point` and compares each disk with the digest the source recorded.
     pub async fn verify(&self, item: &str, point: &str) -> Result<String, String> {
         let replica = self

@@ -129,7 +129,14 @@ async fn handle_commands(
             Some(command::Kind::PrepareReplica(p)) => {
                 replicas.prepare(p).await.map(|_| String::new())
             }
+            Some(command::Kind::VerifyPoint(v)) if !v.vm.is_empty() => {
+                replicas.digest_vm(&v.item, &v.vm).await
+            }
             Some(command::Kind::VerifyPoint(v)) => replicas.verify(&v.item, &v.point).await,
+            Some(command::Kind::Materialize(m)) => {
+                replicas.materialize(&m.item, &m.point, &m.vm).await
+            }
+            Some(command::Kind::DropPoints(d)) => replicas.drop_points(&d.item).await,
             _ => Err("a master target doesn't take this command".to_string()),
         };
         let reply = ComponentMessage {

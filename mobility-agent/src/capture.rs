@@ -75,6 +75,8 @@ struct Inner {
     /// Bytes in the log plus sent-but-unacknowledged.
     buffered: u64,
     logging: bool,
+    /// Powered off: writes are refused.
+    off: bool,
     al_path: PathBuf,
 }
 
@@ -137,6 +139,7 @@ impl Capture {
                 next_entry: 1,
                 buffered: 0,
                 logging: false,
+                off: false,
                 al_path,
             }),
             data_ready: Notify::new(),
@@ -189,6 +192,12 @@ impl Capture {
     fn write_now(&self, disk: usize, offset: u64, data: Bytes) -> std::io::Result<()> {
         let mut g = self.lock();
         let inner = &mut *g;
+        if inner.off {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "the machine is powered off",
+            ));
+        }
         let d = inner
             .disks
             .get_mut(disk)
@@ -418,6 +427,11 @@ impl Capture {
             .chunks(block as usize)
             .map(|c| *blake3::hash(c).as_bytes())
             .collect())
+    }
+
+    /// Powers the machine off: every later write is refused.
+    pub fn power_off(&self) {
+        self.lock().off = true;
     }
 
     /// Forgets `bytes` of buffered records without cooling any region (they are superseded

@@ -59,42 +59,189 @@ pub async fn run(
     });
     let host = register(&identity, &config.data_dir, &config.cs, hello_fn, &shutdown).await?;
 
-    let mut agents = Vec::new();
+    let count = machines.len();
     for (index, m) in machines.into_iter().enumerate() {
-        let id = Identity::new(Role::Agent, config.site, &m.name);
-        let base = hello(&id);
-        let info = MachineInfo {
-            host: config.name.clone(),
-            power_state: "running".into(),
-            disks: m.disks.iter().map(|d| d.describe()).collect(),
-        };
-        let hello_fn = Arc::new(move || Hello {
-            machine: Some(info.clone()),
-            ..base.clone()
-        });
-        let data_dir = config.data_dir.join("machines").join(&m.name);
-        let capture = capture::Capture::open(&m, &data_dir, config.replication_buffer.as_u64())?;
-        let registered = register(&id, &data_dir, &config.cs, hello_fn, &shutdown).await?;
-        let agent = Agent {
-            name: m.name.clone(),
-            capture,
-            credentials: registered.credentials.clone(),
-            outbox: registered.control.outbox.clone(),
-            state_dir: data_dir,
-            seed: index as u64 + 1,
-            shutdown: shutdown.clone(),
-            replication: None,
-            workload: None,
-        };
-        tokio::spawn(agent.run(registered.control.commands));
-        agents.push(registered.task);
+        start_machine(m, &config, index as u64 + 1, shutdown.child_token()).await?;
     }
-    tracing::info!(machines = agents.len(), "host ready");
+    tracing::info!(machines = count, "host ready");
+    tokio::spawn(host_commands(
+        config.clone(),
+        host.control.commands,
+        host.control.outbox,
+        shutdown.clone(),
+    ));
 
     let router = failback_common::server::builder(host.credentials.server_tls())?
         .add_service(failback_common::server::health_service());
     failback_common::server::serve(router, listener, shutdown).await?;
     Ok(())
+}
+
+/// Opens a machine's capture path, registers its agent and serves its commands until `stop`.
+async fn start_machine(
+    m: machine::Machine,
+    config: &AgentConfig,
+    seed: u64,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let id = Identity::new(Role::Agent, config.site, &m.name);
+    let base = hello(&id);
+    let info = MachineInfo {
+        host: config.name.clone(),
+        power_state: "running".into(),
+        disks: m.disks.iter().map(|d| d.describe()).collect(),
+    };
+    let hello_fn = Arc::new(move || Hello {
+        machine: Some(info.clone()),
+        ..base.clone()
+    });
+    let data_dir = config.data_dir.join("machines").join(&m.name);
+    let capture = capture::Capture::open(&m, &data_dir, config.replication_buffer.as_u64())?;
+    let registered = register(&id, &data_dir, &config.cs, hello_fn, &stop).await?;
+    let agent = Agent {
+        name: m.name.clone(),
+        capture,
+        credentials: registered.credentials.clone(),
+        outbox: registered.control.outbox.clone(),
+        state_dir: data_dir,
+        seed,
+        shutdown: stop,
+        replication: None,
+        workload: None,
+    };
+    tokio::spawn(agent.run(registered.control.commands));
+    Ok(())
+}
+
+/// The host's own commands: boot a machine from disks in a datastore (failover), remove one.
+async fn host_commands(
+    config: AgentConfig,
+    mut commands: tokio::sync::mpsc::Receiver<failback_proto::pb::control::CsMessage>,
+    outbox: tokio::sync::mpsc::Sender<ComponentMessage>,
+    shutdown: CancellationToken,
+) {
+    let mut booted: std::collections::HashMap<
+        String,
+        (CancellationToken, Vec<std::path::PathBuf>),
+    > = Default::default();
+    while let Some(msg) = commands.recv().await {
+        let Some(cs_message::Kind::Command(cmd)) = msg.kind else {
+            continue;
+        };
+        let result = match cmd.kind {
+            Some(command::Kind::Boot(b)) => boot(&config, &mut booted, b, &shutdown).await,
+            Some(command::Kind::RemoveMachine(r)) => match booted.remove(&r.name) {
+                Some((stop, disks)) => {
+                    stop.cancel();
+                    let _ = std::fs::remove_dir_all(config.data_dir.join("machines").join(&r.name));
+                    if r.delete_disks {
+                        for d in &disks {
+                            let _ = std::fs::remove_file(d);
+                        }
+                        if let Some(dir) = disks.first().and_then(|d| d.parent()) {
+                            let _ = std::fs::remove_dir(dir);
+                        }
+                    }
+                    tracing::info!(machine = %r.name, "machine removed");
+                    Ok(String::new())
+                }
+                None => Err(format!("no machine `{}` runs on {}", r.name, config.name)),
+            },
+            _ => Err(format!(
+                "`{}` is a host: it doesn't take this command",
+                config.name
+            )),
+        };
+        let reply = ComponentMessage {
+            kind: Some(component_message::Kind::Result(CommandResult {
+                id: cmd.id,
+                ok: result.is_ok(),
+                error: result.as_ref().err().cloned().unwrap_or_default(),
+                detail_json: result.unwrap_or_default(),
+            })),
+        };
+        if outbox.send(reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Boots a failed-over machine: its disks are in a datastore of this host; its agent uses the
+/// certificate the CS issued and registers after the boot delay.
+async fn boot(
+    config: &AgentConfig,
+    booted: &mut std::collections::HashMap<String, (CancellationToken, Vec<std::path::PathBuf>)>,
+    b: failback_proto::pb::control::BootMachine,
+    shutdown: &CancellationToken,
+) -> Result<String, String> {
+    failback_common::identity::validate_name(&b.name)?;
+    if booted.contains_key(&b.name) || config.machine.iter().any(|m| m.name == b.name) {
+        return Err(format!(
+            "78052: a VM named `{}` already exists on {}",
+            b.name, config.name
+        ));
+    }
+    if config.datastore(&b.datastore).is_none() {
+        return Err(format!(
+            "8061: datastore `{}` is not accessible from {}",
+            b.datastore, config.name
+        ));
+    }
+    let disks: Vec<machine::Disk> = b
+        .disks
+        .iter()
+        .map(|d| machine::Disk {
+            id: d.id.clone(),
+            datastore: d.datastore.clone(),
+            path: d.path.clone().into(),
+            size: d.size_bytes,
+        })
+        .collect();
+    for d in &disks {
+        let len = std::fs::metadata(&d.path)
+            .map_err(|e| format!("disk {}: {e}", d.path.display()))?
+            .len();
+        if len != d.size {
+            return Err(format!(
+                "disk {} is {len} bytes, expected {}",
+                d.path.display(),
+                d.size
+            ));
+        }
+    }
+    let identity = Identity::new(Role::Agent, config.site, &b.name);
+    let data_dir = config.data_dir.join("machines").join(&b.name);
+    let _ = std::fs::remove_dir_all(&data_dir);
+    failback_common::tls::Credentials {
+        identity,
+        cert_pem: b.certificate_pem,
+        key_pem: b.key_pem,
+        ca_pem: b.ca_pem,
+    }
+    .save(&data_dir)
+    .map_err(|e| e.to_string())?;
+    let stop = shutdown.child_token();
+    booted.insert(
+        b.name.clone(),
+        (stop.clone(), disks.iter().map(|d| d.path.clone()).collect()),
+    );
+    let m = machine::Machine {
+        name: b.name.clone(),
+        disks,
+    };
+    let config = config.clone();
+    let delay = std::time::Duration::from_millis(b.boot_delay_ms);
+    tracing::info!(machine = %b.name, network = %b.network, "booting; agent registers in {delay:?}");
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.cancelled() => return,
+        }
+        if let Err(e) = start_machine(m, &config, 7, stop).await {
+            tracing::error!("cannot start the failed-over machine: {e:#}");
+        }
+    });
+    Ok(String::new())
 }
 
 /// One machine's agent: answers the CS's commands for it.
@@ -221,6 +368,23 @@ impl Agent {
                         "unknown workload action `{other}` (start, set or stop)"
                     )),
                 }
+            }
+            command::Kind::Shutdown(sd) => {
+                // The guest stops writing; with replication, a final tag carries every
+                // write before it to the target; then the machine is off.
+                if let Some(w) = self.workload.take() {
+                    w.stop();
+                }
+                if let Some(rep) = self
+                    .replication
+                    .as_ref()
+                    .filter(|r| r.params.item == sd.item)
+                {
+                    rep.tag(sd.final_tag.clone(), "crash").await?;
+                }
+                self.capture.power_off();
+                tracing::info!(machine = %self.name, "shut down");
+                Ok(String::new())
             }
             command::Kind::Resync(r) => match &self.replication {
                 Some(rep) if rep.params.item == r.item => rep.resync().map(|_| String::new()),

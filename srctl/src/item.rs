@@ -250,3 +250,90 @@ pub fn print_policies(ps: &[Policy], as_json: bool) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+pub async fn failover(
+    dir: &Path,
+    req: failback_proto::pb::operator::FailoverRequest,
+) -> anyhow::Result<failback_proto::pb::operator::Job> {
+    Ok(operator(dir)
+        .await?
+        .failover(req)
+        .await
+        .map_err(err)?
+        .into_inner())
+}
+
+pub async fn commit(dir: &Path, machine: &str) -> anyhow::Result<Item> {
+    Ok(operator(dir)
+        .await?
+        .commit(failback_proto::pb::operator::ItemRequest {
+            machine: machine.into(),
+        })
+        .await
+        .map_err(err)?
+        .into_inner())
+}
+
+pub async fn cleanup_test(
+    dir: &Path,
+    machine: &str,
+) -> anyhow::Result<failback_proto::pb::operator::Job> {
+    Ok(operator(dir)
+        .await?
+        .cleanup_test_failover(failback_proto::pb::operator::ItemRequest {
+            machine: machine.into(),
+        })
+        .await
+        .map_err(err)?
+        .into_inner())
+}
+
+pub async fn jobs(dir: &Path, id: i64) -> anyhow::Result<Vec<failback_proto::pb::operator::Job>> {
+    Ok(operator(dir)
+        .await?
+        .list_jobs(failback_proto::pb::operator::ListJobsRequest { id })
+        .await
+        .map_err(err)?
+        .into_inner()
+        .jobs)
+}
+
+pub fn job_json(j: &failback_proto::pb::operator::Job) -> serde_json::Value {
+    json!({
+        "id": j.id, "name": j.name, "item": j.item, "state": j.state,
+        "started_ms": j.started_ms, "ended_ms": j.ended_ms, "error": j.error,
+        "steps": j.steps.iter().map(|s| json!({"name": s.name, "state": s.state, "time_ms": s.time_ms})).collect::<Vec<_>>(),
+    })
+}
+
+/// A job with its steps and the time each took.
+pub fn print_job(j: &failback_proto::pb::operator::Job) {
+    let end = if j.ended_ms > 0 {
+        j.ended_ms
+    } else {
+        failback_common::control::now_ms()
+    };
+    println!(
+        "job {} {} ({}): {} in {:.1} s{}",
+        j.id,
+        j.name,
+        j.item,
+        j.state,
+        (end - j.started_ms) as f64 / 1000.0,
+        if j.error.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", j.error)
+        }
+    );
+    let mut prev = j.started_ms;
+    for s in &j.steps {
+        println!(
+            "  {:<11} {:>6.2} s  {}",
+            s.state,
+            (s.time_ms - prev).max(0) as f64 / 1000.0,
+            s.name
+        );
+        prev = s.time_ms;
+    }
+}

@@ -36,9 +36,58 @@ enum Cmd {
     /// A machine's workload generator (the guest OS writing to its disks).
     #[command(subcommand)]
     Workload(WorkloadCmd),
+    /// Fail a machine over to the other site ("Failover" job).
+    Failover(FailoverArgs),
+    /// Planned failover: shut the source down and sync everything first (no data loss).
+    PlannedFailover { machine: String },
+    /// Start MACHINE-Test from a point in an isolated network; replication goes on.
+    TestFailover {
+        machine: String,
+        #[arg(long, default_value = "latest-processed")]
+        point: String,
+    },
+    /// Remove the test failover VM and its disks.
+    TestFailoverCleanup { machine: String },
+    /// Before commit: re-create the failed-over VM from another recovery point.
+    ChangePoint {
+        machine: String,
+        #[arg(long)]
+        point: String,
+    },
+    /// Commit a failover: recovery points are deleted, the point can't change any more.
+    Commit { machine: String },
+    /// Jobs with their steps.
+    #[command(subcommand)]
+    Job(JobCmd),
     /// Benchmarks, each against a baseline measured in the same run.
     #[command(subcommand)]
     Bench(BenchCmd),
+}
+
+#[derive(clap::Args)]
+struct FailoverArgs {
+    machine: String,
+    /// latest | latest-processed | latest-app-consistent | <point id>
+    #[arg(long, default_value = "latest")]
+    point: String,
+    /// Shut the source down first (failover goes on if that fails).
+    #[arg(long)]
+    shutdown: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum JobCmd {
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    Show {
+        id: i64,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -455,6 +504,107 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }) => {
             let r = srctl::bench::replication(parse_size(&size)?, compressible, !json).await?;
             srctl::bench::print_replication(&r, json)?;
+        }
+        Cmd::Failover(a) => {
+            let dir = srctl::client::lab_dir(lab_flag)?;
+            let job = item::failover(
+                &dir,
+                failback_proto::pb::operator::FailoverRequest {
+                    machine: a.machine,
+                    point: a.point,
+                    shutdown: a.shutdown,
+                    kind: "unplanned".into(),
+                },
+            )
+            .await?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&item::job_json(&job))?);
+            } else {
+                item::print_job(&job);
+            }
+        }
+        Cmd::PlannedFailover { machine } => {
+            let dir = srctl::client::lab_dir(lab_flag)?;
+            let job = item::failover(
+                &dir,
+                failback_proto::pb::operator::FailoverRequest {
+                    machine,
+                    point: "latest".into(),
+                    shutdown: true,
+                    kind: "planned".into(),
+                },
+            )
+            .await?;
+            item::print_job(&job);
+        }
+        Cmd::TestFailover { machine, point } => {
+            let dir = srctl::client::lab_dir(lab_flag)?;
+            let job = item::failover(
+                &dir,
+                failback_proto::pb::operator::FailoverRequest {
+                    machine,
+                    point,
+                    shutdown: false,
+                    kind: "test".into(),
+                },
+            )
+            .await?;
+            item::print_job(&job);
+        }
+        Cmd::TestFailoverCleanup { machine } => {
+            let dir = srctl::client::lab_dir(lab_flag)?;
+            item::print_job(&item::cleanup_test(&dir, &machine).await?);
+        }
+        Cmd::ChangePoint { machine, point } => {
+            let dir = srctl::client::lab_dir(lab_flag)?;
+            let job = item::failover(
+                &dir,
+                failback_proto::pb::operator::FailoverRequest {
+                    machine,
+                    point,
+                    shutdown: false,
+                    kind: "change-point".into(),
+                },
+            )
+            .await?;
+            item::print_job(&job);
+        }
+        Cmd::Commit { machine } => {
+            let dir = srctl::client::lab_dir(lab_flag)?;
+            let i = item::commit(&dir, &machine).await?;
+            println!("{}: {}", i.machine, i.state);
+        }
+        Cmd::Job(cmd) => {
+            let dir = srctl::client::lab_dir(lab_flag)?;
+            match cmd {
+                JobCmd::List { json } => {
+                    let jobs = item::jobs(&dir, 0).await?;
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(
+                                &jobs.iter().map(item::job_json).collect::<Vec<_>>()
+                            )?
+                        );
+                    } else {
+                        for j in &jobs {
+                            println!(
+                                "{:>4}  {:<24} {:<8} {:<12} {}",
+                                j.id, j.name, j.item, j.state, j.error
+                            );
+                        }
+                    }
+                }
+                JobCmd::Show { id, json } => {
+                    for j in item::jobs(&dir, id).await? {
+                        if json {
+                            println!("{}", serde_json::to_string_pretty(&item::job_json(&j))?);
+                        } else {
+                            item::print_job(&j);
+                        }
+                    }
+                }
+            }
         }
         Cmd::Link(cmd) => {
             let dir = srctl::client::lab_dir(lab_flag)?;

@@ -1,0 +1,210 @@
+//! Failover to Azure through the real lab processes: test failover leaves replication
+//! running and cleanup removes everything; failover at a point, change-point and commit, each
+//! verified byte-exact; planned failover loses nothing (the Azure VM's disk equals the source's
+//! final disk); the failed-over VM registers from azure-compute and runs a workload; impossible
+//! requests are refused and change nothing.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const SRCTL: &str = env!("CARGO_BIN_EXE_srctl");
+
+fn srctl(lab: &Path, args: &[&str]) -> Output {
+    Command::new(SRCTL)
+        .arg("--lab")
+        .arg(lab)
+        .args(args)
+        .env_remove("FAILBACK_LAB")
+        .output()
+        .expect("run srctl")
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "srctl failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn fails(out: Output) -> String {
+    assert!(
+        !out.status.success(),
+        "expected failure: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn json(out: Output) -> Value {
+    serde_json::from_str(&ok(out)).expect("json")
+}
+
+fn show(lab: &Path, machine: &str) -> Value {
+    let out = srctl(lab, &["item", "show", machine, "--json"]);
+    if !out.status.success() {
+        return Value::Null;
+    }
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+fn infra(lab: &Path, name: &str) -> Value {
+    let all = json(srctl(lab, &["infra", "list", "--json"]));
+    all.as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == name).cloned())
+        .unwrap_or(Value::Null)
+}
+
+fn eventually(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn verify_equal(lab: &Path, machine: &str, what: &str) {
+    let v = json(srctl(lab, &["item", "verify", machine, "--json"]));
+    assert_eq!(v["equal"], true, "{what}: {v}");
+}
+
+fn file_digest(path: &Path) -> String {
+    let bytes = std::fs::read(path).expect("read disk");
+    blake3::hash(&bytes).to_hex().to_string()
+}
+
+struct Guard<'a>(&'a Path);
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        let _ = srctl(self.0, &["lab", "down"]);
+    }
+}
+
+#[test]
+fn test_failover_failover_change_point_commit_and_planned_failover() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let lab = tmp.path().join("lab");
+    ok(Command::new(SRCTL)
+        .args(["lab", "up", "--dir"])
+        .arg(&lab)
+        .args(["--disk-size", "8MiB", "--machines", "3"])
+        .output()
+        .expect("lab up"));
+    let _guard = Guard(&lab);
+    for vm in ["vm1", "vm2", "vm3"] {
+        ok(srctl(&lab, &["workload", "start", vm, "--rate", "1"]));
+        ok(srctl(&lab, &["item", "enable", vm]));
+    }
+    // Nothing to commit or change yet.
+    let e = fails(srctl(&lab, &["commit", "vm1"]));
+    assert!(e.contains("commit follows a completed failover"), "{e}");
+    let e = fails(srctl(&lab, &["change-point", "vm1", "--point", "x"]));
+    assert!(e.contains("only after a failover"), "{e}");
+    for vm in ["vm1", "vm2", "vm3"] {
+        eventually(&format!("{vm} Protected with a point"), 60, || {
+            let v = show(&lab, vm);
+            v["state"] == "Protected"
+                && v["recovery_points"]
+                    .as_array()
+                    .is_some_and(|a| !a.is_empty())
+        });
+    }
+
+    // Test failover: vm1-Test runs in Azure while replication goes on undisturbed.
+    ok(srctl(&lab, &["test-failover", "vm1"]));
+    assert_eq!(show(&lab, "vm1")["state"], "Test failover completed");
+    eventually("vm1-Test registered", 30, || {
+        infra(&lab, "vm1-Test")["status"] == "connected"
+    });
+    verify_equal(&lab, "vm1", "test failover");
+    let points_before = show(&lab, "vm1")["recovery_points"]
+        .as_array()
+        .map(|a| a.len())
+        .unwrap_or(0);
+    let newest_before = show(&lab, "vm1")["recovery_points"][points_before - 1]["seq"]
+        .as_u64()
+        .unwrap_or(0);
+    eventually("replication keeps making points", 30, || {
+        let v = show(&lab, "vm1");
+        v["recovery_points"]
+            .as_array()
+            .and_then(|a| a.last())
+            .and_then(|p| p["seq"].as_u64())
+            .is_some_and(|s| s > newest_before)
+    });
+    ok(srctl(&lab, &["test-failover-cleanup", "vm1"]));
+    assert_eq!(show(&lab, "vm1")["state"], "Protected");
+    assert_eq!(
+        infra(&lab, "vm1-Test"),
+        Value::Null,
+        "the test VM must be gone"
+    );
+    assert!(
+        !lab.join("datastores/azure-storage/vms/vm1-Test").exists(),
+        "its disks must be gone"
+    );
+
+    // Failover at the latest processed point, then change to the oldest, then commit.
+    let out = ok(srctl(
+        &lab,
+        &["failover", "vm1", "--point", "latest-processed"],
+    ));
+    assert!(
+        out.contains("Create the disks at point") && out.contains("Start the VM on azure-compute"),
+        "{out}"
+    );
+    assert_eq!(show(&lab, "vm1")["state"], "Failover completed");
+    verify_equal(&lab, "vm1", "failover latest-processed");
+    let oldest = show(&lab, "vm1")["recovery_points"][0]["id"]
+        .as_str()
+        .expect("a point")
+        .to_string();
+    ok(srctl(&lab, &["change-point", "vm1", "--point", &oldest]));
+    let v = json(srctl(&lab, &["item", "verify", "vm1", "--json"]));
+    assert_eq!(
+        (v["equal"].clone(), v["point"].clone()),
+        (Value::Bool(true), Value::String(oldest.clone()))
+    );
+    ok(srctl(&lab, &["commit", "vm1"]));
+    let v = show(&lab, "vm1");
+    assert_eq!(v["state"], "Failover committed");
+    assert_eq!(
+        v["recovery_points"].as_array().map(|a| a.len()),
+        Some(0),
+        "commit deletes the points"
+    );
+    let e = fails(srctl(&lab, &["change-point", "vm1", "--point", &oldest]));
+    assert!(e.contains("before commit"), "{e}");
+
+    // The failed-over VM's agent registered from azure-compute and runs a workload.
+    eventually("vm1 registered in Azure", 30, || {
+        let c = infra(&lab, "vm1");
+        c["status"] == "connected" && c["site"] == "azure" && c["host"] == "azure-compute"
+    });
+    ok(srctl(&lab, &["workload", "start", "vm1", "--rate", "1"]));
+
+    // Planned failover: no data loss, the Azure disk equals the source's final disk.
+    let out = ok(srctl(&lab, &["planned-failover", "vm2"]));
+    assert!(out.contains("Shut down the source machine"), "{out}");
+    let source = file_digest(&lab.join("datastores/ds-onprem/vm2/disk0.img"));
+    let azure = file_digest(&lab.join("datastores/azure-storage/vms/vm2/disk0.img"));
+    assert_eq!(source, azure, "planned failover must lose nothing");
+    verify_equal(&lab, "vm2", "planned failover");
+
+    // A planned failover of a source that can't be shut down is refused; nothing changes.
+    ok(srctl(&lab, &["lab", "kill", "esx-1"]));
+    eventually("vm3 not connected", 30, || {
+        infra(&lab, "vm3")["status"] == "not connected"
+    });
+    let e = fails(srctl(&lab, &["planned-failover", "vm3"]));
+    assert!(e.contains("not connected; nothing changed"), "{e}");
+    assert_eq!(show(&lab, "vm3")["state"], "Protected");
+    // An unplanned failover goes on without the source (the site is lost).
+    ok(srctl(&lab, &["failover", "vm3", "--point", "latest"]));
+    verify_equal(&lab, "vm3", "unplanned failover with the source down");
+}
