@@ -234,6 +234,14 @@ async fn run(
             ))
         })?;
 
+    for (what, name) in [("target", &item.target), ("host", &host.name)] {
+        if !state.sessions().contains_key(name.as_str()) {
+            return Err(Status::failed_precondition(format!(
+                "{what} `{name}` is not connected: it is needed to create and start the VM; nothing changed"
+            )));
+        }
+    }
+
     // Shut the source down and drain it: its last writes become the final point.
     let mut final_point = None;
     if kind == Kind::Planned || (shutdown && kind == Kind::Unplanned) {
@@ -357,6 +365,16 @@ async fn run(
             let fingerprint =
                 failback_common::tls::fingerprint(&creds.cert_pem).map_err(Status::internal)?;
             store.upsert_issued(&identity, &fingerprint, &host.name, now_ms())?;
+            // A re-run after an interrupted failover finds the VM already there: replace it.
+            let _ = state
+                .command(
+                    &host.name,
+                    command::Kind::RemoveMachine(RemoveMachine {
+                        name: vm.clone(),
+                        delete_disks: false,
+                    }),
+                )
+                .await;
             state
                 .command(
                     &host.name,

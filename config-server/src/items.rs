@@ -267,6 +267,33 @@ impl Store {
         Ok(())
     }
 
+    /// After a restart: every job left "In progress" failed with a reason, and items left in a
+    /// transient failover state go back to where a re-run starts. Returns the jobs failed.
+    pub fn fail_interrupted_jobs(&self) -> Result<Vec<(i64, String, String)>, DbError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT id, name, item FROM jobs WHERE state = 'In progress'")?;
+        let jobs: Vec<(i64, String, String)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?;
+        drop(stmt);
+        for (id, name, _) in &jobs {
+            conn.execute(
+                "UPDATE jobs SET state = 'Failed', ended_ms = ?2, error = ?3 WHERE id = ?1",
+                params![
+                    id,
+                    now_ms(),
+                    format!("the configuration server restarted while `{name}` ran; run it again")
+                ],
+            )?;
+        }
+        conn.execute(
+            "UPDATE items SET state = 'Protected' WHERE state IN ('Failover in progress', 'Test failover in progress')",
+            [],
+        )?;
+        Ok(jobs)
+    }
+
     /// The job running on `item`, if any: (id, name).
     pub fn running_job(&self, item: &str) -> Result<Option<(i64, String)>, DbError> {
         Ok(self

@@ -73,6 +73,9 @@ impl ConfigServer {
             }
         };
         write_public_files(&config.data_dir, ca.cert_pem(), &passphrase)?;
+        for (id, name, item) in store.fail_interrupted_jobs()? {
+            tracing::warn!(job = id, %name, %item, "job interrupted by a restart: failed; run it again");
+        }
         if store.policy("default")?.is_none() {
             store.put_policy_with_twin(&items::default_policy())?;
         }

@@ -208,3 +208,79 @@ fn test_failover_failover_change_point_commit_and_planned_failover() {
     ok(srctl(&lab, &["failover", "vm3", "--point", "latest"]));
     verify_equal(&lab, "vm3", "unplanned failover with the source down");
 }
+
+#[test]
+fn a_job_interrupted_by_a_cs_restart_fails_with_a_reason_and_a_rerun_completes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let lab = tmp.path().join("lab");
+    ok(Command::new(SRCTL)
+        .args(["lab", "up", "--dir"])
+        .arg(&lab)
+        .args(["--disk-size", "8MiB", "--machines", "1"])
+        .output()
+        .expect("lab up"));
+    let _guard = Guard(&lab);
+    ok(srctl(&lab, &["workload", "start", "vm1", "--rate", "1"]));
+    ok(srctl(&lab, &["item", "enable", "vm1"]));
+    eventually("vm1 Protected with a point", 60, || {
+        let v = show(&lab, "vm1");
+        v["state"] == "Protected"
+            && v["recovery_points"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
+    });
+
+    // The target hangs: the planned failover waits for its final point to arrive.
+    ok(srctl(&lab, &["lab", "pause", "azure-target"]));
+    let child = Command::new(SRCTL)
+        .arg("--lab")
+        .arg(&lab)
+        .args(["planned-failover", "vm1"])
+        .env_remove("FAILBACK_LAB")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    eventually("the failover job in progress", 30, || {
+        json(srctl(&lab, &["job", "list", "--json"]))
+            .as_array()
+            .is_some_and(|a| {
+                a.iter()
+                    .any(|j| j["name"] == "Planned failover" && j["state"] == "In progress")
+            })
+    });
+    ok(srctl(&lab, &["lab", "restart", "cs"]));
+    let mut child = child;
+    let _ = child.wait();
+    eventually("the CS back", 30, || {
+        srctl(&lab, &["job", "list", "--json"]).status.success()
+    });
+    let jobs = json(srctl(&lab, &["job", "list", "--json"]));
+    let job = jobs
+        .as_array()
+        .and_then(|a| a.iter().find(|j| j["name"] == "Planned failover"))
+        .cloned()
+        .expect("the job is kept");
+    assert_eq!(job["state"], "Failed", "{job}");
+    assert!(
+        job["error"].as_str().unwrap_or("").contains("restarted"),
+        "{job}"
+    );
+    assert_eq!(
+        show(&lab, "vm1")["state"],
+        "Protected",
+        "never stuck in progress"
+    );
+
+    // Run it again with the target back: it completes, losing nothing.
+    ok(srctl(&lab, &["lab", "resume", "azure-target"]));
+    for c in ["vm1", "azure-target", "azure-compute"] {
+        eventually(&format!("{c} connected again"), 30, || {
+            infra(&lab, c)["status"] == "connected"
+        });
+    }
+    ok(srctl(&lab, &["planned-failover", "vm1"]));
+    let source = file_digest(&lab.join("datastores/ds-onprem/vm1/disk0.img"));
+    let azure = file_digest(&lab.join("datastores/azure-storage/vms/vm1/disk0.img"));
+    assert_eq!(source, azure);
+}
