@@ -79,6 +79,16 @@ CREATE TABLE IF NOT EXISTS recovery_points (
     kind    TEXT NOT NULL,
     PRIMARY KEY (item, id)
 );
+CREATE TABLE IF NOT EXISTS plans (
+    name       TEXT PRIMARY KEY,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS plan_members (
+    plan    TEXT NOT NULL REFERENCES plans(name) ON DELETE CASCADE,
+    machine TEXT NOT NULL,
+    grp     INTEGER NOT NULL,
+    PRIMARY KEY (plan, machine)
+);
 CREATE TABLE IF NOT EXISTS jobs (
     id         INTEGER PRIMARY KEY AUTOINCREMENT,
     name       TEXT NOT NULL,

@@ -8,6 +8,7 @@
 //! - [`state`]: shared state, live sessions, enrollment rate limiting.
 //! - [`items`]: replicated items, policies, recovery points, jobs; "Enable protection".
 //! - [`failover`]: failover, planned and test failover, change-point, commit.
+//! - [`plans`]: recovery plans (groups in order, machines in a group in parallel).
 //! - [`reports`]: reports from components; what is re-sent when one reconnects.
 //! - [`enroll`], [`control`], [`operator`]: the gRPC services.
 //!
@@ -24,6 +25,7 @@ pub mod enroll;
 pub mod failover;
 pub mod items;
 pub mod operator;
+pub mod plans;
 pub mod reports;
 pub mod state;
 

@@ -8,9 +8,10 @@ use failback_proto::pb::control::{Resync, VerifyPoint, WorkloadCommand, command}
 use failback_proto::pb::operator::{
     Component, DatastoreRow, DiskRow, DiskVerification, EnableItemRequest, FailoverRequest, Item,
     ItemRequest, Job, ListInfraRequest, ListInfraResponse, ListItemsRequest, ListItemsResponse,
-    ListJobsRequest, ListJobsResponse, ListPoliciesRequest, ListPoliciesResponse, Policy,
-    RemoveComponentRequest, RemoveComponentResponse, ResyncRequest, VerifyRequest, VerifyResponse,
-    WorkloadRequest, WorkloadResponse, operator_server::Operator,
+    ListJobsRequest, ListJobsResponse, ListPoliciesRequest, ListPoliciesResponse, Plan,
+    PlanFailoverRequest, PlanMember, PlanRequest, Policy, RemoveComponentRequest,
+    RemoveComponentResponse, ResyncRequest, VerifyRequest, VerifyResponse, WorkloadRequest,
+    WorkloadResponse, operator_server::Operator,
 };
 use tonic::{Request, Response, Status};
 
@@ -445,6 +446,44 @@ impl Operator for OperatorService {
             )));
         }
         Ok(Response::new(ListJobsResponse { jobs }))
+    }
+
+    async fn create_plan(&self, request: Request<PlanRequest>) -> Result<Response<Plan>, Status> {
+        authorize(&request, "Operator.CreatePlan", &[Role::Operator])?;
+        let name = request.into_inner().name;
+        failback_common::identity::validate_name(&name).map_err(Status::invalid_argument)?;
+        if !self.state.store.create_plan(&name)? {
+            return Err(Status::already_exists(format!(
+                "recovery plan `{name}` exists"
+            )));
+        }
+        Ok(Response::new(crate::plans::show(&self.state, &name)?))
+    }
+
+    async fn add_to_plan(&self, request: Request<PlanMember>) -> Result<Response<Plan>, Status> {
+        authorize(&request, "Operator.AddToPlan", &[Role::Operator])?;
+        Ok(Response::new(crate::plans::add(
+            &self.state,
+            &request.into_inner(),
+        )?))
+    }
+
+    async fn show_plan(&self, request: Request<PlanRequest>) -> Result<Response<Plan>, Status> {
+        authorize(&request, "Operator.ShowPlan", &[Role::Operator])?;
+        Ok(Response::new(crate::plans::show(
+            &self.state,
+            &request.into_inner().name,
+        )?))
+    }
+
+    async fn plan_failover(
+        &self,
+        request: Request<PlanFailoverRequest>,
+    ) -> Result<Response<Job>, Status> {
+        authorize(&request, "Operator.PlanFailover", &[Role::Operator])?;
+        Ok(Response::new(
+            crate::plans::run(&self.state, request.into_inner()).await?,
+        ))
     }
 
     async fn remove_component(

@@ -337,3 +337,87 @@ pub fn print_job(j: &failback_proto::pb::operator::Job) {
         prev = s.time_ms;
     }
 }
+
+pub async fn plan_create(
+    dir: &Path,
+    name: &str,
+) -> anyhow::Result<failback_proto::pb::operator::Plan> {
+    Ok(operator(dir)
+        .await?
+        .create_plan(failback_proto::pb::operator::PlanRequest { name: name.into() })
+        .await
+        .map_err(err)?
+        .into_inner())
+}
+
+pub async fn plan_add(
+    dir: &Path,
+    plan: &str,
+    machine: &str,
+    group: u32,
+) -> anyhow::Result<failback_proto::pb::operator::Plan> {
+    Ok(operator(dir)
+        .await?
+        .add_to_plan(failback_proto::pb::operator::PlanMember {
+            plan: plan.into(),
+            machine: machine.into(),
+            group,
+            ..Default::default()
+        })
+        .await
+        .map_err(err)?
+        .into_inner())
+}
+
+pub async fn plan_show(
+    dir: &Path,
+    name: &str,
+) -> anyhow::Result<failback_proto::pb::operator::Plan> {
+    Ok(operator(dir)
+        .await?
+        .show_plan(failback_proto::pb::operator::PlanRequest { name: name.into() })
+        .await
+        .map_err(err)?
+        .into_inner())
+}
+
+pub async fn plan_run(
+    dir: &Path,
+    plan: &str,
+    action: &str,
+    point: &str,
+    shutdown: bool,
+) -> anyhow::Result<failback_proto::pb::operator::Job> {
+    Ok(operator(dir)
+        .await?
+        .plan_failover(failback_proto::pb::operator::PlanFailoverRequest {
+            plan: plan.into(),
+            point: point.into(),
+            action: action.into(),
+            shutdown,
+        })
+        .await
+        .map_err(err)?
+        .into_inner())
+}
+
+pub fn print_plan(p: &failback_proto::pb::operator::Plan, as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        let v = json!({
+            "name": p.name,
+            "members": p.members.iter().map(|m| json!({
+                "machine": m.machine, "group": m.group, "state": m.state, "replication_group": m.replication_group,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("recovery plan {} ({} machines)", p.name, p.members.len());
+    for m in &p.members {
+        println!(
+            "  group {}  {:<10} {:<30} {}",
+            m.group, m.machine, m.state, m.replication_group
+        );
+    }
+    Ok(())
+}

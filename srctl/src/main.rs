@@ -59,6 +59,9 @@ enum Cmd {
     /// Jobs with their steps.
     #[command(subcommand)]
     Job(JobCmd),
+    /// Recovery plans: groups fail over in order, machines in a group in parallel.
+    #[command(subcommand)]
+    Plan(PlanCmd),
     /// Benchmarks, each against a baseline measured in the same run.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -75,6 +78,44 @@ struct FailoverArgs {
     shutdown: bool,
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Subcommand)]
+enum PlanCmd {
+    Create {
+        name: String,
+    },
+    /// Add a replicated machine to group 1..7 (up to 100 machines).
+    Add {
+        plan: String,
+        machine: String,
+        #[arg(long, default_value_t = 1)]
+        group: u32,
+    },
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// latest | latest-processed | latest-app-consistent | latest-multi-vm-processed | latest-multi-vm-app-consistent
+    Failover {
+        name: String,
+        #[arg(long, default_value = "latest")]
+        point: String,
+        #[arg(long)]
+        shutdown: bool,
+    },
+    TestFailover {
+        name: String,
+        #[arg(long, default_value = "latest-processed")]
+        point: String,
+    },
+    TestFailoverCleanup {
+        name: String,
+    },
+    Commit {
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -573,6 +614,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let dir = srctl::client::lab_dir(lab_flag)?;
             let i = item::commit(&dir, &machine).await?;
             println!("{}: {}", i.machine, i.state);
+        }
+        Cmd::Plan(cmd) => {
+            let dir = srctl::client::lab_dir(lab_flag)?;
+            match cmd {
+                PlanCmd::Create { name } => {
+                    item::print_plan(&item::plan_create(&dir, &name).await?, false)?
+                }
+                PlanCmd::Add {
+                    plan,
+                    machine,
+                    group,
+                } => item::print_plan(&item::plan_add(&dir, &plan, &machine, group).await?, false)?,
+                PlanCmd::Show { name, json } => {
+                    item::print_plan(&item::plan_show(&dir, &name).await?, json)?
+                }
+                PlanCmd::Failover {
+                    name,
+                    point,
+                    shutdown,
+                } => item::print_job(
+                    &item::plan_run(&dir, &name, "failover", &point, shutdown).await?,
+                ),
+                PlanCmd::TestFailover { name, point } => item::print_job(
+                    &item::plan_run(&dir, &name, "test-failover", &point, false).await?,
+                ),
+                PlanCmd::TestFailoverCleanup { name } => item::print_job(
+                    &item::plan_run(&dir, &name, "test-failover-cleanup", "latest", false).await?,
+                ),
+                PlanCmd::Commit { name } => {
+                    item::print_job(&item::plan_run(&dir, &name, "commit", "latest", false).await?)
+                }
+            }
         }
         Cmd::Job(cmd) => {
             let dir = srctl::client::lab_dir(lab_flag)?;

@@ -284,3 +284,106 @@ fn a_job_interrupted_by_a_cs_restart_fails_with_a_reason_and_a_rerun_completes()
     let azure = file_digest(&lab.join("datastores/azure-storage/vms/vm1/disk0.img"));
     assert_eq!(source, azure);
 }
+
+#[test]
+fn recovery_plan_runs_groups_in_order_with_shared_multi_vm_points() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let lab = tmp.path().join("lab");
+    ok(Command::new(SRCTL)
+        .args(["lab", "up", "--dir"])
+        .arg(&lab)
+        .args(["--disk-size", "8MiB", "--machines", "3"])
+        .output()
+        .expect("lab up"));
+    let _guard = Guard(&lab);
+    for (vm, group) in [("vm1", "app"), ("vm2", "app"), ("vm3", "")] {
+        ok(srctl(&lab, &["workload", "start", vm, "--rate", "1"]));
+        ok(srctl(
+            &lab,
+            &["item", "enable", vm, "--replication-group", group],
+        ));
+    }
+    ok(srctl(&lab, &["plan", "create", "p1"]));
+    ok(srctl(&lab, &["plan", "add", "p1", "vm3", "--group", "1"]));
+    ok(srctl(&lab, &["plan", "add", "p1", "vm1", "--group", "2"]));
+    ok(srctl(&lab, &["plan", "add", "p1", "vm2", "--group", "2"]));
+    let e = fails(srctl(&lab, &["plan", "add", "p1", "vm2", "--group", "8"]));
+    assert!(e.contains("groups 1 to 7"), "{e}");
+    let e = fails(srctl(
+        &lab,
+        &["plan", "failover", "p1", "--point", "crash-123"],
+    ));
+    assert!(e.contains("a custom recovery point"), "{e}");
+    for vm in ["vm1", "vm2", "vm3"] {
+        eventually(&format!("{vm} Protected with a point"), 60, || {
+            let v = show(&lab, vm);
+            v["state"] == "Protected"
+                && v["recovery_points"]
+                    .as_array()
+                    .is_some_and(|a| !a.is_empty())
+        });
+    }
+
+    ok(srctl(
+        &lab,
+        &[
+            "plan",
+            "test-failover",
+            "p1",
+            "--point",
+            "latest-multi-vm-processed",
+        ],
+    ));
+    let jobs = json(srctl(&lab, &["job", "list", "--json"]));
+    let job = |item: &str| {
+        jobs.as_array()
+            .and_then(|a| {
+                a.iter()
+                    .find(|j| j["name"] == "Test failover" && j["item"] == item)
+                    .cloned()
+            })
+            .expect("a job per machine")
+    };
+    let (g1, g2a, g2b) = (job("vm3-1"), job("vm1-1"), job("vm2-1"));
+    let ended1 = g1["ended_ms"].as_i64().unwrap_or(i64::MAX);
+    for j in [&g2a, &g2b] {
+        assert!(
+            j["started_ms"].as_i64().unwrap_or(0) >= ended1,
+            "group 2 must start after group 1 ended: {g1} {j}"
+        );
+    }
+    for vm in ["vm1", "vm2", "vm3"] {
+        eventually(&format!("{vm}-Test registered"), 30, || {
+            infra(&lab, &format!("{vm}-Test"))["status"] == "connected"
+        });
+    }
+    ok(srctl(&lab, &["plan", "test-failover-cleanup", "p1"]));
+
+    ok(srctl(
+        &lab,
+        &[
+            "plan",
+            "failover",
+            "p1",
+            "--point",
+            "latest-multi-vm-processed",
+        ],
+    ));
+    let v1 = json(srctl(&lab, &["item", "verify", "vm1", "--json"]));
+    let v2 = json(srctl(&lab, &["item", "verify", "vm2", "--json"]));
+    assert_eq!(
+        (v1["equal"].clone(), v2["equal"].clone()),
+        (Value::Bool(true), Value::Bool(true))
+    );
+    assert_eq!(
+        v1["point"], v2["point"],
+        "replication group members fail over to the same point"
+    );
+    assert!(v1["point"].as_str().unwrap_or("").starts_with("mv"), "{v1}");
+    verify_equal(&lab, "vm3", "plan failover, vm3");
+    ok(srctl(&lab, &["plan", "commit", "p1"]));
+    let plan = json(srctl(&lab, &["plan", "show", "p1", "--json"]));
+    for m in plan["members"].as_array().expect("members") {
+        assert_eq!(m["state"], "Failover committed", "{plan}");
+    }
+}
