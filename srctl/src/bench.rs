@@ -391,3 +391,182 @@ pub fn compression(size: u64, compressible: f64) -> anyhow::Result<Vec<CodecResu
     }
     Ok(out)
 }
+
+/// Results of `bench failover`.
+#[derive(Debug, serde::Serialize)]
+pub struct FailoverReport {
+    pub disk_bytes: u64,
+    pub retention_s: u64,
+    pub points: usize,
+    pub baseline_full_copy_s: f64,
+    pub latest_processed_s: f64,
+    pub latest_s: f64,
+    pub ratio_latest_processed_to_copy: f64,
+}
+
+/// Failover time with a full retention window of points under a write load, against a
+/// plain full copy of the same disk (what disk creation would cost without block sharing).
+pub async fn failover(size: u64, progress: bool) -> anyhow::Result<FailoverReport> {
+    let size = size.div_ceil(1 << 20) * (1 << 20);
+    let dir = temp_lab();
+    let say = |m: &str| {
+        if progress {
+            eprintln!("bench: {m}");
+        }
+    };
+    say(&format!(
+        "starting a one-machine lab with a {} MiB disk in {}",
+        size >> 20,
+        dir.display()
+    ));
+    lab::up(
+        &dir,
+        &lab::UpOptions {
+            machines: 1,
+            disk_size: size,
+            timeout: Duration::from_secs(60),
+        },
+    )
+    .await?;
+    let retention_s = 30;
+    let result = async {
+        // Half the disk written before protection.
+        let data = Bytes::from(payload(BATCH * 8, 0.5, 3));
+        {
+            use std::os::unix::fs::FileExt;
+            let disk = std::fs::OpenOptions::new()
+                .write(true)
+                .open(dir.join("datastores/ds-onprem/vm1/disk0.img"))?;
+            let mut off = 0u64;
+            while off < size / 2 {
+                let n = (data.len() as u64).min(size / 2 - off) as usize;
+                disk.write_all_at(&data[..n], off)?;
+                off += n as u64;
+            }
+        }
+        item::create_policy(
+            &dir,
+            failback_proto::pb::operator::Policy {
+                name: "bench".into(),
+                rpo_threshold_s: 60,
+                retention_s,
+                crash_interval_s: 2,
+                app_interval_s: 0,
+                failback_of: String::new(),
+            },
+            false,
+        )
+        .await?;
+        item::enable(
+            &dir,
+            EnableItemRequest {
+                machine: "vm1".into(),
+                policy: "bench".into(),
+                ..Default::default()
+            },
+        )
+        .await?;
+        say("initial replication");
+        loop {
+            let i = item::list(&dir, "vm1").await?.into_iter().next();
+            if i.is_some_and(|i| i.state == "Protected" && i.target_seq >= i.acked_seq) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        say(&format!(
+            "filling a {retention_s} s retention window at 10 MB/s of writes"
+        ));
+        item::workload(
+            &dir,
+            WorkloadRequest {
+                machine: "vm1".into(),
+                action: "start".into(),
+                rate_mb_s: 10.0,
+                write_size: 64 << 10,
+                pattern: "random".into(),
+                compressible: 0.5,
+            },
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_secs(retention_s + 5)).await;
+        let points = item::list(&dir, "vm1")
+            .await?
+            .into_iter()
+            .next()
+            .map(|i| i.points.len())
+            .unwrap_or(0);
+
+        say("baseline: a full copy of the replica disk");
+        let replica = dir.join("datastores/azure-storage/replicas/vm1-1/disks/disk0.img");
+        let copy = dir.join("datastores/azure-storage/bench-copy.img");
+        let start = Instant::now();
+        std::fs::copy(&replica, &copy)?;
+        std::fs::File::open(&copy)?.sync_all()?;
+        let baseline = start.elapsed().as_secs_f64();
+        let _ = std::fs::remove_file(&copy);
+
+        let run = |kind: &'static str, point: &'static str| {
+            let dir = dir.clone();
+            async move {
+                let start = Instant::now();
+                item::failover(
+                    &dir,
+                    failback_proto::pb::operator::FailoverRequest {
+                        machine: "vm1".into(),
+                        point: point.into(),
+                        shutdown: false,
+                        kind: kind.into(),
+                    },
+                )
+                .await?;
+                Ok::<f64, anyhow::Error>(start.elapsed().as_secs_f64())
+            }
+        };
+        say("test failover to the latest processed point");
+        let lp = run("test", "latest-processed").await?;
+        item::cleanup_test(&dir, "vm1").await?;
+        say("failover to latest (process everything, make a new point)");
+        let latest = run("unplanned", "latest").await?;
+        Ok(FailoverReport {
+            disk_bytes: size,
+            retention_s,
+            points,
+            baseline_full_copy_s: baseline,
+            latest_processed_s: lp,
+            latest_s: latest,
+            ratio_latest_processed_to_copy: lp / baseline,
+        })
+    }
+    .await;
+    let _ = lab::down(&dir).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+pub fn print_failover(r: &FailoverReport, as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&json!(r))?);
+        return Ok(());
+    }
+    println!(
+        "failover benchmark: {} MiB disk, {} s retention window ({} points) under 10 MB/s of writes",
+        r.disk_bytes >> 20,
+        r.retention_s,
+        r.points
+    );
+    println!(
+        "  baseline: full copy of the replica disk     {:>7.2} s",
+        r.baseline_full_copy_s
+    );
+    println!(
+        "  failover latest-processed (request -> VM started) {:>7.2} s  ({:.2} of a full copy)",
+        r.latest_processed_s, r.ratio_latest_processed_to_copy
+    );
+    println!(
+        "  failover latest (new point first)          {:>7.2} s",
+        r.latest_s
+    );
+    println!("  (the VM's agent registers after the configured boot delay, not included)");
+    Ok(())
+}

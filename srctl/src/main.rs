@@ -133,6 +133,13 @@ enum JobCmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Failover time (latest-processed, latest) vs a full copy of the disk.
+    Failover {
+        #[arg(long, default_value = "1GiB")]
+        size: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// LZ4 vs zstd on the same data (why the process server uses LZ4).
     Compression {
         #[arg(long, default_value = "256MiB")]
@@ -516,6 +523,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await?;
             println!("{machine}: workload {action}");
+        }
+        Cmd::Bench(BenchCmd::Failover { size, json }) => {
+            let r = srctl::bench::failover(parse_size(&size)?, !json).await?;
+            srctl::bench::print_failover(&r, json)?;
         }
         Cmd::Bench(BenchCmd::Compression {
             size,
