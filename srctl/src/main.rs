@@ -129,6 +129,8 @@ enum JobCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Follow a job until it ends: its steps as they change, and how long each took.
+    Watch { id: i64 },
 }
 
 #[derive(Subcommand)]
@@ -677,6 +679,42 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                                 j.id, j.name, j.item, j.state, j.error
                             );
                         }
+                    }
+                }
+                JobCmd::Watch { id } => {
+                    let mut printed = 0usize;
+                    loop {
+                        let job = item::jobs(&dir, id)
+                            .await?
+                            .into_iter()
+                            .next()
+                            .ok_or_else(|| anyhow::anyhow!("no job {id}"))?;
+                        let mut prev = if printed == 0 {
+                            job.started_ms
+                        } else {
+                            job.steps[printed - 1].time_ms
+                        };
+                        for s in &job.steps[printed..] {
+                            if s.state == "In progress" {
+                                break;
+                            }
+                            println!(
+                                "  {:<11} {:>6.2} s  {}",
+                                s.state,
+                                (s.time_ms - prev).max(0) as f64 / 1000.0,
+                                s.name
+                            );
+                            prev = s.time_ms;
+                            printed += 1;
+                        }
+                        if job.state != "In progress" {
+                            item::print_job(&job);
+                            if job.state != "Succeeded" {
+                                anyhow::bail!("job {id} {}: {}", job.state, job.error);
+                            }
+                            break;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                     }
                 }
                 JobCmd::Show { id, json } => {
