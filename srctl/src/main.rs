@@ -708,7 +708,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             printed += 1;
                         }
                         if job.state != "In progress" {
-                            item::print_job(&job);
+                            item::print_job_summary(&job);
                             if job.state != "Succeeded" {
                                 anyhow::bail!("job {id} {}: {}", job.state, job.error);
                             }
