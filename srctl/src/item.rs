@@ -307,7 +307,8 @@ pub fn job_json(j: &failback_proto::pb::operator::Job) -> serde_json::Value {
 }
 
 /// A job with its steps and the time each took.
-pub fn print_job(j: &failback_proto::pb::operator::Job) {
+/// One line: the job, its state, how long it took, its error.
+pub fn print_job_summary(j: &failback_proto::pb::operator::Job) {
     let end = if j.ended_ms > 0 {
         j.ended_ms
     } else {
@@ -326,6 +327,10 @@ pub fn print_job(j: &failback_proto::pb::operator::Job) {
             format!(": {}", j.error)
         }
     );
+}
+
+pub fn print_job(j: &failback_proto::pb::operator::Job) {
+    print_job_summary(j);
     let mut prev = j.started_ms;
     for s in &j.steps {
         println!(
