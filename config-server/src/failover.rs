@@ -31,6 +31,46 @@ pub const FAILOVER_COMPLETED: &str = "Failover completed";
 pub const FAILOVER_COMMITTED: &str = "Failover committed";
 pub const TEST_IN_PROGRESS: &str = "Test failover in progress";
 pub const TEST_COMPLETED: &str = "Test failover completed";
+/// A failover cancelled by force: replication is stopped; the failover must run again.
+pub const FAILOVER_CANCELLED: &str = "Failover cancelled: run the failover again";
+
+const CANCELLED: &str = "cancelled by the operator: replication of this item is stopped and won't resume; run the failover again";
+
+/// `job cancel`: refused for a failover (ASR: don't cancel a running failover) unless forced.
+pub fn cancel(state: &State, id: i64, force: bool) -> Result<Job, Status> {
+    let job = state
+        .store
+        .jobs(id)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| Status::not_found(format!("no job {id}; see `srctl job list`")))?;
+    if job.state != "In progress" {
+        return Err(Status::failed_precondition(format!(
+            "job {id} is not running ({})",
+            job.state
+        )));
+    }
+    let token = state
+        .job_cancel
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&id)
+        .cloned();
+    let Some(token) = token else {
+        return Err(Status::failed_precondition(format!(
+            "job {id} ({}) can't be cancelled",
+            job.name
+        )));
+    };
+    if !force {
+        return Err(Status::failed_precondition(format!(
+            "don't cancel a running failover: replication is stopped and won't resume, and the item \
+             needs the failover run again; to cancel anyway: `srctl job cancel {id} --force`"
+        )));
+    }
+    token.cancel();
+    Ok(job)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -76,7 +116,15 @@ pub async fn failover(state: &Arc<State>, req: FailoverRequest) -> Result<Job, S
         ))
     })?;
     match kind {
-        Kind::Unplanned | Kind::Planned | Kind::Test if item.state != PROTECTED => {
+        Kind::Unplanned | Kind::Planned
+            if item.state != PROTECTED && item.state != FAILOVER_CANCELLED =>
+        {
+            return Err(Status::failed_precondition(format!(
+                "`{}` is {}: only a Protected item can fail over",
+                item.machine, item.state
+            )));
+        }
+        Kind::Test if item.state != PROTECTED => {
             return Err(Status::failed_precondition(format!(
                 "`{}` is {}: only a Protected item can fail over",
                 item.machine, item.state
@@ -148,10 +196,36 @@ pub async fn failover(state: &Arc<State>, req: FailoverRequest) -> Result<Job, S
     };
     store.set_item_state(&item.id, running)?;
     store.job_step(job, "Check prerequisites", "Succeeded")?;
-    let result = run(state, &item, kind, point_arg, req.shutdown, job).await;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    state
+        .job_cancel
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(job, cancel.clone());
+    let result = tokio::select! {
+        r = run(state, &item, kind, point_arg, req.shutdown, job) => r,
+        _ = cancel.cancelled() => Err(Status::cancelled(CANCELLED)),
+    };
+    state
+        .job_cancel
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&job);
     match result {
         Ok(()) => {
             store.end_job(job, None)?;
+        }
+        Err(status) if status.message() == CANCELLED => {
+            store.end_job(job, Some(CANCELLED))?;
+            store.set_item_state(
+                &item.id,
+                if kind == Kind::Test {
+                    &before
+                } else {
+                    FAILOVER_CANCELLED
+                },
+            )?;
+            return Err(status);
         }
         Err(status) => {
             store.end_job(job, Some(status.message()))?;

@@ -6,12 +6,12 @@ use failback_common::control::now_ms;
 use failback_common::identity::{Role, authorize};
 use failback_proto::pb::control::{Resync, VerifyPoint, WorkloadCommand, command};
 use failback_proto::pb::operator::{
-    Component, DatastoreRow, DiskRow, DiskVerification, EnableItemRequest, FailoverRequest, Item,
-    ItemRequest, Job, ListInfraRequest, ListInfraResponse, ListItemsRequest, ListItemsResponse,
-    ListJobsRequest, ListJobsResponse, ListPoliciesRequest, ListPoliciesResponse, Plan,
-    PlanFailoverRequest, PlanMember, PlanRequest, Policy, RemoveComponentRequest,
-    RemoveComponentResponse, ResyncRequest, VerifyRequest, VerifyResponse, WorkloadRequest,
-    WorkloadResponse, operator_server::Operator,
+    CancelJobRequest, Component, DatastoreRow, DiskRow, DiskVerification, EnableItemRequest,
+    FailoverRequest, Item, ItemRequest, Job, ListInfraRequest, ListInfraResponse, ListItemsRequest,
+    ListItemsResponse, ListJobsRequest, ListJobsResponse, ListPoliciesRequest,
+    ListPoliciesResponse, Plan, PlanFailoverRequest, PlanMember, PlanRequest, Policy,
+    RemoveComponentRequest, RemoveComponentResponse, ResyncRequest, VerifyRequest, VerifyResponse,
+    WorkloadRequest, WorkloadResponse, operator_server::Operator,
 };
 use tonic::{Request, Response, Status};
 
@@ -446,6 +446,19 @@ impl Operator for OperatorService {
             )));
         }
         Ok(Response::new(ListJobsResponse { jobs }))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<CancelJobRequest>,
+    ) -> Result<Response<Job>, Status> {
+        authorize(&request, "Operator.CancelJob", &[Role::Operator])?;
+        let req = request.into_inner();
+        Ok(Response::new(crate::failover::cancel(
+            &self.state,
+            req.id,
+            req.force,
+        )?))
     }
 
     async fn create_plan(&self, request: Request<PlanRequest>) -> Result<Response<Plan>, Status> {

@@ -43,6 +43,8 @@ pub struct State {
     pub stopping: CancellationToken,
     /// Commands sent to components, waiting for their result.
     pending: Mutex<HashMap<u64, oneshot::Sender<CommandResult>>>,
+    /// Running jobs that can be cancelled (forced), by job id.
+    pub job_cancel: Mutex<HashMap<i64, CancellationToken>>,
     /// Last status each process server reported.
     pub ps_status: Mutex<HashMap<String, PsStatus>>,
     /// Failed enrollment attempts per source address in the last minute.
@@ -62,6 +64,7 @@ impl State {
             stopping: CancellationToken::new(),
             failures: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
+            job_cancel: Mutex::new(HashMap::new()),
             ps_status: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
         }

@@ -131,6 +131,12 @@ enum JobCmd {
     },
     /// Follow a job until it ends: its steps as they change, and how long each took.
     Watch { id: i64 },
+    /// Cancel a running job (a failover only with --force: replication won't resume).
+    Cancel {
+        id: i64,
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -680,6 +686,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             );
                         }
                     }
+                }
+                JobCmd::Cancel { id, force } => {
+                    let job = srctl::client::operator(&dir)
+                        .await?
+                        .cancel_job(failback_proto::pb::operator::CancelJobRequest { id, force })
+                        .await
+                        .map_err(|s| anyhow::anyhow!("{}", srctl::client::status_message(&s)))?
+                        .into_inner();
+                    println!("job {} ({}) cancelled", job.id, job.name);
                 }
                 JobCmd::Watch { id } => {
                     let mut printed = 0usize;

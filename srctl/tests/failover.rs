@@ -387,3 +387,78 @@ fn recovery_plan_runs_groups_in_order_with_shared_multi_vm_points() {
         assert_eq!(m["state"], "Failover committed", "{plan}");
     }
 }
+
+#[test]
+fn cancelling_a_running_failover_is_refused_unless_forced_and_a_rerun_completes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let lab = tmp.path().join("lab");
+    ok(Command::new(SRCTL)
+        .args(["lab", "up", "--dir"])
+        .arg(&lab)
+        .args(["--disk-size", "8MiB", "--machines", "1"])
+        .output()
+        .expect("lab up"));
+    let _guard = Guard(&lab);
+    ok(srctl(&lab, &["item", "enable", "vm1"]));
+    eventually("vm1 Protected with a point", 60, || {
+        let v = show(&lab, "vm1");
+        v["state"] == "Protected"
+            && v["recovery_points"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
+    });
+    // A failover that can't finish: the target hangs while it waits for the final point.
+    ok(srctl(&lab, &["lab", "pause", "azure-target"]));
+    let mut child = Command::new(SRCTL)
+        .arg("--lab")
+        .arg(&lab)
+        .args(["planned-failover", "vm1"])
+        .env_remove("FAILBACK_LAB")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut id = String::new();
+    eventually("the failover job in progress", 30, || {
+        let jobs = json(srctl(&lab, &["job", "list", "--json"]));
+        match jobs
+            .as_array()
+            .and_then(|a| a.iter().find(|j| j["state"] == "In progress").cloned())
+        {
+            Some(j) => {
+                id = j["id"].to_string();
+                true
+            }
+            None => false,
+        }
+    });
+    let e = fails(srctl(&lab, &["job", "cancel", &id]));
+    assert!(
+        e.contains("don't cancel a running failover") && e.contains("won't resume"),
+        "{e}"
+    );
+    assert_eq!(
+        show(&lab, "vm1")["state"],
+        "Failover in progress",
+        "a refused cancel changes nothing"
+    );
+
+    ok(srctl(&lab, &["job", "cancel", &id, "--force"]));
+    let out = child.wait_with_output().expect("wait");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cancelled by the operator"));
+    let job = json(srctl(&lab, &["job", "show", &id, "--json"]));
+    assert_eq!(job["state"], "Failed", "{job}");
+    assert_eq!(
+        show(&lab, "vm1")["state"],
+        "Failover cancelled: run the failover again"
+    );
+
+    // Running the failover again completes it.
+    ok(srctl(&lab, &["lab", "resume", "azure-target"]));
+    ok(srctl(
+        &lab,
+        &["failover", "vm1", "--point", "latest-processed"],
+    ));
+    assert_eq!(show(&lab, "vm1")["state"], "Failover completed");
+    verify_equal(&lab, "vm1", "failover after a cancelled one");
+}
