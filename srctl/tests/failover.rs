@@ -409,7 +409,7 @@ fn cancelling_a_running_failover_is_refused_unless_forced_and_a_rerun_completes(
     });
     // A failover that can't finish: the target hangs while it waits for the final point.
     ok(srctl(&lab, &["lab", "pause", "azure-target"]));
-    let mut child = Command::new(SRCTL)
+    let child = Command::new(SRCTL)
         .arg("--lab")
         .arg(&lab)
         .args(["planned-failover", "vm1"])
