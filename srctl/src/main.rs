@@ -696,42 +696,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .into_inner();
                     println!("job {} ({}) cancelled", job.id, job.name);
                 }
-                JobCmd::Watch { id } => {
-                    let mut printed = 0usize;
-                    loop {
-                        let job = item::jobs(&dir, id)
-                            .await?
-                            .into_iter()
-                            .next()
-                            .ok_or_else(|| anyhow::anyhow!("no job {id}"))?;
-                        let mut prev = if printed == 0 {
-                            job.started_ms
-                        } else {
-                            job.steps[printed - 1].time_ms
-                        };
-                        for s in &job.steps[printed..] {
-                            if s.state == "In progress" {
-                                break;
-                            }
-                            println!(
-                                "  {:<11} {:>6.2} s  {}",
-                                s.state,
-                                (s.time_ms - prev).max(0) as f64 / 1000.0,
-                                s.name
-                            );
-                            prev = s.time_ms;
-                            printed += 1;
-                        }
-                        if job.state != "In progress" {
-                            item::print_job_summary(&job);
-                            if job.state != "Succeeded" {
-                                anyhow::bail!("job {id} {}: {}", job.state, job.error);
-                            }
-                            break;
-                        }
-                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                    }
-                }
+                JobCmd::Watch { id } => watch_job(&dir, id).await?,
                 JobCmd::Show { id, json } => {
                     for j in item::jobs(&dir, id).await? {
                         if json {
@@ -793,4 +758,58 @@ fn workload_of(a: WorkloadArgs) -> anyhow::Result<WorkloadRequest> {
         pattern: a.pattern,
         compressible: a.compressible,
     })
+}
+
+/// Follows a job: finished steps as lines, the running step as a spinner on a terminal.
+async fn watch_job(dir: &std::path::Path, id: i64) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let bar = std::io::stdout().is_terminal().then(|| {
+        let pb = indicatif::ProgressBar::new_spinner();
+        pb.enable_steady_tick(std::time::Duration::from_millis(100));
+        pb
+    });
+    let mut printed = 0usize;
+    loop {
+        let job = item::jobs(dir, id)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("no job {id}"))?;
+        let mut prev = if printed == 0 {
+            job.started_ms
+        } else {
+            job.steps[printed - 1].time_ms
+        };
+        for s in &job.steps[printed..] {
+            if s.state == "In progress" {
+                if let Some(pb) = &bar {
+                    pb.set_message(format!("{} ...", s.name));
+                }
+                break;
+            }
+            let line = format!(
+                "  {:<11} {:>6.2} s  {}",
+                s.state,
+                (s.time_ms - prev).max(0) as f64 / 1000.0,
+                s.name
+            );
+            match &bar {
+                Some(pb) => pb.println(line),
+                None => println!("{line}"),
+            }
+            prev = s.time_ms;
+            printed += 1;
+        }
+        if job.state != "In progress" {
+            if let Some(pb) = &bar {
+                pb.finish_and_clear();
+            }
+            item::print_job_summary(&job);
+            if job.state != "Succeeded" {
+                anyhow::bail!("job {id} {}: {}", job.state, job.error);
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
