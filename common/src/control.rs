@@ -197,3 +197,29 @@ pub fn now_ms() -> i64 {
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
+
+/// Answers command `id`: the detail JSON on success, the error message otherwise. Returns
+/// false when the control stream's outbox is gone (the component is stopping).
+pub async fn reply(
+    outbox: &mpsc::Sender<ComponentMessage>,
+    id: u64,
+    result: Result<String, String>,
+) -> bool {
+    let (ok, error, detail_json) = match result {
+        Ok(detail) => (true, String::new(), detail),
+        Err(e) => (false, e, String::new()),
+    };
+    outbox
+        .send(ComponentMessage {
+            kind: Some(component_message::Kind::Result(
+                failback_proto::pb::control::CommandResult {
+                    id,
+                    ok,
+                    error,
+                    detail_json,
+                },
+            )),
+        })
+        .await
+        .is_ok()
+}

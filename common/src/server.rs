@@ -75,3 +75,34 @@ pub async fn shutdown_on_signal(token: CancellationToken) {
     }
     token.cancel();
 }
+
+/// The whole life of a component binary after argument parsing: tracing, crypto provider,
+/// config (exit 2 naming the file and key when it is bad), bind `listen` (from the config),
+/// run until SIGINT/SIGTERM, exit 1 with the error if the component fails.
+pub async fn component_main<C, Fut>(
+    binary: &str,
+    config: Result<C, crate::config::ConfigError>,
+    listen: impl FnOnce(&C) -> String,
+    run: impl FnOnce(C, TcpListener, CancellationToken) -> Fut,
+) where
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    crate::telemetry::init(binary);
+    crate::tls::install_crypto_provider();
+    let config = config.unwrap_or_else(|e| {
+        eprintln!("{binary}: {e}");
+        std::process::exit(2)
+    });
+    let shutdown = CancellationToken::new();
+    tokio::spawn(shutdown_on_signal(shutdown.clone()));
+    let address = listen(&config);
+    let result = async {
+        let (listener, _) = bind(&address, "listen").await?;
+        run(config, listener, shutdown).await
+    };
+    if let Err(e) = result.await {
+        eprintln!("{binary}: {e:#}");
+        tracing::error!("{e:#}");
+        std::process::exit(1);
+    }
+}

@@ -23,9 +23,7 @@ use failback_common::component::{DatastoreConfig, advertised, hello, register, v
 use failback_common::config::ConfigError;
 use failback_common::enroll::CsSettings;
 use failback_common::identity::{Identity, Role, Site};
-use failback_proto::pb::control::{
-    CommandResult, ComponentMessage, CsMessage, Hello, command, component_message, cs_message,
-};
+use failback_proto::pb::control::{ComponentMessage, CsMessage, Hello, command, cs_message};
 use failback_proto::pb::data::target_data_server::TargetDataServer;
 use serde::Deserialize;
 use tokio::net::TcpListener;
@@ -139,15 +137,7 @@ async fn handle_commands(
             Some(command::Kind::DropPoints(d)) => replicas.drop_points(&d.item).await,
             _ => Err("a master target doesn't take this command".to_string()),
         };
-        let reply = ComponentMessage {
-            kind: Some(component_message::Kind::Result(CommandResult {
-                id: cmd.id,
-                ok: result.is_ok(),
-                error: result.as_ref().err().cloned().unwrap_or_default(),
-                detail_json: result.unwrap_or_default(),
-            })),
-        };
-        if outbox.send(reply).await.is_err() {
+        if !failback_common::control::reply(&outbox, cmd.id, result).await {
             return;
         }
     }

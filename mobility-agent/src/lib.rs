@@ -23,9 +23,7 @@ use std::sync::Arc;
 
 use failback_common::component::{DatastoreConfig, advertised, hello, register};
 use failback_common::identity::{Identity, Role};
-use failback_proto::pb::control::{
-    CommandResult, ComponentMessage, Hello, MachineInfo, command, component_message, cs_message,
-};
+use failback_proto::pb::control::{ComponentMessage, Hello, MachineInfo, command, cs_message};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -152,15 +150,7 @@ async fn host_commands(
                 config.name
             )),
         };
-        let reply = ComponentMessage {
-            kind: Some(component_message::Kind::Result(CommandResult {
-                id: cmd.id,
-                ok: result.is_ok(),
-                error: result.as_ref().err().cloned().unwrap_or_default(),
-                detail_json: result.unwrap_or_default(),
-            })),
-        };
-        if outbox.send(reply).await.is_err() {
+        if !failback_common::control::reply(&outbox, cmd.id, result).await {
             return;
         }
     }
@@ -270,15 +260,7 @@ impl Agent {
                 Some(kind) => self.handle(kind).await,
                 None => Err("empty command".to_string()),
             };
-            let reply = ComponentMessage {
-                kind: Some(component_message::Kind::Result(CommandResult {
-                    id: cmd.id,
-                    ok: result.is_ok(),
-                    error: result.as_ref().err().cloned().unwrap_or_default(),
-                    detail_json: result.unwrap_or_default(),
-                })),
-            };
-            if self.outbox.send(reply).await.is_err() {
+            if !failback_common::control::reply(&self.outbox, cmd.id, result).await {
                 return;
             }
         }

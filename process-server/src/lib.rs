@@ -21,8 +21,8 @@ use failback_common::config::ConfigError;
 use failback_common::enroll::CsSettings;
 use failback_common::identity::{Identity, Role, Site};
 use failback_proto::pb::control::{
-    CommandResult, ComponentMessage, CsMessage, Hello, PsStatus, Report, command,
-    component_message, cs_message, report,
+    ComponentMessage, CsMessage, Hello, PsStatus, Report, command, component_message, cs_message,
+    report,
 };
 use failback_proto::pb::data::process_server_data_server::ProcessServerDataServer;
 use serde::Deserialize;
@@ -137,15 +137,7 @@ async fn handle_commands(
             }
             _ => Err("a process server doesn't take this command".to_string()),
         };
-        let reply = ComponentMessage {
-            kind: Some(component_message::Kind::Result(CommandResult {
-                id: cmd.id,
-                ok: result.is_ok(),
-                error: result.err().unwrap_or_default(),
-                detail_json: String::new(),
-            })),
-        };
-        if outbox.send(reply).await.is_err() {
+        if !failback_common::control::reply(&outbox, cmd.id, result.map(|()| String::new())).await {
             return;
         }
     }

@@ -4,69 +4,13 @@
 //! final disk); the failed-over VM registers from azure-compute and runs a workload; impossible
 //! requests are refused and change nothing.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
+use common::*;
 use serde_json::Value;
-
-const SRCTL: &str = env!("CARGO_BIN_EXE_srctl");
-
-fn srctl(lab: &Path, args: &[&str]) -> Output {
-    Command::new(SRCTL)
-        .arg("--lab")
-        .arg(lab)
-        .args(args)
-        .env_remove("FAILBACK_LAB")
-        .output()
-        .expect("run srctl")
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "srctl failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn fails(out: Output) -> String {
-    assert!(
-        !out.status.success(),
-        "expected failure: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn json(out: Output) -> Value {
-    serde_json::from_str(&ok(out)).expect("json")
-}
-
-fn show(lab: &Path, machine: &str) -> Value {
-    let out = srctl(lab, &["item", "show", machine, "--json"]);
-    if !out.status.success() {
-        return Value::Null;
-    }
-    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-}
-
-fn infra(lab: &Path, name: &str) -> Value {
-    let all = json(srctl(lab, &["infra", "list", "--json"]));
-    all.as_array()
-        .and_then(|a| a.iter().find(|c| c["name"] == name).cloned())
-        .unwrap_or(Value::Null)
-}
-
-fn eventually(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 fn verify_equal(lab: &Path, machine: &str, what: &str) {
     let v = json(srctl(lab, &["item", "verify", machine, "--json"]));
@@ -78,24 +22,10 @@ fn file_digest(path: &Path) -> String {
     blake3::hash(&bytes).to_hex().to_string()
 }
 
-struct Guard<'a>(&'a Path);
-impl Drop for Guard<'_> {
-    fn drop(&mut self) {
-        let _ = srctl(self.0, &["lab", "down"]);
-    }
-}
-
 #[test]
 fn test_failover_failover_change_point_commit_and_planned_failover() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let lab = tmp.path().join("lab");
-    ok(Command::new(SRCTL)
-        .args(["lab", "up", "--dir"])
-        .arg(&lab)
-        .args(["--disk-size", "8MiB", "--machines", "3"])
-        .output()
-        .expect("lab up"));
-    let _guard = Guard(&lab);
+    let lab_handle = Lab::up(&["--disk-size", "8MiB", "--machines", "3"]);
+    let lab = lab_handle.dir.clone();
     for vm in ["vm1", "vm2", "vm3"] {
         ok(srctl(&lab, &["workload", "start", vm, "--rate", "1"]));
         ok(srctl(&lab, &["item", "enable", vm]));
@@ -211,15 +141,8 @@ fn test_failover_failover_change_point_commit_and_planned_failover() {
 
 #[test]
 fn a_job_interrupted_by_a_cs_restart_fails_with_a_reason_and_a_rerun_completes() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let lab = tmp.path().join("lab");
-    ok(Command::new(SRCTL)
-        .args(["lab", "up", "--dir"])
-        .arg(&lab)
-        .args(["--disk-size", "8MiB", "--machines", "1"])
-        .output()
-        .expect("lab up"));
-    let _guard = Guard(&lab);
+    let lab_handle = Lab::up(&["--disk-size", "8MiB", "--machines", "1"]);
+    let lab = lab_handle.dir.clone();
     ok(srctl(&lab, &["workload", "start", "vm1", "--rate", "1"]));
     ok(srctl(&lab, &["item", "enable", "vm1"]));
     eventually("vm1 Protected with a point", 60, || {
@@ -287,15 +210,8 @@ fn a_job_interrupted_by_a_cs_restart_fails_with_a_reason_and_a_rerun_completes()
 
 #[test]
 fn recovery_plan_runs_groups_in_order_with_shared_multi_vm_points() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let lab = tmp.path().join("lab");
-    ok(Command::new(SRCTL)
-        .args(["lab", "up", "--dir"])
-        .arg(&lab)
-        .args(["--disk-size", "8MiB", "--machines", "3"])
-        .output()
-        .expect("lab up"));
-    let _guard = Guard(&lab);
+    let lab_handle = Lab::up(&["--disk-size", "8MiB", "--machines", "3"]);
+    let lab = lab_handle.dir.clone();
     for (vm, group) in [("vm1", "app"), ("vm2", "app"), ("vm3", "")] {
         ok(srctl(&lab, &["workload", "start", vm, "--rate", "1"]));
         ok(srctl(
@@ -390,15 +306,8 @@ fn recovery_plan_runs_groups_in_order_with_shared_multi_vm_points() {
 
 #[test]
 fn cancelling_a_running_failover_is_refused_unless_forced_and_a_rerun_completes() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let lab = tmp.path().join("lab");
-    ok(Command::new(SRCTL)
-        .args(["lab", "up", "--dir"])
-        .arg(&lab)
-        .args(["--disk-size", "8MiB", "--machines", "1"])
-        .output()
-        .expect("lab up"));
-    let _guard = Guard(&lab);
+    let lab_handle = Lab::up(&["--disk-size", "8MiB", "--machines", "1"]);
+    let lab = lab_handle.dir.clone();
     ok(srctl(&lab, &["item", "enable", "vm1"]));
     eventually("vm1 Protected with a point", 60, || {
         let v = show(&lab, "vm1");

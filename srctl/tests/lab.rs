@@ -3,33 +3,14 @@
 //! come back after a crash and after a CS restart without enrolling again; `lab down`
 //! leaves nothing running; commands against a stopped or missing lab fail clearly.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::{SRCTL, ok, srctl};
 use serde_json::Value;
-
-const SRCTL: &str = env!("CARGO_BIN_EXE_srctl");
-
-fn srctl(lab: &Path, args: &[&str]) -> Output {
-    Command::new(SRCTL)
-        .arg("--lab")
-        .arg(lab)
-        .args(args)
-        .env_remove("FAILBACK_LAB")
-        .output()
-        .expect("run srctl")
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "srctl failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn infra(lab: &Path) -> Vec<Value> {
     let out = srctl(lab, &["infra", "list", "--json"]);

@@ -3,65 +3,13 @@
 //! target mid-replication loses no acknowledged write (a later point verifies equal); bad
 //! requests are refused with ASR's words and change nothing.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::*;
 use serde_json::Value;
-
-const SRCTL: &str = env!("CARGO_BIN_EXE_srctl");
-
-fn srctl(lab: &Path, args: &[&str]) -> Output {
-    Command::new(SRCTL)
-        .arg("--lab")
-        .arg(lab)
-        .args(args)
-        .env_remove("FAILBACK_LAB")
-        .output()
-        .expect("run srctl")
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "srctl failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn fails(out: Output) -> String {
-    assert!(
-        !out.status.success(),
-        "expected failure: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn show(lab: &Path, machine: &str) -> Value {
-    let out = srctl(lab, &["item", "show", machine, "--json"]);
-    if !out.status.success() {
-        return Value::Null;
-    }
-    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-}
-
-fn eventually(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
 
 /// The newest point of `machine` taken after `after_ms` (source clock), if any.
 fn point_after(v: &Value, after_ms: i64) -> Option<String> {
@@ -95,24 +43,10 @@ fn verify_point_after(lab: &Path, machine: &str, after_ms: i64, context: &str) {
     assert_eq!(v["equal"], true, "{context}: {v}");
 }
 
-struct Guard<'a>(&'a Path);
-impl Drop for Guard<'_> {
-    fn drop(&mut self) {
-        let _ = srctl(self.0, &["lab", "down"]);
-    }
-}
-
 #[test]
 fn replication_is_byte_exact_and_survives_kill_9_of_each_hop() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let lab = tmp.path().join("lab");
-    ok(Command::new(SRCTL)
-        .args(["lab", "up", "--dir"])
-        .arg(&lab)
-        .args(["--disk-size", "32MiB"])
-        .output()
-        .expect("lab up"));
-    let _guard = Guard(&lab);
+    let lab_handle = Lab::up(&["--disk-size", "32MiB"]);
+    let lab = lab_handle.dir.clone();
 
     // Bad requests first: nothing changes.
     let e = fails(srctl(&lab, &["item", "enable", "vm9"]));
@@ -193,15 +127,8 @@ fn replication_is_byte_exact_and_survives_kill_9_of_each_hop() {
 
 #[test]
 fn resync_moves_only_the_blocks_that_differ() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let lab = tmp.path().join("lab");
-    ok(Command::new(SRCTL)
-        .args(["lab", "up", "--dir"])
-        .arg(&lab)
-        .args(["--disk-size", "32MiB", "--machines", "1"])
-        .output()
-        .expect("lab up"));
-    let _guard = Guard(&lab);
+    let lab_handle = Lab::up(&["--disk-size", "32MiB", "--machines", "1"]);
+    let lab = lab_handle.dir.clone();
     ok(srctl(&lab, &["workload", "start", "vm1", "--rate", "8"]));
     ok(srctl(&lab, &["item", "enable", "vm1"]));
     eventually("vm1 Protected", 60, || {
@@ -251,15 +178,8 @@ fn resync_moves_only_the_blocks_that_differ() {
 
 #[test]
 fn replication_group_members_share_points() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let lab = tmp.path().join("lab");
-    ok(Command::new(SRCTL)
-        .args(["lab", "up", "--dir"])
-        .arg(&lab)
-        .args(["--disk-size", "8MiB"])
-        .output()
-        .expect("lab up"));
-    let _guard = Guard(&lab);
+    let lab_handle = Lab::up(&["--disk-size", "8MiB"]);
+    let lab = lab_handle.dir.clone();
     for vm in ["vm1", "vm2"] {
         ok(srctl(&lab, &["workload", "start", vm, "--rate", "1"]));
         ok(srctl(
@@ -333,15 +253,8 @@ fn replication_group_members_share_points() {
 
 #[test]
 fn a_lost_process_server_cache_is_detected_and_resynchronized() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let lab = tmp.path().join("lab");
-    ok(Command::new(SRCTL)
-        .args(["lab", "up", "--dir"])
-        .arg(&lab)
-        .args(["--disk-size", "16MiB", "--machines", "1"])
-        .output()
-        .expect("lab up"));
-    let _guard = Guard(&lab);
+    let lab_handle = Lab::up(&["--disk-size", "16MiB", "--machines", "1"]);
+    let lab = lab_handle.dir.clone();
     ok(srctl(&lab, &["workload", "start", "vm1", "--rate", "2"]));
     ok(srctl(&lab, &["item", "enable", "vm1"]));
     eventually("vm1 Protected", 60, || {

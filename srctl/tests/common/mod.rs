@@ -1,0 +1,109 @@
+//! Helpers shared by the process-level tests: run the real `srctl` against a lab directory,
+//! poll for a state, start a lab that is stopped again when the test ends (even on panic).
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const SRCTL: &str = env!("CARGO_BIN_EXE_srctl");
+
+/// Runs `srctl --lab LAB ARGS...`.
+pub fn srctl(lab: &Path, args: &[&str]) -> Output {
+    Command::new(SRCTL)
+        .arg("--lab")
+        .arg(lab)
+        .args(args)
+        .env_remove("FAILBACK_LAB")
+        .output()
+        .expect("run srctl")
+}
+
+/// The stdout of a command that must succeed.
+pub fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "srctl failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The stderr of a command that must fail.
+pub fn fails(out: Output) -> String {
+    assert!(
+        !out.status.success(),
+        "expected failure: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+pub fn json(out: Output) -> Value {
+    serde_json::from_str(&ok(out)).expect("json")
+}
+
+/// `item show MACHINE --json`, or Null.
+pub fn show(lab: &Path, machine: &str) -> Value {
+    let out = srctl(lab, &["item", "show", machine, "--json"]);
+    if !out.status.success() {
+        return Value::Null;
+    }
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+/// The `infra list --json` row of `name`, or Null.
+pub fn infra(lab: &Path, name: &str) -> Value {
+    let out = srctl(lab, &["infra", "list", "--json"]);
+    let all: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    all.as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == name).cloned())
+        .unwrap_or(Value::Null)
+}
+
+/// Polls `f` every 200 ms until it holds; panics after `secs`.
+pub fn eventually(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A running lab in a temporary directory, stopped when dropped.
+pub struct Lab {
+    pub dir: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Lab {
+    /// `srctl lab up` with extra arguments (e.g. `--disk-size 8MiB`).
+    pub fn up(args: &[&str]) -> Lab {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("lab");
+        ok(Command::new(SRCTL)
+            .args(["lab", "up", "--dir"])
+            .arg(&dir)
+            .args(args)
+            .output()
+            .expect("lab up"));
+        Lab { dir, _tmp: tmp }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = srctl(&self.dir, &["lab", "down"]);
+    }
+}
