@@ -76,6 +76,15 @@ async fn resume_inner(state: &State, who: &Identity) -> Result<(), tonic::Status
                 }
             }
             Role::Agent if item.machine == who.name => {
+                // The machine's disks may have grown: the target grows the replica first.
+                if let Some(machine) = store.component(&item.machine)? {
+                    state
+                        .command(
+                            &item.target,
+                            items::prepare_command(&item, &machine, &policy),
+                        )
+                        .await?;
+                }
                 if let Some(ps) = store.component(&item.process_server)? {
                     let address = address_for(&ps, who.site.as_str()).unwrap_or_default();
                     state

@@ -105,6 +105,15 @@ impl Replicas {
             existing
                 .retention_ms
                 .store(p.retention_ms, std::sync::atomic::Ordering::Relaxed);
+            // A source disk that grew: the replica grows with it (the agent resyncs).
+            {
+                let mut store = existing.store();
+                for d in &p.disks {
+                    store
+                        .grow_disk(&d.id, d.size_bytes)
+                        .map_err(|e| e.to_string())?;
+                }
+            }
             for point in existing.store().points() {
                 report(&self.outbox, point_added(&p.item, &point));
             }

@@ -432,6 +432,34 @@ pub struct ReplicaStore {
 }
 
 impl ReplicaStore {
+    /// Grows disk `id` to `size` bytes (the source disk was resized; the new space reads as
+    /// zeros until the resync fills it). Shrinking is refused.
+    pub fn grow_disk(&mut self, id: &str, size: u64) -> Result<(), ReplicaError> {
+        let idx = self
+            .disks
+            .iter()
+            .position(|d| d.spec.id == id)
+            .ok_or_else(|| ReplicaError::UnknownDisk(id.to_string()))?;
+        let current = self.disks[idx].spec.size;
+        if size < current {
+            return Err(ReplicaError::InvalidArgument(format!(
+                "disk {id} can't shrink from {current} to {size} bytes"
+            )));
+        }
+        if size == current {
+            return Ok(());
+        }
+        let disk = &mut self.disks[idx];
+        disk.file.set_len(size).map_err(io_at(&disk.path))?;
+        disk.file.sync_all().map_err(io_at(&disk.path))?;
+        disk.spec.size = size;
+        if let Some(spec) = self.specs.iter_mut().find(|s| s.id == id) {
+            spec.size = size;
+        }
+        tracing::info!(disk = %id, size, "replica disk grown");
+        Ok(())
+    }
+
     /// Opens or creates the replica in `dir` with these disks (missing `DISK.img` files are
     /// created sparse at the given size; an existing one of another size is an error), and
     /// recovers from a crash: see the module docs. Pending batches are applied before returning.

@@ -95,6 +95,12 @@ async fn start_machine(
     });
     let data_dir = config.data_dir.join("machines").join(&m.name);
     let capture = capture::Capture::open(&m, &data_dir, config.replication_buffer.as_u64())?;
+    if m.resized {
+        std::fs::write(
+            data_dir.join(sender::RESYNC_REQUIRED_FILE),
+            b"disk resized\n",
+        )?;
+    }
     let registered = register(&id, &data_dir, &config.cs, hello_fn, &stop).await?;
     let agent = Agent {
         name: m.name.clone(),
@@ -218,6 +224,7 @@ async fn boot(
     let m = machine::Machine {
         name: b.name.clone(),
         disks,
+        resized: false,
     };
     let config = config.clone();
     let delay = std::time::Duration::from_millis(b.boot_delay_ms);

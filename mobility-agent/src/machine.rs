@@ -28,6 +28,8 @@ impl Disk {
 pub struct Machine {
     pub name: String,
     pub disks: Vec<Disk>,
+    /// A disk grew since the last start: tracking is lost, a full resync is needed.
+    pub resized: bool,
 }
 
 impl Machine {
@@ -44,18 +46,29 @@ impl Machine {
         std::fs::create_dir_all(&dir)
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
         let mut disks = Vec::new();
+        let mut resized = false;
         for d in &config.disk {
             let path = dir.join(format!("{}.img", d.id));
             let size = d.size.as_u64();
             match std::fs::metadata(&path) {
-                Ok(meta) if meta.len() != size => anyhow::bail!(
-                    "disk {} of machine {} is {} bytes on disk but configured as {size}; resizing a \
-                     disk needs a resync, fix the config or remove {}",
+                Ok(meta) if meta.len() > size => anyhow::bail!(
+                    "disk {} of machine {} is {} bytes but configured as {size}: disks can grow, \
+                     not shrink; fix `size` in the config",
                     d.id,
                     config.name,
-                    meta.len(),
-                    path.display()
+                    meta.len()
                 ),
+                Ok(meta) if meta.len() < size => {
+                    // The disk was resized: grow it; replication must resync it.
+                    let f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .map_err(|e| anyhow::anyhow!("cannot open disk {}: {e}", path.display()))?;
+                    f.set_len(size)?;
+                    f.sync_all()?;
+                    tracing::warn!(machine = %config.name, disk = %d.id, from = meta.len(), to = size, "disk resized: resync required");
+                    resized = true;
+                }
                 Ok(_) => {}
                 Err(_) => {
                     let f = std::fs::File::create(&path).map_err(|e| {
@@ -75,6 +88,7 @@ impl Machine {
         Ok(Machine {
             name: config.name.clone(),
             disks,
+            resized,
         })
     }
 }

@@ -41,6 +41,9 @@ const WINDOW_BYTES: u64 = 48 << 20;
 const COPY_CHUNK: u64 = 1 << 20;
 /// Resync compares checksums of blocks of this size (rsync-like).
 pub const RESYNC_BLOCK: u64 = 64 << 10;
+/// Marker in a machine's state directory: tracking was lost (a disk was resized), the next
+/// replication starts with a full checksum resync.
+pub const RESYNC_REQUIRED_FILE: &str = "resync-required";
 /// Bytes compared per checksum request.
 const COMPARE_CHUNK: u64 = 8 << 20;
 
@@ -158,6 +161,7 @@ pub fn start(
         };
         save(&state_path, &persisted)?;
     }
+    let forced = state_dir.join(RESYNC_REQUIRED_FILE).exists() && persisted.initial_done;
     let resync = persisted.initial_done;
     let acked = persisted.acked_seq;
     let disks = capture.disk_ids().len();
@@ -171,7 +175,7 @@ pub fn start(
         copy_progress: std::sync::Mutex::new(vec![(0, 0); disks]),
         resyncing: AtomicBool::new(resync),
         connected_once: AtomicBool::new(false),
-        resync_required: AtomicBool::new(false),
+        resync_required: AtomicBool::new(forced),
         resync_requests: tokio::sync::Notify::new(),
         resync_bytes: AtomicU64::new(0),
         resync_blocks: AtomicU64::new(0),
@@ -200,7 +204,11 @@ pub fn start(
 async fn copier(shared: Arc<Shared>, credentials: Credentials, cancel: CancellationToken) {
     let capture = shared.capture.clone();
     let disks = capture.disk_ids();
-    let first = if shared.resyncing.load(Ordering::SeqCst) {
+    let first = if shared.resync_required.load(Ordering::SeqCst) {
+        // Tracking lost (a disk was resized): compare every allocated block.
+        shared.resync_required.store(false, Ordering::SeqCst);
+        allocated(&capture)
+    } else if shared.resyncing.load(Ordering::SeqCst) {
         disks
             .iter()
             .enumerate()
@@ -553,6 +561,9 @@ fn on_ack(
     {
         shared.consistent.store(true, Ordering::SeqCst);
         shared.resyncing.store(false, Ordering::SeqCst);
+        if let Some(dir) = shared.state_path.parent() {
+            let _ = std::fs::remove_file(dir.join(RESYNC_REQUIRED_FILE));
+        }
         if let Ok(mut p) = shared.persisted.lock() {
             p.initial_done = true;
             save(&shared.state_path, &p)

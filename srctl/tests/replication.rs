@@ -278,3 +278,48 @@ fn a_lost_process_server_cache_is_detected_and_resynchronized() {
     assert!(log.contains("its cache was lost; resync required"), "{log}");
     verify_point_after(&lab, "vm1", now_ms(), "after the lost PS cache");
 }
+
+#[test]
+fn a_grown_disk_is_resynchronized_and_the_replica_grows() {
+    let lab_handle = Lab::up(&["--disk-size", "8MiB", "--machines", "1"]);
+    let lab = lab_handle.dir.clone();
+    ok(srctl(&lab, &["workload", "start", "vm1", "--rate", "1"]));
+    ok(srctl(&lab, &["item", "enable", "vm1"]));
+    eventually("vm1 Protected", 60, || {
+        show(&lab, "vm1")["state"] == "Protected"
+    });
+
+    // The VM's disk grows from 8 to 16 MiB (host config), and the host restarts.
+    let config = lab.join("config/esx-1.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    assert!(text.contains("size = 8388608"), "{text}");
+    std::fs::write(&config, text.replace("size = 8388608", "size = 16777216"))
+        .expect("write config");
+    ok(srctl(&lab, &["lab", "restart", "esx-1"]));
+    eventually("resynchronized after the resize", 60, || {
+        let v = show(&lab, "vm1");
+        v["state"] == "Protected" && v["resync_blocks_compared"].as_u64().unwrap_or(0) > 0
+    });
+    let replica = lab.join("datastores/azure-storage/replicas/vm1-1/disks/disk0.img");
+    assert_eq!(
+        std::fs::metadata(&replica).expect("replica").len(),
+        16 << 20,
+        "the replica grows"
+    );
+    eventually("vm1 back", 30, || {
+        srctl(&lab, &["workload", "start", "vm1", "--rate", "1"])
+            .status
+            .success()
+    });
+    verify_point_after(&lab, "vm1", now_ms(), "after the disk grew");
+
+    // Shrinking is refused with a clear message (the host won't start).
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(&config, text.replace("size = 16777216", "size = 4194304"))
+        .expect("write config");
+    ok(srctl(&lab, &["lab", "restart", "esx-1"]));
+    eventually("the host refuses to start", 30, || {
+        std::fs::read_to_string(lab.join("logs/esx-1.log"))
+            .is_ok_and(|l| l.contains("disks can grow, not shrink"))
+    });
+}
