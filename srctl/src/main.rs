@@ -309,10 +309,21 @@ enum LinkCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Bring the link up.
+    /// Bring the link up (also stops flapping).
     Up,
-    /// Take the link down: every relayed connection is reset, new ones refused.
+    /// Take the link down: every relayed connection is reset (down mode reset) or frozen
+    /// until up (stall), new ones refused. Also stops flapping.
     Down,
+    /// Shape the link at runtime (latency, jitter, bandwidth, down mode, flap, blackhole);
+    /// flags not given keep their value.
+    Set {
+        #[command(flatten)]
+        args: link::SetArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reset every relayed connection once; the link stays up.
+    Reset,
 }
 
 fn parse_size(s: &str) -> anyhow::Result<u64> {
@@ -714,6 +725,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 LinkCmd::Status { json } => link::print(&link::status(&dir).await?, json)?,
                 LinkCmd::Up => link::print(&link::set_up(&dir, true).await?, false)?,
                 LinkCmd::Down => link::print(&link::set_up(&dir, false).await?, false)?,
+                LinkCmd::Set { args, json } => link::print(&link::set(&dir, &args).await?, json)?,
+                LinkCmd::Reset => link::print(&link::reset_connections(&dir).await?, false)?,
             }
         }
     }

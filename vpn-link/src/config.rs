@@ -13,6 +13,15 @@
 //! from_site = "azure"
 //! listen = "127.0.0.1:7101"
 //! connect = "127.0.0.1:7001"
+//!
+//! # Optional: shaping and faults at start (each key optional; see `shaping`).
+//! [shaping]
+//! latency = "100ms"             # added one-way delay per direction
+//! jitter = "20ms"               # ± per chunk
+//! bandwidth = "10Mbit"          # per direction, whole tunnel; "1MB" = bytes/s; "off"
+//! down_mode = "stall"           # or "reset" (the default)
+//! flap = "2s"                   # down/up alternating; "off"
+//! blackhole = "onprem-to-azure" # or "azure-to-onprem", "off"
 //! ```
 
 use std::collections::HashSet;
@@ -22,6 +31,8 @@ use std::path::Path;
 
 use failback_common::config::{self, ConfigError};
 use serde::Deserialize;
+
+use crate::shaping::{self, Settings};
 
 /// Environment prefix for overrides, e.g. `FBL_LINK__CONTROL_LISTEN`.
 pub const ENV_PREFIX: &str = "FBL_LINK";
@@ -34,6 +45,8 @@ pub struct LinkConfig {
     pub control_listen: String,
     /// The relayed routes, one `[[route]]` table each.
     pub route: Vec<RouteConfig>,
+    /// Shaping and faults in effect from the start (the optional `[shaping]` table).
+    pub shaping: ShapingConfig,
 }
 
 impl Default for LinkConfig {
@@ -41,7 +54,64 @@ impl Default for LinkConfig {
         LinkConfig {
             control_listen: "127.0.0.1:7000".to_string(),
             route: Vec::new(),
+            shaping: ShapingConfig::default(),
         }
+    }
+}
+
+/// The `[shaping]` table as written; every key optional (absent: no shaping of that kind).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShapingConfig {
+    /// e.g. `100ms`.
+    pub latency: Option<String>,
+    /// e.g. `20ms`.
+    pub jitter: Option<String>,
+    /// e.g. `10Mbit`, `1MB`, `off`.
+    pub bandwidth: Option<String>,
+    /// `reset` or `stall`.
+    pub down_mode: Option<String>,
+    /// e.g. `2s`, `off`.
+    pub flap: Option<String>,
+    /// `onprem-to-azure`, `azure-to-onprem` or `off`.
+    pub blackhole: Option<String>,
+}
+
+impl ShapingConfig {
+    /// Parses every key present; the error is `(key, message)`.
+    fn validate(&self) -> Result<Settings, (&'static str, String)> {
+        fn field<T>(
+            key: &'static str,
+            value: &Option<String>,
+            parse: impl FnOnce(&str) -> Result<T, String>,
+        ) -> Result<Option<T>, (&'static str, String)> {
+            value
+                .as_deref()
+                .map(parse)
+                .transpose()
+                .map_err(|m| (key, m))
+        }
+        let delay = |s: &str| shaping::parse_duration(s).and_then(shaping::check_delay);
+        let mut out = Settings::default();
+        if let Some(v) = field("latency", &self.latency, delay)? {
+            out.latency = v;
+        }
+        if let Some(v) = field("jitter", &self.jitter, delay)? {
+            out.jitter = v;
+        }
+        if let Some(v) = field("bandwidth", &self.bandwidth, shaping::parse_bandwidth)? {
+            out.bandwidth = v;
+        }
+        if let Some(v) = field("down_mode", &self.down_mode, shaping::DownMode::parse)? {
+            out.down_mode = v;
+        }
+        if let Some(v) = field("flap", &self.flap, shaping::parse_flap)? {
+            out.flap = v;
+        }
+        if let Some(v) = field("blackhole", &self.blackhole, shaping::parse_blackhole)? {
+            out.blackhole = v;
+        }
+        Ok(out)
     }
 }
 
@@ -121,6 +191,8 @@ impl Route {
 pub struct Config {
     pub control_listen: String,
     pub routes: Vec<Route>,
+    /// The settings to start with.
+    pub shaping: Settings,
 }
 
 /// Loads defaults, `file` and `FBL_LINK__*` environment overrides, then validates.
@@ -134,6 +206,10 @@ impl LinkConfig {
     pub fn validate(self, file: Option<&Path>) -> Result<Config, ConfigError> {
         let err = |key: String, message: String| ConfigError::key(file, key, message);
         check_addr(&self.control_listen).map_err(|m| err("control_listen".into(), m))?;
+        let shaping = self
+            .shaping
+            .validate()
+            .map_err(|(key, m)| err(format!("shaping.{key}"), m))?;
         let mut names = HashSet::new();
         let mut routes = Vec::with_capacity(self.route.len());
         for (i, r) in self.route.into_iter().enumerate() {
@@ -169,6 +245,7 @@ impl LinkConfig {
         Ok(Config {
             control_listen: self.control_listen,
             routes,
+            shaping,
         })
     }
 }
@@ -221,6 +298,80 @@ mod tests {
         .expect("valid");
         assert_eq!(c.routes[0].from_site, Site::Onprem);
         assert_eq!(c.routes[1].connect, "mt-onprem.lab:7003");
+    }
+
+    #[test]
+    fn parses_and_checks_shaping() {
+        let ok = LinkConfig {
+            shaping: ShapingConfig {
+                latency: Some("100ms".into()),
+                bandwidth: Some("10Mbit".into()),
+                down_mode: Some("stall".into()),
+                flap: Some("off".into()),
+                blackhole: Some("azure-to-onprem".into()),
+                ..ShapingConfig::default()
+            },
+            ..LinkConfig::default()
+        }
+        .validate(None)
+        .expect("valid shaping")
+        .shaping;
+        assert_eq!(ok.latency, std::time::Duration::from_millis(100));
+        assert_eq!(ok.bandwidth, 1_250_000);
+        assert_eq!(ok.down_mode, shaping::DownMode::Stall);
+        assert_eq!(ok.flap, None);
+        assert_eq!(ok.blackhole, Some(Site::Azure));
+
+        let bad = |s: ShapingConfig| {
+            LinkConfig {
+                shaping: s,
+                ..LinkConfig::default()
+            }
+            .validate(None)
+            .expect_err("must fail")
+            .to_string()
+        };
+        let cases = [
+            (
+                ShapingConfig {
+                    latency: Some("soon".into()),
+                    ..ShapingConfig::default()
+                },
+                "shaping.latency",
+            ),
+            (
+                ShapingConfig {
+                    bandwidth: Some("10Mfoo".into()),
+                    ..ShapingConfig::default()
+                },
+                "shaping.bandwidth",
+            ),
+            (
+                ShapingConfig {
+                    down_mode: Some("freeze".into()),
+                    ..ShapingConfig::default()
+                },
+                "shaping.down_mode",
+            ),
+            (
+                ShapingConfig {
+                    flap: Some("1ms".into()),
+                    ..ShapingConfig::default()
+                },
+                "shaping.flap",
+            ),
+            (
+                ShapingConfig {
+                    blackhole: Some("both".into()),
+                    ..ShapingConfig::default()
+                },
+                "shaping.blackhole",
+            ),
+        ];
+        for (s, key) in cases {
+            let msg = bad(s);
+            assert!(msg.contains(&format!("`{key}`")), "{key}: {msg}");
+        }
     }
 
     #[test]

@@ -1,11 +1,16 @@
 //! vpn-link: the simulated site-to-site VPN between `onprem` and `azure`. Every connection
 //! between the sites passes through it: a TCP relay that counts the bytes crossing each
-//! way and can be taken down (every relayed connection reset, new ones refused) and up.
+//! way and can be taken down (every relayed connection reset or stalled, new ones refused)
+//! and up, and shaped at runtime ([`Settings`]: latency and jitter, a bandwidth cap per
+//! direction shared by the whole tunnel, flapping, a one-way blackhole).
 //!
 //! # Layout
-//! - [`config`]: the TOML form, validation into [`Route`]s, loading with env overrides.
-//! - `state`: the up/down gate, per-connection cancellation, counters.
-//! - `relay`: accept loops, per-connection relays, and `pump`, the one place bytes cross.
+//! - [`config`]: the TOML form, validation into [`Route`]s and [`Settings`], loading with
+//!   env overrides.
+//! - [`shaping`]: the settings, their textual and protobuf forms, the token bucket.
+//! - `state`: the up/down gate, per-connection cancellation, settings, counters and rates.
+//! - `relay`: accept loops, per-connection relays, and `pump`, the one place bytes cross
+//!   (and are shaped); the flap and rate-sampling tasks.
 //! - `control`: the `failback.link.v1.LinkControl` gRPC service.
 //!
 //! # Use
@@ -17,6 +22,7 @@
 pub mod config;
 mod control;
 mod relay;
+pub mod shaping;
 mod state;
 
 use std::future::Future;
@@ -33,6 +39,7 @@ use tokio_util::task::TaskTracker;
 use tracing::info;
 
 pub use config::{Config, Route, Site};
+pub use shaping::{DownMode, Settings};
 
 use crate::control::ControlService;
 use crate::state::{RouteState, Shared};
@@ -117,6 +124,8 @@ impl Link {
         let root = shared.root.clone();
 
         let tracker = TaskTracker::new();
+        tracker.spawn(relay::sample_loop(Arc::clone(&shared)));
+        tracker.spawn(relay::flap_loop(Arc::clone(&shared)));
         let mut accepts = JoinSet::new();
         for (listener, route) in listeners.into_iter().zip(&shared.routes) {
             accepts.spawn(relay::accept_loop(
@@ -173,12 +182,44 @@ pub struct LinkHandle {
 }
 
 impl LinkHandle {
-    /// Takes the link up, or down: down resets every relayed connection at once and resets
-    /// new ones as soon as they are accepted, until the link is up again.
+    /// Takes the link up, or down: down resets every relayed connection at once (down mode
+    /// `reset`) or freezes them until up (`stall`), and resets new ones as soon as they are
+    /// accepted, until the link is up again. Also stops flapping.
     pub fn set_up(&self, up: bool) {
-        if self.shared.set_up(up) {
+        if self.shared.set_up(up, true) {
             info!(up, "link {}", if up { "up" } else { "down" });
         }
+    }
+
+    /// Resets every relayed connection once; the link stays as it is.
+    pub fn reset_connections(&self) {
+        self.shared.reset_connections();
+        info!("relayed connections reset");
+    }
+
+    /// The current shaping and fault settings.
+    pub fn settings(&self) -> Settings {
+        self.shared.settings()
+    }
+
+    /// Replaces the shaping and fault settings. Switching flapping off leaves the link up;
+    /// switching to down mode `reset` while down resets the stalled connections.
+    pub fn set_settings(&self, settings: Settings) {
+        self.update_settings(|s| {
+            *s = settings;
+            Ok::<(), std::convert::Infallible>(())
+        })
+        .unwrap_or_else(|never| match never {});
+    }
+
+    /// Changes the settings through `f`, atomically; nothing changes if `f` fails.
+    pub fn update_settings<E>(
+        &self,
+        f: impl FnOnce(&mut Settings) -> Result<(), E>,
+    ) -> Result<Settings, E> {
+        let new = self.shared.update_settings(f)?;
+        info!(settings = ?new, "link settings changed");
+        Ok(new)
     }
 
     /// The current state and counters.

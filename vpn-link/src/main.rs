@@ -46,6 +46,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("control_listen: cannot listen on {}", config.control_listen))?;
     let control_addr = control.local_addr()?;
     let link = Link::bind(config.routes.clone()).await?;
+    link.handle().set_settings(config.shaping);
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;

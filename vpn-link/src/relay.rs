@@ -4,7 +4,9 @@
 //!
 //! A connection ends cleanly when both directions have reached EOF (each EOF is passed on
 //! as a half-close). It is reset on both sides, never closed with a FIN, when the link goes
-//! down, when the link shuts down, or when either side fails.
+//! down in down mode `reset`, when the connections are reset, when the link shuts down, or
+//! when either side fails. In down mode `stall` a down link keeps its connections but moves
+//! no bytes until up.
 
 use std::io;
 use std::net::SocketAddr;
@@ -13,13 +15,19 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::state::{Admission, Flow, RouteState, Shared, Tally};
+use crate::shaping::{Delay, chunk_len};
+use crate::state::{Admission, Flow, RouteState, SAMPLE_EVERY, Shared, Tally};
 
-/// Copy buffer per direction.
+/// Copy buffer per direction (the largest chunk).
 const BUF_SIZE: usize = 64 * 1024;
+/// Bytes in flight between the reading and the writing half of one pump (the delay line;
+/// like a TCP window, it bounds one connection's throughput to this per latency).
+const IN_FLIGHT: usize = 1024 * 1024;
 /// How long a dial to the far side may take before the accepted connection is dropped.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
@@ -95,15 +103,18 @@ async fn relay(mut inbound: TcpStream, peer: SocketAddr, admission: Admission) {
     let outcome = {
         let (from_dialer, to_dialer) = inbound.split();
         let (from_server, to_server) = outbound.split();
+        let shared = &*admission.shared;
         let forward = pump(
             from_dialer,
             to_server,
-            admission.shared.tally(route, Flow::Forward),
+            shared,
+            shared.tally(route, Flow::Forward),
         );
         let backward = pump(
             from_server,
             to_dialer,
-            admission.shared.tally(route, Flow::Backward),
+            shared,
+            shared.tally(route, Flow::Backward),
         );
         tokio::select! {
             () = admission.cancel.cancelled() => Err(io::Error::other("link down")),
@@ -124,24 +135,121 @@ async fn relay(mut inbound: TcpStream, peer: SocketAddr, admission: Admission) {
 /// `to`'s write half so the EOF reaches the other side. Each chunk is charged to `tally`
 /// once written. Returns the bytes moved.
 ///
-/// This is the only place relayed bytes pass through; rate limits, delay and loss belong
-/// here.
-async fn pump<R, W>(mut from: R, mut to: W, tally: Tally<'_>) -> io::Result<u64>
+/// This is the only place relayed bytes pass through, and where shaping and faults apply,
+/// with the settings current when each chunk is read:
+/// - blackhole: a chunk sent from the blackholed site is dropped (counted as dropped);
+/// - bandwidth: the chunk waits for its bytes from the direction's shared token bucket
+///   (chunks are ~50 ms worth of the cap so connections interleave);
+/// - latency/jitter: the chunk is stamped due at now + latency ± jitter, never before the
+///   previous chunk's due time (FIFO), and queued to the writing half, which writes it when
+///   due;
+/// - stall: while the link is down (down mode `stall`) neither half moves a byte.
+async fn pump<R, W>(mut from: R, mut to: W, shared: &Shared, tally: Tally<'_>) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; BUF_SIZE];
-    let mut moved = 0u64;
-    loop {
-        let n = from.read(&mut buf).await?;
-        if n == 0 {
-            to.shutdown().await?;
-            return Ok(moved);
+    let site = tally.site;
+    let (queue, mut due_chunks) = mpsc::unbounded_channel::<(Vec<u8>, Instant)>();
+    let in_flight = &Semaphore::new(IN_FLIGHT);
+    let reader = async move {
+        let mut settings = shared.subscribe_settings();
+        let mut up = shared.subscribe_up();
+        let mut delay = Delay::new();
+        let mut buf = vec![0u8; BUF_SIZE];
+        let mut last_due = Instant::now();
+        loop {
+            wait_up(&mut up).await;
+            let len = chunk_len(settings.borrow().bandwidth, BUF_SIZE);
+            let n = from.read(&mut buf[..len]).await?;
+            if n == 0 {
+                return io::Result::Ok(()); // dropping `queue` tells the writing half
+            }
+            let s = *settings.borrow_and_update();
+            if s.blackhole == Some(site) {
+                shared.dropped(site, n);
+                continue;
+            }
+            let wait = shared.reserve(site, n, s.bandwidth);
+            if !wait.is_zero() {
+                // A change of settings (e.g. the cap lifted) ends the wait early.
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    _ = settings.changed() => {}
+                }
+            }
+            wait_up(&mut up).await;
+            // n <= BUF_SIZE <= IN_FLIGHT, and the semaphore is never closed.
+            if let Ok(permits) = in_flight.acquire_many(n as u32).await {
+                permits.forget();
+            }
+            let due = (Instant::now() + delay.sample(&s)).max(last_due);
+            last_due = due;
+            if queue.send((buf[..n].to_vec(), due)).is_err() {
+                return Ok(()); // the writing half failed; its error ends the pump
+            }
         }
-        to.write_all(&buf[..n]).await?;
-        tally.add(n);
-        moved += n as u64;
+    };
+    let writer = async {
+        let mut up = shared.subscribe_up();
+        let mut moved = 0u64;
+        while let Some((chunk, due)) = due_chunks.recv().await {
+            if due > Instant::now() {
+                tokio::time::sleep_until(due).await;
+            }
+            wait_up(&mut up).await;
+            to.write_all(&chunk).await?;
+            in_flight.add_permits(chunk.len());
+            tally.add(chunk.len());
+            moved += chunk.len() as u64;
+        }
+        wait_up(&mut up).await;
+        to.shutdown().await?;
+        io::Result::Ok(moved)
+    };
+    let ((), moved) = tokio::try_join!(reader, writer)?;
+    Ok(moved)
+}
+
+/// Returns once the link is up (at once unless it is down in down mode `stall`: in `reset`
+/// the connection is cancelled instead).
+async fn wait_up(up: &mut watch::Receiver<bool>) {
+    // The sender lives as long as the link state the pump borrows, so this cannot fail.
+    let _ = up.wait_for(|up| *up).await;
+}
+
+/// Records the byte counters for the rates every [`SAMPLE_EVERY`], until shutdown.
+pub(crate) async fn sample_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(SAMPLE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shared.root.cancelled() => return,
+            _ = tick.tick() => shared.sample(),
+        }
+    }
+}
+
+/// Takes the link down and up every flap period while one is set, until shutdown.
+pub(crate) async fn flap_loop(shared: Arc<Shared>) {
+    let mut settings = shared.subscribe_settings();
+    loop {
+        let period = settings.borrow_and_update().flap;
+        tokio::select! {
+            () = shared.root.cancelled() => return,
+            _ = settings.changed() => {}
+            () = async {
+                match period {
+                    Some(p) => tokio::time::sleep(p).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let up = !shared.is_up();
+                if shared.set_up(up, false) {
+                    debug!(up, "link flapped {}", if up { "up" } else { "down" });
+                }
+            }
+        }
     }
 }
 

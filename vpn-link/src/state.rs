@@ -1,17 +1,31 @@
-//! Shared link state: the up/down gate with its per-connection cancellation, and the byte
-//! and connection counters behind `Status`.
+//! Shared link state: the up/down gate with its per-connection cancellation, the shaping
+//! settings and token buckets, and the byte and connection counters (and rates) behind
+//! `Status`.
 //!
-//! The gate and the admission of a connection are decided under one lock, so a connection
-//! is either admitted before the link goes down (and is then reset with it) or refused.
+//! The gate, the settings and the admission of a connection are decided under one lock, so
+//! a connection is either admitted before the link goes down (and is then reset or stalled
+//! with it) or refused, and a change of down mode while down applies consistently.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use failback_proto::pb::link as pb;
+use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Route, Site};
+use crate::shaping::{Bucket, DownMode, Settings};
+
+/// How often the rate sampler records the counters.
+pub(crate) const SAMPLE_EVERY: Duration = Duration::from_millis(250);
+/// Rates are computed against the newest sample at least this old...
+const RATE_WINDOW: Duration = Duration::from_secs(1);
+/// ...and samples older than this are discarded.
+const SAMPLE_KEEP: Duration = Duration::from_millis(2250);
 
 /// Per-route state: the validated route, where it actually listens, its counters.
 pub(crate) struct RouteState {
@@ -54,15 +68,45 @@ struct Gate {
     epoch: CancellationToken,
 }
 
+/// Counters of one direction of the tunnel, by sending site.
+#[derive(Default)]
+struct Way {
+    /// Bytes that crossed.
+    bytes: AtomicU64,
+    /// Bytes read and dropped by a blackhole.
+    dropped: AtomicU64,
+}
+
+/// A reading of both directions' byte counters.
+#[derive(Clone, Copy)]
+struct Sample {
+    at: Instant,
+    onprem_to_azure: u64,
+    azure_to_onprem: u64,
+}
+
 pub(crate) struct Shared {
     /// Cancelled when the link shuts down; parent of every epoch.
     pub(crate) root: CancellationToken,
     gate: Mutex<Gate>,
-    onprem_to_azure: AtomicU64,
-    azure_to_onprem: AtomicU64,
+    /// Mirrors `gate.up` (written under the gate lock) for pumps waiting out a stall.
+    up: watch::Sender<bool>,
+    /// Written under the gate lock; read by pumps for every chunk.
+    settings: watch::Sender<Settings>,
+    onprem_to_azure: Way,
+    azure_to_onprem: Way,
+    /// The bandwidth token buckets, by sending site: one per direction for the tunnel.
+    bucket_onprem_to_azure: Mutex<Bucket>,
+    bucket_azure_to_onprem: Mutex<Bucket>,
+    samples: Mutex<VecDeque<Sample>>,
     active: AtomicU64,
     total: AtomicU64,
     pub(crate) routes: Vec<Arc<RouteState>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // No critical section here can leave its data inconsistent, so poison is harmless.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Shared {
@@ -74,8 +118,13 @@ impl Shared {
                 epoch: root.child_token(),
             }),
             root,
-            onprem_to_azure: AtomicU64::new(0),
-            azure_to_onprem: AtomicU64::new(0),
+            up: watch::Sender::new(true),
+            settings: watch::Sender::new(Settings::default()),
+            onprem_to_azure: Way::default(),
+            azure_to_onprem: Way::default(),
+            bucket_onprem_to_azure: Mutex::new(Bucket::new()),
+            bucket_azure_to_onprem: Mutex::new(Bucket::new()),
+            samples: Mutex::new(VecDeque::new()),
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
             routes,
@@ -83,8 +132,14 @@ impl Shared {
     }
 
     fn gate(&self) -> MutexGuard<'_, Gate> {
-        // The critical sections cannot leave the gate inconsistent, so poison is harmless.
-        self.gate.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.gate)
+    }
+
+    fn way(&self, site: Site) -> &Way {
+        match site {
+            Site::Onprem => &self.onprem_to_azure,
+            Site::Azure => &self.azure_to_onprem,
+        }
     }
 
     /// Admits a new connection on `route` if the link is up.
@@ -106,19 +161,138 @@ impl Shared {
         })
     }
 
-    /// Sets the gate; going down cancels every admitted connection. Returns whether the
-    /// state changed.
-    pub(crate) fn set_up(&self, up: bool) -> bool {
+    /// Sets the gate; going down in down mode `reset` cancels every admitted connection (in
+    /// `stall` the pumps wait for up). With `stop_flap`, flapping is switched off first.
+    /// Returns whether the state changed.
+    pub(crate) fn set_up(&self, up: bool, stop_flap: bool) -> bool {
         let mut gate = self.gate();
+        if stop_flap {
+            self.settings.send_if_modified(|s| s.flap.take().is_some());
+        }
+        self.set_up_locked(&mut gate, up)
+    }
+
+    fn set_up_locked(&self, gate: &mut Gate, up: bool) -> bool {
         if gate.up == up {
             return false;
         }
         gate.up = up;
-        if !up {
-            gate.epoch.cancel();
-            gate.epoch = self.root.child_token();
+        if !up && self.settings.borrow().down_mode == DownMode::Reset {
+            Self::reset_locked(&self.root, gate);
         }
+        self.up.send_replace(up);
         true
+    }
+
+    fn reset_locked(root: &CancellationToken, gate: &mut Gate) {
+        gate.epoch.cancel();
+        gate.epoch = root.child_token();
+    }
+
+    pub(crate) fn is_up(&self) -> bool {
+        self.gate().up
+    }
+
+    /// Resets every admitted connection once; the gate is unchanged.
+    pub(crate) fn reset_connections(&self) {
+        let mut gate = self.gate();
+        Self::reset_locked(&self.root, &mut gate);
+    }
+
+    pub(crate) fn settings(&self) -> Settings {
+        *self.settings.borrow()
+    }
+
+    /// Changes the settings through `f` (nothing changes if it fails). Switching flapping
+    /// off leaves the link up; switching to down mode `reset` while down resets the
+    /// connections stalled so far.
+    pub(crate) fn update_settings<E>(
+        &self,
+        f: impl FnOnce(&mut Settings) -> Result<(), E>,
+    ) -> Result<Settings, E> {
+        let mut gate = self.gate();
+        let old = self.settings();
+        let mut new = old;
+        f(&mut new)?;
+        self.settings.send_replace(new);
+        if !gate.up {
+            if old.flap.is_some() && new.flap.is_none() {
+                self.set_up_locked(&mut gate, true);
+            } else if old.down_mode == DownMode::Stall && new.down_mode == DownMode::Reset {
+                Self::reset_locked(&self.root, &mut gate);
+            }
+        }
+        Ok(new)
+    }
+
+    pub(crate) fn subscribe_settings(&self) -> watch::Receiver<Settings> {
+        self.settings.subscribe()
+    }
+
+    pub(crate) fn subscribe_up(&self) -> watch::Receiver<bool> {
+        self.up.subscribe()
+    }
+
+    /// Reserves `n` bytes of the bandwidth of the direction sent from `site`; returns how
+    /// long to wait before sending them.
+    pub(crate) fn reserve(&self, site: Site, n: usize, rate: u64) -> Duration {
+        let bucket = match site {
+            Site::Onprem => &self.bucket_onprem_to_azure,
+            Site::Azure => &self.bucket_azure_to_onprem,
+        };
+        lock(bucket).reserve(n, rate, Instant::now())
+    }
+
+    /// Records `n` bytes sent from `site` and dropped by the blackhole.
+    pub(crate) fn dropped(&self, site: Site, n: usize) {
+        self.way(site)
+            .dropped
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn sample_now(&self) -> Sample {
+        Sample {
+            at: Instant::now(),
+            onprem_to_azure: self.onprem_to_azure.bytes.load(Ordering::Relaxed),
+            azure_to_onprem: self.azure_to_onprem.bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Records the counters for the rates (called every [`SAMPLE_EVERY`]).
+    pub(crate) fn sample(&self) {
+        let now = self.sample_now();
+        let mut samples = lock(&self.samples);
+        samples.push_back(now);
+        while samples
+            .front()
+            .is_some_and(|s| now.at.duration_since(s.at) > SAMPLE_KEEP)
+        {
+            samples.pop_front();
+        }
+    }
+
+    /// Bytes per second each way (onprem->azure, azure->onprem) since the newest sample at
+    /// least [`RATE_WINDOW`] old, or the oldest one kept.
+    fn rates(&self) -> (u64, u64) {
+        let now = self.sample_now();
+        let samples = lock(&self.samples);
+        let base = samples
+            .iter()
+            .rev()
+            .find(|s| now.at.duration_since(s.at) >= RATE_WINDOW)
+            .or_else(|| samples.front());
+        let Some(base) = base else {
+            return (0, 0);
+        };
+        let secs = now.at.duration_since(base.at).as_secs_f64();
+        if secs < 0.1 {
+            return (0, 0);
+        }
+        let rate = |a: u64, b: u64| (a.saturating_sub(b) as f64 / secs) as u64;
+        (
+            rate(now.onprem_to_azure, base.onprem_to_azure),
+            rate(now.azure_to_onprem, base.azure_to_onprem),
+        )
     }
 
     /// The counters to charge for bytes flowing `flow` on `route`.
@@ -132,20 +306,27 @@ impl Shared {
                 Flow::Forward => &route.forward,
                 Flow::Backward => &route.backward,
             },
-            link: match site {
-                Site::Onprem => &self.onprem_to_azure,
-                Site::Azure => &self.azure_to_onprem,
-            },
+            link: &self.way(site).bytes,
+            site,
         }
     }
 
     pub(crate) fn status(&self) -> pb::LinkStatus {
-        let up = self.gate().up;
+        let (up, settings) = {
+            let gate = self.gate();
+            (gate.up, self.settings())
+        };
+        let (rate_onprem_to_azure, rate_azure_to_onprem) = self.rates();
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         pb::LinkStatus {
             up,
-            bytes_onprem_to_azure: load(&self.onprem_to_azure),
-            bytes_azure_to_onprem: load(&self.azure_to_onprem),
+            settings: Some(settings.to_pb()),
+            rate_onprem_to_azure,
+            rate_azure_to_onprem,
+            dropped_onprem_to_azure: load(&self.onprem_to_azure.dropped),
+            dropped_azure_to_onprem: load(&self.azure_to_onprem.dropped),
+            bytes_onprem_to_azure: load(&self.onprem_to_azure.bytes),
+            bytes_azure_to_onprem: load(&self.azure_to_onprem.bytes),
             active_connections: load(&self.active),
             total_connections: load(&self.total),
             routes: self
@@ -181,10 +362,12 @@ impl Drop for Admission {
     }
 }
 
-/// The two counters one direction of one connection charges: its route's and the link's.
+/// The two counters one direction of one connection charges: its route's and the link's;
+/// and the site the bytes are sent from.
 pub(crate) struct Tally<'a> {
     route: &'a AtomicU64,
     link: &'a AtomicU64,
+    pub(crate) site: Site,
 }
 
 impl Tally<'_> {
