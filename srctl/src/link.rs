@@ -70,42 +70,9 @@ pub fn parse_flap(s: &str) -> Result<u32, String> {
     parse_ms(s)
 }
 
-/// A rate in bytes per second: `10Mbit`, `500kbit`, `1Gbit` (bits, decimal; `Mbps` too),
-/// `1MB`, `64kB`, `123B` or a bare number (bytes, decimal), `1MiB` (binary); `0`/`off` is
-/// unlimited (0). Case-insensitive: write `Mbit` for megabits (`Mb` reads as megabytes).
-pub fn parse_bandwidth(s: &str) -> Result<u64, String> {
-    let bad = || format!("expected a rate like 10Mbit, 500kbit, 1MB or off, got {s:?}");
-    let t = s.trim();
-    if t.eq_ignore_ascii_case("off") {
-        return Ok(0);
-    }
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().map_err(|_| bad())?;
-    let unit = unit.trim().to_ascii_lowercase();
-    let unit = unit.strip_suffix("/s").unwrap_or(&unit);
-    let bytes_per_unit: f64 = match unit {
-        "" | "b" => 1.0,
-        "kb" => 1e3,
-        "mb" => 1e6,
-        "gb" => 1e9,
-        "kib" => 1024.0,
-        "mib" => 1024.0 * 1024.0,
-        "gib" => 1024.0 * 1024.0 * 1024.0,
-        "bit" | "bps" => 1.0 / 8.0,
-        "kbit" | "kbps" => 1e3 / 8.0,
-        "mbit" | "mbps" => 1e6 / 8.0,
-        "gbit" | "gbps" => 1e9 / 8.0,
-        _ => return Err(bad()),
-    };
-    let bps = (n * bytes_per_unit).round();
-    if !bps.is_finite() || bps >= u64::MAX as f64 {
-        return Err(bad());
-    }
-    Ok(bps as u64)
-}
+/// A rate in bytes per second (`10Mbit`, `500kbit`, `1MB`, `off`...): vpn-link's own parser,
+/// so the CLI accepts exactly what the link does.
+pub use vpn_link::shaping::parse_bandwidth;
 
 pub fn parse_down_mode(s: &str) -> Result<DownMode, String> {
     match s.trim() {

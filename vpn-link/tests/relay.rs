@@ -1,23 +1,21 @@
 //! End-to-end tests of vpn-link over real sockets on ephemeral ports: byte-exact relaying
 //! and counting, link down/up, the control gRPC API, and config errors (library and binary).
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use common::*;
 use failback_proto::pb::link::link_control_client::LinkControlClient;
-use failback_proto::pb::link::{LinkStatus, LinkStatusRequest, SetUpRequest};
+use failback_proto::pb::link::{LinkStatusRequest, SetUpRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use vpn_link::{Link, LinkHandle, Route, ServeError, Site};
-
-const PROMPTLY: Duration = Duration::from_secs(5);
-const POLL: Duration = Duration::from_millis(10);
+use vpn_link::Site;
 
 /// An echo server on an ephemeral port: echoes each connection until EOF, then closes.
 async fn echo_server() -> SocketAddr {
@@ -34,70 +32,6 @@ async fn echo_server() -> SocketAddr {
         }
     });
     addr
-}
-
-struct Running {
-    handle: LinkHandle,
-    route: SocketAddr,
-    control: SocketAddr,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), ServeError>>,
-}
-
-impl Running {
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        let served = tokio::time::timeout(PROMPTLY, self.task)
-            .await
-            .expect("link stops promptly")
-            .expect("serve task");
-        served.expect("serve returns Ok");
-    }
-}
-
-/// A link with one route `r` from `site` to `connect`, serving on ephemeral ports.
-async fn start_link(site: Site, connect: SocketAddr) -> Running {
-    let link = Link::bind(vec![Route::new(
-        "r",
-        site,
-        "127.0.0.1:0",
-        connect.to_string(),
-    )])
-    .await
-    .expect("bind link");
-    let route = link.route_addr("r").expect("route addr");
-    let handle = link.handle();
-    let control_listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind control");
-    let control = control_listener.local_addr().expect("control addr");
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(link.serve(control_listener, async {
-        let _ = stopped.await;
-    }));
-    Running {
-        handle,
-        route,
-        control,
-        stop,
-        task,
-    }
-}
-
-/// Polls `handle.status()` until `pred` holds.
-async fn eventually(handle: &LinkHandle, what: &str, pred: impl Fn(&LinkStatus) -> bool) {
-    let deadline = tokio::time::Instant::now() + PROMPTLY;
-    loop {
-        let status = handle.status();
-        if pred(&status) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}: {status:?}"
-        );
-        tokio::time::sleep(POLL).await;
-    }
 }
 
 /// Sends `msg` and expects it echoed back through the link.

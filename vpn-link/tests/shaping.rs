@@ -4,24 +4,22 @@
 //! and the `[shaping]` config table. Timing assertions are about rates and ordering, with
 //! generous margins.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use common::*;
 use failback_proto::pb::link::link_control_client::LinkControlClient;
 use failback_proto::pb::link::{
-    Blackhole, DownMode as PbDownMode, LinkSettings, LinkStatus, ResetConnectionsRequest,
-    SetRequest,
+    Blackhole, DownMode as PbDownMode, LinkSettings, ResetConnectionsRequest, SetRequest,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tonic::transport::Channel;
-use vpn_link::{DownMode, Link, LinkHandle, Route, ServeError, Settings, Site};
+use vpn_link::{DownMode, Settings, Site};
 
-const PROMPTLY: Duration = Duration::from_secs(5);
-const POLL: Duration = Duration::from_millis(10);
 /// How long "nothing arrives" is watched for.
 const QUIET: Duration = Duration::from_millis(300);
 /// 4 Mbit/s in bytes per second.
@@ -68,79 +66,6 @@ async fn sink_server() -> SocketAddr {
         }
     });
     addr
-}
-
-struct Running {
-    handle: LinkHandle,
-    route: SocketAddr,
-    control: SocketAddr,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), ServeError>>,
-}
-
-impl Running {
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        let served = tokio::time::timeout(PROMPTLY, self.task)
-            .await
-            .expect("link stops promptly")
-            .expect("serve task");
-        served.expect("serve returns Ok");
-    }
-
-    fn set(&self, f: impl FnOnce(&mut Settings)) {
-        self.handle
-            .update_settings(|s| {
-                f(s);
-                Ok::<(), ()>(())
-            })
-            .expect("update settings");
-    }
-}
-
-/// A link with one route `r` from `site` to `connect`, serving on ephemeral ports.
-async fn start_link(site: Site, connect: SocketAddr) -> Running {
-    let link = Link::bind(vec![Route::new(
-        "r",
-        site,
-        "127.0.0.1:0",
-        connect.to_string(),
-    )])
-    .await
-    .expect("bind link");
-    let route = link.route_addr("r").expect("route addr");
-    let handle = link.handle();
-    let control_listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind control");
-    let control = control_listener.local_addr().expect("control addr");
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(link.serve(control_listener, async {
-        let _ = stopped.await;
-    }));
-    Running {
-        handle,
-        route,
-        control,
-        stop,
-        task,
-    }
-}
-
-/// Polls `handle.status()` until `pred` holds.
-async fn eventually(handle: &LinkHandle, what: &str, pred: impl Fn(&LinkStatus) -> bool) {
-    let deadline = Instant::now() + PROMPTLY;
-    loop {
-        let status = handle.status();
-        if pred(&status) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {status:?}"
-        );
-        tokio::time::sleep(POLL).await;
-    }
 }
 
 async fn read_exactly(stream: &mut TcpStream, len: usize) -> Vec<u8> {
