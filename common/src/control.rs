@@ -223,3 +223,16 @@ pub async fn reply(
         .await
         .is_ok()
 }
+
+/// The next command from the CS on a control stream (anything else is skipped); `None` once
+/// the stream's supervisor is gone.
+pub async fn next_command(
+    commands: &mut mpsc::Receiver<CsMessage>,
+) -> Option<failback_proto::pb::control::Command> {
+    while let Some(msg) = commands.recv().await {
+        if let Some(cs_message::Kind::Command(cmd)) = msg.kind {
+            return Some(cmd);
+        }
+    }
+    None
+}

@@ -23,7 +23,7 @@ use failback_common::component::{DatastoreConfig, advertised, hello, register, v
 use failback_common::config::ConfigError;
 use failback_common::enroll::CsSettings;
 use failback_common::identity::{Identity, Role, Site};
-use failback_proto::pb::control::{ComponentMessage, CsMessage, Hello, command, cs_message};
+use failback_proto::pb::control::{ComponentMessage, CsMessage, Hello, command};
 use failback_proto::pb::data::target_data_server::TargetDataServer;
 use serde::Deserialize;
 use tokio::net::TcpListener;
@@ -106,8 +106,8 @@ pub async fn run(
         .add_service(failback_common::server::health_service())
         .add_service(
             TargetDataServer::new(data::TargetService { replicas })
-                .max_decoding_message_size(64 << 20)
-                .max_encoding_message_size(64 << 20),
+                .max_decoding_message_size(failback_common::server::MAX_MESSAGE)
+                .max_encoding_message_size(failback_common::server::MAX_MESSAGE),
         );
     tracing::info!(address = %listener.local_addr()?, "master target ready");
     failback_common::server::serve(router, listener, shutdown).await?;
@@ -119,10 +119,7 @@ async fn handle_commands(
     mut commands: mpsc::Receiver<CsMessage>,
     outbox: mpsc::Sender<ComponentMessage>,
 ) {
-    while let Some(msg) = commands.recv().await {
-        let Some(cs_message::Kind::Command(cmd)) = msg.kind else {
-            continue;
-        };
+    while let Some(cmd) = failback_common::control::next_command(&mut commands).await {
         let result = match cmd.kind {
             Some(command::Kind::PrepareReplica(p)) => {
                 replicas.prepare(p).await.map(|_| String::new())

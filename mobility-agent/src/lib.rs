@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use failback_common::component::{DatastoreConfig, advertised, hello, register};
 use failback_common::identity::{Identity, Role};
-use failback_proto::pb::control::{ComponentMessage, Hello, MachineInfo, command, cs_message};
+use failback_proto::pb::control::{ComponentMessage, Hello, MachineInfo, command};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -128,10 +128,7 @@ async fn host_commands(
         String,
         (CancellationToken, Vec<std::path::PathBuf>),
     > = Default::default();
-    while let Some(msg) = commands.recv().await {
-        let Some(cs_message::Kind::Command(cmd)) = msg.kind else {
-            continue;
-        };
+    while let Some(cmd) = failback_common::control::next_command(&mut commands).await {
         let result = match cmd.kind {
             Some(command::Kind::Boot(b)) => boot(&config, &mut booted, b, &shutdown).await,
             Some(command::Kind::RemoveMachine(r)) => match booted.remove(&r.name) {
@@ -259,10 +256,7 @@ impl Agent {
         mut self,
         mut commands: tokio::sync::mpsc::Receiver<failback_proto::pb::control::CsMessage>,
     ) {
-        while let Some(msg) = commands.recv().await {
-            let Some(cs_message::Kind::Command(cmd)) = msg.kind else {
-                continue;
-            };
+        while let Some(cmd) = failback_common::control::next_command(&mut commands).await {
             let result = match cmd.kind {
                 Some(kind) => self.handle(kind).await,
                 None => Err("empty command".to_string()),

@@ -374,9 +374,10 @@ async fn compare_and_copy(
                 .connect()
                 .await
                 .map_err(|e| describe_error(&e));
-            *client = channel
-                .ok()
-                .map(|c| ProcessServerDataClient::new(c).max_decoding_message_size(64 << 20));
+            *client = channel.ok().map(|c| {
+                ProcessServerDataClient::new(c)
+                    .max_decoding_message_size(failback_common::server::MAX_MESSAGE)
+            });
         }
         let answer = match client.as_mut() {
             Some(c) => c
@@ -672,8 +673,8 @@ async fn session(
         .await
         .map_err(|e| describe_error(&e))?;
     let mut client = ProcessServerDataClient::new(channel)
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20);
+        .max_decoding_message_size(failback_common::server::MAX_MESSAGE)
+        .max_encoding_message_size(failback_common::server::MAX_MESSAGE);
     let (tx, rx) = mpsc::channel::<AgentBatch>(8);
     tx.send(AgentBatch {
         open: Some(StreamOpen {

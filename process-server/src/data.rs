@@ -210,8 +210,8 @@ async fn forward_session(
         .await
         .map_err(|e| describe_error(&e))?;
     let mut client = TargetDataClient::new(channel)
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20);
+        .max_decoding_message_size(failback_common::server::MAX_MESSAGE)
+        .max_encoding_message_size(failback_common::server::MAX_MESSAGE);
     let (tx, rx) = mpsc::channel::<TargetBatch>(8);
     tx.send(TargetBatch {
         open: Some(StreamOpen {
@@ -380,7 +380,7 @@ impl ProcessServerData for DataService {
                 Status::unavailable(format!("target {}: {}", route.target, describe_error(&e)))
             })?;
         TargetDataClient::new(channel)
-            .max_decoding_message_size(64 << 20)
+            .max_decoding_message_size(failback_common::server::MAX_MESSAGE)
             .block_checksums(req)
             .await
     }

@@ -21,8 +21,7 @@ use failback_common::config::ConfigError;
 use failback_common::enroll::CsSettings;
 use failback_common::identity::{Identity, Role, Site};
 use failback_proto::pb::control::{
-    ComponentMessage, CsMessage, Hello, PsStatus, Report, command, component_message, cs_message,
-    report,
+    ComponentMessage, CsMessage, Hello, PsStatus, Report, command, component_message, report,
 };
 use failback_proto::pb::data::process_server_data_server::ProcessServerDataServer;
 use serde::Deserialize;
@@ -107,8 +106,8 @@ pub async fn run(
         .add_service(failback_common::server::health_service())
         .add_service(
             ProcessServerDataServer::new(data::DataService { dp })
-                .max_decoding_message_size(64 << 20)
-                .max_encoding_message_size(64 << 20),
+                .max_decoding_message_size(failback_common::server::MAX_MESSAGE)
+                .max_encoding_message_size(failback_common::server::MAX_MESSAGE),
         );
     tracing::info!(address = %listener.local_addr()?, "process server ready");
     failback_common::server::serve(router, listener, shutdown).await?;
@@ -120,10 +119,7 @@ async fn handle_commands(
     mut commands: mpsc::Receiver<CsMessage>,
     outbox: mpsc::Sender<ComponentMessage>,
 ) {
-    while let Some(msg) = commands.recv().await {
-        let Some(cs_message::Kind::Command(cmd)) = msg.kind else {
-            continue;
-        };
+    while let Some(cmd) = failback_common::control::next_command(&mut commands).await {
         let result = match cmd.kind {
             Some(command::Kind::SetRoute(r)) => {
                 tracing::info!(item = %r.item, target = %r.target, "route set");

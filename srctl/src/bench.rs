@@ -107,15 +107,18 @@ async fn baseline(dir: &Path, data: &Bytes, total: u64) -> anyhow::Result<f64> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
     let stop = tokio_util::sync::CancellationToken::new();
-    let router = failback_common::server::builder(server.server_tls())?
-        .add_service(ProcessServerDataServer::new(Sink).max_decoding_message_size(64 << 20));
+    let router = failback_common::server::builder(server.server_tls())?.add_service(
+        ProcessServerDataServer::new(Sink)
+            .max_decoding_message_size(failback_common::server::MAX_MESSAGE),
+    );
     let serve = tokio::spawn(failback_common::server::serve(
         router,
         listener,
         stop.clone(),
     ));
     let channel = client.endpoint(&addr, "bench-sink")?.connect().await?;
-    let mut c = ProcessServerDataClient::new(channel).max_encoding_message_size(64 << 20);
+    let mut c = ProcessServerDataClient::new(channel)
+        .max_encoding_message_size(failback_common::server::MAX_MESSAGE);
     let (tx, rx) = mpsc::channel(8);
     tx.send(AgentBatch {
         open: Some(StreamOpen {

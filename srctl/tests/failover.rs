@@ -22,6 +22,45 @@ fn file_digest(path: &Path) -> String {
     blake3::hash(&bytes).to_hex().to_string()
 }
 
+/// Protects vm1, hangs the target and starts a planned failover that waits for its final
+/// point: returns the running `srctl` and the job's id once the job shows "In progress".
+fn start_blocked_planned_failover(lab: &Path) -> (std::process::Child, String) {
+    ok(srctl(lab, &["item", "enable", "vm1"]));
+    eventually("vm1 Protected with a point", 60, || {
+        let v = show(lab, "vm1");
+        v["state"] == "Protected"
+            && v["recovery_points"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
+    });
+    ok(srctl(lab, &["lab", "pause", "azure-target"]));
+    let child = Command::new(SRCTL)
+        .arg("--lab")
+        .arg(lab)
+        .args(["planned-failover", "vm1"])
+        .env_remove("FAILBACK_LAB")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut id = String::new();
+    eventually("the failover job in progress", 30, || {
+        let jobs = json(srctl(lab, &["job", "list", "--json"]));
+        match jobs.as_array().and_then(|a| {
+            a.iter()
+                .find(|j| j["name"] == "Planned failover" && j["state"] == "In progress")
+                .cloned()
+        }) {
+            Some(j) => {
+                id = j["id"].to_string();
+                true
+            }
+            None => false,
+        }
+    });
+    (child, id)
+}
+
 #[test]
 fn test_failover_failover_change_point_commit_and_planned_failover() {
     let lab_handle = Lab::up(&["--disk-size", "8MiB", "--machines", "3"]);
@@ -144,34 +183,8 @@ fn a_job_interrupted_by_a_cs_restart_fails_with_a_reason_and_a_rerun_completes()
     let lab_handle = Lab::up(&["--disk-size", "8MiB", "--machines", "1"]);
     let lab = lab_handle.dir.clone();
     ok(srctl(&lab, &["workload", "start", "vm1", "--rate", "1"]));
-    ok(srctl(&lab, &["item", "enable", "vm1"]));
-    eventually("vm1 Protected with a point", 60, || {
-        let v = show(&lab, "vm1");
-        v["state"] == "Protected"
-            && v["recovery_points"]
-                .as_array()
-                .is_some_and(|a| !a.is_empty())
-    });
-
     // The target hangs: the planned failover waits for its final point to arrive.
-    ok(srctl(&lab, &["lab", "pause", "azure-target"]));
-    let child = Command::new(SRCTL)
-        .arg("--lab")
-        .arg(&lab)
-        .args(["planned-failover", "vm1"])
-        .env_remove("FAILBACK_LAB")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn");
-    eventually("the failover job in progress", 30, || {
-        json(srctl(&lab, &["job", "list", "--json"]))
-            .as_array()
-            .is_some_and(|a| {
-                a.iter()
-                    .any(|j| j["name"] == "Planned failover" && j["state"] == "In progress")
-            })
-    });
+    let (child, _id) = start_blocked_planned_failover(&lab);
     ok(srctl(&lab, &["lab", "restart", "cs"]));
     let mut child = child;
     let _ = child.wait();
@@ -308,39 +321,8 @@ fn recovery_plan_runs_groups_in_order_with_shared_multi_vm_points() {
 fn cancelling_a_running_failover_is_refused_unless_forced_and_a_rerun_completes() {
     let lab_handle = Lab::up(&["--disk-size", "8MiB", "--machines", "1"]);
     let lab = lab_handle.dir.clone();
-    ok(srctl(&lab, &["item", "enable", "vm1"]));
-    eventually("vm1 Protected with a point", 60, || {
-        let v = show(&lab, "vm1");
-        v["state"] == "Protected"
-            && v["recovery_points"]
-                .as_array()
-                .is_some_and(|a| !a.is_empty())
-    });
     // A failover that can't finish: the target hangs while it waits for the final point.
-    ok(srctl(&lab, &["lab", "pause", "azure-target"]));
-    let child = Command::new(SRCTL)
-        .arg("--lab")
-        .arg(&lab)
-        .args(["planned-failover", "vm1"])
-        .env_remove("FAILBACK_LAB")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut id = String::new();
-    eventually("the failover job in progress", 30, || {
-        let jobs = json(srctl(&lab, &["job", "list", "--json"]));
-        match jobs
-            .as_array()
-            .and_then(|a| a.iter().find(|j| j["state"] == "In progress").cloned())
-        {
-            Some(j) => {
-                id = j["id"].to_string();
-                true
-            }
-            None => false,
-        }
-    });
+    let (child, id) = start_blocked_planned_failover(&lab);
     let e = fails(srctl(&lab, &["job", "cancel", &id]));
     assert!(
         e.contains("don't cancel a running failover") && e.contains("won't resume"),
