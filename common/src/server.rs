@@ -4,7 +4,6 @@
 use std::net::SocketAddr;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Server, ServerTlsConfig, server::Router};
 
@@ -41,15 +40,31 @@ pub fn health_service()
     service
 }
 
-/// Serves `router` on `listener` until `shutdown` is cancelled.
+/// How long calls in flight may go on after shutdown is asked for. Streams (data, control,
+/// watches) would otherwise hold a stopping server up for as long as their peers keep them.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Serves `router` on `listener` until `shutdown` is cancelled; calls still in flight
+/// [`SHUTDOWN_GRACE`] later are cut.
 pub async fn serve(
     router: Router,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    router
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
-        .await
+    // With a listener of our own, the builder's `tcp_nodelay` does not apply: the incoming
+    // stream sets it, or small replies (checksums, acks) wait for Nagle and delayed ACKs.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let graceful = router.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+    tokio::select! {
+        r = graceful => r,
+        () = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::warn!("calls still in flight {SHUTDOWN_GRACE:?} after shutdown: cutting them");
+            Ok(())
+        }
+    }
 }
 
 /// Binds `address`, with a message naming what could not be bound.

@@ -17,7 +17,8 @@ use failback_common::component::DatastoreConfig;
 use failback_common::control::now_ms;
 use failback_common::identity::{Role, authorize};
 use failback_proto::pb::control::{
-    ComponentMessage, PointAdded, PointsPruned, PrepareReplica, Report, component_message, report,
+    ComponentMessage, DiskInfo, Materialize, PointAdded, PointsPruned, PrepareReplica, Report,
+    component_message, report,
 };
 use failback_proto::pb::data::{
     self as pb, BatchAck, ChecksumRequest, ChecksumResponse, TargetBatch,
@@ -29,7 +30,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::replica::{AppendOutcome, DiskSpec, Entry, ReplicaError, ReplicaStore};
+use crate::replica::{AppendOutcome, DiskSpec, Entry, PlaceMode, ReplicaError, ReplicaStore};
 
 /// One item's replica on this target.
 pub struct ItemReplica {
@@ -38,6 +39,8 @@ pub struct ItemReplica {
     pub store: Mutex<ReplicaStore>,
     retention_ms: std::sync::atomic::AtomicU64,
     apply: Notify,
+    /// Stops the applier (the replica is removed).
+    stop: CancellationToken,
 }
 
 impl ItemReplica {
@@ -144,11 +147,22 @@ impl Replicas {
                 size: d.size_bytes,
             })
             .collect();
+        let seeds = p
+            .seed
+            .iter()
+            .map(|s| Ok((s.id.clone(), inside(&ds.path, &s.path)?)))
+            .collect::<Result<Vec<_>, String>>()?;
+        let retention = (!p.retention_drive.is_empty())
+            .then(|| PathBuf::from(&p.retention_drive).join(&p.item));
         let open_dir = dir.clone();
-        let store = tokio::task::spawn_blocking(move || ReplicaStore::open(&open_dir, &disks))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        let store = tokio::task::spawn_blocking(move || {
+            if !open_dir.exists() {
+                create_replica_dir(&open_dir, &disks, &seeds, retention.as_deref())?;
+            }
+            ReplicaStore::open(&open_dir, &disks).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())??;
         let points = store.points();
         let replica = Arc::new(ItemReplica {
             item: p.item.clone(),
@@ -156,6 +170,7 @@ impl Replicas {
             store: Mutex::new(store),
             retention_ms: std::sync::atomic::AtomicU64::new(p.retention_ms),
             apply: Notify::new(),
+            stop: self.shutdown.child_token(),
         });
         self.items
             .lock()
@@ -164,7 +179,11 @@ impl Replicas {
         for point in points {
             report(&self.outbox, point_added(&p.item, &point));
         }
-        tokio::spawn(applier(replica, self.outbox.clone(), self.shutdown.clone()));
+        tokio::spawn(applier(
+            replica.clone(),
+            self.outbox.clone(),
+            replica.stop.clone(),
+        ));
         tracing::info!(item = %p.item, datastore = %ds.name, "replica prepared");
         Ok(())
     }
@@ -179,18 +198,45 @@ impl Replicas {
             .map(PathBuf::from)
     }
 
-    /// Writes the item's disks as of `point` into DATASTORE/vms/VM (replacing what was there);
-    /// returns the disks and the digests the source recorded at the point.
-    pub async fn materialize(&self, item: &str, point: &str, vm: &str) -> Result<String, String> {
-        failback_common::identity::validate_name(vm)?;
+    /// Writes the item's disks as of `point` into DATASTORE/vms/VM (replacing what was there),
+    /// or, with `place` (original location), into those disks in place; returns the disks,
+    /// the digests the source recorded at the point and the bytes written in place.
+    pub async fn materialize(&self, m: Materialize) -> Result<String, String> {
+        let Materialize {
+            item,
+            point,
+            vm,
+            place,
+            sync,
+        } = m;
+        failback_common::identity::validate_name(&vm)?;
         let replica = self
-            .get(item)
+            .get(&item)
             .ok_or_else(|| format!("no replica of `{item}` on {}", self.name))?;
         let ds = self
             .datastore_of(&replica)
             .ok_or("replica outside a datastore")?;
-        let out = ds.join("vms").join(vm);
-        let point = point.to_string();
+        if !place.is_empty() {
+            let mode = match sync.as_str() {
+                "" | "before-failover" => PlaceMode::Delta,
+                "full-download" => PlaceMode::Full,
+                other => {
+                    return Err(format!(
+                        "unknown data synchronisation `{other}` (before-failover or full-download)"
+                    ));
+                }
+            };
+            let places = place
+                .iter()
+                .map(|d| Ok((d.id.clone(), inside(&ds, &d.path)?)))
+                .collect::<Result<Vec<_>, String>>()?;
+            return tokio::task::spawn_blocking(move || {
+                place_point(&replica, &point, &places, mode)
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        }
+        let out = ds.join("vms").join(&vm);
         tokio::task::spawn_blocking(move || {
             if out.exists() {
                 std::fs::remove_dir_all(&out)
@@ -225,6 +271,49 @@ impl Replicas {
         .map_err(|e| e.to_string())?
     }
 
+    /// Deletes the replica of `item` and its journal (a reprotect took it over as its seed, or
+    /// the machine is gone). Unknown items are fine: the call is idempotent.
+    pub async fn remove(&self, item: &str) -> Result<String, String> {
+        failback_common::identity::validate_name(item)?;
+        let removed = self
+            .items
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(item);
+        let dirs: Vec<PathBuf> = match &removed {
+            Some(r) => vec![r.dir.clone()],
+            None => self
+                .datastores
+                .iter()
+                .map(|d| d.path.join("replicas").join(item))
+                .collect(),
+        };
+        // Streams still open for the item become stale: nothing lands in a deleted replica.
+        drop(self.fence.open(item).await);
+        if let Some(r) = removed {
+            r.stop.cancel();
+            // Wait for the applier to let go of the store (it holds the flock).
+            let _guard = r.store();
+        }
+        tokio::task::spawn_blocking(move || {
+            for dir in dirs {
+                for sub in ["journal", "undo"] {
+                    if let Ok(target) = std::fs::read_link(dir.join(sub)) {
+                        let _ = std::fs::remove_dir_all(target);
+                    }
+                }
+                match std::fs::remove_dir_all(&dir) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(format!("cannot delete {}: {e}", dir.display())),
+                }
+            }
+            Ok(String::new())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
     /// Deletes every recovery point of `item` (commit).
     pub async fn drop_points(&self, item: &str) -> Result<String, String> {
         let replica = self
@@ -246,28 +335,34 @@ impl Replicas {
         Ok(String::new())
     }
 
-    /// BLAKE3 of each disk of the VM in DATASTORE/vms/VM.
-    pub async fn digest_vm(&self, item: &str, vm: &str) -> Result<String, String> {
+    /// BLAKE3 of each disk of the VM in DATASTORE/vms/VM, or at `place`.
+    pub async fn digest_vm(
+        &self,
+        item: &str,
+        vm: &str,
+        place: &[DiskInfo],
+    ) -> Result<String, String> {
         failback_common::identity::validate_name(vm)?;
         let replica = self
             .get(item)
             .ok_or_else(|| format!("no replica of `{item}` on {}", self.name))?;
-        let dir = self
+        let ds = self
             .datastore_of(&replica)
-            .ok_or("replica outside a datastore")?
-            .join("vms")
-            .join(vm);
-        let disks: Vec<String> = replica
+            .ok_or("replica outside a datastore")?;
+        let dir = ds.join("vms").join(vm);
+        let disks = replica
             .store()
             .disks()
             .iter()
-            .map(|d| d.id.clone())
-            .collect();
+            .map(|d| match place.iter().find(|p| p.id == d.id) {
+                Some(p) => Ok((d.id.clone(), inside(&ds, &p.path)?)),
+                None => Ok((d.id.clone(), dir.join(format!("{}.img", d.id)))),
+            })
+            .collect::<Result<Vec<_>, String>>()?;
         let vm = vm.to_string();
         tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
-            for d in disks {
-                let path = dir.join(format!("{d}.img"));
+            for (d, path) in disks {
                 let digest = crate::replica::file_digest(&path)
                     .map_err(|e| format!("{}: {e}", path.display()))?;
                 out.push((d, String::new(), digest));
@@ -311,6 +406,141 @@ impl Replicas {
         .await
         .map_err(|e| e.to_string())?
     }
+}
+
+/// `rel` inside the datastore root `root`: a relative path without `..`, so that a command
+/// can only name files in the datastores this target sees.
+fn inside(root: &std::path::Path, rel: &str) -> Result<PathBuf, String> {
+    let path = std::path::Path::new(rel);
+    if rel.is_empty()
+        || !path
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(format!(
+            "`{rel}` is not a path inside the datastore (relative, without `..`)"
+        ));
+    }
+    Ok(root.join(path))
+}
+
+/// Creates a new replica directory atomically: disks seeded from older copies (original
+/// location) and the journal on the retention drive, staged next to it and renamed into place,
+/// so that a crash half-way leaves no half-seeded replica.
+fn create_replica_dir(
+    dir: &std::path::Path,
+    disks: &[DiskSpec],
+    seeds: &[(String, PathBuf)],
+    retention: Option<&std::path::Path>,
+) -> Result<(), String> {
+    let name = dir
+        .file_name()
+        .ok_or("replica directory without a name")?
+        .to_string_lossy()
+        .into_owned();
+    let staging = dir.with_file_name(format!(".{name}.staging"));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(staging.join("disks"))
+        .map_err(|e| format!("cannot create {}: {e}", staging.display()))?;
+    for (disk, src) in seeds {
+        let spec = disks
+            .iter()
+            .find(|d| &d.id == disk)
+            .ok_or_else(|| format!("seed for unknown disk `{disk}`"))?;
+        let linked = crate::replica::seed_disk(
+            src,
+            &staging.join("disks").join(format!("{disk}.img")),
+            spec.size,
+        )
+        .map_err(|e| format!("cannot seed disk {disk} from {}: {e}", src.display()))?;
+        tracing::info!(
+            disk = %disk,
+            seed = %src.display(),
+            "{}",
+            if linked { "seeded: the replica took over the disk (hard link)" } else { "seeded by copy" }
+        );
+    }
+    if let Some(r) = retention {
+        for sub in ["journal", "undo"] {
+            let target = r.join(sub);
+            std::fs::create_dir_all(&target)
+                .map_err(|e| format!("retention drive: cannot create {}: {e}", target.display()))?;
+            std::os::unix::fs::symlink(&target, staging.join(sub))
+                .map_err(|e| format!("retention drive: {e}"))?;
+        }
+    }
+    std::fs::rename(&staging, dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    if let Some(parent) = dir.parent() {
+        let _ = std::fs::File::open(parent).and_then(|d| d.sync_all());
+    }
+    Ok(())
+}
+
+/// Whether two paths name the same file (inode).
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+/// Brings the disks at `places` to `point` in place (failback to the original location):
+/// the point is materialized in the replica's scratch space, then written over each disk.
+fn place_point(
+    replica: &ItemReplica,
+    point: &str,
+    places: &[(String, PathBuf)],
+    mode: PlaceMode,
+) -> Result<String, String> {
+    let scratch = replica.dir.join("tmp").join("place");
+    let _ = std::fs::remove_dir_all(&scratch);
+    let (files, p, sizes) = {
+        let mut store = replica.store();
+        let p = store
+            .point(point)
+            .ok_or_else(|| format!("no recovery point `{point}` on the target"))?;
+        let files = store
+            .materialize(Some(point), &scratch)
+            .map_err(|e| e.to_string())?;
+        let sizes: HashMap<String, u64> = store
+            .disks()
+            .iter()
+            .map(|d| (d.id.clone(), d.size))
+            .collect();
+        (files, p, sizes)
+    };
+    let mut disks = Vec::new();
+    let mut written = 0;
+    for (id, src) in &files {
+        let dst = &places
+            .iter()
+            .find(|(d, _)| d == id)
+            .ok_or_else(|| format!("no original-location disk given for disk `{id}`"))?
+            .1;
+        let replica_disk = replica.dir.join("disks").join(format!("{id}.img"));
+        if same_file(dst, &replica_disk) {
+            // The replica took the on-premises disk over (seeded by a hard link): the point
+            // replaces it atomically, and the replica keeps its own state.
+            std::fs::rename(src, dst)
+                .map_err(|e| format!("cannot put {} in place: {e}", dst.display()))?;
+            if let Some(dir) = dst.parent() {
+                let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+            }
+            written += std::fs::metadata(dst).map(|m| m.len()).unwrap_or(0);
+        } else {
+            written += crate::replica::write_in_place(src, dst, mode).map_err(|e| e.to_string())?;
+        }
+        disks.push((
+            id.clone(),
+            dst.display().to_string(),
+            sizes.get(id).copied().unwrap_or(0),
+        ));
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    let digests: Vec<(String, String)> =
+        p.digests.into_iter().map(|d| (d.disk, d.blake3)).collect();
+    Ok(serde_json::json!({"disks": disks, "digests": digests, "written": written}).to_string())
 }
 
 /// Applies journaled batches to the replica disks and prunes points past retention.
@@ -563,8 +793,16 @@ impl TargetData for TargetService {
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(replica_status)?;
+        let keep = match req.digest_bytes {
+            0 => 32,
+            n => (n as usize).min(32),
+        };
+        let checksums: Vec<u8> = sums
+            .iter()
+            .flat_map(|s| s[..keep].iter().copied())
+            .collect();
         Ok(Response::new(ChecksumResponse {
-            checksums: sums.concat().into(),
+            checksums: checksums.into(),
             target_seq: last,
         }))
     }

@@ -85,9 +85,11 @@ pub async fn run(
     let addresses = advertised(&config.advertise, config.site, listener.local_addr().ok());
     let base = hello(&identity);
     let datastores = config.datastore.clone();
+    let snapshots_dir = config.data_dir.join("snapshots");
     let hello_fn = Arc::new(move || Hello {
         addresses: addresses.clone(),
         datastores: datastores.iter().map(DatastoreConfig::describe).collect(),
+        snapshots: snapshots(&snapshots_dir),
         ..base.clone()
     });
     let registered = register(&identity, &config.data_dir, &config.cs, hello_fn, &shutdown).await?;
@@ -114,6 +116,22 @@ pub async fn run(
     Ok(())
 }
 
+/// The VM snapshots on this master target's machine: one file per snapshot in
+/// DATA_DIR/snapshots (the lab's stand-in for vSphere snapshots; ASR refuses to reprotect to
+/// a master target that has any). Read at every registration.
+fn snapshots(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
 async fn handle_commands(
     replicas: std::sync::Arc<data::Replicas>,
     mut commands: mpsc::Receiver<CsMessage>,
@@ -125,13 +143,12 @@ async fn handle_commands(
                 replicas.prepare(p).await.map(|_| String::new())
             }
             Some(command::Kind::VerifyPoint(v)) if !v.vm.is_empty() => {
-                replicas.digest_vm(&v.item, &v.vm).await
+                replicas.digest_vm(&v.item, &v.vm, &v.place).await
             }
             Some(command::Kind::VerifyPoint(v)) => replicas.verify(&v.item, &v.point).await,
-            Some(command::Kind::Materialize(m)) => {
-                replicas.materialize(&m.item, &m.point, &m.vm).await
-            }
+            Some(command::Kind::Materialize(m)) => replicas.materialize(m).await,
             Some(command::Kind::DropPoints(d)) => replicas.drop_points(&d.item).await,
+            Some(command::Kind::RemoveReplica(r)) => replicas.remove(&r.item).await,
             _ => Err("a master target doesn't take this command".to_string()),
         };
         if !failback_common::control::reply(&outbox, cmd.id, result).await {

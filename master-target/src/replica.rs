@@ -1957,6 +1957,80 @@ fn seek_hole(file: &File, pos: u64, end: u64) -> io::Result<u64> {
     }
 }
 
+/// Makes `dst` a disk of `size` bytes starting as the disk image `src`: the seed of a
+/// reprotect. Like ASR's master target, which attaches the on-premises VM's own disks, the
+/// replica takes over `src` itself: a hard link, no byte copied (the source disk then follows
+/// the replica). Across filesystems, or from a larger image, it is a sparse copy instead
+/// (reflinked where the filesystem can). Returns whether it was linked.
+pub fn seed_disk(src: &Path, dst: &Path, size: u64) -> Result<bool, ReplicaError> {
+    let file = File::open(src).map_err(io_at(src))?;
+    let len = file.metadata().map_err(io_at(src))?.len();
+    if len <= size && fs::hard_link(src, dst).is_ok() {
+        let out = OpenOptions::new()
+            .write(true)
+            .open(dst)
+            .map_err(io_at(dst))?;
+        out.set_len(size).map_err(io_at(dst))?;
+        out.sync_all().map_err(io_at(dst))?;
+        return Ok(true);
+    }
+    let out = copy_sparse(&file, src, dst, len.min(size))?;
+    out.set_len(size).map_err(io_at(dst))?;
+    out.sync_all().map_err(io_at(dst))?;
+    Ok(false)
+}
+
+/// How [`write_in_place`] brings a disk to its new content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlaceMode {
+    /// Compare block by block and write only the blocks that differ.
+    Delta,
+    /// Write every block (holes where the source has zeros), no comparison.
+    Full,
+}
+
+/// Makes the existing disk file `dst` byte-equal to `src` by writing into it in place (it is
+/// the original disk of a VM: an interrupted call leaves it inconsistent, a repeated call
+/// completes it). `dst` is created or resized to `src`'s length. Returns the bytes written.
+pub fn write_in_place(src: &Path, dst: &Path, mode: PlaceMode) -> Result<u64, ReplicaError> {
+    const BLOCK: usize = 64 << 10;
+    let from = File::open(src).map_err(io_at(src))?;
+    let size = from.metadata().map_err(io_at(src))?.len();
+    if let Some(dir) = dst.parent() {
+        create_dir(dir)?;
+    }
+    let to = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dst)
+        .map_err(io_at(dst))?;
+    to.set_len(size).map_err(io_at(dst))?;
+    let mut a = vec![0u8; CHUNK];
+    let mut b = vec![0u8; CHUNK];
+    let mut written = 0;
+    let mut pos = 0;
+    while pos < size {
+        let n = (size - pos).min(CHUNK as u64) as usize;
+        read_full_at(&from, &mut a[..n], pos).map_err(io_at(src))?;
+        if mode == PlaceMode::Delta {
+            read_full_at(&to, &mut b[..n], pos).map_err(io_at(dst))?;
+        }
+        for start in (0..n).step_by(BLOCK) {
+            let end = (start + BLOCK).min(n);
+            if mode == PlaceMode::Delta && a[start..end] == b[start..end] {
+                continue;
+            }
+            restore_range(&to, pos + start as u64, &a[start..end]).map_err(io_at(dst))?;
+            written += (end - start) as u64;
+        }
+        pos += n as u64;
+    }
+    to.sync_all().map_err(io_at(dst))?;
+    Ok(written)
+}
+
 /// Copies `src` (`size` bytes) to a new file at `dst`, allocated extents only.
 fn copy_sparse(src: &File, src_path: &Path, dst: &Path, size: u64) -> Result<File, ReplicaError> {
     let out = OpenOptions::new()

@@ -40,30 +40,62 @@ pub async fn run(
         std::fs::create_dir_all(&ds.path)
             .map_err(|e| anyhow::anyhow!("datastore {} at {}: {e}", ds.name, ds.path.display()))?;
     }
+    std::fs::create_dir_all(&config.data_dir)?;
+    let saved = HostState::load(&config.data_dir)?;
     let mut machines = Vec::new();
     for m in &config.machine {
-        machines.push(machine::Machine::open(m, &config)?);
+        if !saved.deleted.contains(&m.name) {
+            machines.push(machine::Machine::open(m, &config)?);
+        }
     }
 
     let addresses = advertised(&config.advertise, config.site, listener.local_addr().ok());
     let base = hello(&identity);
     let datastores = config.datastore.clone();
-    let names: Vec<String> = machines.iter().map(|m| m.name.clone()).collect();
-    let hello_fn = Arc::new(move || Hello {
-        addresses: addresses.clone(),
-        datastores: datastores.iter().map(DatastoreConfig::describe).collect(),
-        machines: names.clone(),
-        ..base.clone()
+    let state_dir = config.data_dir.clone();
+    let statics: Vec<String> = config.machine.iter().map(|m| m.name.clone()).collect();
+    let hello_fn = Arc::new(move || {
+        // Every VM on this host, running or powered off (read now: it changes at runtime).
+        let saved = HostState::load(&state_dir).unwrap_or_default();
+        let mut names: Vec<String> = statics
+            .iter()
+            .filter(|n| !saved.deleted.contains(*n))
+            .cloned()
+            .chain(saved.booted.iter().map(|b| b.name.clone()))
+            .collect();
+        names.sort();
+        names.dedup();
+        Hello {
+            addresses: addresses.clone(),
+            datastores: datastores.iter().map(DatastoreConfig::describe).collect(),
+            machines: names,
+            ..base.clone()
+        }
     });
     let host = register(&identity, &config.data_dir, &config.cs, hello_fn, &shutdown).await?;
 
-    let count = machines.len();
+    let mut running = Running::default();
+    let mut count = 0;
     for (index, m) in machines.into_iter().enumerate() {
-        start_machine(m, &config, index as u64 + 1, shutdown.child_token()).await?;
+        if saved.off.contains(&m.name) || saved.booted.iter().any(|b| b.name == m.name) {
+            continue;
+        }
+        let stop = shutdown.child_token();
+        let disks = m.disks.iter().map(|d| d.path.clone()).collect();
+        running.insert(m.name.clone(), (stop.clone(), disks));
+        start_machine(m, &config, index as u64 + 1, stop).await?;
+        count += 1;
     }
-    tracing::info!(machines = count, "host ready");
+    // VMs booted here before a restart (failed-over machines) come back up.
+    for b in &saved.booted {
+        if let Err(e) = start_booted(&config, &mut running, b, &shutdown) {
+            tracing::error!(machine = %b.name, "cannot restart the booted machine: {e}");
+        }
+    }
+    tracing::info!(machines = count, booted = saved.booted.len(), "host ready");
     tokio::spawn(host_commands(
         config.clone(),
+        running,
         host.control.commands,
         host.control.outbox,
         shutdown.clone(),
@@ -117,37 +149,68 @@ async fn start_machine(
     Ok(())
 }
 
-/// The host's own commands: boot a machine from disks in a datastore (failover), remove one.
+/// Machines running on this host: name -> (stop token, disk files).
+type Running = std::collections::HashMap<String, (CancellationToken, Vec<std::path::PathBuf>)>;
+
+/// A machine booted on this host from disks in one of its datastores (a failover or a
+/// failback); kept in `host.json` so that it comes back after a host restart.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Booted {
+    name: String,
+    datastore: String,
+    disks: Vec<(String, String, u64)>,
+    network: String,
+    boot_delay_ms: u64,
+}
+
+/// What the host changed at runtime, persisted in DATA_DIR/host.json: configured machines
+/// powered off (during a reprotect) or deleted (before an alternate-location failback), and
+/// machines booted here.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+struct HostState {
+    off: Vec<String>,
+    deleted: Vec<String>,
+    booted: Vec<Booted>,
+}
+
+impl HostState {
+    fn path(dir: &std::path::Path) -> std::path::PathBuf {
+        dir.join("host.json")
+    }
+
+    fn load(dir: &std::path::Path) -> anyhow::Result<HostState> {
+        match std::fs::read(Self::path(dir)) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", Self::path(dir).display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HostState::default()),
+            Err(e) => Err(anyhow::anyhow!("{}: {e}", Self::path(dir).display())),
+        }
+    }
+
+    fn save(&self, dir: &std::path::Path) -> Result<(), String> {
+        let path = Self::path(dir);
+        let tmp = path.with_extension("tmp");
+        let bytes = serde_json::to_vec_pretty(self).map_err(|e| e.to_string())?;
+        std::fs::write(&tmp, bytes)
+            .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .map_err(|e| format!("cannot save {}: {e}", path.display()))
+    }
+}
+
+/// The host's own commands: boot a machine from disks in a datastore (failover, failback),
+/// power one off or delete it.
 async fn host_commands(
     config: AgentConfig,
+    mut running: Running,
     mut commands: tokio::sync::mpsc::Receiver<failback_proto::pb::control::CsMessage>,
     outbox: tokio::sync::mpsc::Sender<ComponentMessage>,
     shutdown: CancellationToken,
 ) {
-    let mut booted: std::collections::HashMap<
-        String,
-        (CancellationToken, Vec<std::path::PathBuf>),
-    > = Default::default();
     while let Some(cmd) = failback_common::control::next_command(&mut commands).await {
         let result = match cmd.kind {
-            Some(command::Kind::Boot(b)) => boot(&config, &mut booted, b, &shutdown).await,
-            Some(command::Kind::RemoveMachine(r)) => match booted.remove(&r.name) {
-                Some((stop, disks)) => {
-                    stop.cancel();
-                    let _ = std::fs::remove_dir_all(config.data_dir.join("machines").join(&r.name));
-                    if r.delete_disks {
-                        for d in &disks {
-                            let _ = std::fs::remove_file(d);
-                        }
-                        if let Some(dir) = disks.first().and_then(|d| d.parent()) {
-                            let _ = std::fs::remove_dir(dir);
-                        }
-                    }
-                    tracing::info!(machine = %r.name, "machine removed");
-                    Ok(String::new())
-                }
-                None => Err(format!("no machine `{}` runs on {}", r.name, config.name)),
-            },
+            Some(command::Kind::Boot(b)) => boot(&config, &mut running, b, &shutdown).await,
+            Some(command::Kind::RemoveMachine(r)) => remove(&config, &mut running, &r),
             _ => Err(format!(
                 "`{}` is a host: it doesn't take this command",
                 config.name
@@ -159,18 +222,90 @@ async fn host_commands(
     }
 }
 
-/// Boots a failed-over machine: its disks are in a datastore of this host; its agent uses the
-/// certificate the CS issued and registers after the boot delay.
+/// Powers a machine off (`delete_disks` false: it stays on the host, its disks kept) or
+/// deletes it with its disks. Idempotent for a machine already off.
+fn remove(
+    config: &AgentConfig,
+    running: &mut Running,
+    r: &failback_proto::pb::control::RemoveMachine,
+) -> Result<String, String> {
+    let mut saved = HostState::load(&config.data_dir).map_err(|e| e.to_string())?;
+    let is_static = config.machine.iter().any(|m| m.name == r.name);
+    let booted = saved.booted.iter().position(|b| b.name == r.name);
+    if !is_static && booted.is_none() && !running.contains_key(&r.name)
+        || saved.deleted.contains(&r.name)
+    {
+        return Err(format!("no machine `{}` on {}", r.name, config.name));
+    }
+    let disks: Vec<std::path::PathBuf> = match running.remove(&r.name) {
+        Some((stop, disks)) => {
+            stop.cancel();
+            disks
+        }
+        None => match booted {
+            Some(i) => saved.booted[i]
+                .disks
+                .iter()
+                .map(|(_, p, _)| p.into())
+                .collect(),
+            None => Vec::new(),
+        },
+    };
+    if let Some(i) = booted {
+        saved.booted.remove(i);
+    }
+    if r.delete_disks {
+        let _ = std::fs::remove_dir_all(config.data_dir.join("machines").join(&r.name));
+        let disks = if disks.is_empty() && is_static {
+            config
+                .machine
+                .iter()
+                .find(|m| m.name == r.name)
+                .and_then(|m| config.datastore(&m.datastore).map(|d| (m, d)))
+                .map(|(m, d)| {
+                    m.disk
+                        .iter()
+                        .map(|disk| d.path.join(&m.name).join(format!("{}.img", disk.id)))
+                        .collect()
+                })
+                .unwrap_or_default()
+        } else {
+            disks
+        };
+        for d in &disks {
+            let _ = std::fs::remove_file(d);
+        }
+        if let Some(dir) = disks.first().and_then(|d| d.parent()) {
+            let _ = std::fs::remove_dir(dir);
+        }
+        saved.off.retain(|n| n != &r.name);
+        if is_static && !saved.deleted.contains(&r.name) {
+            saved.deleted.push(r.name.clone());
+        }
+        tracing::info!(machine = %r.name, "machine deleted with its disks");
+    } else {
+        if is_static && !saved.off.contains(&r.name) {
+            saved.off.push(r.name.clone());
+        }
+        tracing::info!(machine = %r.name, "machine powered off");
+    }
+    saved.save(&config.data_dir)?;
+    Ok(String::new())
+}
+
+/// Boots a machine from disks in a datastore of this host: a failed-over VM, or at failback
+/// the original VM from its own (brought up to date) disks. Its agent uses the certificate the
+/// CS issued and registers after the boot delay.
 async fn boot(
     config: &AgentConfig,
-    booted: &mut std::collections::HashMap<String, (CancellationToken, Vec<std::path::PathBuf>)>,
+    running: &mut Running,
     b: failback_proto::pb::control::BootMachine,
     shutdown: &CancellationToken,
 ) -> Result<String, String> {
     failback_common::identity::validate_name(&b.name)?;
-    if booted.contains_key(&b.name) || config.machine.iter().any(|m| m.name == b.name) {
+    if running.contains_key(&b.name) {
         return Err(format!(
-            "78052: a VM named `{}` already exists on {}",
+            "78052: a VM named `{}` is already running on {}",
             b.name, config.name
         ));
     }
@@ -180,25 +315,14 @@ async fn boot(
             b.datastore, config.name
         ));
     }
-    let disks: Vec<machine::Disk> = b
-        .disks
-        .iter()
-        .map(|d| machine::Disk {
-            id: d.id.clone(),
-            datastore: d.datastore.clone(),
-            path: d.path.clone().into(),
-            size: d.size_bytes,
-        })
-        .collect();
-    for d in &disks {
+    for d in &b.disks {
         let len = std::fs::metadata(&d.path)
-            .map_err(|e| format!("disk {}: {e}", d.path.display()))?
+            .map_err(|e| format!("disk {}: {e}", d.path))?
             .len();
-        if len != d.size {
+        if len != d.size_bytes {
             return Err(format!(
                 "disk {} is {len} bytes, expected {}",
-                d.path.display(),
-                d.size
+                d.path, d.size_bytes
             ));
         }
     }
@@ -213,8 +337,47 @@ async fn boot(
     }
     .save(&data_dir)
     .map_err(|e| e.to_string())?;
+    let booted = Booted {
+        name: b.name.clone(),
+        datastore: b.datastore.clone(),
+        disks: b
+            .disks
+            .iter()
+            .map(|d| (d.id.clone(), d.path.clone(), d.size_bytes))
+            .collect(),
+        network: b.network.clone(),
+        boot_delay_ms: b.boot_delay_ms,
+    };
+    let mut saved = HostState::load(&config.data_dir).map_err(|e| e.to_string())?;
+    saved.booted.retain(|x| x.name != b.name);
+    saved.booted.push(booted.clone());
+    saved.deleted.retain(|n| n != &b.name);
+    saved.off.retain(|n| n != &b.name);
+    saved.save(&config.data_dir)?;
+    start_booted(config, running, &booted, shutdown)?;
+    Ok(String::new())
+}
+
+/// Starts a booted machine's agent after its boot delay (its credentials are in its state
+/// directory).
+fn start_booted(
+    config: &AgentConfig,
+    running: &mut Running,
+    b: &Booted,
+    shutdown: &CancellationToken,
+) -> Result<(), String> {
+    let disks: Vec<machine::Disk> = b
+        .disks
+        .iter()
+        .map(|(id, path, size)| machine::Disk {
+            id: id.clone(),
+            datastore: b.datastore.clone(),
+            path: path.into(),
+            size: *size,
+        })
+        .collect();
     let stop = shutdown.child_token();
-    booted.insert(
+    running.insert(
         b.name.clone(),
         (stop.clone(), disks.iter().map(|d| d.path.clone()).collect()),
     );
@@ -232,10 +395,10 @@ async fn boot(
             _ = stop.cancelled() => return,
         }
         if let Err(e) = start_machine(m, &config, 7, stop).await {
-            tracing::error!("cannot start the failed-over machine: {e:#}");
+            tracing::error!("cannot start the booted machine: {e:#}");
         }
     });
-    Ok(String::new())
+    Ok(())
 }
 
 /// One machine's agent: answers the CS's commands for it.
@@ -279,6 +442,7 @@ impl Agent {
                     app_interval: (s.app_interval_ms > 0)
                         .then(|| std::time::Duration::from_millis(s.app_interval_ms)),
                     verify_tags: s.verify_tags,
+                    compare_initial: s.compare_initial,
                 };
                 if self
                     .replication

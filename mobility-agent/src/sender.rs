@@ -56,6 +56,9 @@ pub struct Params {
     pub crash_interval: Option<Duration>,
     pub app_interval: Option<Duration>,
     pub verify_tags: bool,
+    /// The target was seeded with an older copy of the disks (original-location reprotect):
+    /// the initial synchronisation compares checksums of the whole disks instead of copying.
+    pub compare_initial: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -113,6 +116,10 @@ struct Shared {
     lag: std::sync::Mutex<VecDeque<(Instant, Duration)>>,
     acked_seq: AtomicU64,
     acked_entry: AtomicU64,
+    /// Since when (Unix ms) no replication stream to the PS is up; 0 while one is.
+    ps_down_since_ms: std::sync::atomic::AtomicI64,
+    /// Wakes the reporter early (a phase changed).
+    report_now: tokio::sync::Notify,
 }
 
 /// A running replication; dropping it does not stop it, `stop` does.
@@ -185,6 +192,8 @@ pub fn start(
         lag: std::sync::Mutex::new(VecDeque::new()),
         acked_seq: AtomicU64::new(acked),
         acked_entry: AtomicU64::new(0),
+        ps_down_since_ms: std::sync::atomic::AtomicI64::new(now_ms()),
+        report_now: tokio::sync::Notify::new(),
     });
     capture.set_logging(true);
     let cancel = shutdown.child_token();
@@ -221,10 +230,18 @@ async fn copier(shared: Arc<Shared>, credentials: Credentials, cancel: Cancellat
                     .collect()
             })
             .collect()
+    } else if shared.params.compare_initial {
+        // Against a seeded replica every block may differ, holes included (a block the old
+        // disk holds but this one never wrote must become zeros there too).
+        capture
+            .disk_ids()
+            .iter()
+            .map(|(_, size)| vec![(0, *size)])
+            .collect()
     } else {
         allocated(&capture)
     };
-    let resync = shared.resyncing.load(Ordering::SeqCst);
+    let resync = shared.resyncing.load(Ordering::SeqCst) || shared.params.compare_initial;
     if !run_copy(&shared, &credentials, &cancel, first, resync).await {
         return;
     }
@@ -276,7 +293,6 @@ async fn run_copy(
     }
     shared.resync_bytes.store(0, Ordering::SeqCst);
     shared.resync_blocks.store(0, Ordering::SeqCst);
-    let mut client = None;
     if compare {
         // Barrier: compare only once the target holds everything sent before the resync.
         while !shared.connected_once.load(Ordering::SeqCst) {
@@ -288,41 +304,44 @@ async fn run_copy(
     }
     let min_seq = shared.acked_seq.load(Ordering::SeqCst);
     // ASR copies at most 3 disks of a machine at a time; here they go one after the other.
-    for (disk, extents) in plan.into_iter().enumerate() {
-        let disk_id = capture.disk_id(disk);
-        for (off, len) in extents {
-            let mut pos = off;
-            while pos < off + len {
-                if cancel.is_cancelled() {
-                    return false;
-                }
-                let n = if compare { COMPARE_CHUNK } else { COPY_CHUNK }.min(off + len - pos);
-                let result = if compare {
-                    compare_and_copy(
-                        shared,
-                        credentials,
-                        &mut client,
-                        disk,
-                        &disk_id,
-                        pos,
-                        n,
-                        min_seq,
-                        cancel,
-                    )
-                    .await
-                } else {
-                    capture.copy(disk, pos, n).await.map_err(|e| e.to_string())
-                };
-                if let Err(e) = result {
-                    tracing::error!(item = %shared.params.item, "copy of disk {disk_id} at {pos}: {e}");
-                    return false;
-                }
-                pos += n;
-                if let Ok(mut p) = shared.copy_progress.lock() {
-                    p[disk].1 += n;
-                }
+    let step = if compare { COMPARE_CHUNK } else { COPY_CHUNK };
+    let chunks: Vec<(usize, u64, u64)> = plan
+        .into_iter()
+        .enumerate()
+        .flat_map(|(disk, extents)| {
+            extents.into_iter().flat_map(move |(off, len)| {
+                (off..off + len)
+                    .step_by(step as usize)
+                    .map(move |pos| (disk, pos, step.min(off + len - pos)))
+            })
+        })
+        .collect();
+    let result = if compare {
+        compare_chunks(shared, credentials, chunks, min_seq, cancel).await
+    } else {
+        let mut r = Ok(());
+        for (disk, pos, n) in chunks {
+            if cancel.is_cancelled() {
+                return false;
+            }
+            if let Err(e) = capture.copy(disk, pos, n).await {
+                r = Err(format!(
+                    "copy of disk {} at {pos}: {e}",
+                    capture.disk_id(disk)
+                ));
+                break;
+            }
+            if let Ok(mut p) = shared.copy_progress.lock() {
+                p[disk].1 += n;
             }
         }
+        r
+    };
+    if let Err(e) = result {
+        if !cancel.is_cancelled() {
+            tracing::error!(item = %shared.params.item, "{e}");
+        }
+        return false;
     }
     // Consistent once the PS acknowledged a marker entry queued after the copies.
     if capture.copy(0, 0, 0).await.is_err() {
@@ -339,59 +358,86 @@ async fn run_copy(
     true
 }
 
-/// Compares one chunk block by block with the replica and queues the blocks that differ.
-#[allow(clippy::too_many_arguments)]
-async fn compare_and_copy(
+/// Checksum requests in flight at once: the answers of the next chunks travel while this
+/// one is compared, so a link's round trip is paid once, not per chunk.
+const COMPARE_PIPELINE: usize = 4;
+/// Bytes of each block's BLAKE3 the replica returns.
+const DIGEST_BYTES: usize = 16;
+
+/// Compares each chunk block by block with the replica (checksums fetched through the PS,
+/// several chunks ahead) and queues the blocks that differ, in order.
+async fn compare_chunks(
     shared: &Shared,
     credentials: &Credentials,
-    client: &mut Option<ProcessServerDataClient<tonic::transport::Channel>>,
-    disk: usize,
-    disk_id: &str,
-    offset: u64,
-    len: u64,
+    chunks: Vec<(usize, u64, u64)>,
     min_seq: u64,
     cancel: &CancellationToken,
 ) -> Result<(), String> {
-    let local = shared
-        .capture
-        .block_checksums(disk, offset, len, RESYNC_BLOCK)
-        .map_err(|e| e.to_string())?;
-    let request = pb::ChecksumRequest {
-        item: shared.params.item.clone(),
-        disk: disk_id.to_string(),
-        offset,
-        length: len,
-        block_size: RESYNC_BLOCK,
-        min_seq,
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let remote = loop {
-        if client.is_none() {
-            let p = &shared.params;
-            let channel = credentials
-                .endpoint(&p.ps_address, &p.process_server)
-                .map_err(|e| e.to_string())?
-                .connect()
-                .await
-                .map_err(|e| describe_error(&e));
-            *client = channel.ok().map(|c| {
-                ProcessServerDataClient::new(c)
-                    .max_decoding_message_size(failback_common::server::MAX_MESSAGE)
-            });
-        }
-        let answer = match client.as_mut() {
-            Some(c) => c
-                .block_checksums(request.clone())
-                .await
-                .map(|r| r.into_inner().checksums),
-            None => Err(tonic::Status::unavailable("process server unreachable")),
+    use futures::StreamExt;
+    let p = &shared.params;
+    let channel = credentials
+        .endpoint(&p.ps_address, &p.process_server)
+        .map_err(|e| e.to_string())?
+        .connect_lazy();
+    let client = ProcessServerDataClient::new(channel)
+        .max_decoding_message_size(failback_common::server::MAX_MESSAGE);
+    let capture = &shared.capture;
+    let mut answers = futures::stream::iter(chunks.into_iter().map(|(disk, offset, len)| {
+        let request = pb::ChecksumRequest {
+            item: p.item.clone(),
+            disk: capture.disk_id(disk),
+            offset,
+            length: len,
+            block_size: RESYNC_BLOCK,
+            min_seq,
+            digest_bytes: DIGEST_BYTES as u32,
         };
-        match answer {
-            Ok(sums) => break sums,
+        let client = client.clone();
+        async move {
+            let remote = remote_checksums(client, request, cancel).await;
+            (disk, offset, len, remote)
+        }
+    }))
+    .buffered(COMPARE_PIPELINE);
+    while let Some((disk, offset, len, remote)) = answers.next().await {
+        let remote = remote
+            .map_err(|e| format!("compare of disk {} at {offset}: {e}", capture.disk_id(disk)))?;
+        let local = capture
+            .block_checksums(disk, offset, len, RESYNC_BLOCK)
+            .map_err(|e| e.to_string())?;
+        for (i, sum) in local.iter().enumerate() {
+            shared.resync_blocks.fetch_add(1, Ordering::Relaxed);
+            let theirs = remote.get(i * DIGEST_BYTES..(i + 1) * DIGEST_BYTES);
+            if theirs != Some(&sum[..DIGEST_BYTES]) {
+                let block_off = offset + i as u64 * RESYNC_BLOCK;
+                let block_len = RESYNC_BLOCK.min(offset + len - block_off);
+                capture
+                    .copy(disk, block_off, block_len)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                shared.resync_bytes.fetch_add(block_len, Ordering::Relaxed);
+            }
+        }
+        if let Ok(mut p) = shared.copy_progress.lock() {
+            p[disk].1 += len;
+        }
+    }
+    Ok(())
+}
+
+/// One chunk's checksums from the replica, retried for a minute (the PS or the target may be
+/// restarting, or still catching up to `min_seq`).
+async fn remote_checksums(
+    mut client: ProcessServerDataClient<tonic::transport::Channel>,
+    request: pb::ChecksumRequest,
+    cancel: &CancellationToken,
+) -> Result<Bytes, String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match client.block_checksums(request.clone()).await {
+            Ok(r) => return Ok(r.into_inner().checksums),
             Err(s) if Instant::now() < deadline => {
-                if s.code() != tonic::Code::Unavailable {
-                    *client = None;
-                }
+                tracing::debug!("block checksums: {}; retrying", s.message());
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                     _ = cancel.cancelled() => return Err("cancelled".into()),
@@ -399,22 +445,7 @@ async fn compare_and_copy(
             }
             Err(s) => return Err(format!("block checksums from the replica: {}", s.message())),
         }
-    };
-    for (i, sum) in local.iter().enumerate() {
-        shared.resync_blocks.fetch_add(1, Ordering::Relaxed);
-        let theirs = remote.get(i * 32..i * 32 + 32);
-        if theirs != Some(sum.as_slice()) {
-            let block_off = offset + i as u64 * RESYNC_BLOCK;
-            let block_len = RESYNC_BLOCK.min(offset + len - block_off);
-            shared
-                .capture
-                .copy(disk, block_off, block_len)
-                .await
-                .map_err(|e| e.to_string())?;
-            shared.resync_bytes.fetch_add(block_len, Ordering::Relaxed);
-        }
     }
-    Ok(())
 }
 
 async fn tagger(shared: Arc<Shared>, cancel: CancellationToken) {
@@ -512,6 +543,12 @@ async fn sender(shared: Arc<Shared>, credentials: Credentials, cancel: Cancellat
         if cancel.is_cancelled() {
             return;
         }
+        let _ = shared.ps_down_since_ms.compare_exchange(
+            0,
+            now_ms(),
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
         if started.elapsed() > Duration::from_secs(5) {
             backoff.reset();
         }
@@ -561,6 +598,8 @@ fn on_ack(
         && shared.acked_entry.load(Ordering::SeqCst) >= end
     {
         shared.consistent.store(true, Ordering::SeqCst);
+        // The CS learns at once that the copy is complete (Protected), not at the next tick.
+        shared.report_now.notify_one();
         shared.resyncing.store(false, Ordering::SeqCst);
         if let Some(dir) = shared.state_path.parent() {
             let _ = std::fs::remove_file(dir.join(RESYNC_REQUIRED_FILE));
@@ -703,6 +742,7 @@ async fn session(
         on_ack(shared, inflight, first.seq, first.target_seq)?;
     }
     shared.connected_once.store(true, Ordering::SeqCst);
+    shared.ps_down_since_ms.store(0, Ordering::SeqCst);
     let mut next_seq = {
         let persisted = shared.persisted.lock().map_err(|_| "poisoned")?;
         persisted.acked_seq.max(first.seq) + 1
@@ -773,6 +813,7 @@ async fn reporter(
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            _ = shared.report_now.notified() => {}
             _ = cancel.cancelled() => return,
         }
         let sent = shared.bytes_sent.load(Ordering::Relaxed);
@@ -850,6 +891,7 @@ async fn reporter(
                     lag_p50_ms: lag.0,
                     lag_p99_ms: lag.1,
                     resync_blocks_compared: shared.resync_blocks.load(Ordering::Relaxed),
+                    ps_down_since_ms: shared.ps_down_since_ms.load(Ordering::SeqCst),
                 })),
             })),
         };

@@ -98,10 +98,24 @@ pub struct DataPlane {
     fence: failback_common::fence::Fence,
     /// Highest seq per item the target acknowledged (sent on to agents for end-to-end lag).
     target_acked: tokio::sync::watch::Sender<HashMap<String, u64>>,
+    /// Bytes the targets acknowledged since start (the upload rate behind the estimate of
+    /// how long the cache takes to drain).
+    pub uploaded_bytes: std::sync::atomic::AtomicU64,
+    /// Connections to targets for checksum requests, by (target, address).
+    checksum_channels: Mutex<HashMap<(String, String), tonic::transport::Channel>>,
     shutdown: CancellationToken,
 }
 
 impl DataPlane {
+    /// Bytes in the cache not yet acknowledged by their targets.
+    pub fn backlog_bytes(&self) -> u64 {
+        self.cache
+            .items()
+            .iter()
+            .map(|i| self.cache.pending_bytes(i))
+            .sum()
+    }
+
     pub fn new(
         cache: Arc<Cache>,
         credentials: Credentials,
@@ -121,6 +135,8 @@ impl DataPlane {
             forwarders: Mutex::new(HashMap::new()),
             fence: Default::default(),
             target_acked: tokio::sync::watch::Sender::new(HashMap::new()),
+            uploaded_bytes: Default::default(),
+            checksum_channels: Mutex::new(HashMap::new()),
             shutdown,
         });
         // Cached batches of known routes are forwarded at once, even before the CS answers.
@@ -278,8 +294,10 @@ async fn forward_session(
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             ack = acks.message() => match ack {
                 Ok(Some(a)) => {
-                    while in_flight.front().is_some_and(|(s, _)| *s <= a.seq) {
+                    while let Some((_, len)) = in_flight.front().copied().filter(|(s, _)| *s <= a.seq) {
                         in_flight.pop_front();
+                        dp.uploaded_bytes
+                            .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
                     }
                     if a.seq > acked {
                         acked = a.seq;
@@ -369,20 +387,57 @@ impl ProcessServerData for DataService {
                 req.item
             ))
         })?;
-        let channel = self
+        // One connection per target for checksum requests (a resync sends many): a TLS
+        // handshake each would cost a round trip and about 3 KB across the link.
+        let key = (route.target.clone(), route.address.clone());
+        let cached = self
             .dp
-            .credentials
-            .endpoint(&route.address, &route.target)
-            .map_err(|e| Status::internal(e.to_string()))?
-            .connect()
-            .await
-            .map_err(|e| {
-                Status::unavailable(format!("target {}: {}", route.target, describe_error(&e)))
-            })?;
-        TargetDataClient::new(channel)
+            .checksum_channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned();
+        let channel = match cached {
+            Some(c) => c,
+            None => {
+                let c = self
+                    .dp
+                    .credentials
+                    .endpoint(&route.address, &route.target)
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .connect()
+                    .await
+                    .map_err(|e| {
+                        Status::unavailable(format!(
+                            "target {}: {}",
+                            route.target,
+                            describe_error(&e)
+                        ))
+                    })?;
+                self.dp
+                    .checksum_channels
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key.clone(), c.clone());
+                c
+            }
+        };
+        let result = TargetDataClient::new(channel)
             .max_decoding_message_size(failback_common::server::MAX_MESSAGE)
             .block_checksums(req)
-            .await
+            .await;
+        if result
+            .as_ref()
+            .is_err_and(|s| matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown))
+        {
+            // The connection may be dead (target restarted, link reset): dial again next time.
+            self.dp
+                .checksum_channels
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+        }
+        result
     }
 }
 

@@ -146,11 +146,25 @@ async fn report_status(
 ) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     let mut cpu = CpuSampler::default();
+    // (when, bytes uploaded so far) over the last minute: the upload rate.
+    let mut uploads: std::collections::VecDeque<(std::time::Instant, u64)> = Default::default();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.cancelled() => return,
         }
+        let now = std::time::Instant::now();
+        uploads.push_back((
+            now,
+            dp.uploaded_bytes.load(std::sync::atomic::Ordering::Relaxed),
+        ));
+        while uploads
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t).as_secs() > 60)
+        {
+            uploads.pop_front();
+        }
+        let upload_estimate_s = upload_estimate(&uploads, dp.backlog_bytes());
         let (health, throttled) = dp.cache.health();
         let _ = outbox.try_send(ComponentMessage {
             kind: Some(component_message::Kind::Report(Report {
@@ -161,9 +175,38 @@ async fn report_status(
                     throttled,
                     cpu_percent: cpu.sample(),
                     memory_percent: memory_percent(),
+                    upload_estimate_s,
+                    backlog_bytes: dp.backlog_bytes(),
                 })),
             })),
         });
+    }
+}
+
+/// Seconds the cache needs to upload its backlog at the rate of the last minute (ASR: a
+/// warning when it can't within 30 minutes, critical beyond 45). No backlog: 0; a backlog
+/// and nothing uploaded for the whole window (a cut link): `f64::INFINITY` is reported as
+/// `u64::MAX`-like 1e12 seconds.
+fn upload_estimate(
+    samples: &std::collections::VecDeque<(std::time::Instant, u64)>,
+    backlog: u64,
+) -> f64 {
+    if backlog == 0 {
+        return 0.0;
+    }
+    let (Some((t0, b0)), Some((t1, b1))) = (samples.front(), samples.back()) else {
+        return 0.0;
+    };
+    let secs = t1.duration_since(*t0).as_secs_f64();
+    if secs < 5.0 {
+        // Too early to tell.
+        return 0.0;
+    }
+    let rate = (b1 - b0) as f64 / secs;
+    if rate <= 0.0 {
+        1e12
+    } else {
+        backlog as f64 / rate
     }
 }
 

@@ -34,7 +34,6 @@ use failback_proto::pb::link::LinkStatus;
 use failback_proto::pb::link::link_control_server::LinkControlServer;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
@@ -149,7 +148,7 @@ impl Link {
             .add_service(health_service)
             .add_service(LinkControlServer::new(service))
             .serve_with_incoming_shutdown(
-                TcpListenerStream::new(control),
+                tonic::transport::server::TcpIncoming::from(control).with_nodelay(Some(true)),
                 root.clone().cancelled_owned(),
             );
         let mut grpc = std::pin::pin!(grpc);
