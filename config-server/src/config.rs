@@ -27,6 +27,8 @@ pub struct CsConfig {
     /// minutes; lab default a few seconds).
     #[serde(with = "humantime_serde")]
     pub boot_delay: Duration,
+    /// Most disks one master target may serve (ASR: 60); reprotect refuses to exceed it.
+    pub master_target_disk_limit: usize,
 }
 
 impl Default for CsConfig {
@@ -39,6 +41,7 @@ impl Default for CsConfig {
             heartbeat_timeout: Duration::from_secs(4),
             enroll_failures_per_minute: 5,
             boot_delay: Duration::from_secs(2),
+            master_target_disk_limit: 60,
         }
     }
 }

@@ -104,6 +104,13 @@ impl Control for ControlService {
         check_hello(&hello, &who)?;
         let now = now_ms();
         state.store.register(&hello, now)?;
+        if who.role == Role::MasterTarget {
+            state
+                .snapshots
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(who.name.clone(), hello.snapshots.clone());
+        }
 
         let (tx, rx) = mpsc::channel(64);
         tx.send(Ok(CsMessage {
@@ -150,7 +157,7 @@ impl Control for ControlService {
 
 /// Reads the component's messages until the stream ends; returns why it ended.
 async fn pump(
-    state: &State,
+    state: &Arc<State>,
     who: &Identity,
     mut inbound: Streaming<ComponentMessage>,
     tx: mpsc::Sender<Result<CsMessage, Status>>,

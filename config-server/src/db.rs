@@ -69,7 +69,9 @@ CREATE TABLE IF NOT EXISTS items (
     failover_point    TEXT NOT NULL DEFAULT '',
     failover_digests  TEXT NOT NULL DEFAULT '[]',
     -- The running test-failover VM, if any.
-    test_vm           TEXT NOT NULL DEFAULT ''
+    test_vm           TEXT NOT NULL DEFAULT '',
+    -- Where the machine lives on-premises and how the replica was seeded (items::Placement).
+    placement         TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS recovery_points (
     item    TEXT NOT NULL REFERENCES items(id) ON DELETE CASCADE,
@@ -167,6 +169,15 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        // Databases from before a column existed (a restored backup) get it added.
+        let has_placement: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('items') WHERE name = 'placement'")?
+            .exists([])?;
+        if !has_placement {
+            conn.execute_batch(
+                "ALTER TABLE items ADD COLUMN placement TEXT NOT NULL DEFAULT '{}'",
+            )?;
+        }
         Ok(Store {
             conn: Mutex::new(conn),
         })
@@ -214,6 +225,15 @@ impl Store {
                 fingerprint,
                 now_ms
             ],
+        )?;
+        Ok(())
+    }
+
+    /// Forgets that `host` runs `machine` (the VM was deleted there).
+    pub fn remove_host_machine(&self, host: &str, machine: &str) -> Result<(), DbError> {
+        self.conn().execute(
+            "DELETE FROM host_machines WHERE host = ?1 AND machine = ?2",
+            params![host, machine],
         )?;
         Ok(())
     }

@@ -23,7 +23,7 @@ use failback_proto::pb::operator::{FailoverRequest, Job};
 use serde::Deserialize;
 use tonic::Status;
 
-use crate::items::{ItemRow, PROTECTED};
+use crate::items::{self, ItemRow, PROTECTED};
 use crate::state::State;
 
 pub const FAILOVER_IN_PROGRESS: &str = "Failover in progress";
@@ -33,6 +33,10 @@ pub const TEST_IN_PROGRESS: &str = "Test failover in progress";
 pub const TEST_COMPLETED: &str = "Test failover completed";
 /// A failover cancelled by force: replication is stopped; the failover must run again.
 pub const FAILOVER_CANCELLED: &str = "Failover cancelled: run the failover again";
+/// A failback cancelled during data synchronisation: the on-premises VM's disks may be half
+/// written (ASR: the target VM is corrupted); running the failover again completes it.
+pub const FAILBACK_INCONSISTENT: &str =
+    "Failover cancelled: the on-premises VM is inconsistent; run the failover again";
 
 const CANCELLED: &str = "cancelled by the operator: replication of this item is stopped and won't resume; run the failover again";
 
@@ -117,7 +121,10 @@ pub async fn failover(state: &Arc<State>, req: FailoverRequest) -> Result<Job, S
     })?;
     match kind {
         Kind::Unplanned | Kind::Planned
-            if item.state != PROTECTED && item.state != FAILOVER_CANCELLED =>
+            if !matches!(
+                item.state.as_str(),
+                PROTECTED | FAILOVER_CANCELLED | FAILBACK_INCONSISTENT
+            ) =>
         {
             return Err(Status::failed_precondition(format!(
                 "`{}` is {}: only a Protected item can fail over",
@@ -187,6 +194,21 @@ pub async fn failover(state: &Arc<State>, req: FailoverRequest) -> Result<Job, S
         )));
     }
 
+    let sync = match req.sync.as_str() {
+        "" | "before-failover" => "before-failover",
+        "full-download" => "full-download",
+        other => {
+            return Err(Status::invalid_argument(format!(
+                "unknown --sync `{other}`: before-failover (synchronise while the VM runs, then \
+                 only the last changes) or full-download (no checksums, the whole disks)"
+            )));
+        }
+    };
+    if !req.sync.is_empty() && item.direction != "reverse" {
+        return Err(Status::invalid_argument(
+            "--sync applies to failback (a failover back to on-premises) only",
+        ));
+    }
     let job = store.start_job(job_name(kind), &item.id)?;
     let before = item.state.clone();
     let running = if kind == Kind::Test {
@@ -203,7 +225,7 @@ pub async fn failover(state: &Arc<State>, req: FailoverRequest) -> Result<Job, S
         .unwrap_or_else(|p| p.into_inner())
         .insert(job, cancel.clone());
     let result = tokio::select! {
-        r = run(state, &item, kind, point_arg, req.shutdown, job) => r,
+        r = run(state, &item, kind, point_arg, req.shutdown, sync, job) => r,
         _ = cancel.cancelled() => Err(Status::cancelled(CANCELLED)),
     };
     state
@@ -221,6 +243,8 @@ pub async fn failover(state: &Arc<State>, req: FailoverRequest) -> Result<Job, S
                 &item.id,
                 if kind == Kind::Test {
                     &before
+                } else if item.direction == "reverse" {
+                    FAILBACK_INCONSISTENT
                 } else {
                     FAILOVER_CANCELLED
                 },
@@ -240,7 +264,7 @@ pub async fn failover(state: &Arc<State>, req: FailoverRequest) -> Result<Job, S
         .ok_or_else(|| Status::internal("job vanished"))
 }
 
-async fn step<T>(
+pub(crate) async fn step<T>(
     state: &State,
     job: i64,
     name: &str,
@@ -275,12 +299,64 @@ async fn wait_point(state: &State, item: &str, id: &str, within: Duration) -> Re
     }
 }
 
+/// Waits until the target holds every batch the process server had acknowledged when the
+/// wait began (phase 1 of a failback: the data is synchronised while the VM still runs).
+async fn drained(state: &State, item: &str) -> Result<(), Status> {
+    let progress = |state: &State| -> Result<items::Progress, Status> {
+        Ok(state
+            .store
+            .item(item)?
+            .map(|i| i.progress)
+            .unwrap_or_default())
+    };
+    let want = progress(state)?.acked_seq;
+    loop {
+        let p = progress(state)?;
+        if p.target_seq >= want && p.phase == "delta" {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Powers `vm` off on `host` (or deletes it with its disks); a VM already gone is fine.
+pub(crate) async fn remove_vm(
+    state: &State,
+    host: &str,
+    vm: &str,
+    delete_disks: bool,
+) -> Result<(), Status> {
+    match state
+        .command(
+            host,
+            command::Kind::RemoveMachine(RemoveMachine {
+                name: vm.to_string(),
+                delete_disks,
+            }),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.message().contains("no machine") => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// A failback to the original location writes into the on-premises VM's own disks.
+pub fn in_place(item: &ItemRow) -> bool {
+    item.direction == "reverse"
+        && !item.placement.alternate
+        && !item.placement.home_disks.is_empty()
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn run(
     state: &Arc<State>,
     item: &ItemRow,
     kind: Kind,
     point_arg: &str,
     shutdown: bool,
+    sync: &str,
     job: i64,
 ) -> Result<(), Status> {
     let store = &state.store;
@@ -293,20 +369,34 @@ async fn run(
         Status::failed_precondition(format!("target {} is not registered", item.target))
     })?;
     let target_site: Site = target.site.parse().map_err(Status::internal)?;
+    let failback = item.direction == "reverse" && kind != Kind::Test;
+    let original = in_place(item) && kind != Kind::Test;
     let host = store
         .list()?
         .into_iter()
         .find(|c| {
             c.role == "host"
-                && c.site == target.site
-                && c.datastores.iter().any(|d| d.name == item.datastore)
+                && if original {
+                    c.name == item.placement.home_host
+                } else {
+                    c.site == target.site && c.datastores.iter().any(|d| d.name == item.datastore)
+                }
         })
         .ok_or_else(|| {
-            Status::failed_precondition(format!(
-                "no host in {} sees datastore {} to boot the VM on",
-                target.site, item.datastore
-            ))
+            Status::failed_precondition(if original {
+                format!(
+                    "host `{}` of the original location is not registered",
+                    item.placement.home_host
+                )
+            } else {
+                format!(
+                    "no host in {} sees datastore {} to boot the VM on",
+                    target.site, item.datastore
+                )
+            })
         })?;
+    // ASR shuts the Azure VM down during failback.
+    let shutdown = shutdown || failback;
 
     for (what, name) in [("target", &item.target), ("host", &host.name)] {
         if !state.sessions().contains_key(name.as_str()) {
@@ -314,6 +404,16 @@ async fn run(
                 "{what} `{name}` is not connected: it is needed to create and start the VM; nothing changed"
             )));
         }
+    }
+
+    if failback && sync == "before-failover" && state.sessions().contains_key(&item.machine) {
+        step(
+            state,
+            job,
+            "Synchronize data while the VM runs (phase 1)",
+            drained(state, &item.id),
+        )
+        .await?;
     }
 
     // Shut the source down and drain it: its last writes become the final point.
@@ -390,13 +490,18 @@ async fn run(
     };
 
     if kind == Kind::ChangePoint {
-        step(state, job, "Shut down the VM and delete its disks", async {
+        let what = if original {
+            "Shut down the VM (its disks are brought to the new point)"
+        } else {
+            "Shut down the VM and delete its disks"
+        };
+        step(state, job, what, async {
             state
                 .command(
                     &host.name,
                     command::Kind::RemoveMachine(RemoveMachine {
                         name: vm.clone(),
-                        delete_disks: true,
+                        delete_disks: !original,
                     }),
                 )
                 .await
@@ -405,27 +510,45 @@ async fn run(
         .await?;
     }
 
-    let made: Materialized = step(
-        state,
-        job,
-        &format!("Create the disks at point {point}"),
-        async {
-            let r = state
-                .command(
-                    &item.target,
-                    command::Kind::Materialize(Materialize {
-                        item: item.id.clone(),
-                        point: point.clone(),
-                        vm: vm.clone(),
-                    }),
-                )
-                .await?;
-            serde_json::from_str(&r.detail_json)
-                .map_err(|e| Status::internal(format!("bad materialize result: {e}")))
-        },
-    )
+    let create = if original {
+        format!("Complete failover: bring the on-premises disks to point {point} ({sync}, phase 2)")
+    } else {
+        format!("Create the disks at point {point}")
+    };
+    let made: Materialized = step(state, job, &create, async {
+        let r = state
+            .command(
+                &item.target,
+                command::Kind::Materialize(Materialize {
+                    item: item.id.clone(),
+                    point: point.clone(),
+                    vm: vm.clone(),
+                    place: if original {
+                        item.placement.home_disk_infos()
+                    } else {
+                        Vec::new()
+                    },
+                    sync: if original { sync.into() } else { String::new() },
+                }),
+            )
+            .await?;
+        serde_json::from_str(&r.detail_json)
+            .map_err(|e| Status::internal(format!("bad materialize result: {e}")))
+    })
     .await?;
 
+    if matches!(kind, Kind::Unplanned | Kind::Planned) {
+        // Replication of this item ends with the failover (best effort: the source may be
+        // gone), before the VM's new incarnation takes over its name.
+        let _ = state
+            .command(
+                &item.machine,
+                command::Kind::StopReplication(StopReplication {
+                    item: item.id.clone(),
+                }),
+            )
+            .await;
+    }
     step(
         state,
         job,
@@ -439,6 +562,11 @@ async fn run(
             let fingerprint =
                 failback_common::tls::fingerprint(&creds.cert_pem).map_err(Status::internal)?;
             store.upsert_issued(&identity, &fingerprint, &host.name, now_ms())?;
+            // The machine's previous incarnation (on the other site) holds a certificate that
+            // is no longer valid: its session ends now, so nothing mistakes it for the new VM.
+            if let Some(old) = state.sessions().remove(&vm) {
+                old.cancel.cancel();
+            }
             // A re-run after an interrupted failover finds the VM already there: replace it.
             let _ = state
                 .command(
@@ -488,18 +616,31 @@ async fn run(
         store.set_failover(&item.id, &point, &made.digests)?;
         store.set_item_state(&item.id, TEST_COMPLETED)?;
     } else {
-        if kind != Kind::ChangePoint {
-            // Replication of this item ends with the failover (best effort: the source may be gone).
-            let _ = state
-                .command(
-                    &item.machine,
-                    command::Kind::StopReplication(StopReplication {
-                        item: item.id.clone(),
-                    }),
-                )
-                .await;
-        }
         store.set_failover(&item.id, &point, &made.digests)?;
+        if failback && !original {
+            // Failed back to a new VM: that is the machine's on-premises home from now on.
+            let ds_path = host
+                .datastores
+                .iter()
+                .find(|d| d.name == item.datastore)
+                .map(|d| std::path::PathBuf::from(&d.path));
+            let mut placement = item.placement.clone();
+            placement.home_host = host.name.clone();
+            placement.home_datastore = item.datastore.clone();
+            placement.home_disks = made
+                .disks
+                .iter()
+                .map(|(id, path, size)| {
+                    let rel = ds_path
+                        .as_deref()
+                        .and_then(|ds| std::path::Path::new(path).strip_prefix(ds).ok())
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|| format!("vms/{vm}/{id}.img"));
+                    (id.clone(), rel, *size)
+                })
+                .collect();
+            store.set_placement(&item.id, &placement)?;
+        }
         store.set_item_state(&item.id, FAILOVER_COMPLETED)?;
     }
     tracing::info!(item = %item.id, %vm, %point, "{} completed", job_name(kind));
@@ -535,21 +676,43 @@ pub async fn commit(state: &Arc<State>, machine: &str) -> Result<ItemRow, Status
         )));
     }
     let job = store.start_job("Commit", &item.id)?;
-    let r = state
-        .command(
-            &item.target,
-            command::Kind::DropPoints(DropPoints {
-                item: item.id.clone(),
-            }),
-        )
-        .await;
+    let r = async {
+        step(state, job, "Delete recovery points", async {
+            state
+                .command(
+                    &item.target,
+                    command::Kind::DropPoints(DropPoints {
+                        item: item.id.clone(),
+                    }),
+                )
+                .await
+                .map(|_| ())
+        })
+        .await?;
+        store.clear_points(&item.id)?;
+        let azure_host = &item.placement.source_host;
+        if item.direction == "reverse" && !azure_host.is_empty() {
+            // ASR: committing a failback deletes the Azure VM and its disks.
+            step(
+                state,
+                job,
+                &format!("Delete the Azure VM {} and its disks", item.machine),
+                async {
+                    remove_vm(state, azure_host, &item.machine, true).await?;
+                    store.remove_host_machine(azure_host, &item.machine)?;
+                    Ok(())
+                },
+            )
+            .await?;
+        }
+        Ok::<(), Status>(())
+    }
+    .await;
     if let Err(e) = r {
         store.end_job(job, Some(e.message()))?;
         return Err(e);
     }
-    store.clear_points(&item.id)?;
     store.set_item_state(&item.id, FAILOVER_COMMITTED)?;
-    store.job_step(job, "Delete recovery points", "Succeeded")?;
     store.end_job(job, None)?;
     Ok(store.item(&item.id)?.unwrap_or(item))
 }

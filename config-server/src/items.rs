@@ -25,6 +25,54 @@ pub const INITIAL: &str = "Initial replication in progress";
 pub const PROTECTED: &str = "Protected";
 pub const RESYNCING: &str = "Resynchronization in progress";
 pub const RESYNC_REQUIRED: &str = "Resync required";
+pub const REPROTECTING: &str = "Reprotect in progress";
+/// A replication stream down this long while both ends talk to the CS: ASR 78186.
+const PS_UNREACHABLE_AFTER_MS: i64 = 10_000;
+
+/// One disk at its place in a datastore: (disk id, path relative to the datastore, size).
+pub type PlacedDisk = (String, String, u64);
+
+/// Where a machine lives on-premises (its original location, where failback goes back to)
+/// and how this item's replica started (kept as JSON in `items.placement`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Placement {
+    /// The on-premises host and datastore of the machine and its disks.
+    #[serde(default)]
+    pub home_host: String,
+    #[serde(default)]
+    pub home_datastore: String,
+    #[serde(default)]
+    pub home_disks: Vec<PlacedDisk>,
+    /// The host the source VM of this item runs on (the Azure VM's host for a reverse item:
+    /// commit after failback deletes the VM there).
+    #[serde(default)]
+    pub source_host: String,
+    /// The target replica was seeded with an older copy: the initial sync compares checksums.
+    #[serde(default)]
+    pub seeded: bool,
+    /// Failback goes to a new VM in `datastore` on the master target's host.
+    #[serde(default)]
+    pub alternate: bool,
+    /// The item whose replica seeded this one (removed once this one is Protected).
+    #[serde(default)]
+    pub seed_item: String,
+}
+
+impl Placement {
+    /// The disks of the original on-premises location, as the master target names them
+    /// (paths relative to the home datastore).
+    pub fn home_disk_infos(&self) -> Vec<DiskInfo> {
+        self.home_disks
+            .iter()
+            .map(|(id, path, size)| DiskInfo {
+                id: id.clone(),
+                datastore: self.home_datastore.clone(),
+                path: path.clone(),
+                size_bytes: *size,
+            })
+            .collect()
+    }
+}
 
 /// The lab's default policy: ASR's shape, lab timers (points within a minute).
 pub fn default_policy() -> Policy {
@@ -68,6 +116,8 @@ pub struct Progress {
     pub lag_p50_ms: f64,
     #[serde(default)]
     pub lag_p99_ms: f64,
+    #[serde(default)]
+    pub ps_down_since_ms: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -87,6 +137,7 @@ pub struct ItemRow {
     /// (disk, blake3) the source recorded with the failover point.
     pub failover_digests: Vec<(String, String)>,
     pub test_vm: String,
+    pub placement: Placement,
 }
 
 fn policy_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Policy> {
@@ -101,7 +152,8 @@ fn policy_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Policy> {
 }
 
 const ITEM_COLUMNS: &str = "id, machine, direction, state, process_server, target, datastore, policy, \
-                            replication_group, created_ms, progress, failover_point, failover_digests, test_vm";
+                            replication_group, created_ms, progress, failover_point, failover_digests, test_vm, \
+                            placement";
 
 fn item_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ItemRow> {
     let progress: String = r.get(10)?;
@@ -120,6 +172,7 @@ fn item_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ItemRow> {
         failover_point: r.get(11)?,
         failover_digests: serde_json::from_str(&r.get::<_, String>(12)?).unwrap_or_default(),
         test_vm: r.get(13)?,
+        placement: serde_json::from_str(&r.get::<_, String>(14)?).unwrap_or_default(),
     })
 }
 
@@ -195,8 +248,8 @@ impl Store {
     pub fn insert_item(&self, item: &ItemRow) -> Result<(), DbError> {
         self.conn().execute(
             "INSERT INTO items(id, machine, direction, state, process_server, target, datastore, policy,
-                               replication_group, created_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                               replication_group, created_ms, placement)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 item.id,
                 item.machine,
@@ -207,7 +260,8 @@ impl Store {
                 item.datastore,
                 item.policy,
                 item.replication_group,
-                item.created_ms
+                item.created_ms,
+                serde_json::to_string(&item.placement).unwrap_or_else(|_| "{}".into())
             ],
         )?;
         Ok(())
@@ -217,6 +271,37 @@ impl Store {
         self.conn()
             .execute("DELETE FROM items WHERE id = ?1", [id])?;
         Ok(())
+    }
+
+    pub fn set_item_active(&self, id: &str, active: bool) -> Result<(), DbError> {
+        self.conn().execute(
+            "UPDATE items SET active = ?2 WHERE id = ?1",
+            params![id, active as i64],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_placement(&self, id: &str, placement: &Placement) -> Result<(), DbError> {
+        self.conn().execute(
+            "UPDATE items SET placement = ?2 WHERE id = ?1",
+            params![
+                id,
+                serde_json::to_string(placement).unwrap_or_else(|_| "{}".into())
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Every item of `machine`, newest first, active or not.
+    pub fn items_of_machine(&self, machine: &str) -> Result<Vec<ItemRow>, DbError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {ITEM_COLUMNS} FROM items WHERE machine = ?1 ORDER BY created_ms DESC"
+        ))?;
+        let rows = stmt
+            .query_map([machine], item_from_row)?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
     }
 
     pub fn set_item_state(&self, id: &str, state: &str) -> Result<(), DbError> {
@@ -271,8 +356,14 @@ impl Store {
     /// transient failover state go back to where a re-run starts. Returns the jobs failed.
     pub fn fail_interrupted_jobs(&self) -> Result<Vec<(i64, String, String)>, DbError> {
         let conn = self.conn();
-        let mut stmt =
-            conn.prepare("SELECT id, name, item FROM jobs WHERE state = 'In progress'")?;
+        // Enabling and reprotecting go on by themselves once the components reconnect (the
+        // CS re-sends routes and replication settings): those jobs stay and complete.
+        let mut stmt = conn.prepare(
+            "SELECT j.id, j.name, j.item FROM jobs j WHERE j.state = 'In progress'
+             AND NOT (j.name IN ('Enable protection', 'Reprotect') AND EXISTS (
+                 SELECT 1 FROM items i WHERE i.id = j.item AND i.active = 1
+                 AND i.state IN ('Enabling protection', 'Initial replication in progress', 'Reprotect in progress')))",
+        )?;
         let jobs: Vec<(i64, String, String)> = stmt
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
             .collect::<Result<_, _>>()?;
@@ -368,13 +459,31 @@ impl Store {
         Ok(())
     }
 
-    /// How many items were ever created for `machine` (ids are `MACHINE-N`).
-    pub fn item_count(&self, machine: &str) -> Result<i64, DbError> {
-        Ok(self.conn().query_row(
+    /// The next item id of `machine` (`MACHINE-N`). Never reused, not even after a failed
+    /// attempt was rolled back: process servers, targets and agents key state by item id.
+    pub fn next_item_id(&self, machine: &str) -> Result<String, DbError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let key = format!("item-counter:{machine}");
+        let stored: Option<i64> = tx
+            .query_row("SELECT value FROM settings WHERE key = ?1", [&key], |r| {
+                r.get::<_, String>(0)
+            })
+            .optional()?
+            .and_then(|v| v.parse().ok());
+        let rows: i64 = tx.query_row(
             "SELECT COUNT(*) FROM items WHERE machine = ?1",
             [machine],
             |r| r.get(0),
-        )?)
+        )?;
+        let n = stored.unwrap_or(0).max(rows) + 1;
+        tx.execute(
+            "INSERT INTO settings(key, value) VALUES (?1, ?2)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![key, n.to_string()],
+        )?;
+        tx.commit()?;
+        Ok(format!("{machine}-{n}"))
     }
 
     pub fn add_point(&self, p: &PointAdded) -> Result<(), DbError> {
@@ -461,18 +570,27 @@ impl Store {
         Ok(())
     }
 
-    /// Ends the open "Enable protection" job of `item` successfully.
+    /// Ends the open "Enable protection" or "Reprotect" job of `item` successfully: its last
+    /// step (the initial synchronisation) is done.
     pub fn finish_enable_job(&self, item: &str) -> Result<(), DbError> {
         let job: Option<i64> = self
             .conn()
             .query_row(
-                "SELECT id FROM jobs WHERE item = ?1 AND name = 'Enable protection' AND state = 'In progress'",
+                "SELECT id FROM jobs WHERE item = ?1 AND name IN ('Enable protection', 'Reprotect')
+                 AND state = 'In progress'",
                 [item],
                 |r| r.get(0),
             )
             .optional()?;
         if let Some(job) = job {
-            self.job_step(job, "Initial replication", "Succeeded")?;
+            let last = self
+                .jobs(job)?
+                .into_iter()
+                .next()
+                .and_then(|j| j.steps.last().map(|s| s.name.clone()));
+            if let Some(step) = last {
+                self.job_step(job, &step, "Succeeded")?;
+            }
             self.end_job(job, None)?;
         }
         Ok(())
@@ -482,10 +600,6 @@ impl Store {
 /// The address of `component` as reachable from `site`.
 pub fn address_for(row: &ComponentRow, site: &str) -> Option<String> {
     row.addresses.get(site).cloned()
-}
-
-fn connected(state: &State, name: &str) -> bool {
-    state.sessions().contains_key(name)
 }
 
 /// `EnableItem`: checks, then the "Enable protection" job. A failed check changes nothing; a
@@ -501,7 +615,7 @@ pub async fn enable(state: &State, req: EnableItemRequest) -> Result<ItemRow, St
                 req.machine
             ))
         })?;
-    if !connected(state, &machine.name) {
+    if !state.connected(&machine.name) {
         return Err(Status::failed_precondition(format!(
             "the agent isn't installed on `{}` (it is not connected to the configuration server); \
              wait until it registers (ASR: up to 15 minutes after boot) and try again",
@@ -548,7 +662,7 @@ pub async fn enable(state: &State, req: EnableItemRequest) -> Result<ItemRow, St
                 "no process server named `{ps_name}`; see `srctl infra list`"
             ))
         })?;
-    if !connected(state, &ps.name) {
+    if !state.connected(&ps.name) {
         return Err(Status::failed_precondition(format!(
             "process server `{}` is not connected (ASR 806: no heartbeat from the process server); \
              start it or choose another with --process-server",
@@ -580,7 +694,7 @@ pub async fn enable(state: &State, req: EnableItemRequest) -> Result<ItemRow, St
                 "no master target with a datastore in {target_site}"
             ))
         })?;
-    if !connected(state, &target.name) {
+    if !state.connected(&target.name) {
         return Err(Status::failed_precondition(format!(
             "target `{}` is not connected (ASR 78022: no heartbeat from the master target)",
             target.name
@@ -603,9 +717,8 @@ pub async fn enable(state: &State, req: EnableItemRequest) -> Result<ItemRow, St
             .map_err(Status::invalid_argument)?;
     }
 
-    let n = store.item_count(&machine.name)? + 1;
     let item = ItemRow {
-        id: format!("{}-{n}", machine.name),
+        id: store.next_item_id(&machine.name)?,
         machine: machine.name.clone(),
         direction: if site == "onprem" {
             "forward"
@@ -624,6 +737,10 @@ pub async fn enable(state: &State, req: EnableItemRequest) -> Result<ItemRow, St
         failover_point: String::new(),
         failover_digests: Vec::new(),
         test_vm: String::new(),
+        placement: Placement {
+            source_host: machine.host.clone(),
+            ..home_of(store, &machine)?
+        },
     };
     store.insert_item(&item)?;
     let job = store.start_job("Enable protection", &item.id)?;
@@ -674,6 +791,33 @@ pub async fn enable(state: &State, req: EnableItemRequest) -> Result<ItemRow, St
     }
 }
 
+/// The on-premises location of `machine` (empty for a machine outside onprem): its host, its
+/// datastore and its disks' paths relative to that datastore, as the host reported them.
+pub fn home_of(store: &Store, machine: &ComponentRow) -> Result<Placement, DbError> {
+    if machine.site != "onprem" || machine.host.is_empty() {
+        return Ok(Placement::default());
+    }
+    let Some(host) = store.component(&machine.host)? else {
+        return Ok(Placement::default());
+    };
+    let mut home = Placement {
+        home_host: host.name.clone(),
+        ..Placement::default()
+    };
+    for d in &machine.disks {
+        let Some(ds) = host.datastores.iter().find(|ds| ds.name == d.datastore) else {
+            return Ok(Placement::default());
+        };
+        let Ok(rel) = std::path::Path::new(&d.path).strip_prefix(&ds.path) else {
+            return Ok(Placement::default());
+        };
+        home.home_datastore = ds.name.clone();
+        home.home_disks
+            .push((d.id.clone(), rel.display().to_string(), d.size));
+    }
+    Ok(home)
+}
+
 pub fn prepare_command(item: &ItemRow, machine: &ComponentRow, policy: &Policy) -> command::Kind {
     command::Kind::PrepareReplica(PrepareReplica {
         item: item.id.clone(),
@@ -689,6 +833,8 @@ pub fn prepare_command(item: &ItemRow, machine: &ComponentRow, policy: &Policy) 
             })
             .collect(),
         retention_ms: policy.retention_s * 1000,
+        seed: crate::reprotect::seed_of(item, machine),
+        retention_drive: String::new(),
     })
 }
 
@@ -710,11 +856,12 @@ pub fn start_command(item: &ItemRow, ps: &str, ps_address: &str, policy: &Policy
             policy.app_interval_s * 1000
         },
         verify_tags: true,
+        compare_initial: item.placement.seeded,
     })
 }
 
 /// An agent's progress report: stored; the first delta phase completes initial replication.
-pub fn on_progress(state: &State, p: ItemProgress) -> Result<(), DbError> {
+pub fn on_progress(state: &std::sync::Arc<State>, p: ItemProgress) -> Result<(), DbError> {
     let Some(item) = state.store.item(&p.item)? else {
         return Ok(());
     };
@@ -733,13 +880,17 @@ pub fn on_progress(state: &State, p: ItemProgress) -> Result<(), DbError> {
         target_seq: p.target_seq,
         lag_p50_ms: p.lag_p50_ms,
         lag_p99_ms: p.lag_p99_ms,
+        ps_down_since_ms: p.ps_down_since_ms,
     };
     state.store.set_item_progress(&item.id, &progress)?;
     match (p.phase.as_str(), item.state.as_str()) {
-        ("delta", INITIAL | ENABLING) => {
+        ("delta", INITIAL | ENABLING | REPROTECTING) => {
             state.store.set_item_state(&item.id, PROTECTED)?;
             state.store.finish_enable_job(&item.id)?;
-            tracing::info!(item = %item.id, "initial replication complete: Protected");
+            tracing::info!(item = %item.id, direction = %item.direction, "initial replication complete: Protected");
+            if item.state == REPROTECTING {
+                crate::reprotect::remove_old_replicas(state, &item);
+            }
         }
         ("delta", RESYNCING | RESYNC_REQUIRED) => {
             state.store.set_item_state(&item.id, PROTECTED)?;
@@ -772,13 +923,13 @@ pub fn view(state: &State, item: &ItemRow) -> Result<Item, DbError> {
         }
         errors.push(e);
     };
-    if !connected(state, &item.machine) {
+    if !state.connected(&item.machine) {
         worse(
             "Critical",
             format!("78174: no heartbeat from source machine {}", item.machine),
         );
     }
-    if !connected(state, &item.process_server) {
+    if !state.connected(&item.process_server) {
         worse(
             "Critical",
             format!(
@@ -786,8 +937,40 @@ pub fn view(state: &State, item: &ItemRow) -> Result<Item, DbError> {
                 item.process_server
             ),
         );
+    } else if state.connected(&item.machine)
+        && item.progress.ps_down_since_ms > 0
+        && now - item.progress.ps_down_since_ms > PS_UNREACHABLE_AFTER_MS
+    {
+        // Both talk to the CS, but the machine's data can't reach its process server.
+        worse(
+            "Critical",
+            format!(
+                "78186: process server {} is unreachable from {} for {:.0} s",
+                item.process_server,
+                item.machine,
+                (now - item.progress.ps_down_since_ms) as f64 / 1000.0
+            ),
+        );
+    } else if let Some(ps) = state.ps_health(&item.process_server) {
+        // The process server's own trouble (cache filling, throttling, not uploading).
+        let (h, errors) = crate::operator::component_health(
+            "process-server",
+            &item.process_server,
+            true,
+            Some(&ps),
+        );
+        for e in errors {
+            worse(
+                if h == "Critical" {
+                    "Critical"
+                } else {
+                    "Warning"
+                },
+                format!("process server {}: {e}", item.process_server),
+            );
+        }
     }
-    if !connected(state, &item.target) {
+    if !state.connected(&item.target) {
         worse(
             "Critical",
             format!("78022: no heartbeat from master target {}", item.target),
@@ -795,7 +978,12 @@ pub fn view(state: &State, item: &ItemRow) -> Result<Item, DbError> {
     }
     if item.state == PROTECTED && rpo_ms as u64 > policy.rpo_threshold_s * 1000 {
         worse(
-            "Warning",
+            // Twice over the threshold is critical.
+            if rpo_ms as u64 > 2 * policy.rpo_threshold_s * 1000 {
+                "Critical"
+            } else {
+                "Warning"
+            },
             format!(
                 "RPO {:.0} s is over the policy threshold of {} s",
                 rpo_ms as f64 / 1000.0,

@@ -27,6 +27,7 @@ pub mod items;
 pub mod operator;
 pub mod plans;
 pub mod reports;
+pub mod reprotect;
 pub mod state;
 
 use std::path::Path;

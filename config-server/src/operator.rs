@@ -4,14 +4,15 @@ use std::sync::Arc;
 
 use failback_common::control::now_ms;
 use failback_common::identity::{Role, authorize};
-use failback_proto::pb::control::{Resync, VerifyPoint, WorkloadCommand, command};
+use failback_proto::pb::control::{RemoveMachine, Resync, VerifyPoint, WorkloadCommand, command};
 use failback_proto::pb::operator::{
-    CancelJobRequest, Component, DatastoreRow, DiskRow, DiskVerification, EnableItemRequest,
-    FailoverRequest, Item, ItemRequest, Job, ListInfraRequest, ListInfraResponse, ListItemsRequest,
-    ListItemsResponse, ListJobsRequest, ListJobsResponse, ListPoliciesRequest,
-    ListPoliciesResponse, Plan, PlanFailoverRequest, PlanMember, PlanRequest, Policy,
-    RemoveComponentRequest, RemoveComponentResponse, ResyncRequest, VerifyRequest, VerifyResponse,
-    WorkloadRequest, WorkloadResponse, operator_server::Operator,
+    CancelJobRequest, Component, DatastoreRow, DeleteMachineRequest, DeleteMachineResponse,
+    DiskRow, DiskVerification, EnableItemRequest, FailoverRequest, Item, ItemRequest, Job,
+    ListInfraRequest, ListInfraResponse, ListItemsRequest, ListItemsResponse, ListJobsRequest,
+    ListJobsResponse, ListPoliciesRequest, ListPoliciesResponse, Plan, PlanFailoverRequest,
+    PlanMember, PlanRequest, Policy, RemoveComponentRequest, RemoveComponentResponse,
+    ReprotectRequest, ResyncRequest, VerifyRequest, VerifyResponse, WorkloadRequest,
+    WorkloadResponse, operator_server::Operator,
 };
 use tonic::{Request, Response, Status};
 
@@ -35,6 +36,11 @@ impl OperatorService {
                     item: item.id.clone(),
                     point: String::new(),
                     vm,
+                    place: if item.test_vm.is_empty() && crate::failover::in_place(item) {
+                        item.placement.home_disk_infos()
+                    } else {
+                        Vec::new()
+                    },
                 }),
             )
             .await?;
@@ -319,6 +325,7 @@ impl Operator for OperatorService {
                     item: item.id.clone(),
                     point,
                     vm: String::new(),
+                    place: Vec::new(),
                 }),
             )
             .await?;
@@ -413,6 +420,61 @@ impl Operator for OperatorService {
         Ok(Response::new(
             crate::failover::failover(&self.state, request.into_inner()).await?,
         ))
+    }
+
+    async fn reprotect(&self, request: Request<ReprotectRequest>) -> Result<Response<Job>, Status> {
+        authorize(&request, "Operator.Reprotect", &[Role::Operator])?;
+        Ok(Response::new(
+            crate::reprotect::reprotect(&self.state, request.into_inner()).await?,
+        ))
+    }
+
+    async fn delete_machine(
+        &self,
+        request: Request<DeleteMachineRequest>,
+    ) -> Result<Response<DeleteMachineResponse>, Status> {
+        authorize(&request, "Operator.DeleteMachine", &[Role::Operator])?;
+        let req = request.into_inner();
+        let store = &self.state.store;
+        let host = store
+            .component(&req.host)?
+            .filter(|c| c.role == "host")
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no host named `{}`; see `srctl infra list`",
+                    req.host
+                ))
+            })?;
+        if !host.machines.contains(&req.machine) {
+            return Err(Status::not_found(format!(
+                "no VM `{}` on {} (it has: {})",
+                req.machine,
+                host.name,
+                host.machines.join(", ")
+            )));
+        }
+        let running_source = store
+            .component(&req.machine)?
+            .is_some_and(|m| m.host == host.name && self.state.sessions().contains_key(&m.name));
+        if let Some(item) = store.item_of_machine(&req.machine)?
+            && running_source
+        {
+            return Err(Status::failed_precondition(format!(
+                "`{}` on {} is running and has replicated item {} ({}): it can't be deleted",
+                req.machine, host.name, item.id, item.state
+            )));
+        }
+        self.state
+            .command(
+                &host.name,
+                command::Kind::RemoveMachine(RemoveMachine {
+                    name: req.machine.clone(),
+                    delete_disks: true,
+                }),
+            )
+            .await?;
+        store.remove_host_machine(&host.name, &req.machine)?;
+        Ok(Response::new(DeleteMachineResponse {}))
     }
 
     async fn cleanup_test_failover(
@@ -531,7 +593,7 @@ fn role_rank(role: &str) -> usize {
 
 /// ASR-like health of a component: heartbeats for all; cache, CPU and memory for process
 /// servers (warning > 80 % CPU/memory, > 70 % cache used; critical > 95 %, > 75 %).
-fn component_health(
+pub(crate) fn component_health(
     role: &str,
     name: &str,
     connected: bool,
@@ -566,6 +628,19 @@ fn component_health(
             ),
             "Critical" => raise("Critical", "cache free space below 25 %".into()),
             _ => {}
+        }
+        let minutes = ps.upload_estimate_s / 60.0;
+        let can_not = |m: f64| {
+            if minutes >= 1e9 / 60.0 {
+                format!("the cache isn't uploading at all: it can't upload within {m} minutes")
+            } else {
+                format!("the cache can't upload within {m} minutes (estimate {minutes:.0} min)")
+            }
+        };
+        if minutes > 45.0 {
+            raise("Critical", can_not(45.0));
+        } else if minutes > 30.0 {
+            raise("Warning", can_not(30.0));
         }
         for (what, v) in [("CPU", ps.cpu_percent), ("memory", ps.memory_percent)] {
             if v > 95.0 {

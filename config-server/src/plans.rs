@@ -246,6 +246,7 @@ pub async fn run(state: &Arc<State>, req: PlanFailoverRequest) -> Result<Job, St
                             point,
                             shutdown,
                             kind: kind.to_string(),
+                            sync: String::new(),
                         },
                     )
                     .await

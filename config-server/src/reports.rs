@@ -8,10 +8,10 @@ use failback_common::identity::{Identity, Role};
 use failback_proto::pb::control::{Report, SetRoute, command, report};
 
 use crate::db::DbError;
-use crate::items::{self, address_for};
+use crate::items::{self, ItemRow, address_for};
 use crate::state::State;
 
-pub fn on_report(state: &State, who: &Identity, r: Report) -> Result<(), DbError> {
+pub fn on_report(state: &Arc<State>, who: &Identity, r: Report) -> Result<(), DbError> {
     match r.kind {
         Some(report::Kind::Progress(p)) => items::on_progress(state, p),
         Some(report::Kind::PointAdded(p)) => state.store.add_point(&p),
@@ -28,75 +28,89 @@ pub fn on_report(state: &State, who: &Identity, r: Report) -> Result<(), DbError
     }
 }
 
-/// Re-sends what `who` needs for the active items it takes part in.
+/// Re-sends what `who` needs for the active items it takes part in. Components reconnect in
+/// any order (after a CS restart all of them do at once): a command that cannot reach its
+/// component now is skipped and sent when that component connects, and one item's failure
+/// does not hold back the others.
 pub fn resume(state: Arc<State>, who: Identity) {
     tokio::spawn(async move {
-        if let Err(e) = resume_inner(&state, &who).await {
-            tracing::warn!(%who, "resuming replication: {e}");
+        let items = match state.store.items() {
+            Ok(items) => items,
+            Err(e) => {
+                tracing::warn!(%who, "resuming replication: {e}");
+                return;
+            }
+        };
+        for item in items {
+            if let Err(e) = resume_item(&state, &who, &item).await {
+                tracing::warn!(%who, item = %item.id, "resuming replication: {e}");
+            }
         }
     });
 }
 
-async fn resume_inner(state: &State, who: &Identity) -> Result<(), tonic::Status> {
+async fn resume_item(state: &State, who: &Identity, item: &ItemRow) -> Result<(), tonic::Status> {
     let store = &state.store;
-    for item in store.items()? {
-        // A failed-over item no longer replicates (its machine now runs at the target site).
-        if matches!(
+    // A failed-over item no longer replicates (its machine now runs at the target site),
+    // but its replica stays open on the target: change-point, commit and failback need it.
+    if who.role != Role::MasterTarget
+        && matches!(
             item.state.as_str(),
             crate::failover::FAILOVER_IN_PROGRESS
                 | crate::failover::FAILOVER_COMPLETED
                 | crate::failover::FAILOVER_COMMITTED
-        ) {
-            continue;
+        )
+    {
+        return Ok(());
+    }
+    let policy = store
+        .policy(&item.policy)?
+        .unwrap_or_else(items::default_policy);
+    match who.role {
+        Role::MasterTarget if item.target == who.name => {
+            if let Some(machine) = store.component(&item.machine)? {
+                state
+                    .command(&who.name, items::prepare_command(item, &machine, &policy))
+                    .await?;
+            }
         }
-        let policy = store
-            .policy(&item.policy)?
-            .unwrap_or_else(items::default_policy);
-        match who.role {
-            Role::MasterTarget if item.target == who.name => {
-                if let Some(machine) = store.component(&item.machine)? {
-                    state
-                        .command(&who.name, items::prepare_command(&item, &machine, &policy))
-                        .await?;
-                }
+        Role::ProcessServer if item.process_server == who.name => {
+            if let Some(target) = store.component(&item.target)? {
+                let address = address_for(&target, who.site.as_str()).unwrap_or_default();
+                state
+                    .command(
+                        &who.name,
+                        command::Kind::SetRoute(SetRoute {
+                            item: item.id.clone(),
+                            target: target.name.clone(),
+                            target_address: address,
+                        }),
+                    )
+                    .await?;
             }
-            Role::ProcessServer if item.process_server == who.name => {
-                if let Some(target) = store.component(&item.target)? {
-                    let address = address_for(&target, who.site.as_str()).unwrap_or_default();
-                    state
-                        .command(
-                            &who.name,
-                            command::Kind::SetRoute(SetRoute {
-                                item: item.id.clone(),
-                                target: target.name.clone(),
-                                target_address: address,
-                            }),
-                        )
-                        .await?;
-                }
-            }
-            Role::Agent if item.machine == who.name => {
-                // The machine's disks may have grown: the target grows the replica first.
-                if let Some(machine) = store.component(&item.machine)? {
-                    state
-                        .command(
-                            &item.target,
-                            items::prepare_command(&item, &machine, &policy),
-                        )
-                        .await?;
-                }
-                if let Some(ps) = store.component(&item.process_server)? {
-                    let address = address_for(&ps, who.site.as_str()).unwrap_or_default();
-                    state
-                        .command(
-                            &who.name,
-                            items::start_command(&item, &ps.name, &address, &policy),
-                        )
-                        .await?;
-                }
-            }
-            _ => {}
         }
+        Role::Agent if item.machine == who.name => {
+            // The machine's disks may have grown: the target grows the replica first. A
+            // target that is not connected yet gets the replica (at the current size) when
+            // it connects; the target keeps running meanwhile, so the agent starts anyway.
+            if let Some(machine) = store.component(&item.machine)?
+                && state.connected(&item.target)
+            {
+                state
+                    .command(&item.target, items::prepare_command(item, &machine, &policy))
+                    .await?;
+            }
+            if let Some(ps) = store.component(&item.process_server)? {
+                let address = address_for(&ps, who.site.as_str()).unwrap_or_default();
+                state
+                    .command(
+                        &who.name,
+                        items::start_command(item, &ps.name, &address, &policy),
+                    )
+                    .await?;
+            }
+        }
+        _ => {}
     }
     Ok(())
 }

@@ -47,6 +47,8 @@ pub struct State {
     pub job_cancel: Mutex<HashMap<i64, CancellationToken>>,
     /// Last status each process server reported.
     pub ps_status: Mutex<HashMap<String, PsStatus>>,
+    /// VM snapshots each master target reported when it last registered.
+    pub snapshots: Mutex<HashMap<String, Vec<String>>>,
     /// Failed enrollment attempts per source address in the last minute.
     failures: Mutex<HashMap<IpAddr, VecDeque<Instant>>>,
     next_conn: AtomicU64,
@@ -66,6 +68,7 @@ impl State {
             pending: Mutex::new(HashMap::new()),
             job_cancel: Mutex::new(HashMap::new()),
             ps_status: Mutex::new(HashMap::new()),
+            snapshots: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
         }
     }
@@ -76,6 +79,11 @@ impl State {
 
     pub fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `name` has a control stream open now.
+    pub fn connected(&self, name: &str) -> bool {
+        self.sessions().contains_key(name)
     }
 
     /// Seconds until `ip` may try again, if it has used up its failed attempts.
