@@ -11,6 +11,13 @@
 //!
 //! `bench compression` measures the codecs the process server could use (LZ4 and zstd) on the
 //! same data: the measurement behind the PS's choice of LZ4.
+//!
+//! `bench failover` measures failover times with a full retention window against a plain full
+//! copy of the disk.
+//!
+//! `bench resync` measures an original-location reprotect after a planned failover (bytes across
+//! the vpn link, time) against rsync (`--inplace --no-whole-file --ignore-times`) bringing the
+//! same old on-premises disk image up to date with the same Azure disk image.
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -190,6 +197,86 @@ fn temp_lab() -> PathBuf {
     ))
 }
 
+/// vm1's disk in the on-premises datastore of a bench lab.
+const ONPREM_DISK: &str = "datastores/ds-onprem/vm1/disk0.img";
+
+/// Starts a one-machine lab (vm1, one disk of `disk_size` bytes) in a new temporary directory,
+/// runs `body` with its directory, then stops the lab and removes the directory, whether `body`
+/// succeeded or not.
+async fn in_temp_lab<T, F, Fut>(disk_size: u64, progress: bool, body: F) -> anyhow::Result<T>
+where
+    F: FnOnce(PathBuf) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let dir = temp_lab();
+    if progress {
+        eprintln!(
+            "bench: starting a one-machine lab with a {} MiB disk in {}",
+            disk_size >> 20,
+            dir.display()
+        );
+    }
+    let opts = lab::UpOptions {
+        machines: 1,
+        disk_size,
+        timeout: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let result = match lab::up(&dir, &opts).await {
+        Ok(_) => body(dir.clone()).await,
+        Err(e) => Err(e),
+    };
+    let _ = lab::down(&dir).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// Writes the first `len` bytes of the disk image at `path` with `data` repeated, then fsyncs.
+fn fill_disk(path: &Path, data: &[u8], len: u64) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileExt;
+    anyhow::ensure!(!data.is_empty() || len == 0, "no data to fill a disk with");
+    let disk = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+    let mut off = 0u64;
+    while off < len {
+        let n = (data.len() as u64).min(len - off) as usize;
+        disk.write_all_at(&data[..n], off)?;
+        off += n as u64;
+    }
+    disk.sync_all()?;
+    Ok(())
+}
+
+/// Waits until `machine`'s item is Protected with everything acknowledged journaled at the
+/// target, polling every `every`.
+async fn wait_protected(
+    dir: &Path,
+    machine: &str,
+    timeout: Duration,
+    every: Duration,
+) -> anyhow::Result<failback_proto::pb::operator::Item> {
+    let start = Instant::now();
+    loop {
+        let i = item::list(dir, machine).await?.into_iter().next();
+        if let Some(i) = i
+            && i.state == "Protected"
+            && i.acked_seq > 0
+            && i.target_seq >= i.acked_seq
+        {
+            return Ok(i);
+        }
+        if start.elapsed() > timeout {
+            anyhow::bail!(
+                "`{machine}` was not Protected after {} s",
+                timeout.as_secs()
+            );
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
 async fn link_bytes(dir: &Path) -> anyhow::Result<u64> {
     let s = crate::link::status(dir).await?;
     Ok(s.bytes_onprem_to_azure)
@@ -204,38 +291,18 @@ pub async fn replication(
         anyhow::bail!("--compressible must be within 0..1");
     }
     let size = size.div_ceil(1 << 20) * (1 << 20);
-    let dir = temp_lab();
     let say = |m: &str| {
         if progress {
             eprintln!("bench: {m}");
         }
     };
-    say(&format!("starting a one-machine lab in {}", dir.display()));
-    let opts = lab::UpOptions {
-        machines: 1,
-        disk_size: size.max(64 << 20),
-        timeout: Duration::from_secs(60),
-    };
-    lab::up(&dir, &opts).await?;
-    let result = async {
+    in_temp_lab(size.max(64 << 20), progress, |dir| async move {
         let data = Bytes::from(payload(BATCH * 8, compressible, 7));
         say("baseline: one mutual-TLS gRPC stream, no disk");
         let base = baseline(&dir, &data, size).await?;
 
         say("full path: pre-filling the source disk");
-        {
-            use std::os::unix::fs::FileExt;
-            let disk = std::fs::OpenOptions::new()
-                .write(true)
-                .open(dir.join("datastores/ds-onprem/vm1/disk0.img"))?;
-            let mut off = 0u64;
-            while off < size {
-                let n = (data.len() as u64).min(size - off) as usize;
-                disk.write_all_at(&data[..n], off)?;
-                off += n as u64;
-            }
-            disk.sync_all()?;
-        }
+        fill_disk(&dir.join(ONPREM_DISK), &data, size)?;
         let link0 = link_bytes(&dir).await?;
         say("full path: enable protection and wait until the target journaled everything");
         let start = Instant::now();
@@ -247,20 +314,14 @@ pub async fn replication(
             },
         )
         .await?;
-        loop {
-            let i = item::list(&dir, "vm1").await?.into_iter().next();
-            if let Some(i) = i
-                && i.state == "Protected"
-                && i.acked_seq > 0
-                && i.target_seq >= i.acked_seq
-            {
-                break;
-            }
-            if start.elapsed() > Duration::from_secs(1800) {
-                anyhow::bail!("full path did not finish in 30 minutes");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_protected(
+            &dir,
+            "vm1",
+            Duration::from_secs(1800),
+            Duration::from_millis(20),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("full path: {e}"))?;
         let full = size as f64 / start.elapsed().as_secs_f64();
         let link = link_bytes(&dir).await? - link0;
 
@@ -294,11 +355,8 @@ pub async fn replication(
             lag_p50_ms: i.lag_p50_ms,
             lag_p99_ms: i.lag_p99_ms,
         })
-    }
-    .await;
-    let _ = lab::down(&dir).await;
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+    })
+    .await
 }
 
 pub fn print_replication(r: &ReplicationReport, as_json: bool) -> anyhow::Result<()> {
@@ -411,42 +469,16 @@ pub struct FailoverReport {
 /// plain full copy of the same disk (what disk creation would cost without block sharing).
 pub async fn failover(size: u64, progress: bool) -> anyhow::Result<FailoverReport> {
     let size = size.div_ceil(1 << 20) * (1 << 20);
-    let dir = temp_lab();
     let say = |m: &str| {
         if progress {
             eprintln!("bench: {m}");
         }
     };
-    say(&format!(
-        "starting a one-machine lab with a {} MiB disk in {}",
-        size >> 20,
-        dir.display()
-    ));
-    lab::up(
-        &dir,
-        &lab::UpOptions {
-            machines: 1,
-            disk_size: size,
-            timeout: Duration::from_secs(60),
-        },
-    )
-    .await?;
     let retention_s = 30;
-    let result = async {
+    in_temp_lab(size, progress, |dir| async move {
         // Half the disk written before protection.
-        let data = Bytes::from(payload(BATCH * 8, 0.5, 3));
-        {
-            use std::os::unix::fs::FileExt;
-            let disk = std::fs::OpenOptions::new()
-                .write(true)
-                .open(dir.join("datastores/ds-onprem/vm1/disk0.img"))?;
-            let mut off = 0u64;
-            while off < size / 2 {
-                let n = (data.len() as u64).min(size / 2 - off) as usize;
-                disk.write_all_at(&data[..n], off)?;
-                off += n as u64;
-            }
-        }
+        let data = payload(BATCH * 8, 0.5, 3);
+        fill_disk(&dir.join(ONPREM_DISK), &data, size / 2)?;
         item::create_policy(
             &dir,
             failback_proto::pb::operator::Policy {
@@ -470,13 +502,13 @@ pub async fn failover(size: u64, progress: bool) -> anyhow::Result<FailoverRepor
         )
         .await?;
         say("initial replication");
-        loop {
-            let i = item::list(&dir, "vm1").await?.into_iter().next();
-            if i.is_some_and(|i| i.state == "Protected" && i.target_seq >= i.acked_seq) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_protected(
+            &dir,
+            "vm1",
+            Duration::from_secs(1800),
+            Duration::from_millis(100),
+        )
+        .await?;
         say(&format!(
             "filling a {retention_s} s retention window at 10 MB/s of writes"
         ));
@@ -520,6 +552,7 @@ pub async fn failover(size: u64, progress: bool) -> anyhow::Result<FailoverRepor
                         point: point.into(),
                         shutdown: false,
                         kind: kind.into(),
+                        sync: String::new(),
                     },
                 )
                 .await?;
@@ -540,11 +573,8 @@ pub async fn failover(size: u64, progress: bool) -> anyhow::Result<FailoverRepor
             latest_s: latest,
             ratio_latest_processed_to_copy: lp / baseline,
         })
-    }
-    .await;
-    let _ = lab::down(&dir).await;
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+    })
+    .await
 }
 
 pub fn print_failover(r: &FailoverReport, as_json: bool) -> anyhow::Result<()> {
@@ -571,5 +601,436 @@ pub fn print_failover(r: &FailoverReport, as_json: bool) -> anyhow::Result<()> {
         r.latest_s
     );
     println!("  (the VM's agent registers after the configured boot delay, not included)");
+    Ok(())
+}
+
+/// The Azure VM's disk after a failover of vm1 (in the `azure-storage` datastore).
+const AZURE_DISK: &str = "datastores/azure-storage/vms/vm1/disk0.img";
+/// Granularity of the changes `bench resync` makes on the Azure disk.
+const CHANGE_BLOCK: u64 = 64 << 10;
+
+/// Results of `bench resync`.
+#[derive(Debug, serde::Serialize)]
+pub struct ResyncReport {
+    pub size_bytes: u64,
+    pub changed_fraction: f64,
+    /// Bytes written on the Azure VM's disk after the failover (scattered 64 KiB blocks).
+    pub changed_bytes: u64,
+    /// Reprotect request -> the job ended (the item Protected in the reverse direction).
+    pub reprotect_seconds: f64,
+    /// Bytes across the vpn link during the reprotect, both directions.
+    pub reprotect_link_bytes: u64,
+    /// Bytes the agent found different and sent (the item's `resync_bytes`).
+    pub resync_bytes_sent: u64,
+    pub blocks_compared: u64,
+    /// `rsync --inplace --no-whole-file --ignore-times --stats` of the same two disk images on
+    /// this machine.
+    pub rsync_seconds: f64,
+    /// rsync's "Total bytes sent" + "Total bytes received": what would cross a link.
+    pub rsync_bytes: u64,
+    /// Ours / rsync.
+    pub bytes_ratio: f64,
+    /// Ours / rsync.
+    pub time_ratio: f64,
+    /// Fewer bytes and less time than rsync.
+    pub target_met: bool,
+    /// The reprotect job's steps and the seconds each took.
+    pub reprotect_steps: Vec<JobStepTime>,
+    /// The recovery point taken after the reprotect, verified byte-exact against the Azure
+    /// VM's disk.
+    pub verified_point: String,
+}
+
+/// One step of a job and the seconds it took (since the previous step, or the job's start).
+#[derive(Debug, serde::Serialize)]
+pub struct JobStepTime {
+    pub name: String,
+    pub seconds: f64,
+}
+
+fn step_times(job: &failback_proto::pb::operator::Job) -> Vec<JobStepTime> {
+    let mut prev = job.started_ms;
+    job.steps
+        .iter()
+        .map(|s| {
+            let seconds = (s.time_ms - prev).max(0) as f64 / 1000.0;
+            prev = s.time_ms;
+            JobStepTime {
+                name: s.name.clone(),
+                seconds,
+            }
+        })
+        .collect()
+}
+
+/// Bytes across the vpn link so far, both directions.
+async fn link_total(dir: &Path) -> anyhow::Result<u64> {
+    let s = crate::link::status(dir).await?;
+    Ok(s.bytes_onprem_to_azure + s.bytes_azure_to_onprem)
+}
+
+const RSYNC_MISSING: &str = "rsync not found: install it (Debian: apt-get install rsync)";
+
+/// Fails with a clear message when rsync is not installed.
+fn check_rsync() -> anyhow::Result<()> {
+    match std::process::Command::new("rsync")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(RSYNC_MISSING),
+        Err(e) => anyhow::bail!("cannot run rsync: {e}"),
+    }
+}
+
+/// A counter of rsync's `--stats` output ("Total bytes sent: 1,234"), without its separators.
+fn rsync_stat(stats: &str, name: &str) -> anyhow::Result<u64> {
+    let line = stats
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(name))
+        .ok_or_else(|| anyhow::anyhow!("no `{name}` in rsync's statistics:\n{stats}"))?;
+    let value = line.split_whitespace().next().unwrap_or_default();
+    let digits: String = value.chars().filter(char::is_ascii_digit).collect();
+    if digits.is_empty() || value.chars().any(|c| c.is_ascii_alphabetic()) {
+        anyhow::bail!("cannot read `{name}{line}` in rsync's statistics");
+    }
+    Ok(digits.parse()?)
+}
+
+/// Runs `rsync --inplace --no-whole-file --ignore-times --stats src dst` and returns the seconds
+/// it took and the bytes it sent and received. `--ignore-times`: the two copies have the same
+/// size and may have the same modification time, and rsync's quick check would then skip the
+/// file without comparing it.
+fn run_rsync(src: &Path, dst: &Path) -> anyhow::Result<(f64, u64)> {
+    let start = Instant::now();
+    let out = std::process::Command::new("rsync")
+        .args(["--inplace", "--no-whole-file", "--ignore-times", "--stats"])
+        .arg(src)
+        .arg(dst)
+        .output()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => anyhow::anyhow!(RSYNC_MISSING),
+            _ => anyhow::anyhow!("cannot run rsync: {e}"),
+        })?;
+    let secs = start.elapsed().as_secs_f64();
+    let stats = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        anyhow::bail!(
+            "rsync failed ({}): {}{}",
+            out.status,
+            stats,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let bytes =
+        rsync_stat(&stats, "Total bytes sent:")? + rsync_stat(&stats, "Total bytes received:")?;
+    Ok((secs, bytes))
+}
+
+fn blake3_file(path: &Path) -> anyhow::Result<blake3::Hash> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+    let mut h = blake3::Hasher::new();
+    h.update_reader(file)?;
+    Ok(h.finalize())
+}
+
+/// Writes random data (seeded: the same blocks and bytes every run) into `fraction` of the
+/// 64 KiB blocks of the disk image at `path`, chosen at random over the whole disk, with
+/// pwrite, then fsyncs. Returns the bytes changed.
+fn change_blocks(path: &Path, fraction: f64, seed: u64) -> anyhow::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let disk = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+    let size = disk.metadata()?.len();
+    let blocks = size.div_ceil(CHANGE_BLOCK) as usize;
+    let count = ((blocks as f64 * fraction).round() as usize).min(blocks);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut chosen = rand::seq::index::sample(&mut rng, blocks, count).into_vec();
+    chosen.sort_unstable();
+    let mut buf = vec![0u8; CHANGE_BLOCK as usize];
+    let mut changed = 0;
+    for b in chosen {
+        let off = b as u64 * CHANGE_BLOCK;
+        let n = CHANGE_BLOCK.min(size - off) as usize;
+        rng.fill_bytes(&mut buf[..n]);
+        disk.write_all_at(&buf[..n], off)?;
+        changed += n as u64;
+    }
+    disk.sync_all()?;
+    Ok(changed)
+}
+
+/// Runs blocking file work (copies, hashes, rsync) off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f).await?
+}
+
+/// Original-location reprotect after a planned failover against rsync: vm1's disk (`size`
+/// bytes of incompressible data) is protected, failed over (planned) and committed; once the
+/// Azure VM's agent registered, `changed` of the Azure disk is rewritten in scattered 64 KiB
+/// blocks. rsync (`--inplace --no-whole-file --ignore-times`) then brings a copy of the old
+/// on-premises disk up to date with a copy of the Azure disk, and the reprotect does the same
+/// through the lab (seeded from the old disk, block checksums compared, differing blocks sent
+/// over the link).
+///
+/// rsync runs before the reprotect, while the lab is idle: once the item is Protected, its
+/// recovery points (every few seconds, each with a BLAKE3 of the disk) would load the CPU
+/// under rsync. The reprotect time is from the request to the job's end as the CS recorded it
+/// (same clock), not rounded up to the job polling interval.
+pub async fn resync(size: u64, changed: f64, progress: bool) -> anyhow::Result<ResyncReport> {
+    if !(0.0..=1.0).contains(&changed) {
+        anyhow::bail!("--changed must be within 0..1");
+    }
+    check_rsync()?;
+    let size = size.div_ceil(1 << 20) * (1 << 20);
+    anyhow::ensure!(size > 0, "--size must not be 0");
+    let say = |m: &str| {
+        if progress {
+            eprintln!("bench: {m}");
+        }
+    };
+    in_temp_lab(size, progress, |dir| async move {
+        say("pre-filling vm1's disk with incompressible data");
+        fill_disk(&dir.join(ONPREM_DISK), &payload(BATCH * 8, 0.0, 5), size)?;
+        say("enable protection and wait for the initial replication");
+        item::enable(
+            &dir,
+            EnableItemRequest {
+                machine: "vm1".into(),
+                ..Default::default()
+            },
+        )
+        .await?;
+        wait_protected(
+            &dir,
+            "vm1",
+            Duration::from_secs(1800),
+            Duration::from_millis(100),
+        )
+        .await?;
+
+        say("planned failover to Azure (latest), commit");
+        let job = item::failover(
+            &dir,
+            failback_proto::pb::operator::FailoverRequest {
+                machine: "vm1".into(),
+                point: "latest".into(),
+                shutdown: true,
+                kind: "planned".into(),
+                sync: String::new(),
+            },
+        )
+        .await?;
+        anyhow::ensure!(
+            job.state == "Succeeded",
+            "failover job {} {}: {}",
+            job.id,
+            job.state,
+            job.error
+        );
+        item::commit(&dir, "vm1").await?;
+
+        say("waiting for the Azure VM's agent to register");
+        let start = Instant::now();
+        loop {
+            let up = crate::infra::list(&dir)
+                .await?
+                .into_iter()
+                .any(|c| c.name == "vm1" && c.site == "azure" && c.status == "connected");
+            if up {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(120) {
+                anyhow::bail!("the Azure VM's agent (vm1) did not register within 120 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        let azure = dir.join(AZURE_DISK);
+        let onprem = dir.join(ONPREM_DISK);
+        say(&format!(
+            "changing {:.1} % of the Azure VM's disk in scattered 64 KiB blocks",
+            changed * 100.0
+        ));
+        let changed_bytes = {
+            let azure = azure.clone();
+            blocking(move || change_blocks(&azure, changed, 17)).await?
+        };
+
+        say("copying both disks for rsync (the Azure disk is the source)");
+        let scratch = dir.join("bench-rsync");
+        std::fs::create_dir_all(&scratch)?;
+        let (src, dst) = (scratch.join("azure.img"), scratch.join("onprem.img"));
+        {
+            let (azure, onprem, src, dst) =
+                (azure.clone(), onprem.clone(), src.clone(), dst.clone());
+            blocking(move || {
+                std::fs::copy(&azure, &src)?;
+                std::fs::copy(&onprem, &dst)?;
+                Ok(())
+            })
+            .await?;
+        }
+
+        say("baseline: rsync --inplace --no-whole-file --ignore-times of the same two images");
+        let (rsync_seconds, rsync_bytes) = {
+            let (src, dst) = (src.clone(), dst.clone());
+            blocking(move || run_rsync(&src, &dst)).await?
+        };
+
+        say("reprotect to the original location");
+        let link0 = link_total(&dir).await?;
+        let requested_ms = failback_common::control::now_ms();
+        let start = Instant::now();
+        let job = item::reprotect(
+            &dir,
+            failback_proto::pb::operator::ReprotectRequest {
+                machine: "vm1".into(),
+                ..Default::default()
+            },
+        )
+        .await?;
+        let job = tokio::time::timeout(Duration::from_secs(1800), item::watch(&dir, job.id, false))
+            .await
+            .map_err(|_| anyhow::anyhow!("reprotect job {} did not end in 30 minutes", job.id))??;
+        let elapsed = start.elapsed().as_secs_f64();
+        let link_bytes = link_total(&dir).await? - link0;
+        anyhow::ensure!(
+            job.state == "Succeeded",
+            "reprotect job {} {}: {}",
+            job.id,
+            job.state,
+            job.error
+        );
+        let reprotect_seconds = if job.ended_ms >= requested_ms {
+            (job.ended_ms - requested_ms) as f64 / 1000.0
+        } else {
+            elapsed
+        };
+        let item = item::list(&dir, "vm1")
+            .await?
+            .into_iter()
+            .find(|i| i.id == job.item)
+            .ok_or_else(|| anyhow::anyhow!("item {} is gone after the reprotect", job.item))?;
+        anyhow::ensure!(
+            item.state == "Protected",
+            "after the reprotect, item {} is {}, not Protected",
+            item.id,
+            item.state
+        );
+
+        say("checking the reprotect: a recovery point after it, byte-exact against the Azure disk");
+        let since = job.ended_ms;
+        let start = Instant::now();
+        let point = loop {
+            let i = item::list(&dir, "vm1")
+                .await?
+                .into_iter()
+                .find(|i| i.id == job.item);
+            if let Some(p) = i.and_then(|i| i.points.into_iter().rev().find(|p| p.time_ms > since))
+            {
+                break p.id;
+            }
+            if start.elapsed() > Duration::from_secs(120) {
+                anyhow::bail!(
+                    "no recovery point on {} within 120 s of the reprotect",
+                    job.item
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let v = item::verify(&dir, "vm1", &point).await?;
+        anyhow::ensure!(
+            v.equal,
+            "after the reprotect, point {point} of {} differs from the Azure disk: {:?}",
+            job.item,
+            v.disks
+        );
+
+        say("checking the rsync baseline (destination == source)");
+        let (a, b) = blocking(move || Ok((blake3_file(&src)?, blake3_file(&dst)?))).await?;
+        anyhow::ensure!(
+            a == b,
+            "rsync's destination differs from its source after the sync ({a} vs {b})"
+        );
+        let _ = std::fs::remove_dir_all(&scratch);
+
+        let bytes_ratio = link_bytes as f64 / rsync_bytes.max(1) as f64;
+        let time_ratio = reprotect_seconds / rsync_seconds;
+        Ok(ResyncReport {
+            size_bytes: size,
+            changed_fraction: changed,
+            changed_bytes,
+            reprotect_seconds,
+            reprotect_link_bytes: link_bytes,
+            resync_bytes_sent: item.resync_bytes,
+            blocks_compared: item.resync_blocks_compared,
+            rsync_seconds,
+            rsync_bytes,
+            bytes_ratio,
+            time_ratio,
+            target_met: link_bytes < rsync_bytes && reprotect_seconds < rsync_seconds,
+            reprotect_steps: step_times(&job),
+            verified_point: point,
+        })
+    })
+    .await
+}
+
+pub fn print_resync(r: &ResyncReport, as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&json!(r))?);
+        return Ok(());
+    }
+    let mb = |b: u64| b as f64 / 1e6;
+    println!(
+        "resync benchmark: {} MiB disk, {:.1} % changed after failover ({:.1} MB in scattered 64 KiB blocks)",
+        r.size_bytes >> 20,
+        r.changed_fraction * 100.0,
+        mb(r.changed_bytes)
+    );
+    println!("  {:<44} {:>14} {:>10}", "", "bytes (link)", "seconds");
+    println!(
+        "  {:<44} {:>11.2} MB {:>8.2} s",
+        "reprotect, original location (vpn-link)",
+        mb(r.reprotect_link_bytes),
+        r.reprotect_seconds
+    );
+    println!(
+        "  {:<44} {:>11.2} MB {:>8.2} s",
+        "rsync --inplace --no-whole-file -I (local)",
+        mb(r.rsync_bytes),
+        r.rsync_seconds
+    );
+    println!(
+        "  {:<44} {:>14.2} {:>10.2}",
+        "ratio reprotect/rsync", r.bytes_ratio, r.time_ratio
+    );
+    println!(
+        "  reprotect compared {} blocks, sent {:.2} MB that differed; its steps:",
+        r.blocks_compared,
+        mb(r.resync_bytes_sent)
+    );
+    for s in &r.reprotect_steps {
+        println!("    {:>7.2} s  {}", s.seconds, s.name);
+    }
+    println!(
+        "  checks: item Protected, point {} byte-exact with the Azure disk, rsync destination == source",
+        r.verified_point
+    );
+    let verdict = |ok: bool| if ok { "yes" } else { "no" };
+    println!(
+        "  target (fewer bytes and less time than rsync): {} (fewer bytes: {}, less time: {})",
+        if r.target_met { "met" } else { "NOT met" },
+        verdict(r.reprotect_link_bytes < r.rsync_bytes),
+        verdict(r.reprotect_seconds < r.rsync_seconds)
+    );
     Ok(())
 }

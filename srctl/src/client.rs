@@ -39,10 +39,38 @@ pub fn operator_credentials(dir: &Path) -> anyhow::Result<Credentials> {
     })
 }
 
+/// The operator credentials, enrolled on first use when the lab's CS runs elsewhere (the
+/// container lab of `deploy/`): its CA and passphrase copied to `DIR/data/cs/`, where `lab up`
+/// finds them in a local lab.
+async fn operator_credentials_or_enroll(
+    dir: &Path,
+    state: &LabState,
+) -> anyhow::Result<Credentials> {
+    let ca = dir.join("data/cs/ca.pem");
+    let passphrase = dir.join("data/cs/passphrase");
+    let missing = match operator_credentials(dir) {
+        Ok(creds) => return Ok(creds),
+        Err(e) if ca.exists() && passphrase.exists() => e,
+        Err(e) => return Err(e),
+    };
+    let settings = failback_common::enroll::CsSettings {
+        address: state.cs_api.clone(),
+        enroll_address: state.cs_enroll.clone(),
+        ca_cert: ca,
+        passphrase_file: Some(passphrase),
+        ..Default::default()
+    };
+    let creds = failback_common::enroll::enroll_once(&settings, &operator_identity())
+        .await
+        .map_err(|e| anyhow!("{missing}; enrolling the operator failed: {e}"))?;
+    creds.save(&dir.join("operator"))?;
+    Ok(creds)
+}
+
 /// An operator client to the lab's CS, or an error saying the lab is not running.
 pub async fn operator(dir: &Path) -> anyhow::Result<OperatorClient<Channel>> {
     let state = LabState::load(dir)?;
-    let creds = operator_credentials(dir)?;
+    let creds = operator_credentials_or_enroll(dir, &state).await?;
     let channel = creds
         .endpoint(&state.cs_api, "cs")?
         .connect()

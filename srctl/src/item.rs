@@ -263,6 +263,108 @@ pub async fn failover(
         .into_inner())
 }
 
+pub async fn reprotect(
+    dir: &Path,
+    req: failback_proto::pb::operator::ReprotectRequest,
+) -> anyhow::Result<failback_proto::pb::operator::Job> {
+    Ok(operator(dir)
+        .await?
+        .reprotect(req)
+        .await
+        .map_err(err)?
+        .into_inner())
+}
+
+pub async fn delete_vm(dir: &Path, machine: &str, host: &str) -> anyhow::Result<()> {
+    operator(dir)
+        .await?
+        .delete_machine(failback_proto::pb::operator::DeleteMachineRequest {
+            machine: machine.into(),
+            host: host.into(),
+        })
+        .await
+        .map_err(err)?;
+    Ok(())
+}
+
+/// Follows job `id` until it ends and returns it; with `print`, its steps as they complete
+/// (and the running one on a terminal, with the item's synchronisation progress).
+pub async fn watch(
+    dir: &Path,
+    id: i64,
+    print: bool,
+) -> anyhow::Result<failback_proto::pb::operator::Job> {
+    use std::io::IsTerminal;
+    let bar = (print && std::io::stdout().is_terminal()).then(|| {
+        let pb = indicatif::ProgressBar::new(1000);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{bar:30}] {percent:>3}% {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        pb.enable_steady_tick(std::time::Duration::from_millis(100));
+        pb
+    });
+    let mut printed = 0usize;
+    loop {
+        let job = jobs(dir, id)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("no job {id}"))?;
+        let mut prev = if printed == 0 {
+            job.started_ms
+        } else {
+            job.steps[printed - 1].time_ms
+        };
+        for s in &job.steps[printed..] {
+            if s.state == "In progress" {
+                if let Some(pb) = &bar {
+                    // Synchronisation steps show the item's progress; others just run.
+                    let pct = if s.name.starts_with("Synchronize") || s.name.starts_with("Initial")
+                    {
+                        list(dir, "")
+                            .await
+                            .ok()
+                            .and_then(|items| items.into_iter().find(|i| i.id == job.item))
+                            .map(|i| i.initial_percent)
+                            .unwrap_or(0.0)
+                    } else {
+                        0.0
+                    };
+                    pb.set_position((pct * 10.0) as u64);
+                    pb.set_message(s.name.clone());
+                }
+                break;
+            }
+            if print {
+                let line = format!(
+                    "  {:<11} {:>6.2} s  {}",
+                    s.state,
+                    (s.time_ms - prev).max(0) as f64 / 1000.0,
+                    s.name
+                );
+                match &bar {
+                    Some(pb) => pb.println(line),
+                    None => println!("{line}"),
+                }
+            }
+            prev = s.time_ms;
+            printed += 1;
+        }
+        if job.state != "In progress" {
+            if let Some(pb) = &bar {
+                pb.finish_and_clear();
+            }
+            if print {
+                print_job_summary(&job);
+            }
+            return Ok(job);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 pub async fn commit(dir: &Path, machine: &str) -> anyhow::Result<Item> {
     Ok(operator(dir)
         .await?

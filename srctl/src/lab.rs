@@ -40,6 +40,9 @@ pub struct Proc {
     /// Main listen address (data port, API port, or control port).
     pub listen: String,
     pub pid: Option<u32>,
+    /// Extra environment (e.g. `FBL_PS__CACHE_CAPACITY`), kept for restarts.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
 }
 
 /// `DIR/lab.json`.
@@ -91,6 +94,9 @@ pub struct UpOptions {
     pub machines: usize,
     pub disk_size: u64,
     pub timeout: Duration,
+    /// Environment for every component process (config overrides such as
+    /// `FBL_PS__CACHE_CAPACITY=32MiB`).
+    pub env: BTreeMap<String, String>,
 }
 
 impl Default for UpOptions {
@@ -99,6 +105,7 @@ impl Default for UpOptions {
             machines: 2,
             disk_size: 64 << 20,
             timeout: Duration::from_secs(60),
+            env: BTreeMap::new(),
         }
     }
 }
@@ -234,6 +241,7 @@ fn plan(dir: &Path, opts: &UpOptions) -> anyhow::Result<LabState> {
             log: p(&format!("logs/{name}.log")),
             listen,
             pid: None,
+            env: opts.env.clone(),
         });
         Ok(())
     };
@@ -421,6 +429,7 @@ fn spawn(bin_dir: &Path, proc: &Proc) -> anyhow::Result<u32> {
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
         )
+        .envs(&proc.env)
         .process_group(0)
         .spawn()
         .with_context(|| format!("cannot start {}", bin.display()))?;
@@ -470,6 +479,14 @@ where
 pub async fn up(dir: &Path, opts: &UpOptions) -> anyhow::Result<LabState> {
     let mut state = match LabState::load(dir) {
         Ok(existing) => {
+            if existing.procs.is_empty() {
+                bail!(
+                    "{} describes a lab whose components run elsewhere (e.g. the container lab of \
+                     deploy/); start it there (`deploy/lab up {}`), not with `srctl lab up`",
+                    dir.display(),
+                    dir.display()
+                );
+            }
             if let Some(p) = existing.procs.iter().find(|p| p.pid.is_some_and(alive)) {
                 bail!(
                     "a lab is already running in {} ({} is pid {}); stop it with `srctl lab down --dir {}`",

@@ -3,15 +3,40 @@
 //! # Layout
 //! - [`lab`]: `lab up|down|status`: the default two-site topology as OS processes on
 //!   loopback, its directory layout (`lab.json`, one config, data dir and log per component).
-//! - [`bench`]: benchmarks with a baseline measured in the same run.
+//! - [`bench`]: benchmarks with a baseline measured in the same run; [`bench_link`]: link use
+//!   under a bandwidth cap.
 //! - [`client`]: finding a lab (`--lab DIR` or `FAILBACK_LAB`) and dialing its CS as the
 //!   enrolled operator, or its vpn-link control API.
 //! - [`infra`]: `infra list|remove`.
-//! - [`link`]: `link status|up|down`.
+//! - [`link`]: `link status|up|down|set|reset`.
+//! - [`item`]: items, policies, workloads, failover, reprotect, jobs, plans.
+//! - [`drill`]: `drill`: the four stages with checks and a report.
+//! - [`scenario`]: fault scenarios for `drill --scenario`.
 
 pub mod bench;
+pub mod bench_link;
 pub mod client;
+pub mod drill;
 pub mod infra;
 pub mod item;
 pub mod lab;
 pub mod link;
+pub mod scenario;
+
+/// A size like `64MiB`, `1GiB`, `512KiB` or a plain number of bytes.
+pub fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("bad size `{s}`: use e.g. 64MiB or 1GiB"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" | "kb" => 1 << 10,
+        "m" | "mib" | "mb" => 1 << 20,
+        "g" | "gib" | "gb" => 1 << 30,
+        _ => anyhow::bail!("bad size `{s}`: use e.g. 64MiB or 1GiB"),
+    };
+    Ok(n * mult)
+}

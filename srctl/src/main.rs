@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use failback_proto::pb::operator::{EnableItemRequest, Policy, WorkloadRequest};
-use srctl::{infra, item, lab, link};
+use srctl::{infra, item, lab, link, parse_size};
 
 #[derive(Parser)]
 #[command(version, about = "Failback Lab operator CLI")]
@@ -18,6 +18,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// The whole four-stage cycle on a lab (a new one in a temporary directory unless --lab):
+    /// enable, failover to Azure, commit, reprotect to on-premises, failback, commit,
+    /// reprotect to Azure, with a workload and byte-exact checks; exit status 0 only if all pass.
+    Drill(DrillArgs),
     /// The local multi-process lab.
     #[command(subcommand)]
     Lab(LabCmd),
@@ -56,6 +60,12 @@ enum Cmd {
     },
     /// Commit a failover: recovery points are deleted, the point can't change any more.
     Commit { machine: String },
+    /// Replicate a failed-over machine back (Azure VM -> on-premises, or after failback to
+    /// Azure again): the "Reprotect" job.
+    Reprotect(ReprotectArgs),
+    /// VMs on hosts.
+    #[command(subcommand)]
+    Vm(VmCmd),
     /// Jobs with their steps.
     #[command(subcommand)]
     Job(JobCmd),
@@ -76,6 +86,53 @@ struct FailoverArgs {
     /// Shut the source down first (failover goes on if that fails).
     #[arg(long)]
     shutdown: bool,
+    /// Failback only: before-failover (synchronise while the Azure VM runs, then only the last
+    /// changes) or full-download (write the whole disks, no comparison).
+    #[arg(long)]
+    sync: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct DrillArgs {
+    /// Machines to drill (a new lab gets this many).
+    #[arg(long, default_value_t = 2)]
+    machines: usize,
+    /// Disk size of each machine in a new lab.
+    #[arg(long, default_value = "64MiB")]
+    disk_size: String,
+    /// Workload write rate per machine, MB/s.
+    #[arg(long, default_value_t = 2.0)]
+    rate: f64,
+    /// Inject the faults of this scenario (TOML; see deploy/scenarios/).
+    #[arg(long)]
+    scenario: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct ReprotectArgs {
+    machine: String,
+    /// Default: ps-azure for an Azure VM, ps-onprem for an on-premises one.
+    #[arg(long)]
+    process_server: Option<String>,
+    /// Default: mt-onprem (to on-premises) or azure-target (to Azure).
+    #[arg(long)]
+    master_target: Option<String>,
+    /// Default: the original location's datastore.
+    #[arg(long)]
+    datastore: Option<String>,
+    /// A directory on the master target for the failback points' journal.
+    #[arg(long)]
+    retention_drive: Option<String>,
+    /// Fail back to a new VM (full copy) instead of the original VM's disks.
+    #[arg(long)]
+    alternate_location: bool,
+    /// Wait until the item is Protected, showing the job.
+    #[arg(long)]
+    wait: bool,
     #[arg(long)]
     json: bool,
 }
@@ -119,6 +176,17 @@ enum PlanCmd {
 }
 
 #[derive(Subcommand)]
+enum VmCmd {
+    /// Delete a VM and its disks from a host (e.g. the old on-premises VM before an
+    /// alternate-location failback).
+    Delete {
+        machine: String,
+        #[arg(long)]
+        host: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum JobCmd {
     List {
         #[arg(long)]
@@ -154,6 +222,28 @@ enum BenchCmd {
         size: String,
         #[arg(long, default_value_t = 0.5)]
         compressible: f64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reprotect of a full disk over a link capped at B: link use and effective data rate
+    /// against B, for incompressible and 2:1 data.
+    Link {
+        /// The cap B: 64Mbit, 8MB (bytes/s), ...
+        #[arg(long, default_value = "64Mbit", value_parser = link::parse_bandwidth)]
+        bandwidth: u64,
+        #[arg(long, default_value = "128MiB")]
+        size: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// An original-location reprotect (bytes across the link, time) vs rsync of the same
+    /// two disk images.
+    Resync {
+        #[arg(long, default_value = "256MiB")]
+        size: String,
+        /// Share of the disk changed in Azure before the reprotect, 0..1.
+        #[arg(long, default_value_t = 0.05)]
+        changed: f64,
         #[arg(long)]
         json: bool,
     },
@@ -326,23 +416,6 @@ enum LinkCmd {
     Reset,
 }
 
-fn parse_size(s: &str) -> anyhow::Result<u64> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| anyhow::anyhow!("bad size `{s}`: use e.g. 64MiB or 1GiB"))?;
-    let mult = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" | "kb" => 1 << 10,
-        "m" | "mib" | "mb" => 1 << 20,
-        "g" | "gib" | "gb" => 1 << 30,
-        _ => anyhow::bail!("bad size `{s}`: use e.g. 64MiB or 1GiB"),
-    };
-    Ok(n * mult)
-}
-
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     failback_common::tls::install_crypto_provider();
@@ -359,6 +432,32 @@ async fn main() {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let lab_flag = cli.lab;
     match cli.command {
+        Cmd::Drill(a) => {
+            use std::io::IsTerminal;
+            // A scenario is checked before anything starts; its [drill] settings win.
+            let scenario = a
+                .scenario
+                .as_deref()
+                .map(srctl::scenario::load)
+                .transpose()?;
+            let settings = scenario
+                .as_ref()
+                .map(|s| s.drill.clone())
+                .unwrap_or_default();
+            let report = srctl::drill::run(srctl::drill::DrillOptions {
+                machines: settings.machines.unwrap_or(a.machines),
+                disk_size: parse_size(settings.disk_size.as_deref().unwrap_or(&a.disk_size))?,
+                lab: lab_flag,
+                rate_mb_s: settings.rate.unwrap_or(a.rate),
+                progress: !a.json && std::io::stdout().is_terminal(),
+                scenario,
+            })
+            .await?;
+            srctl::drill::print(&report, a.json)?;
+            if !report.ok {
+                std::process::exit(1);
+            }
+        }
         Cmd::Lab(LabCmd::Up {
             dir,
             machines,
@@ -370,6 +469,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 machines,
                 disk_size: parse_size(&disk_size)?,
                 timeout: timeout.into(),
+                ..Default::default()
             };
             let state = lab::up(&dir, &opts).await?;
             println!(
@@ -543,6 +643,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await?;
             println!("{machine}: workload {action}");
         }
+        Cmd::Bench(BenchCmd::Link {
+            bandwidth,
+            size,
+            json,
+        }) => {
+            let r = srctl::bench_link::run(bandwidth, parse_size(&size)?, !json).await?;
+            srctl::bench_link::print(&r, json)?;
+        }
+        Cmd::Bench(BenchCmd::Resync {
+            size,
+            changed,
+            json,
+        }) => {
+            let r = srctl::bench::resync(parse_size(&size)?, changed, !json).await?;
+            srctl::bench::print_resync(&r, json)?;
+        }
         Cmd::Bench(BenchCmd::Failover { size, json }) => {
             let r = srctl::bench::failover(parse_size(&size)?, !json).await?;
             srctl::bench::print_failover(&r, json)?;
@@ -585,6 +701,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     point: a.point,
                     shutdown: a.shutdown,
                     kind: "unplanned".into(),
+                    sync: a.sync.unwrap_or_default(),
                 },
             )
             .await?;
@@ -593,6 +710,39 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 item::print_job(&job);
             }
+        }
+        Cmd::Reprotect(a) => {
+            let dir = srctl::client::lab_dir(lab_flag)?;
+            let job = item::reprotect(
+                &dir,
+                failback_proto::pb::operator::ReprotectRequest {
+                    machine: a.machine.clone(),
+                    process_server: a.process_server.unwrap_or_default(),
+                    master_target: a.master_target.unwrap_or_default(),
+                    datastore: a.datastore.unwrap_or_default(),
+                    retention_drive: a.retention_drive.unwrap_or_default(),
+                    alternate_location: a.alternate_location,
+                },
+            )
+            .await?;
+            let job = if a.wait {
+                item::watch(&dir, job.id, !a.json).await?
+            } else {
+                job
+            };
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&item::job_json(&job))?);
+            } else if !a.wait {
+                item::print_job(&job);
+            }
+            if job.state == "Failed" {
+                anyhow::bail!("reprotect failed: {}", job.error);
+            }
+        }
+        Cmd::Vm(VmCmd::Delete { machine, host }) => {
+            let dir = srctl::client::lab_dir(lab_flag)?;
+            item::delete_vm(&dir, &machine, &host).await?;
+            println!("{machine} deleted from {host} with its disks");
         }
         Cmd::PlannedFailover { machine } => {
             let dir = srctl::client::lab_dir(lab_flag)?;
@@ -603,6 +753,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     point: "latest".into(),
                     shutdown: true,
                     kind: "planned".into(),
+                    sync: String::new(),
                 },
             )
             .await?;
@@ -617,6 +768,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     point,
                     shutdown: false,
                     kind: "test".into(),
+                    sync: String::new(),
                 },
             )
             .await?;
@@ -635,6 +787,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     point,
                     shutdown: false,
                     kind: "change-point".into(),
+                    sync: String::new(),
                 },
             )
             .await?;
@@ -707,7 +860,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .into_inner();
                     println!("job {} ({}) cancelled", job.id, job.name);
                 }
-                JobCmd::Watch { id } => watch_job(&dir, id).await?,
+                JobCmd::Watch { id } => {
+                    let job = item::watch(&dir, id, true).await?;
+                    if job.state != "Succeeded" {
+                        anyhow::bail!("job {id} {}: {}", job.state, job.error);
+                    }
+                }
                 JobCmd::Show { id, json } => {
                     for j in item::jobs(&dir, id).await? {
                         if json {
@@ -771,58 +929,4 @@ fn workload_of(a: WorkloadArgs) -> anyhow::Result<WorkloadRequest> {
         pattern: a.pattern,
         compressible: a.compressible,
     })
-}
-
-/// Follows a job: finished steps as lines, the running step as a spinner on a terminal.
-async fn watch_job(dir: &std::path::Path, id: i64) -> anyhow::Result<()> {
-    use std::io::IsTerminal;
-    let bar = std::io::stdout().is_terminal().then(|| {
-        let pb = indicatif::ProgressBar::new_spinner();
-        pb.enable_steady_tick(std::time::Duration::from_millis(100));
-        pb
-    });
-    let mut printed = 0usize;
-    loop {
-        let job = item::jobs(dir, id)
-            .await?
-            .into_iter()
-            .next()
-            .ok_or_else(|| anyhow::anyhow!("no job {id}"))?;
-        let mut prev = if printed == 0 {
-            job.started_ms
-        } else {
-            job.steps[printed - 1].time_ms
-        };
-        for s in &job.steps[printed..] {
-            if s.state == "In progress" {
-                if let Some(pb) = &bar {
-                    pb.set_message(format!("{} ...", s.name));
-                }
-                break;
-            }
-            let line = format!(
-                "  {:<11} {:>6.2} s  {}",
-                s.state,
-                (s.time_ms - prev).max(0) as f64 / 1000.0,
-                s.name
-            );
-            match &bar {
-                Some(pb) => pb.println(line),
-                None => println!("{line}"),
-            }
-            prev = s.time_ms;
-            printed += 1;
-        }
-        if job.state != "In progress" {
-            if let Some(pb) = &bar {
-                pb.finish_and_clear();
-            }
-            item::print_job_summary(&job);
-            if job.state != "Succeeded" {
-                anyhow::bail!("job {id} {}: {}", job.state, job.error);
-            }
-            return Ok(());
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
 }
