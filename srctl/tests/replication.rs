@@ -285,8 +285,13 @@ fn a_grown_disk_is_resynchronized_and_the_replica_grows() {
     let lab = lab_handle.dir.clone();
     ok(srctl(&lab, &["workload", "start", "vm1", "--rate", "1"]));
     ok(srctl(&lab, &["item", "enable", "vm1"]));
-    eventually("vm1 Protected", 60, || {
-        show(&lab, "vm1")["state"] == "Protected"
+    // Protected with data written (and replicated), so the resync has blocks to compare.
+    eventually("vm1 Protected with a point", 60, || {
+        let v = show(&lab, "vm1");
+        v["state"] == "Protected"
+            && v["recovery_points"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
     });
 
     // The VM's disk grows from 8 to 16 MiB (host config), and the host restarts.

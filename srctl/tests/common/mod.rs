@@ -90,16 +90,43 @@ pub struct Lab {
 impl Lab {
     /// `srctl lab up` with extra arguments (e.g. `--disk-size 8MiB`).
     pub fn up(args: &[&str]) -> Lab {
+        Lab::up_with_env(args, &[])
+    }
+
+    /// [`Lab::up`] with environment variables for every component (e.g. `FBL_CS__BOOT_DELAY`).
+    pub fn up_with_env(args: &[&str], env: &[(&str, &str)]) -> Lab {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().join("lab");
         ok(Command::new(SRCTL)
             .args(["lab", "up", "--dir"])
             .arg(&dir)
             .args(args)
+            .envs(env.iter().copied())
             .output()
             .expect("lab up"));
         Lab { dir, _tmp: tmp }
     }
+}
+
+/// `srctl --lab LAB ARGS...` with extra environment variables (inherited by components it
+/// starts, e.g. by `lab restart`).
+pub fn srctl_env(lab: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(SRCTL)
+        .arg("--lab")
+        .arg(lab)
+        .args(args)
+        .env_remove("FAILBACK_LAB")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run srctl")
+}
+
+/// Waits until component `name` shows `status` ("connected" / "not connected") in `site`.
+pub fn wait_component(lab: &Path, name: &str, site: &str, status: &str) {
+    eventually(&format!("{name} {status} in {site}"), 60, || {
+        let c = infra(lab, name);
+        c["site"] == site && c["status"] == status
+    });
 }
 
 impl Drop for Lab {
