@@ -54,7 +54,8 @@ pub async fn serve(
     // With a listener of our own, the builder's `tcp_nodelay` does not apply: the incoming
     // stream sets it, or small replies (checksums, acks) wait for Nagle and delayed ACKs.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let graceful = router.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+    let graceful =
+        router.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     tokio::select! {
         r = graceful => r,
         () = async {

@@ -97,7 +97,10 @@ async fn resume_item(state: &State, who: &Identity, item: &ItemRow) -> Result<()
                 && state.connected(&item.target)
             {
                 state
-                    .command(&item.target, items::prepare_command(item, &machine, &policy))
+                    .command(
+                        &item.target,
+                        items::prepare_command(item, &machine, &policy),
+                    )
                     .await?;
             }
             if let Some(ps) = store.component(&item.process_server)? {

@@ -231,20 +231,30 @@ pub async fn run(opts: DrillOptions) -> anyhow::Result<DrillReport> {
         pb.enable_steady_tick(Duration::from_millis(100));
         pb
     });
+    // Ctrl-C or SIGTERM ends the drill like a failed stage: the lab it started is stopped
+    // (its directory kept, with the logs), never left running.
+    let interrupt = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(failback_common::server::shutdown_on_signal(
+        interrupt.clone(),
+    ));
     if own {
         if let Some(pb) = &bar {
             pb.set_message(format!("starting a lab in {}", dir.display()));
         }
-        lab::up(
-            &dir,
-            &lab::UpOptions {
-                machines: opts.machines,
-                disk_size: opts.disk_size,
-                timeout: Duration::from_secs(60),
-                env,
-            },
-        )
-        .await?;
+        let up_options = lab::UpOptions {
+            machines: opts.machines,
+            disk_size: opts.disk_size,
+            timeout: Duration::from_secs(60),
+            env,
+        };
+        let up = lab::up(&dir, &up_options);
+        tokio::select! {
+            r = up => { r?; }
+            () = interrupt.cancelled() => {
+                let _ = lab::down(&dir).await;
+                anyhow::bail!("interrupted while the lab started; stopped it (logs in {})", dir.display());
+            }
+        }
     }
     let (machines, disk_size) = if own {
         (
@@ -301,12 +311,14 @@ pub async fn run(opts: DrillOptions) -> anyhow::Result<DrillReport> {
         let link0 = link_total(&dir).await;
         let t0 = Instant::now();
         clock.start(name);
-        let result = tokio::time::timeout(STAGE_TIMEOUT, drill.stage(name)).await;
-        clock.end(name);
-        let result = match result {
-            Ok(r) => r,
-            Err(_) => Err(anyhow::anyhow!("timed out after {STAGE_TIMEOUT:?}")),
+        let result = tokio::select! {
+            r = tokio::time::timeout(STAGE_TIMEOUT, drill.stage(name)) => match r {
+                Ok(r) => r,
+                Err(_) => Err(anyhow::anyhow!("timed out after {STAGE_TIMEOUT:?}")),
+            },
+            () = interrupt.cancelled() => Err(anyhow::anyhow!("interrupted")),
         };
+        clock.end(name);
         let report = StageReport {
             name: name.into(),
             ok: result.is_ok(),
