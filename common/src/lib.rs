@@ -10,6 +10,7 @@
 //! - [`control`]: the self-reconnecting control stream to the configuration server.
 //! - [`server`]: serving a tonic router on an already bound listener until shutdown.
 //! - [`telemetry`]: tracing setup.
+pub mod blocks;
 pub mod component;
 pub mod config;
 pub mod control;

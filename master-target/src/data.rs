@@ -793,9 +793,10 @@ impl TargetData for TargetService {
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(replica_status)?;
+        let full = failback_common::blocks::DIGEST_LEN;
         let keep = match req.digest_bytes {
-            0 => 32,
-            n => (n as usize).min(32),
+            0 => full,
+            n => (n as usize).min(full),
         };
         let checksums: Vec<u8> = sums
             .iter()

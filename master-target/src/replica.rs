@@ -87,6 +87,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use failback_common::blocks::{self, BlockDigest};
 use nix::errno::Errno;
 use nix::fcntl::{FallocateFlags, Flock, FlockArg};
 use nix::unistd::Whence;
@@ -816,15 +817,16 @@ impl ReplicaStore {
             .collect()
     }
 
-    /// blake3 of each `block_size` block of `disk` in `[offset, offset + len)` of the latest
-    /// state (the last block may be shorter). Holes read as zeros.
+    /// The block digest ([`failback_common::blocks`]) of each `block_size` block of `disk` in
+    /// `[offset, offset + len)` of the latest state (the last block may be shorter). Holes
+    /// read as zeros.
     pub fn block_checksums(
         &mut self,
         disk: &str,
         offset: u64,
         len: u64,
         block_size: u64,
-    ) -> Result<Vec<[u8; 32]>, ReplicaError> {
+    ) -> Result<Vec<BlockDigest>, ReplicaError> {
         self.apply_pending()?;
         if block_size == 0 {
             return Err(ReplicaError::InvalidArgument(
@@ -837,7 +839,7 @@ impl ReplicaStore {
         let blocks = usize::try_from(len.div_ceil(block_size)).unwrap_or(usize::MAX);
         let mut sums = Vec::with_capacity(blocks.min(1 << 16));
         let mut buf = vec![0u8; usize::try_from(block_size).unwrap_or(CHUNK).min(CHUNK)];
-        let mut zero_sum: Option<(u64, [u8; 32])> = None;
+        let mut zero_sum: Option<(u64, BlockDigest)> = None;
         // First offset >= the current block that holds data (u64::MAX: none), once known.
         let mut next_data: Option<u64> = None;
         let mut start = offset;
@@ -854,14 +856,14 @@ impl ReplicaStore {
                 let sum = match zero_sum {
                     Some((n, sum)) if n == stop - start => sum,
                     _ => {
-                        let sum = zeros_hash(stop - start);
+                        let sum = blocks::zeros(stop - start);
                         zero_sum = Some((stop - start, sum));
                         sum
                     }
                 };
                 sums.push(sum);
             } else {
-                let mut hasher = blake3::Hasher::new();
+                let mut hasher = blocks::Hasher::new();
                 let mut pos = start;
                 while pos < stop {
                     let n = usize::try_from(stop - pos)
@@ -871,7 +873,7 @@ impl ReplicaStore {
                     hasher.update(&buf[..n]);
                     pos += n as u64;
                 }
-                sums.push(*hasher.finalize().as_bytes());
+                sums.push(hasher.finish());
             }
             start = stop;
         }
@@ -1135,17 +1137,6 @@ fn digest_of(disk: &str, path: &Path) -> Result<DiskDigest, ReplicaError> {
         disk: disk.into(),
         blake3: file_digest(path).map_err(io_at(path))?,
     })
-}
-
-fn zeros_hash(mut len: u64) -> [u8; 32] {
-    let zeros = vec![0u8; CHUNK];
-    let mut hasher = blake3::Hasher::new();
-    while len > 0 {
-        let n = usize::try_from(len).unwrap_or(CHUNK).min(CHUNK);
-        hasher.update(&zeros[..n]);
-        len -= n as u64;
-    }
-    *hasher.finalize().as_bytes()
 }
 
 fn validate_specs(disks: &[DiskSpec]) -> Result<(), ReplicaError> {

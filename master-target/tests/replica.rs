@@ -6,6 +6,7 @@ use std::fs;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use failback_common::blocks;
 use master_target::replica::{
     AppendOutcome, DiskDigest, DiskSpec, Entry, FaultPoint, PointKind, RecoveryPoint, ReplicaError,
     ReplicaStore, StoreOptions, file_digest,
@@ -735,10 +736,10 @@ fn block_checksums_match_the_model_and_holes_read_as_zeros() {
     ]);
     // Not applied yet: block_checksums applies first.
     let bytes = lab.model.disks["os"].clone();
-    let expect = |offset: usize, len: usize, block: usize| -> Vec<[u8; 32]> {
+    let expect = |offset: usize, len: usize, block: usize| -> Vec<blocks::BlockDigest> {
         bytes[offset..offset + len]
             .chunks(block)
-            .map(|c| *blake3::hash(c).as_bytes())
+            .map(blocks::digest)
             .collect()
     };
     let size = MIB + 1000;
@@ -750,7 +751,7 @@ fn block_checksums_match_the_model_and_holes_read_as_zeros() {
     assert_eq!(whole, expect(0, size as usize, 65_536));
     assert_eq!(
         whole[0],
-        *blake3::hash(&[0u8; 65_536]).as_bytes(),
+        blocks::digest(&[0u8; 65_536]),
         "a hole reads as zeros"
     );
     let unaligned = lab

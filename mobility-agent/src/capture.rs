@@ -409,15 +409,16 @@ impl Capture {
         Ok(())
     }
 
-    /// BLAKE3 of each `block` bytes of disk `disk` in `[offset, offset + len)`, read with
-    /// writes held (a hole reads as zeros, as at the target).
+    /// The block digest ([`failback_common::blocks`]) of each `block` bytes of disk `disk` in
+    /// `[offset, offset + len)`, read with writes held (a hole reads as zeros, as at the
+    /// target).
     pub fn block_checksums(
         &self,
         disk: usize,
         offset: u64,
         len: u64,
         block: u64,
-    ) -> std::io::Result<Vec<[u8; 32]>> {
+    ) -> std::io::Result<Vec<failback_common::blocks::BlockDigest>> {
         let g = self.lock();
         let mut buf = vec![0u8; len as usize];
         let n = g.disks[disk].file.read_at(&mut buf, offset)?;
@@ -425,7 +426,7 @@ impl Capture {
         drop(g);
         Ok(buf
             .chunks(block as usize)
-            .map(|c| *blake3::hash(c).as_bytes())
+            .map(failback_common::blocks::digest)
             .collect())
     }
 

@@ -361,11 +361,12 @@ async fn run_copy(
 /// Checksum requests in flight at once: the answers of the next chunks travel while this
 /// one is compared, so a link's round trip is paid once, not per chunk.
 const COMPARE_PIPELINE: usize = 4;
-/// Bytes of each block's BLAKE3 the replica returns.
-const DIGEST_BYTES: usize = 16;
+/// Bytes of each block's digest the replica returns (all of it).
+const DIGEST_BYTES: usize = failback_common::blocks::DIGEST_LEN;
 
 /// Compares each chunk block by block with the replica (checksums fetched through the PS,
-/// several chunks ahead) and queues the blocks that differ, in order.
+/// several chunks ahead, while this side digests the same chunks on a blocking thread) and
+/// queues the blocks that differ, in order.
 async fn compare_chunks(
     shared: &Shared,
     credentials: &Credentials,
@@ -393,17 +394,23 @@ async fn compare_chunks(
             digest_bytes: DIGEST_BYTES as u32,
         };
         let client = client.clone();
+        let local = {
+            let capture = capture.clone();
+            tokio::task::spawn_blocking(move || {
+                capture.block_checksums(disk, offset, len, RESYNC_BLOCK)
+            })
+        };
         async move {
             let remote = remote_checksums(client, request, cancel).await;
-            (disk, offset, len, remote)
+            (disk, offset, len, remote, local.await)
         }
     }))
     .buffered(COMPARE_PIPELINE);
-    while let Some((disk, offset, len, remote)) = answers.next().await {
+    while let Some((disk, offset, len, remote, local)) = answers.next().await {
         let remote = remote
             .map_err(|e| format!("compare of disk {} at {offset}: {e}", capture.disk_id(disk)))?;
-        let local = capture
-            .block_checksums(disk, offset, len, RESYNC_BLOCK)
+        let local = local
+            .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
         for (i, sum) in local.iter().enumerate() {
             shared.resync_blocks.fetch_add(1, Ordering::Relaxed);
