@@ -11,7 +11,7 @@
 //! ```text
 //! DIR/ITEM/00000000000000000001.seg   segment: frames of consecutive batches, named by the
 //! DIR/ITEM/00000000000000000042.seg   (20-digit, zero-padded) sequence of its first frame
-//! DIR/ITEM/state                      {"released":N}, rewritten via state.tmp + fsync + rename
+//! DIR/ITEM/state                      {"released":N}, rewritten via state.tmp + rename
 //! ```
 //!
 //! A frame is `[magic u32][len u32][crc32 u32][seq u64][payload; len]`, little-endian, magic
@@ -24,10 +24,14 @@
 //! # Durability
 //!
 //! An append writes the whole frame and `fdatasync`s the segment before returning; creating a
-//! segment (or an item directory) also fsyncs the parent directory. A release persists the
-//! released sequence first (so a restart never resends released batches) and deletes segments
-//! afterwards; segments left behind by a crash in between are deleted on open. The highest
-//! cached sequence survives a restart as `max(last frame on disk, released)`.
+//! segment (or an item directory) also fsyncs the parent directory. A release records the
+//! released sequence first (so a restart of the PS never resends released batches) and deletes
+//! segments afterwards; segments left behind by a crash in between are deleted on open. The
+//! record is fsynced (file and directory) only when the release deletes a segment, about once
+//! per segment rather than once per acknowledgement: until then the frames are still on disk,
+//! so losing the record to a power cut only means resending batches the target already holds,
+//! which it recognises by sequence. The highest cached sequence survives a restart as
+//! `max(last frame on disk, released)`.
 //!
 //! # Crash recovery
 //!
@@ -716,7 +720,8 @@ impl Cache {
             return Ok(());
         }
         self.ensure_dir(st)?;
-        write_state(&st.dir, seq)?;
+        let deletes = st.segments.values().any(|s| s.last_seq <= seq);
+        write_state(&st.dir, seq, deletes)?;
         st.released = seq;
         st.last_seq = st.last_seq.max(seq);
         let keep = match seq.checked_add(1) {
@@ -1080,7 +1085,9 @@ fn read_state(dir: &Path) -> Result<Option<u64>, CacheError> {
     Ok(Some(state.released))
 }
 
-fn write_state(dir: &Path, released: u64) -> Result<(), CacheError> {
+/// Records `released` (atomically: a temporary file renamed over the state file); `durable`
+/// also fsyncs the file and the directory.
+fn write_state(dir: &Path, released: u64, durable: bool) -> Result<(), CacheError> {
     let tmp = dir.join(STATE_TMP);
     let path = dir.join(STATE_FILE);
     let body = serde_json::to_vec(&StateFile { released }).map_err(|e| CacheError::Io {
@@ -1089,11 +1096,11 @@ fn write_state(dir: &Path, released: u64) -> Result<(), CacheError> {
     })?;
     let mut f = File::create(&tmp).map_err(io_at(&tmp))?;
     f.write_all(&body)
-        .and_then(|()| f.sync_all())
+        .and_then(|()| if durable { f.sync_all() } else { Ok(()) })
         .map_err(io_at(&tmp))?;
     drop(f);
     fs::rename(&tmp, &path).map_err(io_at(&path))?;
-    sync_dir(dir)
+    if durable { sync_dir(dir) } else { Ok(()) }
 }
 
 fn sync_dir(dir: &Path) -> Result<(), CacheError> {
