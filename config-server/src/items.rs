@@ -1045,6 +1045,73 @@ pub fn view(state: &State, item: &ItemRow) -> Result<Item, DbError> {
 
 /// Coordinates the tags of replication groups: every member gets the same tag id at the
 /// policy's intervals (multi-VM crash- and app-consistent points), so they share points.
+/// How long members of a replication group may hold their writes for a multi-VM point: the
+/// barrier must complete within it, or the point is abandoned.
+const GROUP_HOLD: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// One multi-VM point, ASR's distributed consistency as a two-phase barrier: every member
+/// holds its writes (phase one); only when all hold does each take the tag `id`, which ends
+/// its hold (phase two). No write of any member completes between the first tag and the last,
+/// so the members' points form one consistent cut. If a member cannot hold in time, the others
+/// are released and no member gets the point (a partial multi-VM point would claim a
+/// consistency it does not have).
+async fn group_point(state: &State, group: &str, members: &[ItemRow], id: &str, kind: &str) {
+    use failback_proto::pb::control::{HoldWrites, MakeTag, ReleaseWrites};
+    let holds = members.iter().map(|m| {
+        let hold = state.command(
+            &m.machine,
+            command::Kind::HoldWrites(HoldWrites {
+                item: m.id.clone(),
+                id: id.to_string(),
+                max_ms: GROUP_HOLD.as_millis() as u32,
+            }),
+        );
+        async move {
+            match tokio::time::timeout(GROUP_HOLD, hold).await {
+                Ok(r) => r.map(|_| ()).map_err(|e| e.message().to_string()),
+                Err(_) => Err(format!(
+                    "`{}` did not hold its writes within {GROUP_HOLD:?}",
+                    m.machine
+                )),
+            }
+        }
+    });
+    let held = futures::future::join_all(holds).await;
+    if let Some(e) = held.iter().find_map(|r| r.as_ref().err()) {
+        tracing::warn!(%group, "{kind} point {id} abandoned: {e}");
+        let releases = members
+            .iter()
+            .zip(&held)
+            .filter(|(_, r)| r.is_ok())
+            .map(|(m, _)| {
+                state.command(
+                    &m.machine,
+                    command::Kind::ReleaseWrites(ReleaseWrites {
+                        item: m.id.clone(),
+                        id: id.to_string(),
+                    }),
+                )
+            });
+        futures::future::join_all(releases).await;
+        return;
+    }
+    let tags = members.iter().map(|m| {
+        state.command(
+            &m.machine,
+            command::Kind::MakeTag(MakeTag {
+                item: m.id.clone(),
+                id: id.to_string(),
+                kind: kind.to_string(),
+            }),
+        )
+    });
+    for (m, r) in members.iter().zip(futures::future::join_all(tags).await) {
+        if let Err(e) = r {
+            tracing::warn!(%group, machine = %m.machine, "{kind} tag {id}: {}", e.message());
+        }
+    }
+}
+
 pub async fn group_tagger(state: std::sync::Arc<State>, stop: tokio_util::sync::CancellationToken) {
     let mut last: std::collections::HashMap<(String, &'static str), i64> = Default::default();
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
@@ -1093,21 +1160,7 @@ pub async fn group_tagger(state: std::sync::Arc<State>, stop: tokio_util::sync::
                     "{}-{group}-{now}",
                     if kind == "multi-vm-app" { "mva" } else { "mvc" }
                 );
-                let sends = members.iter().map(|m| {
-                    state.command(
-                        &m.machine,
-                        command::Kind::MakeTag(failback_proto::pb::control::MakeTag {
-                            item: m.id.clone(),
-                            id: id.clone(),
-                            kind: kind.to_string(),
-                        }),
-                    )
-                });
-                for (m, r) in members.iter().zip(futures::future::join_all(sends).await) {
-                    if let Err(e) = r {
-                        tracing::warn!(group = %group, machine = %m.machine, "{kind} tag {id}: {}", e.message());
-                    }
-                }
+                group_point(&state, &group, &members, &id, kind).await;
             }
         }
     }

@@ -77,7 +77,23 @@ struct Inner {
     logging: bool,
     /// Powered off: writes are refused.
     off: bool,
+    /// Writes held for the multi-VM point of this id until the deadline (or its tag).
+    held: Option<(String, std::time::Instant)>,
     al_path: PathBuf,
+}
+
+impl Inner {
+    /// The deadline of a hold in force; an expired hold is dropped.
+    fn hold_deadline(&mut self) -> Option<std::time::Instant> {
+        match &self.held {
+            Some((_, until)) if std::time::Instant::now() < *until => Some(*until),
+            Some(_) => {
+                self.held = None;
+                None
+            }
+            None => None,
+        }
+    }
 }
 
 /// The machine's capture path, shared by the workload, the tagger and the sender.
@@ -87,6 +103,8 @@ pub struct Capture {
     pub data_ready: Notify,
     /// Signalled when buffered bytes drop (writers waiting for space).
     pub space_freed: Notify,
+    /// Signalled when a hold of writes ends.
+    released: Notify,
     /// Most bytes the log and in-flight batches may hold before writers wait.
     pub cap: u64,
 }
@@ -140,10 +158,12 @@ impl Capture {
                 buffered: 0,
                 logging: false,
                 off: false,
+                held: None,
                 al_path,
             }),
             data_ready: Notify::new(),
             space_freed: Notify::new(),
+            released: Notify::new(),
             cap,
         }))
     }
@@ -174,23 +194,66 @@ impl Capture {
         }
     }
 
-    /// Writes `data` at `offset` of disk `disk`, waiting while the buffer is full.
+    /// Writes `data` at `offset` of disk `disk`, waiting while the buffer is full or writes
+    /// are held.
     pub async fn write(&self, disk: usize, offset: u64, data: Bytes) -> std::io::Result<()> {
         loop {
-            let wait = self.space_freed.notified();
-            {
-                let g = self.lock();
-                if !g.logging || g.buffered < self.cap {
-                    break;
+            let freed = self.space_freed.notified();
+            let released = self.released.notified();
+            let held_until = {
+                let mut g = self.lock();
+                match g.hold_deadline() {
+                    Some(until) => Some(until),
+                    None if !g.logging || g.buffered < self.cap => {
+                        // Checked and written under one lock: a hold taken now waits for it.
+                        return self.write_locked(g, disk, offset, data);
+                    }
+                    None => None,
                 }
+            };
+            match held_until {
+                Some(until) => {
+                    tokio::select! {
+                        () = released => {}
+                        () = tokio::time::sleep_until(until.into()) => {}
+                    }
+                }
+                None => freed.await,
             }
-            wait.await;
         }
-        self.write_now(disk, offset, data)
     }
 
-    fn write_now(&self, disk: usize, offset: u64, data: Bytes) -> std::io::Result<()> {
+    /// Holds every later write until [`Capture::tag`] with the same `id`,
+    /// [`Capture::release`], or `max` has passed. When this returns, no write is in progress.
+    pub fn hold(&self, id: &str, max: std::time::Duration) -> std::io::Result<()> {
         let mut g = self.lock();
+        if g.off {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "the machine is powered off",
+            ));
+        }
+        g.held = Some((id.to_string(), std::time::Instant::now() + max));
+        Ok(())
+    }
+
+    /// Ends the hold of `id` (if it is the one in force).
+    pub fn release(&self, id: &str) {
+        let mut g = self.lock();
+        if g.held.as_ref().is_some_and(|(h, _)| h == id) {
+            g.held = None;
+            drop(g);
+            self.released.notify_waiters();
+        }
+    }
+
+    fn write_locked(
+        &self,
+        mut g: std::sync::MutexGuard<'_, Inner>,
+        disk: usize,
+        offset: u64,
+        data: Bytes,
+    ) -> std::io::Result<()> {
         let inner = &mut *g;
         if inner.off {
             return Err(std::io::Error::new(
@@ -243,7 +306,8 @@ impl Capture {
     }
 
     /// Appends a consistency tag with writes held; with `digest`, records each disk's BLAKE3
-    /// (the state the tag stands for). `flush` (app-consistent) syncs the disks first.
+    /// (the state the tag stands for). `flush` (app-consistent) syncs the disks first. A hold
+    /// of writes for the same `id` (a multi-VM point) ends with it.
     pub fn tag(
         &self,
         id: String,
@@ -254,6 +318,8 @@ impl Capture {
     ) -> std::io::Result<()> {
         let mut g = self.lock();
         if !g.logging {
+            drop(g);
+            self.release(&id);
             return Ok(());
         }
         let mut digests = Vec::new();
@@ -265,6 +331,7 @@ impl Capture {
                 digests.push((d.id.clone(), file_digest(&d.file, d.size)?));
             }
         }
+        let tag_id = id.clone();
         let e = LogEntry::Tag(TagRecord {
             id,
             kind: kind.to_string(),
@@ -275,8 +342,15 @@ impl Capture {
         g.next_entry += 1;
         g.buffered += e.bytes();
         g.log.push_back((entry_id, std::time::Instant::now(), e));
+        let releases = g.held.as_ref().is_some_and(|(h, _)| *h == tag_id);
+        if releases {
+            g.held = None;
+        }
         drop(g);
         self.data_ready.notify_one();
+        if releases {
+            self.released.notify_waiters();
+        }
         Ok(())
     }
 
@@ -513,4 +587,116 @@ pub fn file_digest(file: &File, size: u64) -> std::io::Result<String> {
         off += n as u64;
     }
     Ok(hasher.finalize().to_hex().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::machine::Disk;
+    use std::time::{Duration, Instant};
+
+    fn capture(dir: &Path) -> Arc<Capture> {
+        let path = dir.join("d0.img");
+        File::create(&path)
+            .and_then(|f| f.set_len(1 << 20))
+            .expect("disk");
+        let machine = Machine {
+            name: "vm1".into(),
+            disks: vec![Disk {
+                id: "d0".into(),
+                datastore: "ds".into(),
+                path,
+                size: 1 << 20,
+            }],
+            resized: false,
+        };
+        let c = Capture::open(&machine, &dir.join("state"), 64 << 20).expect("open");
+        c.set_logging(true);
+        c
+    }
+
+    fn tags(c: &Capture) -> Vec<String> {
+        c.lock()
+            .log
+            .iter()
+            .filter_map(|(_, _, e)| match e {
+                LogEntry::Tag(t) => Some(t.id.clone()),
+                LogEntry::Write { .. } => None,
+            })
+            .collect()
+    }
+
+    /// A write issued while writes are held completes only after the tag of the hold, and
+    /// lands after it in the log: the tag is a cut no write crosses.
+    #[tokio::test]
+    async fn held_writes_wait_for_the_tag_of_the_hold_and_come_after_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = capture(dir.path());
+        c.hold("mvc-1", Duration::from_secs(30)).expect("hold");
+        let mut writer = {
+            let c = c.clone();
+            tokio::spawn(async move { c.write(0, 0, Bytes::from_static(b"after")).await })
+        };
+        // Another tag does not end the hold.
+        c.tag("crash-1".into(), "crash", 1, false, false)
+            .expect("tag");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), &mut writer)
+                .await
+                .is_err(),
+            "a held write completed"
+        );
+        c.tag("mvc-1".into(), "multi-vm-crash", 2, false, false)
+            .expect("tag");
+        tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .expect("the write waits no longer")
+            .expect("join")
+            .expect("write");
+        let log: Vec<bool> = c
+            .lock()
+            .log
+            .iter()
+            .map(|(_, _, e)| matches!(e, LogEntry::Tag(_)))
+            .collect();
+        assert_eq!(log, vec![true, true, false], "tag, tag, then the write");
+        assert_eq!(tags(&c), vec!["crash-1", "mvc-1"]);
+    }
+
+    /// An abandoned point releases the writes; a hold nobody ends expires by itself.
+    #[tokio::test]
+    async fn a_hold_ends_on_release_or_by_itself() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = capture(dir.path());
+        c.hold("mvc-2", Duration::from_secs(30)).expect("hold");
+        let mut writer = {
+            let c = c.clone();
+            tokio::spawn(async move { c.write(0, 0, Bytes::from_static(b"x")).await })
+        };
+        c.release("other");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), &mut writer)
+                .await
+                .is_err(),
+            "released by another point's id"
+        );
+        c.release("mvc-2");
+        tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .expect("released")
+            .expect("join")
+            .expect("write");
+
+        c.hold("mvc-3", Duration::from_millis(300)).expect("hold");
+        let t0 = Instant::now();
+        c.write(0, 0, Bytes::from_static(b"y"))
+            .await
+            .expect("write");
+        let waited = t0.elapsed();
+        assert!(
+            waited >= Duration::from_millis(250) && waited < Duration::from_secs(5),
+            "expired after {waited:?}"
+        );
+        assert!(tags(&c).is_empty(), "no tag was taken");
+    }
 }

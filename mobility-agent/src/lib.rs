@@ -540,6 +540,21 @@ impl Agent {
                     self.name, r.item
                 )),
             },
+            command::Kind::HoldWrites(h) => match &self.replication {
+                Some(rep) if rep.params.item == h.item => self
+                    .capture
+                    .hold(&h.id, std::time::Duration::from_millis(u64::from(h.max_ms)))
+                    .map(|()| String::new())
+                    .map_err(|e| format!("cannot hold the writes of `{}`: {e}", self.name)),
+                _ => Err(format!(
+                    "`{}` is not replicating item {}",
+                    self.name, h.item
+                )),
+            },
+            command::Kind::ReleaseWrites(r) => {
+                self.capture.release(&r.id);
+                Ok(String::new())
+            }
             command::Kind::MakeTag(t) => match &self.replication {
                 Some(rep) if rep.params.item == t.item => {
                     rep.tag(t.id, &t.kind).await.map(|_| String::new())
