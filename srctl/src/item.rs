@@ -295,16 +295,20 @@ pub async fn watch(
     print: bool,
 ) -> anyhow::Result<failback_proto::pb::operator::Job> {
     use std::io::IsTerminal;
+    // Synchronisation steps get a bar of the item's progress; other steps a spinner with the
+    // step's elapsed time (their progress is not measurable, so no bar pretends it is).
+    let sync_style =
+        indicatif::ProgressStyle::with_template("{spinner} [{bar:30}] {percent:>3}% {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> ");
+    let step_style = indicatif::ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
     let bar = (print && std::io::stdout().is_terminal()).then(|| {
-        let pb = indicatif::ProgressBar::new(1000);
-        pb.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} [{bar:30}] {percent:>3}% {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
+        let pb = indicatif::ProgressBar::new(1000).with_style(step_style.clone());
         pb.enable_steady_tick(std::time::Duration::from_millis(100));
         pb
     });
+    let mut running_step = String::new();
     let mut printed = 0usize;
     loop {
         let job = jobs(dir, id)
@@ -320,20 +324,26 @@ pub async fn watch(
         for s in &job.steps[printed..] {
             if s.state == "In progress" {
                 if let Some(pb) = &bar {
-                    // Synchronisation steps show the item's progress; others just run.
-                    let pct = if s.name.starts_with("Synchronize") || s.name.starts_with("Initial")
-                    {
-                        list(dir, "")
+                    let sync = s.name.starts_with("Synchronize") || s.name.starts_with("Initial");
+                    if running_step != s.name {
+                        running_step = s.name.clone();
+                        pb.set_style(if sync {
+                            sync_style.clone()
+                        } else {
+                            step_style.clone()
+                        });
+                        pb.reset_elapsed();
+                        pb.set_message(s.name.clone());
+                    }
+                    if sync {
+                        let pct = list(dir, "")
                             .await
                             .ok()
                             .and_then(|items| items.into_iter().find(|i| i.id == job.item))
                             .map(|i| i.initial_percent)
-                            .unwrap_or(0.0)
-                    } else {
-                        0.0
-                    };
-                    pb.set_position((pct * 10.0) as u64);
-                    pb.set_message(s.name.clone());
+                            .unwrap_or(0.0);
+                        pb.set_position((pct * 10.0) as u64);
+                    }
                 }
                 break;
             }
