@@ -277,6 +277,25 @@ async fn wait_protected(
     }
 }
 
+/// Enables protection of vm1 with `policy` (empty: the default) and waits until it is
+/// Protected with everything journaled at the target, polling every `every`.
+async fn enable_and_wait(
+    dir: &Path,
+    policy: &str,
+    every: Duration,
+) -> anyhow::Result<failback_proto::pb::operator::Item> {
+    item::enable(
+        dir,
+        EnableItemRequest {
+            machine: "vm1".into(),
+            policy: policy.into(),
+            ..Default::default()
+        },
+    )
+    .await?;
+    wait_protected(dir, "vm1", Duration::from_secs(1800), every).await
+}
+
 async fn link_bytes(dir: &Path) -> anyhow::Result<u64> {
     let s = crate::link::status(dir).await?;
     Ok(s.bytes_onprem_to_azure)
@@ -306,22 +325,9 @@ pub async fn replication(
         let link0 = link_bytes(&dir).await?;
         say("full path: enable protection and wait until the target journaled everything");
         let start = Instant::now();
-        item::enable(
-            &dir,
-            EnableItemRequest {
-                machine: "vm1".into(),
-                ..Default::default()
-            },
-        )
-        .await?;
-        wait_protected(
-            &dir,
-            "vm1",
-            Duration::from_secs(1800),
-            Duration::from_millis(20),
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("full path: {e}"))?;
+        enable_and_wait(&dir, "", Duration::from_millis(20))
+            .await
+            .map_err(|e| anyhow::anyhow!("full path: {e}"))?;
         let full = size as f64 / start.elapsed().as_secs_f64();
         let link = link_bytes(&dir).await? - link0;
 
@@ -492,23 +498,8 @@ pub async fn failover(size: u64, progress: bool) -> anyhow::Result<FailoverRepor
             false,
         )
         .await?;
-        item::enable(
-            &dir,
-            EnableItemRequest {
-                machine: "vm1".into(),
-                policy: "bench".into(),
-                ..Default::default()
-            },
-        )
-        .await?;
         say("initial replication");
-        wait_protected(
-            &dir,
-            "vm1",
-            Duration::from_secs(1800),
-            Duration::from_millis(100),
-        )
-        .await?;
+        enable_and_wait(&dir, "bench", Duration::from_millis(100)).await?;
         say(&format!(
             "filling a {retention_s} s retention window at 10 MB/s of writes"
         ));
@@ -800,21 +791,7 @@ pub async fn resync(size: u64, changed: f64, progress: bool) -> anyhow::Result<R
         say("pre-filling vm1's disk with incompressible data");
         fill_disk(&dir.join(ONPREM_DISK), &payload(BATCH * 8, 0.0, 5), size)?;
         say("enable protection and wait for the initial replication");
-        item::enable(
-            &dir,
-            EnableItemRequest {
-                machine: "vm1".into(),
-                ..Default::default()
-            },
-        )
-        .await?;
-        wait_protected(
-            &dir,
-            "vm1",
-            Duration::from_secs(1800),
-            Duration::from_millis(100),
-        )
-        .await?;
+        enable_and_wait(&dir, "", Duration::from_millis(100)).await?;
 
         say("planned failover to Azure (latest), commit");
         let job = item::failover(
