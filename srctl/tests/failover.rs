@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
 use serde_json::Value;
@@ -34,15 +33,7 @@ fn start_blocked_planned_failover(lab: &Path) -> (std::process::Child, String) {
                 .is_some_and(|a| !a.is_empty())
     });
     ok(srctl(lab, &["lab", "pause", "azure-target"]));
-    let child = Command::new(SRCTL)
-        .arg("--lab")
-        .arg(lab)
-        .args(["planned-failover", "vm1"])
-        .env_remove("FAILBACK_LAB")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let child = spawn_srctl(lab, &["planned-failover", "vm1"]);
     let mut id = String::new();
     eventually("the failover job in progress", 30, || {
         let jobs = json(srctl(lab, &["job", "list", "--json"]));

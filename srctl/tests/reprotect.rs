@@ -295,15 +295,7 @@ fn a_failback_cancelled_during_synchronisation_is_inconsistent_until_run_again()
 
     // The master target hangs: phase 1 can't finish while the Azure VM keeps writing.
     ok(srctl(&lab, &["lab", "pause", "mt-onprem"]));
-    let child = Command::new(SRCTL)
-        .arg("--lab")
-        .arg(&lab)
-        .args(["failover", "vm1"])
-        .env_remove("FAILBACK_LAB")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let child = spawn_srctl(&lab, &["failover", "vm1"]);
     let mut id = String::new();
     eventually("failback synchronising", 30, || {
         let jobs = json(srctl(&lab, &["job", "list", "--json"]));

@@ -22,6 +22,20 @@ pub fn srctl(lab: &Path, args: &[&str]) -> Output {
         .expect("run srctl")
 }
 
+/// Starts `srctl --lab LAB ARGS` in the background (stdout discarded, stderr piped), for a
+/// command a test acts on while it runs.
+pub fn spawn_srctl(lab: &Path, args: &[&str]) -> std::process::Child {
+    Command::new(SRCTL)
+        .arg("--lab")
+        .arg(lab)
+        .args(args)
+        .env_remove("FAILBACK_LAB")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn srctl")
+}
+
 /// The stdout of a command that must succeed.
 pub fn ok(out: Output) -> String {
     assert!(
