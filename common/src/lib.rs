@@ -5,6 +5,8 @@
 //! - [`config`]: layered config (defaults, TOML file, environment) with errors naming file and key.
 //! - [`identity`]: roles, sites, the identity in a lab certificate, per-RPC authorization.
 //! - [`tls`]: credentials on disk, mutual-TLS server and client settings.
+//! - [`blocks`]: block digests for comparing two copies of a disk.
+//! - [`direct`]: page-cache-free (`O_DIRECT`) writes of aligned spans.
 //! - [`fence`]: one live replication stream per item at a receiver.
 //! - [`enroll`]: one-time enrollment with the configuration server (passphrase + CSR).
 //! - [`control`]: the self-reconnecting control stream to the configuration server.
@@ -14,6 +16,7 @@ pub mod blocks;
 pub mod component;
 pub mod config;
 pub mod control;
+pub mod direct;
 pub mod enroll;
 pub mod fence;
 pub mod identity;

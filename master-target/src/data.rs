@@ -589,15 +589,15 @@ async fn applier(
 
 fn decode(item: &str, batch: &TargetBatch) -> Result<Vec<Entry>, Status> {
     let raw = match batch.codec.as_str() {
-        "none" => batch.payload.to_vec(),
-        "lz4" => {
-            lz4_flex::block::decompress(&batch.payload, batch.raw_len as usize).map_err(|e| {
+        "none" => batch.payload.clone(),
+        "lz4" => lz4_flex::block::decompress(&batch.payload, batch.raw_len as usize)
+            .map_err(|e| {
                 Status::data_loss(format!(
                     "batch {} of {item} does not decompress: {e}; refused",
                     batch.seq
                 ))
             })?
-        }
+            .into(),
         other => return Err(Status::invalid_argument(format!("unknown codec `{other}`"))),
     };
     if raw.len() as u64 != batch.raw_len || crc32fast::hash(&raw) != batch.crc32 {
@@ -606,7 +606,8 @@ fn decode(item: &str, batch: &TargetBatch) -> Result<Vec<Entry>, Status> {
             batch.seq
         )));
     }
-    let entries = pb::Entries::decode(raw.as_slice()).map_err(|e| {
+    // Decoding from `Bytes` makes each write's data a view of `raw`, not a copy.
+    let entries = pb::Entries::decode(raw).map_err(|e| {
         Status::invalid_argument(format!("batch {} of {item} is malformed: {e}", batch.seq))
     })?;
     entries
@@ -616,7 +617,7 @@ fn decode(item: &str, batch: &TargetBatch) -> Result<Vec<Entry>, Status> {
             Some(pb::entry::Kind::Write(w)) => Ok(Entry::Write {
                 disk: w.disk,
                 offset: w.offset,
-                data: w.data.to_vec(),
+                data: w.data,
             }),
             Some(pb::entry::Kind::Tag(t)) => Ok(Entry::Tag {
                 kind: t

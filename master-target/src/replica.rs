@@ -34,8 +34,9 @@
 //! ```
 //!
 //! A redo payload is `version u8 = 1 | count u32 | entries`, each entry either
-//! `1u8 | disk str | offset u64 | data bytes` (a write) or
-//! `2u8 | id str | kind u8 | time_ms i64 | count u32 | (disk str | blake3 str)*` (a tag), where
+//! `1u8 | disk str | offset u64 | data bytes` (a write),
+//! `2u8 | id str | kind u8 | time_ms i64 | count u32 | (disk str | blake3 str)*` (a tag) or
+//! `3u8 | bytes u64` (the batch's writes are already in the disk files: see below), where
 //! `str` and `bytes` are a `u32` length followed by the bytes. An undo payload is
 //! `version u8 = 1 | count u32 | (disk str | offset u64 | before-image bytes)*`: the bytes each
 //! write of the batch overwrote, all read before any write of the batch.
@@ -54,6 +55,15 @@
 //! 2. pwrites the batch's data into the disk files;
 //! 3. at a checkpoint (the end of the call, or every 256 MiB of payload) fdatasyncs the written
 //!    disks, persists `applied_seq` in `state.json` and deletes redo segments that are applied.
+//!
+//! While the item has no recovery point and every journaled batch is applied (initial
+//! replication; after a commit dropped the points), `append` writes the batch straight into the
+//! disk files, fdatasyncs them, and only then journals an in-place frame (one entry
+//! `3u8 | bytes u64`) in the batch's place. No point can roll back past such a batch, so it
+//! needs no undo, and its data is written once instead of twice (journal, then disk). A crash
+//! before the in-place frame is durable leaves some of the batch's writes in the disks while the
+//! batch is neither journaled nor acknowledged; the PS sends it again and the same writes are
+//! repeated. Applying an in-place frame writes nothing.
 //!
 //! # Recovery (on open)
 //!
@@ -88,6 +98,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use failback_common::blocks::{self, BlockDigest};
+use failback_common::direct::DirectFile;
 use nix::errno::Errno;
 use nix::fcntl::{FallocateFlags, Flock, FlockArg};
 use nix::unistd::Whence;
@@ -105,6 +116,8 @@ const MAX_PAYLOAD: usize = 1 << 30;
 const PAYLOAD_VERSION: u8 = 1;
 const ENTRY_WRITE: u8 = 1;
 const ENTRY_TAG: u8 = 2;
+/// A redo entry standing for a batch whose writes are already durable in the disk files.
+const ENTRY_IN_PLACE: u8 = 3;
 /// Segment size at which redo and undo logs rotate.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
 /// Redo payload applied between two persisted `applied_seq` checkpoints within one call.
@@ -126,7 +139,7 @@ pub enum Entry {
     Write {
         disk: String,
         offset: u64,
-        data: Vec<u8>,
+        data: bytes::Bytes,
     },
     /// Consistency tag: becomes a recovery point at the batch's sequence number. A batch that
     /// carries a tag carries nothing else.
@@ -346,7 +359,8 @@ pub enum FaultPoint {
     AfterUndo,
     /// After the first disk write of a batch (the others not done).
     AfterFirstWrite,
-    /// After all disk writes of a batch are durable, before `applied_seq` is persisted.
+    /// After all disk writes of a batch are durable, before `applied_seq` is persisted (in
+    /// `apply_pending`), or before the in-place frame is journaled (in `append`).
     AfterDiskWrites,
 }
 
@@ -389,6 +403,8 @@ struct Disk {
     path: PathBuf,
     /// Read-write handle for positional I/O.
     file: File,
+    /// Page-cache-free writes of aligned spans (see [`ReplicaStore::write_disk`]).
+    direct: DirectFile,
 }
 
 /// `state.json`.
@@ -421,6 +437,9 @@ pub struct ReplicaStore {
     applied_seq: u64,
     /// Recovery points, oldest (lowest seq) first.
     points: Vec<RecoveryPoint>,
+    /// Equal to `last_seq` while every batch after `applied_seq` was appended in place (their
+    /// writes are already in the disk files), so the next one may be too.
+    in_place_through: u64,
     /// Set after a failure that leaves memory and disk possibly out of step (a failed fsync,
     /// an injected crash): every later mutation fails until the store is reopened.
     poisoned: Option<String>,
@@ -542,6 +561,7 @@ impl ReplicaStore {
             last_seq,
             applied_seq,
             points: Vec::new(),
+            in_place_through: 0,
             poisoned: None,
             fault: None,
             scratch: 0,
@@ -606,6 +626,11 @@ impl ReplicaStore {
             return Err(ReplicaError::OutOfOrder { expected, got: seq });
         }
         let point = self.validate_batch(seq, entries)?;
+        let nothing_pending =
+            self.applied_seq == self.last_seq || self.in_place_through == self.last_seq;
+        if point.is_none() && self.points.is_empty() && nothing_pending {
+            return self.append_in_place(seq, entries);
+        }
         let frame = encode_batch(seq, entries)?;
         if let Err(failure) = self.redo.append(seq, &frame) {
             return Err(if failure.fatal {
@@ -623,6 +648,43 @@ impl ReplicaStore {
                 return Err(self.poison(e));
             }
         }
+        Ok(AppendOutcome::Appended)
+    }
+
+    /// The in-place form of `append` (see the module docs): the writes go straight into the
+    /// disk files and are fdatasynced, then a small in-place frame is journaled in the batch's
+    /// place. Only while no point exists and nothing journaled is pending.
+    fn append_in_place(
+        &mut self,
+        seq: u64,
+        entries: &[Entry],
+    ) -> Result<AppendOutcome, ReplicaError> {
+        let mut touched = BTreeSet::new();
+        let mut bytes = 0u64;
+        for entry in entries {
+            if let Entry::Write { disk, offset, data } = entry {
+                let d = self.check_write(disk, *offset, data.len())?;
+                self.write_disk(d, *offset, data)?;
+                touched.insert(d);
+                bytes += data.len() as u64;
+            }
+        }
+        self.sync_disks(&mut touched)?;
+        self.maybe_fault(FaultPoint::AfterDiskWrites, seq)?;
+        let mut frame = FrameBuf::with_capacity(14);
+        frame.put_u8(PAYLOAD_VERSION);
+        frame.put_u32(1);
+        frame.put_u8(ENTRY_IN_PLACE);
+        frame.put_u64(bytes);
+        if let Err(failure) = self.redo.append(seq, &frame.finish(REDO_MAGIC, seq)) {
+            return Err(if failure.fatal {
+                self.poison(failure.error)
+            } else {
+                failure.error
+            });
+        }
+        self.last_seq = seq;
+        self.in_place_through = seq;
         Ok(AppendOutcome::Appended)
     }
 
@@ -664,11 +726,7 @@ impl ReplicaStore {
                 self.maybe_fault(FaultPoint::AfterUndo, seq)?;
             }
             for (i, &(disk, offset, data)) in writes.iter().enumerate() {
-                let res = self.disks[disk].file.write_all_at(data, offset);
-                if let Err(e) = res {
-                    let err = io_at(&self.disks[disk].path)(e);
-                    return Err(self.poison(err));
-                }
+                self.write_disk(disk, offset, data)?;
                 touched.insert(disk);
                 if i == 0 {
                     self.maybe_fault(FaultPoint::AfterFirstWrite, seq)?;
@@ -1019,6 +1077,21 @@ impl ReplicaStore {
         Ok(frame.finish(UNDO_MAGIC, seq))
     }
 
+    /// Writes `data` into disk `d` at `offset`: directly (no page cache) when the span is
+    /// aligned, buffered otherwise. The caller fdatasyncs. A failure poisons the store.
+    fn write_disk(&mut self, d: usize, offset: u64, data: &[u8]) -> Result<(), ReplicaError> {
+        let disk = &mut self.disks[d];
+        let res = match disk.direct.write_at(data, offset) {
+            Ok(true) => Ok(()),
+            Ok(false) => disk.file.write_all_at(data, offset),
+            Err(e) => Err(e),
+        };
+        res.map_err(|e| {
+            let err = io_at(&self.disks[d].path)(e);
+            self.poison(err)
+        })
+    }
+
     fn sync_disks(&mut self, touched: &mut BTreeSet<usize>) -> Result<(), ReplicaError> {
         for &d in touched.iter() {
             if let Err(e) = self.disks[d].file.sync_data() {
@@ -1203,6 +1276,7 @@ fn open_disk(disks_dir: &Path, spec: &DiskSpec) -> Result<Disk, ReplicaError> {
     }
     Ok(Disk {
         spec: spec.clone(),
+        direct: DirectFile::new(&path),
         path,
         file,
     })
@@ -1729,6 +1803,8 @@ enum BatchItem<'a> {
     },
     /// The tag as a point (its `seq` is filled in by the caller).
     Tag(RecoveryPoint),
+    /// The batch's writes went straight into the disk files before this entry was journaled.
+    InPlace,
 }
 
 struct Decoder<'a> {
@@ -1808,6 +1884,10 @@ fn decode_batch(payload: &[u8]) -> Result<Vec<BatchItem<'_>>, String> {
                 offset: d.u64()?,
                 data: d.bytes()?,
             },
+            ENTRY_IN_PLACE => {
+                d.u64()?;
+                BatchItem::InPlace
+            }
             ENTRY_TAG => {
                 let id = d.str()?.to_owned();
                 let code = d.u8()?;

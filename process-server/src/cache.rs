@@ -43,6 +43,15 @@
 //! [`Truncation`] (and logged) so the owner can mark the item for resync. An empty segment (a
 //! crash right after creating it) is deleted.
 //!
+//! # Hot copies
+//!
+//! Each appended payload is also kept in memory (a reference-counted `Bytes`, no copy) until it
+//! is released, as long as all items' hot copies stay within [`HOT_BYTES`]. `read_after` serves
+//! a batch from its hot copy when it has one and reads (and re-validates) the segment otherwise:
+//! a forwarder that keeps up never reads back what was just written, one that falls behind (a
+//! target down, a slow link) or a restarted PS reads the disk. The hot copy is taken only after
+//! the frame's fdatasync succeeded, so it never holds anything that is not durable.
+//!
 //! # Concurrency
 //!
 //! `Cache` is `Send + Sync`: a map of items behind an `RwLock`, one `Mutex` per item (appends
@@ -58,6 +67,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
@@ -71,6 +81,8 @@ pub const WARNING_FREE: f64 = 0.30;
 pub const CRITICAL_FREE: f64 = 0.25;
 /// Free fraction below which agents are throttled (ASR: < 20 % free).
 pub const THROTTLE_FREE: f64 = 0.20;
+/// Most bytes of un-released payloads kept in memory for `read_after` (all items together).
+pub const HOT_BYTES: u64 = 64 << 20;
 
 const MAGIC: u32 = u32::from_le_bytes(*b"FBLC");
 const HEADER: usize = FRAME_HEADER_BYTES as usize;
@@ -189,6 +201,8 @@ pub struct Cache {
     capacity: u64,
     segment_bytes: u64,
     used: AtomicU64,
+    /// Bytes of all items' hot copies.
+    hot_used: AtomicU64,
     items: RwLock<BTreeMap<String, Arc<Mutex<ItemState>>>>,
     notifiers: Mutex<HashMap<String, Arc<Notify>>>,
     truncations: Vec<Truncation>,
@@ -221,6 +235,8 @@ struct ItemState {
     segments: BTreeMap<u64, Segment>,
     /// Un-released batches only.
     index: BTreeMap<u64, Loc>,
+    /// In-memory copies of un-released payloads (see "Hot copies").
+    hot: BTreeMap<u64, Bytes>,
     pending: u64,
     writer: Option<(u64, File)>,
     /// Set when a failed write could not be rolled back or a sync failed: appends are refused
@@ -238,6 +254,7 @@ impl ItemState {
             released: 0,
             segments: BTreeMap::new(),
             index: BTreeMap::new(),
+            hot: BTreeMap::new(),
             pending: 0,
             writer: None,
             poisoned: None,
@@ -300,6 +317,7 @@ impl Cache {
             capacity,
             segment_bytes: segment_bytes.max(1),
             used: AtomicU64::new(used),
+            hot_used: AtomicU64::new(0),
             items: RwLock::new(items),
             notifiers: Mutex::new(HashMap::new()),
             truncations,
@@ -318,7 +336,7 @@ impl Cache {
         &self,
         item: &str,
         seq: u64,
-        payload: &[u8],
+        payload: Bytes,
     ) -> Result<AppendOutcome, CacheError> {
         validate_item(item)?;
         let outcome = loop {
@@ -327,7 +345,11 @@ impl Cache {
             if st.dropped {
                 continue;
             }
-            break self.append_locked(item, &mut st, seq, payload)?;
+            let outcome = self.append_locked(item, &mut st, seq, &payload)?;
+            if outcome == AppendOutcome::Appended {
+                self.keep_hot(&mut st, seq, payload);
+            }
+            break outcome;
         };
         if outcome == AppendOutcome::Appended {
             let notify = self.notifier(item);
@@ -350,7 +372,7 @@ impl Cache {
         item: &str,
         after: u64,
         max_bytes: usize,
-    ) -> Result<Vec<(u64, Vec<u8>)>, CacheError> {
+    ) -> Result<Vec<(u64, Bytes)>, CacheError> {
         validate_item(item)?;
         let Some(handle) = self.get(item) else {
             return Ok(Vec::new());
@@ -372,11 +394,11 @@ impl Cache {
                     break;
                 }
                 total = total.saturating_add(len);
-                plan.push((seq, *loc));
+                plan.push((seq, *loc, st.hot.get(&seq).cloned()));
             }
             // Open under the lock: a concurrent release may unlink the segment afterwards, but
             // an open handle keeps reading it.
-            for (_, loc) in &plan {
+            for (_, loc, _) in plan.iter().filter(|(_, _, hot)| hot.is_none()) {
                 if let std::collections::hash_map::Entry::Vacant(slot) = files.entry(loc.segment)
                     && let Some(seg) = st.segments.get(&loc.segment)
                 {
@@ -386,14 +408,18 @@ impl Cache {
             }
         }
         let mut out = Vec::with_capacity(plan.len());
-        for (seq, loc) in plan {
+        for (seq, loc, hot) in plan {
+            if let Some(payload) = hot {
+                out.push((seq, payload));
+                continue;
+            }
             let Some((path, file)) = files.get_mut(&loc.segment) else {
                 return Err(CacheError::Corrupt {
                     path: self.dir.join(item),
                     reason: format!("batch {seq} indexed in missing segment {}", loc.segment),
                 });
             };
-            out.push((seq, read_frame(path, file, seq, loc)?));
+            out.push((seq, Bytes::from(read_frame(path, file, seq, loc)?)));
         }
         Ok(out)
     }
@@ -438,6 +464,7 @@ impl Cache {
                 self.used.fetch_sub(st.disk_bytes(), Ordering::SeqCst);
                 st.segments.clear();
                 st.index.clear();
+                self.drop_hot(&mut st, u64::MAX);
                 st.pending = 0;
             }
             match fs::remove_dir_all(&path) {
@@ -659,7 +686,7 @@ impl Cache {
     ) -> Result<(), CacheError> {
         let frame = FRAME_HEADER_BYTES + u64::from(len);
         let start = self.segment_for(st, seq, frame)?;
-        let buf = encode_frame(seq, payload, len);
+        let header = encode_header(seq, payload, len);
         let Some(seg) = st.segments.get_mut(&start) else {
             return Err(CacheError::Corrupt {
                 path: st.dir.clone(),
@@ -675,7 +702,8 @@ impl Cache {
         let offset = seg.size;
         let written = file
             .seek(SeekFrom::Start(offset))
-            .and_then(|_| file.write_all(&buf));
+            .and_then(|_| file.write_all(&header))
+            .and_then(|_| file.write_all(payload));
         if let Err(e) = written {
             // Take back a partial frame so later frames do not land behind garbage.
             if let Err(e2) = file.set_len(offset).and_then(|()| file.sync_data()) {
@@ -715,6 +743,31 @@ impl Cache {
         Ok(())
     }
 
+    /// Keeps the payload of the just appended batch `seq` in memory if the budget allows.
+    fn keep_hot(&self, st: &mut ItemState, seq: u64, payload: Bytes) {
+        let len = payload.len() as u64;
+        let reserved = self
+            .hot_used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
+                used.checked_add(len).filter(|n| *n <= HOT_BYTES)
+            })
+            .is_ok();
+        if reserved {
+            st.hot.insert(seq, payload);
+        }
+    }
+
+    /// Forgets the hot copies of batches `<= seq`.
+    fn drop_hot(&self, st: &mut ItemState, seq: u64) {
+        let keep = match seq.checked_add(1) {
+            Some(next) => st.hot.split_off(&next),
+            None => BTreeMap::new(),
+        };
+        let gone = std::mem::replace(&mut st.hot, keep);
+        let bytes: u64 = gone.values().map(|b| b.len() as u64).sum();
+        self.hot_used.fetch_sub(bytes, Ordering::SeqCst);
+    }
+
     fn release_locked(&self, st: &mut ItemState, seq: u64) -> Result<(), CacheError> {
         if seq <= st.released {
             return Ok(());
@@ -730,6 +783,7 @@ impl Cache {
         };
         let gone = std::mem::replace(&mut st.index, keep);
         st.pending -= gone.values().map(|l| u64::from(l.len)).sum::<u64>();
+        self.drop_hot(st, seq);
 
         let doomed: Vec<u64> = st
             .segments
@@ -793,14 +847,14 @@ fn frame_crc(seq: u64, payload: &[u8]) -> u32 {
     hasher.finalize()
 }
 
-fn encode_frame(seq: u64, payload: &[u8], len: u32) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(HEADER + payload.len());
-    buf.extend_from_slice(&MAGIC.to_le_bytes());
-    buf.extend_from_slice(&len.to_le_bytes());
-    buf.extend_from_slice(&frame_crc(seq, payload).to_le_bytes());
-    buf.extend_from_slice(&seq.to_le_bytes());
-    buf.extend_from_slice(payload);
-    buf
+/// The header of the frame of batch `seq` carrying `payload` (`len` bytes).
+fn encode_header(seq: u64, payload: &[u8], len: u32) -> [u8; HEADER] {
+    let mut h = [0u8; HEADER];
+    h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    h[4..8].copy_from_slice(&len.to_le_bytes());
+    h[8..12].copy_from_slice(&frame_crc(seq, payload).to_le_bytes());
+    h[12..20].copy_from_slice(&seq.to_le_bytes());
+    h
 }
 
 struct Header {
@@ -1145,12 +1199,9 @@ mod tests {
 
     #[test]
     fn frame_round_trips_through_header() {
-        let buf = encode_frame(7, b"abc", 3);
-        let head = buf.first_chunk::<HEADER>().expect("header");
-        let h = decode_header(head);
+        let h = decode_header(&encode_header(7, b"abc", 3));
         assert_eq!((h.magic, h.len, h.seq), (MAGIC, 3, 7));
         assert_eq!(h.crc, frame_crc(7, b"abc"));
-        assert_eq!(&buf[HEADER..], b"abc");
     }
 
     #[test]

@@ -43,23 +43,27 @@ const FORWARD_WINDOW: u64 = 32 << 20;
 const CODEC_NONE: u8 = 0;
 const CODEC_LZ4: u8 = 1;
 
-/// The cached form of a batch: codec, CRC of the raw payload, raw length, data.
-pub fn frame(raw: &[u8], crc: u32) -> Vec<u8> {
-    let compressed = lz4_flex::block::compress(raw);
-    let (codec, data) = if compressed.len() < raw.len() {
-        (CODEC_LZ4, compressed.as_slice())
-    } else {
-        (CODEC_NONE, raw)
-    };
-    let mut out = Vec::with_capacity(13 + data.len());
-    out.push(codec);
-    out.extend_from_slice(&crc.to_le_bytes());
-    out.extend_from_slice(&(raw.len() as u64).to_le_bytes());
-    out.extend_from_slice(data);
+/// The cached form of a batch: codec, CRC of the raw payload, raw length, data. Compressed
+/// straight behind the 13-byte head, so the data is copied once.
+fn frame(raw: &[u8], crc: u32) -> Vec<u8> {
+    let mut out = vec![0u8; 13 + lz4_flex::block::get_maximum_output_size(raw.len())];
+    match lz4_flex::block::compress_into(raw, &mut out[13..]) {
+        Ok(n) if n < raw.len() => {
+            out.truncate(13 + n);
+            out[0] = CODEC_LZ4;
+        }
+        _ => {
+            out.truncate(13);
+            out.extend_from_slice(raw);
+            out[0] = CODEC_NONE;
+        }
+    }
+    out[1..5].copy_from_slice(&crc.to_le_bytes());
+    out[5..13].copy_from_slice(&(raw.len() as u64).to_le_bytes());
     out
 }
 
-fn unframe(item: &str, seq: u64, bytes: Vec<u8>) -> Result<TargetBatch, String> {
+fn unframe(item: &str, seq: u64, bytes: Bytes) -> Result<TargetBatch, String> {
     if bytes.len() < 13 {
         return Err(format!("cached batch {seq} of {item} is truncated"));
     }
@@ -75,8 +79,7 @@ fn unframe(item: &str, seq: u64, bytes: Vec<u8>) -> Result<TargetBatch, String> 
     let crc = u32::from_le_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
     let mut len = [0u8; 8];
     len.copy_from_slice(&bytes[5..13]);
-    let mut bytes = bytes;
-    let payload = Bytes::from(bytes.split_off(13));
+    let payload = bytes.slice(13..);
     Ok(TargetBatch {
         open: None,
         seq,
@@ -477,7 +480,7 @@ async fn receive(
                 "batch {seq} of {item} failed its checksum: refused, nothing cached; the agent sends it again"
             )));
         }
-        let framed = frame(&batch.payload, batch.crc32);
+        let framed = Bytes::from(frame(&batch.payload, batch.crc32));
         let cache = dp.cache.clone();
         let it = item.to_string();
         let Some(guard) = ticket.lock().await else {
@@ -485,7 +488,7 @@ async fn receive(
                 "a newer replication stream of {item} took over; this one is closed"
             )));
         };
-        let outcome = tokio::task::spawn_blocking(move || cache.append(&it, seq, &framed))
+        let outcome = tokio::task::spawn_blocking(move || cache.append(&it, seq, framed))
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         drop(guard);

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use process_server::cache::{
     AppendOutcome, Cache, CacheError, CacheHealth, FRAME_HEADER_BYTES, health,
 };
@@ -37,18 +39,20 @@ fn segments(dir: &Path, item: &str) -> Vec<PathBuf> {
 fn append_all(cache: &Cache, item: &str, seqs: std::ops::RangeInclusive<u64>) {
     for seq in seqs {
         assert_eq!(
-            cache.append(item, seq, &payload(seq)).expect("append"),
+            cache
+                .append(item, seq, payload(seq).into())
+                .expect("append"),
             AppendOutcome::Appended,
             "batch {seq}"
         );
     }
 }
 
-fn seqs(batches: &[(u64, Vec<u8>)]) -> Vec<u64> {
+fn seqs(batches: &[(u64, Bytes)]) -> Vec<u64> {
     batches.iter().map(|(s, _)| *s).collect()
 }
 
-fn assert_payloads(batches: &[(u64, Vec<u8>)]) {
+fn assert_payloads(batches: &[(u64, Bytes)]) {
     for (seq, data) in batches {
         assert_eq!(data, &payload(*seq), "payload of batch {seq}");
     }
@@ -123,7 +127,9 @@ fn round_trip_across_segments_and_release_frees_files() {
     assert_eq!(cache.pending_bytes("vm1"), 0);
     assert_eq!(cache.last_seq("vm1"), 50);
     assert_eq!(
-        cache.append("vm1", 50, b"again").expect("dup"),
+        cache
+            .append("vm1", 50, Bytes::from_static(b"again"))
+            .expect("dup"),
         AppendOutcome::Duplicate
     );
     append_all(&cache, "vm1", 51..=51);
@@ -183,11 +189,13 @@ fn durable_across_reopen() {
             .is_empty()
     );
     assert_eq!(
-        cache.append("item-0001", 41, b"retry").expect("dup"),
+        cache
+            .append("item-0001", 41, Bytes::from_static(b"retry"))
+            .expect("dup"),
         AppendOutcome::Duplicate
     );
     assert!(matches!(
-        cache.append("item-0001", 43, b"gap"),
+        cache.append("item-0001", 43, Bytes::from_static(b"gap")),
         Err(CacheError::OutOfOrder { expected: 42, .. })
     ));
 }
@@ -315,17 +323,21 @@ fn duplicates_gaps_and_capacity() {
     append_all(&cache, "vm1", 500..=502);
     let used = cache.used_bytes();
     assert_eq!(
-        cache.append("vm1", 501, &payload(501)).expect("dup"),
+        cache.append("vm1", 501, payload(501).into()).expect("dup"),
         AppendOutcome::Duplicate
     );
     assert_eq!(
-        cache.append("vm1", 1, b"old").expect("dup"),
+        cache
+            .append("vm1", 1, Bytes::from_static(b"old"))
+            .expect("dup"),
         AppendOutcome::Duplicate
     );
     assert_eq!(cache.used_bytes(), used);
     assert_eq!(cache.last_seq("vm1"), 502);
 
-    let err = cache.append("vm1", 505, b"gap").expect_err("gap");
+    let err = cache
+        .append("vm1", 505, Bytes::from_static(b"gap"))
+        .expect_err("gap");
     assert!(
         matches!(&err, CacheError::OutOfOrder { item, expected: 503, got: 505 } if item == "vm1"),
         "{err:?}"
@@ -335,15 +347,15 @@ fn duplicates_gaps_and_capacity() {
         "batch 505 of vm1 out of order: expected 503"
     );
     assert!(matches!(
-        cache.append("vm2", 0, b"zero"),
+        cache.append("vm2", 0, Bytes::from_static(b"zero")),
         Err(CacheError::OutOfOrder { expected: 1, .. })
     ));
     assert!(matches!(
-        cache.append("../x", 1, b"x"),
+        cache.append("../x", 1, Bytes::from_static(b"x")),
         Err(CacheError::InvalidItem { .. })
     ));
     assert!(matches!(
-        cache.append("a b", 1, b"x"),
+        cache.append("a b", 1, Bytes::from_static(b"x")),
         Err(CacheError::InvalidItem { .. })
     ));
 
@@ -356,7 +368,9 @@ fn duplicates_gaps_and_capacity() {
             .sum::<u64>()
     };
     let on_disk = seg_len();
-    let err = cache.append("vm1", 505, &payload(505)).expect_err("full");
+    let err = cache
+        .append("vm1", 505, payload(505).into())
+        .expect_err("full");
     assert!(
         matches!(err, CacheError::Full { used, capacity: c } if used == 5 * frame(100) && c == capacity),
         "{err:?}"
@@ -371,7 +385,9 @@ fn duplicates_gaps_and_capacity() {
     assert_eq!(cache.last_seq("vm1"), 504);
     // A batch that fits the rest still goes in; after the target drains, the full one does.
     assert_eq!(
-        cache.append("vm1", 505, &[1u8; 30]).expect("fits"),
+        cache
+            .append("vm1", 505, Bytes::from_static(&[1u8; 30]))
+            .expect("fits"),
         AppendOutcome::Appended
     );
     cache.release("vm1", 503).expect("release");
@@ -450,12 +466,18 @@ fn health_thresholds() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cache = Cache::open_with(dir.path(), 10_000, MIB).expect("open");
     assert_eq!(cache.health(), (CacheHealth::Healthy, false));
-    cache.append("vm1", 1, &vec![0u8; 7_180]).expect("append");
+    cache
+        .append("vm1", 1, vec![0u8; 7_180].into())
+        .expect("append");
     assert!((cache.free_fraction() - 0.28).abs() < 1e-9);
     assert_eq!(cache.health(), (CacheHealth::Warning, false));
-    cache.append("vm1", 2, &vec![0u8; 580]).expect("append");
+    cache
+        .append("vm1", 2, vec![0u8; 580].into())
+        .expect("append");
     assert_eq!(cache.health(), (CacheHealth::Critical, false));
-    cache.append("vm1", 3, &vec![0u8; 780]).expect("append");
+    cache
+        .append("vm1", 3, vec![0u8; 780].into())
+        .expect("append");
     assert_eq!(cache.health(), (CacheHealth::Critical, true));
 }
 
@@ -474,7 +496,7 @@ async fn notifier_wakes_a_waiting_task_on_append() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(!waiter.is_finished(), "woke without an append");
     let writer = Arc::clone(&cache);
-    tokio::task::spawn_blocking(move || writer.append("vm1", 1, b"hello"))
+    tokio::task::spawn_blocking(move || writer.append("vm1", 1, Bytes::from_static(b"hello")))
         .await
         .expect("join")
         .expect("append");
@@ -482,10 +504,12 @@ async fn notifier_wakes_a_waiting_task_on_append() {
         .await
         .expect("woken by the append")
         .expect("join");
-    assert_eq!(got, vec![(1, b"hello".to_vec())]);
+    assert_eq!(got, vec![(1, Bytes::from_static(b"hello"))]);
 
     // An append between a forwarder's read and its await is not missed.
-    cache.append("vm1", 2, b"again").expect("append");
+    cache
+        .append("vm1", 2, Bytes::from_static(b"again"))
+        .expect("append");
     tokio::time::timeout(Duration::from_secs(5), cache.notifier("vm1").notified())
         .await
         .expect("permit left by the append");

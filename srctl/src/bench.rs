@@ -31,7 +31,7 @@ use failback_proto::pb::data::{
     process_server_data_client::ProcessServerDataClient,
     process_server_data_server::{ProcessServerData, ProcessServerDataServer},
 };
-use failback_proto::pb::operator::{EnableItemRequest, WorkloadRequest};
+use failback_proto::pb::operator::{EnableItemRequest, ListItemsRequest, WorkloadRequest};
 use rand::{RngCore, SeedableRng};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -258,8 +258,20 @@ async fn wait_protected(
     every: Duration,
 ) -> anyhow::Result<failback_proto::pb::operator::Item> {
     let start = Instant::now();
+    // One connection for all polls: a handshake per poll costs the lab CPU the measurement
+    // competes for.
+    let mut client = crate::client::operator(dir).await?;
     loop {
-        let i = item::list(dir, machine).await?.into_iter().next();
+        let i = client
+            .list_items(ListItemsRequest {
+                machine: machine.to_string(),
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!(crate::client::status_message(&s)))?
+            .into_inner()
+            .items
+            .into_iter()
+            .next();
         if let Some(i) = i
             && i.state == "Protected"
             && i.acked_seq > 0
