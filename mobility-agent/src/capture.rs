@@ -14,6 +14,7 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
+use std::io::{Read, Seek};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -460,9 +461,12 @@ impl Capture {
         let mut g = self.lock();
         let inner = &mut *g;
         let d = &mut inner.disks[disk];
-        let mut buf = vec![0u8; len as usize];
-        let n = d.file.read_at(&mut buf, offset)?;
-        buf[n..].fill(0);
+        // Read into uninitialised capacity (no memset of a buffer about to be overwritten);
+        // past the end of the file reads as zeros.
+        let mut buf = Vec::with_capacity(len as usize);
+        (&d.file).seek(std::io::SeekFrom::Start(offset))?;
+        (&d.file).take(len).read_to_end(&mut buf)?;
+        buf.resize(len as usize, 0);
         let entry_id = inner.next_entry;
         inner.next_entry += 1;
         let end = offset + len;

@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -23,8 +24,10 @@ use tracing::{debug, warn};
 use crate::shaping::{Delay, chunk_len};
 use crate::state::{Admission, Flow, RouteState, SAMPLE_EVERY, Shared, Tally};
 
-/// Copy buffer per direction (the largest chunk).
+/// The largest chunk.
 const BUF_SIZE: usize = 64 * 1024;
+/// Receive buffer per direction that chunks are split off (more than `IN_FLIGHT`).
+const RECV_BUF: usize = 4 * 1024 * 1024;
 /// Bytes in flight between the reading and the writing half of one pump (the delay line;
 /// like a TCP window, it bounds one connection's throughput to this per latency).
 const IN_FLIGHT: usize = 1024 * 1024;
@@ -150,24 +153,29 @@ where
     W: AsyncWrite + Unpin,
 {
     let site = tally.site;
-    let (queue, mut due_chunks) = mpsc::unbounded_channel::<(Vec<u8>, Instant)>();
+    let (queue, mut due_chunks) = mpsc::unbounded_channel::<(Bytes, Instant)>();
     let in_flight = &Semaphore::new(IN_FLIGHT);
     let reader = async move {
         let mut settings = shared.subscribe_settings();
         let mut up = shared.subscribe_up();
         let mut delay = Delay::new();
-        let mut buf = vec![0u8; BUF_SIZE];
+        // Chunks are split off one buffer; once the writing half has dropped them, `reserve`
+        // takes the same memory back, so the relay keeps writing into warm pages instead of
+        // allocating (and faulting in) a fresh buffer per chunk.
+        let mut buf = BytesMut::with_capacity(RECV_BUF);
         let mut last_due = Instant::now();
         loop {
             wait_up(&mut up).await;
             let len = chunk_len(settings.borrow().bandwidth, BUF_SIZE);
-            let n = from.read(&mut buf[..len]).await?;
+            buf.reserve(len);
+            let n = (&mut from).take(len as u64).read_buf(&mut buf).await?;
             if n == 0 {
                 return io::Result::Ok(()); // dropping `queue` tells the writing half
             }
             let s = *settings.borrow_and_update();
             if s.blackhole == Some(site) {
                 shared.dropped(site, n);
+                buf.clear();
                 continue;
             }
             let wait = shared.reserve(site, n, s.bandwidth);
@@ -185,7 +193,7 @@ where
             }
             let due = (Instant::now() + delay.sample(&s)).max(last_due);
             last_due = due;
-            if queue.send((buf[..n].to_vec(), due)).is_err() {
+            if queue.send((buf.split().freeze(), due)).is_err() {
                 return Ok(()); // the writing half failed; its error ends the pump
             }
         }
