@@ -1204,6 +1204,40 @@ mod tests {
         assert_eq!(h.crc, frame_crc(7, b"abc"));
     }
 
+    /// Hot copies stay within the budget; what does not fit is read back from disk, and the
+    /// forwarder sees the same bytes either way; a release frees the memory.
+    #[test]
+    fn hot_copies_stay_within_the_budget_and_reads_fall_back_to_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::open(dir.path(), 1 << 30).expect("open");
+        let batch = 4 << 20;
+        let count = HOT_BYTES as usize / batch + 4;
+        let payload = |seq: usize| Bytes::from(vec![(seq % 251) as u8; batch]);
+        for seq in 1..=count {
+            cache
+                .append("vm1", seq as u64, payload(seq))
+                .expect("append");
+        }
+        let hot = cache.hot_used.load(Ordering::SeqCst);
+        assert!(hot <= HOT_BYTES && hot > 0, "hot bytes {hot}");
+        let (in_memory, on_disk) = {
+            let handle = cache.get("vm1").expect("item");
+            let st = lock(&handle);
+            (st.hot.len(), count - st.hot.len())
+        };
+        assert!(
+            in_memory > 0 && on_disk > 0,
+            "{in_memory} hot, {on_disk} not"
+        );
+        let all = cache.read_after("vm1", 0, usize::MAX).expect("read");
+        assert_eq!(all.len(), count);
+        for (seq, bytes) in &all {
+            assert_eq!(bytes, &payload(*seq as usize), "batch {seq}");
+        }
+        cache.release("vm1", count as u64).expect("release");
+        assert_eq!(cache.hot_used.load(Ordering::SeqCst), 0);
+    }
+
     #[test]
     fn item_names_are_validated() {
         assert!(validate_item("vm1").is_ok());

@@ -51,6 +51,8 @@ pub const STAGES: [&str; 7] = [
 
 /// How long any one wait of the drill may take before the stage fails.
 const STAGE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long `wait_state` waits, once the state is reached, for every item to report a lag.
+const LAG_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct DrillOptions {
@@ -757,7 +759,11 @@ impl Drill {
     }
 
     /// Polls the machines' items until every one is in `state`; samples the lag meanwhile.
+    /// Once there, it keeps polling for up to [`LAG_GRACE`] until every item has reported a
+    /// lag: an item can reach Protected (the PS acknowledged its copy) just before the
+    /// target's first acknowledgement gives its agent a lag sample.
     async fn wait_state(&mut self, state: &str) -> anyhow::Result<Vec<Item>> {
+        let mut reached: Option<Instant> = None;
         loop {
             // The CS may be restarting (a fault): keep polling until the stage's limit.
             let Ok(items) = self.items().await else {
@@ -766,8 +772,14 @@ impl Drill {
             };
             self.lag.add(&items);
             if items.len() == self.machines.len() && items.iter().all(|i| i.state == state) {
-                return Ok(items);
+                let since = *reached.get_or_insert_with(Instant::now);
+                if items.iter().all(|i| i.lag_p99_ms > 0.0) || since.elapsed() >= LAG_GRACE {
+                    return Ok(items);
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
             }
+            reached = None;
             let pct = items.iter().map(|i| i.initial_percent).sum::<f64>()
                 / self.machines.len().max(1) as f64;
             self.say(format!("waiting for {state} ({pct:.0} %)"));
