@@ -27,6 +27,9 @@ use crate::machine::Machine;
 
 /// Activity-log granularity.
 pub const REGION: u64 = 1 << 20;
+/// Most bytes the initial copy (or a resync) keeps buffered ahead of the sender: more than the
+/// sender's 48 MiB window of unacknowledged batches, so the wire never waits for the disk.
+pub const COPY_AHEAD: u64 = 64 << 20;
 
 /// One record of the replication log.
 #[derive(Debug, Clone)]
@@ -449,11 +452,15 @@ impl Capture {
     /// Copies `len` bytes of disk `disk` at `offset` into the log as a write record (initial
     /// replication, or re-sending a hot region after a crash). Read and append happen under
     /// the write lock, so the record takes its place in write order: writes logged before it
-    /// are older, writes after it newer. Waits while the buffer is full.
+    /// are older, writes after it newer. Waits while the buffer holds [`COPY_AHEAD`] or more
+    /// (or is full): the copy keeps just ahead of the sender's window instead of reading the
+    /// disk hundreds of MiB ahead into fresh memory, and leaves the rest of the buffer to guest
+    /// writes.
     pub async fn copy(&self, disk: usize, offset: u64, len: u64) -> std::io::Result<()> {
+        let limit = self.cap.min(COPY_AHEAD);
         loop {
             let wait = self.space_freed.notified();
-            if self.lock().buffered < self.cap {
+            if self.lock().buffered < limit {
                 break;
             }
             wait.await;
