@@ -10,10 +10,11 @@
 //!
 //! `O_DIRECT` needs the file offset, the length and the memory to be aligned; [`DirectFile`]
 //! copies each span into an aligned staging buffer of its own (kept between writes, so its
-//! pages are warm) and writes from there. Filesystems without `O_DIRECT` (tmpfs before Linux 6.6) or with a
-//! stricter alignment make [`DirectFile::write_at`] answer `Ok(false)` and the caller writes
-//! through its buffered handle instead; nothing is half-written in that case. Durability is
-//! unchanged: the caller still fdatasyncs (which also commits the block allocations).
+//! pages are warm) and writes from there. Filesystems without `O_DIRECT` (tmpfs before Linux
+//! 6.6) or with a stricter alignment make [`DirectFile::write_at`] answer `Ok(false)` and the
+//! caller writes through its buffered handle instead; nothing is half-written in that case.
+//! Durability is unchanged: the caller still fdatasyncs (which also commits the block
+//! allocations).
 
 use std::fs::{File, OpenOptions};
 use std::io;
