@@ -7,6 +7,7 @@
 //! - [`tls`]: credentials on disk, mutual-TLS server and client settings.
 //! - [`blocks`]: block digests for comparing two copies of a disk.
 //! - [`direct`]: page-cache-free (`O_DIRECT`) writes of aligned spans.
+//! - [`vdisk`]: a disk as stored: a raw sparse file or an overlay over a frozen, shared base.
 //! - [`fence`]: one live replication stream per item at a receiver.
 //! - [`enroll`]: one-time enrollment with the configuration server (passphrase + CSR).
 //! - [`control`]: the self-reconnecting control stream to the configuration server.
@@ -23,6 +24,7 @@ pub mod identity;
 pub mod server;
 pub mod telemetry;
 pub mod tls;
+pub mod vdisk;
 
 /// The version every component reports at registration.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -53,6 +53,8 @@ impl ItemReplica {
 pub struct Replicas {
     pub name: String,
     datastores: Vec<DatastoreConfig>,
+    /// How failover disks are made (copy or overlay).
+    failover_disks: crate::FailoverDisks,
     items: Mutex<HashMap<String, Arc<ItemReplica>>>,
     /// One live PS stream per item.
     fence: failback_common::fence::Fence,
@@ -80,12 +82,14 @@ impl Replicas {
     pub fn new(
         name: String,
         datastores: Vec<DatastoreConfig>,
+        failover_disks: crate::FailoverDisks,
         outbox: mpsc::Sender<ComponentMessage>,
         shutdown: CancellationToken,
     ) -> Arc<Replicas> {
         Arc::new(Replicas {
             name,
             datastores,
+            failover_disks,
             items: Mutex::new(HashMap::new()),
             fence: Default::default(),
             outbox,
@@ -237,6 +241,7 @@ impl Replicas {
             .map_err(|e| e.to_string())?;
         }
         let out = ds.join("vms").join(&vm);
+        let share = self.failover_disks.share_in(&ds);
         tokio::task::spawn_blocking(move || {
             if out.exists() {
                 std::fs::remove_dir_all(&out)
@@ -248,24 +253,43 @@ impl Replicas {
             let p = store
                 .point(&point)
                 .ok_or_else(|| format!("no recovery point `{point}` on the target"))?;
+            let started = std::time::Instant::now();
             let files = store
-                .materialize(Some(&point), &out)
+                .materialize_with(Some(&point), &out, share)
                 .map_err(|e| e.to_string())?;
             let sizes: std::collections::HashMap<String, u64> = store
                 .disks()
                 .iter()
                 .map(|d| (d.id.clone(), d.size))
                 .collect();
+            let overlays = files.iter().filter(|m| m.overlay).count();
+            tracing::info!(
+                item = %item,
+                vm = %vm,
+                point = %point,
+                overlays,
+                copies = files.len() - overlays,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "VM disks created"
+            );
+            let layout = if overlays == files.len() {
+                "overlay"
+            } else {
+                "copy"
+            };
             let disks: Vec<(String, String, u64)> = files
                 .into_iter()
-                .map(|(id, path)| {
-                    let size = sizes.get(&id).copied().unwrap_or(0);
-                    (id, path.display().to_string(), size)
+                .map(|m| {
+                    let size = sizes.get(&m.disk).copied().unwrap_or(0);
+                    (m.disk, m.path.display().to_string(), size)
                 })
                 .collect();
             let digests: Vec<(String, String)> =
                 p.digests.into_iter().map(|d| (d.disk, d.blake3)).collect();
-            Ok(serde_json::json!({"disks": disks, "digests": digests}).to_string())
+            Ok(
+                serde_json::json!({"disks": disks, "digests": digests, "layout": layout})
+                    .to_string(),
+            )
         })
         .await
         .map_err(|e| e.to_string())?
@@ -363,7 +387,7 @@ impl Replicas {
         tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
             for (d, path) in disks {
-                let digest = crate::replica::file_digest(&path)
+                let digest = failback_common::vdisk::digest_path(&path)
                     .map_err(|e| format!("{}: {e}", path.display()))?;
                 out.push((d, String::new(), digest));
             }
@@ -579,7 +603,14 @@ async fn applier(
             _ = shutdown.cancelled() => return,
         }
         let r = replica.clone();
-        match tokio::task::spawn_blocking(move || r.store().apply_pending()).await {
+        // Applying, then folding disks back whose frozen base nothing shares any more (a test
+        // failover cleaned up, a failed-over VM deleted).
+        let work = move || {
+            let mut store = r.store();
+            store.apply_pending()?;
+            store.fold_unshared().map(|_| ())
+        };
+        match tokio::task::spawn_blocking(work).await {
             Ok(Err(e)) => tracing::error!(item = %replica.item, "applying the journal: {e}"),
             Err(e) => tracing::error!(item = %replica.item, "applier: {e}"),
             Ok(Ok(())) => {}

@@ -43,6 +43,34 @@ pub struct MtConfig {
     pub cs: CsSettings,
     /// Datastores this MT's host can read and write.
     pub datastore: Vec<DatastoreConfig>,
+    /// How a failover creates a VM's disks from the replica (`failover_disks`).
+    pub failover_disks: FailoverDisks,
+}
+
+/// How the disks of a failed-over (or test) VM are made from the replica.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailoverDisks {
+    /// A copy where the datastore's filesystem shares extents (the copy is a reflink), an
+    /// overlay over the frozen replica otherwise.
+    #[default]
+    Auto,
+    /// Always a sparse copy of the allocated extents (reflinked where the filesystem can).
+    Copy,
+    /// Always an overlay sharing the replica's frozen base, where the filesystem allows it.
+    Overlay,
+}
+
+impl FailoverDisks {
+    /// The sharing for disks made in `dir`.
+    pub fn share_in(self, dir: &Path) -> replica::Share {
+        match self {
+            FailoverDisks::Copy => replica::Share::Copy,
+            FailoverDisks::Overlay => replica::Share::Freeze,
+            FailoverDisks::Auto if failback_common::vdisk::reflinks(dir) => replica::Share::Copy,
+            FailoverDisks::Auto => replica::Share::Freeze,
+        }
+    }
 }
 
 impl Default for MtConfig {
@@ -55,6 +83,7 @@ impl Default for MtConfig {
             advertise: BTreeMap::new(),
             cs: CsSettings::default(),
             datastore: Vec::new(),
+            failover_disks: FailoverDisks::Auto,
         }
     }
 }
@@ -96,6 +125,7 @@ pub async fn run(
     let replicas = data::Replicas::new(
         config.name.clone(),
         config.datastore.clone(),
+        config.failover_disks,
         registered.control.outbox.clone(),
         shutdown.clone(),
     );

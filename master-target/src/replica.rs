@@ -15,6 +15,7 @@
 //! ```text
 //! DIR/LOCK                       flock(2) held while a ReplicaStore is open (one owner at a time)
 //! DIR/disks/DISK.img             replica disk, a sparse file of the disk's size: latest applied state
+//!                                (DISK.img.overlay/ instead while a failover VM shares its blocks)
 //! DIR/journal/redo-SEQ.log       redo segments; SEQ (20 digits) = first batch in the segment
 //! DIR/undo/undo-SEQ.log          undo segments, same naming
 //! DIR/state.json                 {"version":1,"applied_seq":N}: batches <= N are in the disk files
@@ -81,27 +82,29 @@
 //!
 //! # Recovery points
 //!
-//! A tag in batch `s` is the state after every write of batches `<= s`. To materialize it, the
-//! disks are copied (per allocated extent with `copy_file_range`, which reflinks on filesystems
-//! that share extents, so a mostly empty disk copies in no time and holes stay holes; an
-//! `ioctl(FICLONE)` would need `unsafe`, which this workspace forbids), then the undo records of
-//! batches `applied_seq, ..., s + 1` are written back in reverse order (zero before-images punch
-//! holes). Pruning deletes undo segments whose batches are all `<=` the oldest retained point.
+//! A tag in batch `s` is the state after every write of batches `<= s`. To materialize it, each
+//! disk is cloned ([`failback_common::vdisk`]): as a sparse copy of its allocated extents
+//! (`copy_file_range`, which reflinks on filesystems that share extents, so a mostly empty
+//! disk copies in no time and holes stay holes; an `ioctl(FICLONE)` would need `unsafe`,
+//! which this workspace forbids), or, with [`Share::Freeze`], as an overlay over the replica
+//! disk frozen in place, which copies only what was written since the freeze. Then the undo
+//! records of batches `applied_seq, ..., s + 1` are written back in reverse order (in a copy,
+//! zero before-images punch holes). The replica's disks are overlays from a freeze on, until
+//! [`ReplicaStore::fold_unshared`] finds their base no longer shared. Pruning deletes undo segments whose batches are all `<=` the oldest retained point.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read};
-use std::os::fd::AsFd;
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use failback_common::blocks::{self, BlockDigest};
-use failback_common::direct::DirectFile;
+pub use failback_common::vdisk::Share;
+use failback_common::vdisk::{self, VDisk};
 use nix::errno::Errno;
-use nix::fcntl::{FallocateFlags, Flock, FlockArg};
-use nix::unistd::Whence;
+use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 /// Frame magic of redo segments ("FBLR").
@@ -124,8 +127,6 @@ pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
 const CHECKPOINT_BYTES: usize = 256 << 20;
 /// Chunk for buffered copies and digests.
 const CHUNK: usize = 1 << 20;
-/// Zero before-images at least this long are restored by punching a hole.
-const PUNCH_MIN: usize = 4096;
 const FILE_VERSION: u32 = 1;
 
 // ---------------------------------------------------------------------------------------------
@@ -242,6 +243,15 @@ impl FromStr for PointKind {
         .find(|k| k.as_str() == s)
         .ok_or_else(|| UnknownPointKind(s.to_owned()))
     }
+}
+
+/// One disk written by [`ReplicaStore::materialize_with`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MaterializedDisk {
+    pub disk: String,
+    pub path: PathBuf,
+    /// An overlay sharing the replica's frozen base (else a copy).
+    pub overlay: bool,
 }
 
 /// blake3 (hex) of a whole disk.
@@ -374,22 +384,9 @@ impl FaultPoint {
     }
 }
 
-/// blake3 hex of a whole file, read in 1 MiB chunks.
+/// blake3 hex of a whole disk, raw or overlay ([`failback_common::vdisk`]).
 pub fn file_digest(path: &Path) -> io::Result<String> {
-    let mut file = File::open(path)?;
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                hasher.update(&buf[..n]);
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(hasher.finalize().to_hex().to_string())
+    vdisk::digest_path(path)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -401,10 +398,9 @@ pub fn file_digest(path: &Path) -> io::Result<String> {
 struct Disk {
     spec: DiskSpec,
     path: PathBuf,
-    /// Read-write handle for positional I/O.
-    file: File,
-    /// Page-cache-free writes of aligned spans (see [`ReplicaStore::write_disk`]).
-    direct: DirectFile,
+    /// The disk file (raw, or an overlay once a failover shared its blocks), with
+    /// page-cache-free writes of aligned spans (see [`ReplicaStore::write_disk`]).
+    disk: VDisk,
 }
 
 /// `state.json`.
@@ -470,8 +466,8 @@ impl ReplicaStore {
             return Ok(());
         }
         let disk = &mut self.disks[idx];
-        disk.file.set_len(size).map_err(io_at(&disk.path))?;
-        disk.file.sync_all().map_err(io_at(&disk.path))?;
+        disk.disk.set_len(size).map_err(io_at(&disk.path))?;
+        disk.disk.sync_all().map_err(io_at(&disk.path))?;
         disk.spec.size = size;
         if let Some(spec) = self.specs.iter_mut().find(|s| s.id == id) {
             spec.size = size;
@@ -783,13 +779,31 @@ impl ReplicaStore {
         self.gc_undo()
     }
 
-    /// Writes each disk as of `point` (`None` = latest) to `out_dir/DISK.img`, byte-exact and
-    /// sparse where the replica is sparse. Returns (disk id, path) pairs.
+    /// Writes each disk as of `point` (`None` = latest) to `out_dir/DISK.img` as a raw sparse
+    /// copy, byte-exact and sparse where the replica is sparse. Returns (disk id, path) pairs.
     pub fn materialize(
         &mut self,
         point: Option<&str>,
         out_dir: &Path,
     ) -> Result<Vec<(String, PathBuf)>, ReplicaError> {
+        Ok(self
+            .materialize_with(point, out_dir, Share::Copy)?
+            .into_iter()
+            .map(|m| (m.disk, m.path))
+            .collect())
+    }
+
+    /// [`ReplicaStore::materialize`], each disk made as `share` says: a copy, or an overlay
+    /// sharing the replica's frozen base ([`failback_common::vdisk`]), which copies only the
+    /// blocks written since the freeze plus the point's rollback. The replica's own disks
+    /// become overlays when `share` freezes them; they fold back by themselves once nothing
+    /// shares their base ([`ReplicaStore::fold_unshared`]).
+    pub fn materialize_with(
+        &mut self,
+        point: Option<&str>,
+        out_dir: &Path,
+        share: Share,
+    ) -> Result<Vec<MaterializedDisk>, ReplicaError> {
         self.apply_pending()?;
         let target = match point {
             None => self.applied_seq,
@@ -820,10 +834,12 @@ impl ReplicaStore {
             )));
         }
         let mut outputs = Vec::with_capacity(self.disks.len());
-        for disk in &self.disks {
+        let mut shared = Vec::with_capacity(self.disks.len());
+        for disk in &mut self.disks {
             let path = out_dir.join(format!("{}.img", disk.spec.id));
-            let file = copy_sparse(&disk.file, &disk.path, &path, disk.spec.size)?;
-            outputs.push((path, file));
+            let (out, overlay) = disk.disk.clone_to(&path, share).map_err(io_at(&path))?;
+            outputs.push((path, out));
+            shared.push(overlay);
         }
         for seq in (target + 1..=self.applied_seq).rev() {
             let payload = self.undo.read(seq)?;
@@ -833,20 +849,56 @@ impl ReplicaStore {
             })?;
             for &(disk, offset, data) in images.iter().rev() {
                 let idx = self.check_write(disk, offset, data.len())?;
-                let (path, file) = &outputs[idx];
-                restore_range(file, offset, data).map_err(io_at(path))?;
+                let (path, out) = &mut outputs[idx];
+                out.restore_at(data, offset).map_err(io_at(path))?;
             }
         }
-        for (path, file) in &outputs {
-            file.sync_all().map_err(io_at(path))?;
+        for (path, out) in &outputs {
+            out.sync_all().map_err(io_at(path))?;
         }
         fsync_dir(out_dir)?;
         Ok(self
             .specs
             .iter()
-            .map(|s| s.id.clone())
-            .zip(outputs.into_iter().map(|(p, _)| p))
+            .zip(outputs)
+            .zip(shared)
+            .map(|((s, (path, _)), overlay)| MaterializedDisk {
+                disk: s.id.clone(),
+                path,
+                overlay,
+            })
             .collect())
+    }
+
+    /// Folds each replica disk that is an overlay no other disk shares any more back into a
+    /// raw disk (copying only its delta). Returns how many folded. Cheap when none is an
+    /// overlay: one `fstat` per overlay disk.
+    pub fn fold_unshared(&mut self) -> Result<usize, ReplicaError> {
+        self.check_poisoned()?;
+        let mut folded = 0;
+        for d in 0..self.disks.len() {
+            let disk = &mut self.disks[d];
+            if !disk.disk.is_overlay() {
+                continue;
+            }
+            match disk.disk.fold_if_unshared() {
+                Ok(true) => folded += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    let err = io_at(&self.disks[d].path)(e);
+                    return Err(self.poison(err));
+                }
+            }
+        }
+        Ok(folded)
+    }
+
+    /// Whether replica disk `id` is an overlay over a frozen base (for status and tests).
+    pub fn disk_is_overlay(&self, id: &str) -> Option<bool> {
+        self.disks
+            .iter()
+            .find(|d| d.spec.id == id)
+            .map(|d| d.disk.is_overlay())
     }
 
     /// blake3 hex digest of each disk as of `point` (`None` = latest).
@@ -856,7 +908,12 @@ impl ReplicaStore {
             return self
                 .disks
                 .iter()
-                .map(|d| digest_of(&d.spec.id, &d.path))
+                .map(|d| {
+                    Ok(DiskDigest {
+                        disk: d.spec.id.clone(),
+                        blake3: d.disk.digest().map_err(io_at(&d.path))?,
+                    })
+                })
                 .collect();
         };
         if self.point(id).is_none() {
@@ -868,10 +925,17 @@ impl ReplicaStore {
             std::process::id(),
             self.scratch
         )));
-        let files = self.materialize(Some(id), &scratch.0)?;
+        // A verification must not change the replica's layout: it shares an already frozen
+        // base, else copies.
+        let files = self.materialize_with(Some(id), &scratch.0, Share::IfFrozen)?;
         files
             .iter()
-            .map(|(disk, path)| digest_of(disk, path))
+            .map(|m| {
+                Ok(DiskDigest {
+                    disk: m.disk.clone(),
+                    blake3: vdisk::digest_path(&m.path).map_err(io_at(&m.path))?,
+                })
+            })
             .collect()
     }
 
@@ -892,7 +956,7 @@ impl ReplicaStore {
             ));
         }
         let idx = self.check_write(disk, offset, usize::try_from(len).unwrap_or(usize::MAX))?;
-        let Disk { file, path, .. } = &self.disks[idx];
+        let Disk { disk, path, .. } = &self.disks[idx];
         let end = offset + len;
         let blocks = usize::try_from(len.div_ceil(block_size)).unwrap_or(usize::MAX);
         let mut sums = Vec::with_capacity(blocks.min(1 << 16));
@@ -905,7 +969,8 @@ impl ReplicaStore {
             let stop = end.min(start.saturating_add(block_size));
             let data_at = match next_data {
                 Some(at) if at >= start => at,
-                _ => seek_data(file, start)
+                _ => disk
+                    .next_data(start)
                     .map_err(io_at(path))?
                     .unwrap_or(u64::MAX),
             };
@@ -927,7 +992,7 @@ impl ReplicaStore {
                     let n = usize::try_from(stop - pos)
                         .unwrap_or(usize::MAX)
                         .min(buf.len());
-                    read_full_at(file, &mut buf[..n], pos).map_err(io_at(path))?;
+                    disk.read_at(&mut buf[..n], pos).map_err(io_at(path))?;
                     hasher.update(&buf[..n]);
                     pos += n as u64;
                 }
@@ -1072,7 +1137,7 @@ impl ReplicaStore {
             frame.put_u64(offset);
             frame.put_u32(data.len() as u32);
             let slot = frame.zeroed(data.len());
-            read_full_at(&disk.file, slot, offset).map_err(io_at(&disk.path))?;
+            disk.disk.read_at(slot, offset).map_err(io_at(&disk.path))?;
         }
         Ok(frame.finish(UNDO_MAGIC, seq))
     }
@@ -1080,13 +1145,7 @@ impl ReplicaStore {
     /// Writes `data` into disk `d` at `offset`: directly (no page cache) when the span is
     /// aligned, buffered otherwise. The caller fdatasyncs. A failure poisons the store.
     fn write_disk(&mut self, d: usize, offset: u64, data: &[u8]) -> Result<(), ReplicaError> {
-        let disk = &mut self.disks[d];
-        let res = match disk.direct.write_at(data, offset) {
-            Ok(true) => Ok(()),
-            Ok(false) => disk.file.write_all_at(data, offset),
-            Err(e) => Err(e),
-        };
-        res.map_err(|e| {
+        self.disks[d].disk.write_at(data, offset).map_err(|e| {
             let err = io_at(&self.disks[d].path)(e);
             self.poison(err)
         })
@@ -1094,7 +1153,7 @@ impl ReplicaStore {
 
     fn sync_disks(&mut self, touched: &mut BTreeSet<usize>) -> Result<(), ReplicaError> {
         for &d in touched.iter() {
-            if let Err(e) = self.disks[d].file.sync_data() {
+            if let Err(e) = self.disks[d].disk.sync_data() {
                 let err = io_at(&self.disks[d].path)(e);
                 return Err(self.poison(err));
             }
@@ -1205,13 +1264,6 @@ impl Drop for ScratchDir {
     }
 }
 
-fn digest_of(disk: &str, path: &Path) -> Result<DiskDigest, ReplicaError> {
-    Ok(DiskDigest {
-        disk: disk.into(),
-        blake3: file_digest(path).map_err(io_at(path))?,
-    })
-}
-
 fn validate_specs(disks: &[DiskSpec]) -> Result<(), ReplicaError> {
     let mut seen = BTreeSet::new();
     for spec in disks {
@@ -1242,43 +1294,29 @@ fn validate_specs(disks: &[DiskSpec]) -> Result<(), ReplicaError> {
     Ok(())
 }
 
-/// Opens `DIR/disks/ID.img`, creating it sparse (atomically: tmp file, then rename).
+/// Opens `DIR/disks/ID.img` (raw or overlay), creating it raw and sparse (atomically: tmp
+/// file, then rename).
 fn open_disk(disks_dir: &Path, spec: &DiskSpec) -> Result<Disk, ReplicaError> {
     let path = disks_dir.join(format!("{}.img", spec.id));
-    let file = match OpenOptions::new().read(true).write(true).open(&path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let tmp = disks_dir.join(format!("{}.img.tmp", spec.id));
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)
-                .map_err(io_at(&tmp))?;
-            file.set_len(spec.size).map_err(io_at(&tmp))?;
-            file.sync_all().map_err(io_at(&tmp))?;
-            fs::rename(&tmp, &path).map_err(io_at(&path))?;
-            fsync_dir(disks_dir)?;
-            tracing::info!(disk = %spec.id, size = spec.size, "replica disk created");
-            file
-        }
-        Err(e) => return Err(io_at(&path)(e)),
+    let disk = if VDisk::exists(&path) {
+        VDisk::open(&path).map_err(io_at(&path))?
+    } else {
+        let disk = VDisk::create(&path, spec.size).map_err(io_at(&path))?;
+        tracing::info!(disk = %spec.id, size = spec.size, "replica disk created");
+        disk
     };
-    let actual = file.metadata().map_err(io_at(&path))?.len();
-    if actual != spec.size {
+    if disk.len() != spec.size {
         return Err(ReplicaError::DiskSizeMismatch {
             disk: spec.id.clone(),
             path,
             expected: spec.size,
-            actual,
+            actual: disk.len(),
         });
     }
     Ok(Disk {
         spec: spec.clone(),
-        direct: DirectFile::new(&path),
+        disk: disk.with_direct(),
         path,
-        file,
     })
 }
 
@@ -1985,70 +2023,25 @@ fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), Replica
     }
 }
 
-/// Fills `buf` from `offset`; bytes past the end of the file read as zeros.
-fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => {
-                buf[done..].fill(0);
-                break;
-            }
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// The first offset `>= pos` holding data (`None`: only a hole follows). Filesystems without
-/// `SEEK_DATA` report everything as data.
-fn seek_data(file: &File, pos: u64) -> io::Result<Option<u64>> {
-    let Ok(at) = i64::try_from(pos) else {
-        return Ok(None);
-    };
-    match nix::unistd::lseek(file.as_fd(), at, Whence::SeekData) {
-        Ok(found) => Ok(Some(found.max(at) as u64)),
-        Err(Errno::ENXIO) => Ok(None),
-        Err(Errno::EINVAL | Errno::EOPNOTSUPP) => Ok(Some(pos)),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// The first hole `>= pos` (the end of the file counts as one); `end` when unknown.
-fn seek_hole(file: &File, pos: u64, end: u64) -> io::Result<u64> {
-    let Ok(at) = i64::try_from(pos) else {
-        return Ok(end);
-    };
-    match nix::unistd::lseek(file.as_fd(), at, Whence::SeekHole) {
-        Ok(found) => Ok((found.max(at) as u64).min(end)),
-        Err(Errno::ENXIO | Errno::EINVAL | Errno::EOPNOTSUPP) => Ok(end),
-        Err(e) => Err(e.into()),
-    }
-}
-
 /// Makes `dst` a disk of `size` bytes starting as the disk image `src`: the seed of a
 /// reprotect. Like ASR's master target, which attaches the on-premises VM's own disks, the
 /// replica takes over `src` itself: a hard link, no byte copied (the source disk then follows
-/// the replica). Across filesystems, or from a larger image, it is a sparse copy instead
-/// (reflinked where the filesystem can). Returns whether it was linked.
+/// the replica). An overlay `src` is taken over as a new overlay over the same frozen base
+/// (only its delta is copied). Across filesystems, or from a larger image, it is a sparse copy
+/// instead (reflinked where the filesystem can). Returns whether no full copy was made.
 pub fn seed_disk(src: &Path, dst: &Path, size: u64) -> Result<bool, ReplicaError> {
-    let file = File::open(src).map_err(io_at(src))?;
-    let len = file.metadata().map_err(io_at(src))?.len();
-    if len <= size && fs::hard_link(src, dst).is_ok() {
-        let out = OpenOptions::new()
-            .write(true)
-            .open(dst)
-            .map_err(io_at(dst))?;
-        out.set_len(size).map_err(io_at(dst))?;
-        out.sync_all().map_err(io_at(dst))?;
-        return Ok(true);
-    }
-    let out = copy_sparse(&file, src, dst, len.min(size))?;
+    let mut from = VDisk::open_read(src).map_err(io_at(src))?;
+    let (mut out, cheap) = if from.len() > size {
+        // A larger image: only its first `size` bytes become the disk.
+        from.clone_to(dst, Share::Copy).map_err(io_at(dst))?
+    } else if !from.is_overlay() && fs::hard_link(src, dst).is_ok() {
+        (VDisk::open(dst).map_err(io_at(dst))?, true)
+    } else {
+        from.clone_to(dst, Share::IfFrozen).map_err(io_at(dst))?
+    };
     out.set_len(size).map_err(io_at(dst))?;
     out.sync_all().map_err(io_at(dst))?;
-    Ok(false)
+    Ok(cheap)
 }
 
 /// How [`write_in_place`] brings a disk to its new content.
@@ -2060,23 +2053,22 @@ pub enum PlaceMode {
     Full,
 }
 
-/// Makes the existing disk file `dst` byte-equal to `src` by writing into it in place (it is
-/// the original disk of a VM: an interrupted call leaves it inconsistent, a repeated call
-/// completes it). `dst` is created or resized to `src`'s length. Returns the bytes written.
+/// Makes the existing disk `dst` (raw or overlay) byte-equal to `src` by writing into it in
+/// place (it is the original disk of a VM: an interrupted call leaves it inconsistent, a
+/// repeated call completes it). `dst` is created or resized to `src`'s length. Returns the
+/// bytes written.
 pub fn write_in_place(src: &Path, dst: &Path, mode: PlaceMode) -> Result<u64, ReplicaError> {
     const BLOCK: usize = 64 << 10;
-    let from = File::open(src).map_err(io_at(src))?;
-    let size = from.metadata().map_err(io_at(src))?.len();
+    let from = VDisk::open_read(src).map_err(io_at(src))?;
+    let size = from.len();
     if let Some(dir) = dst.parent() {
         create_dir(dir)?;
     }
-    let to = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(dst)
-        .map_err(io_at(dst))?;
+    let mut to = if VDisk::exists(dst) {
+        VDisk::open(dst).map_err(io_at(dst))?
+    } else {
+        VDisk::create(dst, size).map_err(io_at(dst))?
+    };
     to.set_len(size).map_err(io_at(dst))?;
     let mut a = vec![0u8; CHUNK];
     let mut b = vec![0u8; CHUNK];
@@ -2084,107 +2076,21 @@ pub fn write_in_place(src: &Path, dst: &Path, mode: PlaceMode) -> Result<u64, Re
     let mut pos = 0;
     while pos < size {
         let n = (size - pos).min(CHUNK as u64) as usize;
-        read_full_at(&from, &mut a[..n], pos).map_err(io_at(src))?;
+        from.read_at(&mut a[..n], pos).map_err(io_at(src))?;
         if mode == PlaceMode::Delta {
-            read_full_at(&to, &mut b[..n], pos).map_err(io_at(dst))?;
+            to.read_at(&mut b[..n], pos).map_err(io_at(dst))?;
         }
         for start in (0..n).step_by(BLOCK) {
             let end = (start + BLOCK).min(n);
             if mode == PlaceMode::Delta && a[start..end] == b[start..end] {
                 continue;
             }
-            restore_range(&to, pos + start as u64, &a[start..end]).map_err(io_at(dst))?;
+            to.restore_at(&a[start..end], pos + start as u64)
+                .map_err(io_at(dst))?;
             written += (end - start) as u64;
         }
         pos += n as u64;
     }
     to.sync_all().map_err(io_at(dst))?;
     Ok(written)
-}
-
-/// Copies `src` (`size` bytes) to a new file at `dst`, allocated extents only.
-fn copy_sparse(src: &File, src_path: &Path, dst: &Path, size: u64) -> Result<File, ReplicaError> {
-    let out = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(dst)
-        .map_err(io_at(dst))?;
-    out.set_len(size).map_err(io_at(dst))?;
-    let mut kernel_copy = true;
-    let mut buf = Vec::new();
-    let mut pos = 0;
-    while pos < size {
-        let Some(data) = seek_data(src, pos).map_err(io_at(src_path))? else {
-            break;
-        };
-        if data >= size {
-            break;
-        }
-        let hole = seek_hole(src, data, size)
-            .map_err(io_at(src_path))?
-            .max(data + 1)
-            .min(size);
-        copy_range(src, &out, data, hole, &mut kernel_copy, &mut buf).map_err(io_at(dst))?;
-        pos = hole;
-    }
-    Ok(out)
-}
-
-/// Copies `[start, end)` with `copy_file_range` (reflinks where the filesystem can), falling
-/// back to buffered copies that skip all-zero chunks.
-fn copy_range(
-    src: &File,
-    dst: &File,
-    start: u64,
-    end: u64,
-    kernel_copy: &mut bool,
-    buf: &mut Vec<u8>,
-) -> io::Result<()> {
-    let mut pos = start;
-    while pos < end {
-        let want = usize::try_from(end - pos)
-            .unwrap_or(usize::MAX)
-            .min(1 << 30);
-        if *kernel_copy {
-            let (Ok(mut off_in), Ok(mut off_out)) = (i64::try_from(pos), i64::try_from(pos)) else {
-                return Err(io::Error::other("offset beyond i64"));
-            };
-            match nix::fcntl::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), want)
-            {
-                Ok(0) => *kernel_copy = false,
-                Ok(n) => pos += n as u64,
-                Err(Errno::EINTR) => {}
-                Err(errno) => {
-                    tracing::debug!(%errno, "copy_file_range unavailable, copying through memory");
-                    *kernel_copy = false;
-                }
-            }
-            continue;
-        }
-        let n = want.min(CHUNK);
-        buf.resize(CHUNK, 0);
-        read_full_at(src, &mut buf[..n], pos)?;
-        if buf[..n].iter().any(|b| *b != 0) {
-            dst.write_all_at(&buf[..n], pos)?;
-        }
-        pos += n as u64;
-    }
-    Ok(())
-}
-
-/// Writes a before-image back; long all-zero images punch a hole instead (byte-exact either
-/// way: partial blocks of a punched range read as zeros).
-fn restore_range(file: &File, offset: u64, data: &[u8]) -> io::Result<()> {
-    if data.len() >= PUNCH_MIN
-        && data.iter().all(|b| *b == 0)
-        && let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(data.len()))
-    {
-        let mode = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-        if nix::fcntl::fallocate(file.as_fd(), mode, off, len).is_ok() {
-            return Ok(());
-        }
-    }
-    file.write_all_at(data, offset)
 }

@@ -7,9 +7,10 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use failback_common::blocks;
+use failback_common::vdisk::VDisk;
 use master_target::replica::{
     AppendOutcome, DiskDigest, DiskSpec, Entry, FaultPoint, PointKind, RecoveryPoint, ReplicaError,
-    ReplicaStore, StoreOptions, file_digest,
+    ReplicaStore, Share, StoreOptions, file_digest,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
@@ -968,4 +969,137 @@ fn point_kind_names() {
         );
     }
     assert!("multi_vm".parse::<PointKind>().is_err());
+}
+
+/// Asserts the disk at `path` (raw or overlay) reads exactly `expected`.
+fn assert_vdisk_bytes(path: &Path, expected: &[u8], what: &str) {
+    let disk = VDisk::open_read(path).expect("open disk");
+    assert_eq!(disk.len(), expected.len() as u64, "{what}: size");
+    let mut actual = vec![0u8; expected.len()];
+    disk.read_at(&mut actual, 0).expect("read");
+    if let Some(at) = actual.iter().zip(expected).position(|(a, b)| a != b) {
+        panic!(
+            "{what}: {} differs at byte {at}: {} != expected {}",
+            path.display(),
+            actual[at],
+            expected[at]
+        );
+    }
+}
+
+#[test]
+fn failover_disks_share_the_frozen_replica_and_both_go_on() {
+    let mut rng = StdRng::seed_from_u64(0x00fe_71a9);
+    let specs = vec![
+        DiskSpec {
+            id: "os".into(),
+            size: 8 * MIB,
+        },
+        DiskSpec {
+            id: "data".into(),
+            size: 2 * MIB + 12_345,
+        },
+    ];
+    let mut lab = Lab::new(specs, StoreOptions::default());
+    // Initial replication fills most of both disks.
+    for (disk, len) in [("os", 6 * MIB), ("data", 2 * MIB)] {
+        let mut data = vec![0u8; len as usize];
+        rng.fill_bytes(&mut data);
+        lab.append(vec![Entry::Write {
+            disk: disk.into(),
+            offset: 0,
+            data: data.into(),
+        }]);
+    }
+    for i in 0..40 {
+        lab.writes(&mut rng, 6);
+        if i % 10 == 9 {
+            lab.tag(&format!("rp-{i}"), PointKind::Crash);
+        }
+    }
+    lab.store().apply_pending().expect("apply");
+    let (point, at_point) = lab.snapshots[1].clone();
+    let vm = lab.out("vm");
+    let made = lab
+        .store()
+        .materialize_with(Some(&point), &vm, Share::Freeze)
+        .expect("materialize");
+    assert!(made.iter().all(|m| m.overlay), "overlays: {made:?}");
+    assert_eq!(
+        lab.store().disk_is_overlay("os"),
+        Some(true),
+        "the replica froze"
+    );
+    for m in &made {
+        assert_vdisk_bytes(&m.path, &at_point.disks[&m.disk], "the VM at the point");
+        let own = VDisk::open_read(&m.path)
+            .expect("open")
+            .own_bytes()
+            .expect("own");
+        assert!(
+            own < MIB,
+            "{}: {own} bytes of its own: the rollback, not a copy of the disk",
+            m.disk
+        );
+    }
+    let os_base = fs::read(vm.join("os.img.overlay/base")).expect("base");
+
+    // Replication goes on (a test failover) and the VM writes its own disk: neither sees the
+    // other, and the base never changes.
+    let mut vm_disk = VDisk::open(&vm.join("os.img")).expect("vm disk");
+    let mut vm_model = at_point.disks["os"].clone();
+    for i in 0..30 {
+        lab.writes(&mut rng, 6);
+        if i % 10 == 9 {
+            lab.tag(&format!("rp-after-{i}"), PointKind::App);
+        }
+        let off = rng.random_range(0..8 * MIB - 9000);
+        let mut data = vec![0u8; rng.random_range(1..9000)];
+        rng.fill_bytes(&mut data);
+        vm_disk.write_at(&data, off).expect("vm write");
+        vm_model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+    }
+    lab.store().apply_pending().expect("apply");
+    assert_vdisk_bytes(&vm.join("os.img"), &vm_model, "the VM's own writes");
+    assert_vdisk_bytes(
+        &vm.join("data.img"),
+        &at_point.disks["data"],
+        "the VM's other disk",
+    );
+    lab.check_all();
+    assert_eq!(
+        fs::read(vm.join("os.img.overlay/base")).expect("base"),
+        os_base,
+        "the frozen base is never written"
+    );
+    // Digests share the frozen base too, and a crash of the target keeps the overlays.
+    let newest = lab.snapshots.last().expect("points").0.clone();
+    let digests = lab.store().digest(Some(&newest)).expect("digest");
+    assert_eq!(
+        sorted(digests),
+        lab.snapshots.last().expect("points").1.digests()
+    );
+    lab.reopen();
+    assert_eq!(lab.store().disk_is_overlay("data"), Some(true));
+    lab.check_all();
+
+    // Nothing shares the base once the VM is gone: the replica folds back into raw disks.
+    assert_eq!(
+        lab.store().fold_unshared().expect("fold"),
+        0,
+        "still shared"
+    );
+    drop(vm_disk);
+    for disk in ["os", "data"] {
+        VDisk::remove(&vm.join(format!("{disk}.img"))).expect("remove vm disk");
+    }
+    assert_eq!(lab.store().fold_unshared().expect("fold"), 2);
+    assert_eq!(lab.store().disk_is_overlay("os"), Some(false));
+    let raw = lab.replica_dir().join("disks/os.img");
+    assert_eq!(fs::metadata(&raw).expect("raw").nlink(), 1);
+    lab.check_all();
+    lab.writes(&mut rng, 6);
+    lab.reopen();
+    lab.check_all();
+    assert_file_bytes(&raw, &lab.model.disks["os"].clone(), "raw again");
 }

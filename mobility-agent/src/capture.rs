@@ -14,12 +14,12 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{Read, Seek};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use failback_common::vdisk::VDisk;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
@@ -62,7 +62,8 @@ impl LogEntry {
 
 struct DiskState {
     id: String,
-    file: File,
+    /// The disk, raw or an overlay over a frozen base (a failed-over VM's).
+    disk: VDisk,
     size: u64,
     /// Per region: hot (may differ from the replica).
     hot: Vec<bool>,
@@ -119,10 +120,6 @@ struct ActivityLog {
     hot: std::collections::BTreeMap<String, Vec<u64>>,
 }
 
-fn io_err(path: &Path, e: std::io::Error) -> std::io::Error {
-    std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
-}
-
 impl Capture {
     /// Opens the machine's disks and its activity log (hot regions from before a crash stay hot).
     pub fn open(machine: &Machine, state_dir: &Path, cap: u64) -> std::io::Result<Arc<Capture>> {
@@ -134,11 +131,7 @@ impl Capture {
             .unwrap_or_default();
         let mut disks = Vec::new();
         for d in &machine.disks {
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&d.path)
-                .map_err(|e| io_err(&d.path, e))?;
+            let disk = VDisk::open(&d.path)?;
             let regions = d.size.div_ceil(REGION) as usize;
             let mut hot = vec![false; regions];
             for r in al.hot.get(&d.id).into_iter().flatten() {
@@ -148,7 +141,7 @@ impl Capture {
             }
             disks.push(DiskState {
                 id: d.id.clone(),
-                file,
+                disk,
                 size: d.size,
                 hot,
                 last_entry: vec![0; regions],
@@ -292,8 +285,7 @@ impl Capture {
         if newly_hot {
             persist_al(&inner.al_path, &inner.disks)?;
         }
-        let d = &inner.disks[disk];
-        d.file.write_all_at(&data, offset)?;
+        inner.disks[disk].disk.write_at(&data, offset)?;
         if inner.logging {
             let e = LogEntry::Write { disk, offset, data };
             inner.buffered += e.bytes();
@@ -329,10 +321,10 @@ impl Capture {
         let mut digests = Vec::new();
         for d in &g.disks {
             if flush {
-                d.file.sync_data()?;
+                d.disk.sync_data()?;
             }
             if digest {
-                digests.push((d.id.clone(), file_digest(&d.file, d.size)?));
+                digests.push((d.id.clone(), d.disk.digest()?));
             }
         }
         let tag_id = id.clone();
@@ -428,25 +420,7 @@ impl Capture {
 
     /// Allocated (ever written) extents of each disk, for initial replication.
     pub fn allocated_extents(&self, disk: usize) -> std::io::Result<Vec<(u64, u64)>> {
-        use nix::unistd::{Whence, lseek};
-        let g = self.lock();
-        let d = &g.disks[disk];
-        let mut out = Vec::new();
-        let mut pos: i64 = 0;
-        let size = d.size as i64;
-        while pos < size {
-            let data = match lseek(&d.file, pos, Whence::SeekData) {
-                Ok(p) => p,
-                Err(nix::errno::Errno::ENXIO) => break,
-                Err(e) => return Err(std::io::Error::from(e)),
-            };
-            let hole = lseek(&d.file, data, Whence::SeekHole)
-                .unwrap_or(size)
-                .min(size);
-            out.push((data as u64, (hole - data) as u64));
-            pos = hole;
-        }
-        Ok(out)
+        self.lock().disks[disk].disk.extents()
     }
 
     /// Copies `len` bytes of disk `disk` at `offset` into the log as a write record (initial
@@ -468,12 +442,9 @@ impl Capture {
         let mut g = self.lock();
         let inner = &mut *g;
         let d = &mut inner.disks[disk];
-        // Read into uninitialised capacity (no memset of a buffer about to be overwritten);
-        // past the end of the file reads as zeros.
-        let mut buf = Vec::with_capacity(len as usize);
-        (&d.file).seek(std::io::SeekFrom::Start(offset))?;
-        (&d.file).take(len).read_to_end(&mut buf)?;
-        buf.resize(len as usize, 0);
+        // A raw disk reads into uninitialised capacity (no memset of a buffer about to be
+        // overwritten); past the end reads as zeros.
+        let buf = d.disk.read_vec(offset, len as usize)?;
         let entry_id = inner.next_entry;
         inner.next_entry += 1;
         let end = offset + len;
@@ -506,8 +477,7 @@ impl Capture {
     ) -> std::io::Result<Vec<failback_common::blocks::BlockDigest>> {
         let g = self.lock();
         let mut buf = vec![0u8; len as usize];
-        let n = g.disks[disk].file.read_at(&mut buf, offset)?;
-        buf[n..].fill(0);
+        g.disks[disk].disk.read_at(&mut buf, offset)?;
         drop(g);
         Ok(buf
             .chunks(block as usize)
@@ -547,7 +517,7 @@ impl Capture {
         let g = self.lock();
         g.disks
             .iter()
-            .map(|d| Ok((d.id.clone(), file_digest(&d.file, d.size)?)))
+            .map(|d| Ok((d.id.clone(), d.disk.digest()?)))
             .collect()
     }
 }
@@ -577,27 +547,6 @@ fn persist_al(path: &Path, disks: &[DiskState]) -> std::io::Result<()> {
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)
-}
-
-/// BLAKE3 hex of the first `size` bytes of `file` (holes read as zeros).
-pub fn file_digest(file: &File, size: u64) -> std::io::Result<String> {
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut off = 0;
-    while off < size {
-        let want = (size - off).min(buf.len() as u64) as usize;
-        let n = file.read_at(&mut buf[..want], off)?;
-        if n == 0 {
-            // Past EOF of a shorter file: zeros.
-            buf[..want].fill(0);
-            hasher.update(&buf[..want]);
-            off += want as u64;
-            continue;
-        }
-        hasher.update(&buf[..n]);
-        off += n as u64;
-    }
-    Ok(hasher.finalize().to_hex().to_string())
 }
 
 #[cfg(test)]

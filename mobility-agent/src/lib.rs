@@ -273,7 +273,9 @@ fn remove(
             disks
         };
         for d in &disks {
-            let _ = std::fs::remove_file(d);
+            if let Err(e) = failback_common::vdisk::VDisk::remove(d) {
+                tracing::warn!(machine = %r.name, "cannot delete a disk: {e}");
+            }
         }
         if let Some(dir) = disks.first().and_then(|d| d.parent()) {
             let _ = std::fs::remove_dir(dir);
@@ -316,7 +318,7 @@ async fn boot(
         ));
     }
     for d in &b.disks {
-        let len = std::fs::metadata(&d.path)
+        let len = failback_common::vdisk::VDisk::open_read(std::path::Path::new(&d.path))
             .map_err(|e| format!("disk {}: {e}", d.path))?
             .len();
         if len != d.size_bytes {

@@ -1,8 +1,10 @@
-//! A machine's disks: raw sparse files `DATASTORE/MACHINE/DISK.img`, created on first start
-//! (never-written regions take no space and are skipped by initial replication).
+//! A machine's disks: `DATASTORE/MACHINE/DISK.img`, raw sparse files created on first start
+//! (never-written regions take no space and are skipped by initial replication), or overlays
+//! over a frozen base ([`failback_common::vdisk`]) once a failover made them.
 
 use std::path::PathBuf;
 
+use failback_common::vdisk::VDisk;
 use failback_proto::pb::control::DiskInfo;
 
 use crate::config::{AgentConfig, MachineConfig};
@@ -50,32 +52,35 @@ impl Machine {
         for d in &config.disk {
             let path = dir.join(format!("{}.img", d.id));
             let size = d.size.as_u64();
-            match std::fs::metadata(&path) {
-                Ok(meta) if meta.len() > size => anyhow::bail!(
+            let existing = if VDisk::exists(&path) {
+                Some(
+                    VDisk::open(&path)
+                        .map_err(|e| anyhow::anyhow!("cannot open disk {}: {e}", path.display()))?,
+                )
+            } else {
+                None
+            };
+            match existing {
+                Some(disk) if disk.len() > size => anyhow::bail!(
                     "disk {} of machine {} is {} bytes but configured as {size}: disks can grow, \
                      not shrink; fix `size` in the config",
                     d.id,
                     config.name,
-                    meta.len()
+                    disk.len()
                 ),
-                Ok(meta) if meta.len() < size => {
+                Some(mut disk) if disk.len() < size => {
                     // The disk was resized: grow it; replication must resync it.
-                    let f = std::fs::OpenOptions::new()
-                        .write(true)
-                        .open(&path)
-                        .map_err(|e| anyhow::anyhow!("cannot open disk {}: {e}", path.display()))?;
-                    f.set_len(size)?;
-                    f.sync_all()?;
-                    tracing::warn!(machine = %config.name, disk = %d.id, from = meta.len(), to = size, "disk resized: resync required");
+                    let from = disk.len();
+                    disk.set_len(size)?;
+                    disk.sync_all()?;
+                    tracing::warn!(machine = %config.name, disk = %d.id, from, to = size, "disk resized: resync required");
                     resized = true;
                 }
-                Ok(_) => {}
-                Err(_) => {
-                    let f = std::fs::File::create(&path).map_err(|e| {
+                Some(_) => {}
+                None => {
+                    VDisk::create(&path, size).map_err(|e| {
                         anyhow::anyhow!("cannot create disk {}: {e}", path.display())
                     })?;
-                    f.set_len(size)?;
-                    f.sync_all()?;
                 }
             }
             disks.push(Disk {

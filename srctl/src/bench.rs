@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use failback_common::enroll::{CsSettings, enroll_once};
 use failback_common::identity::{Identity, Role, Site};
+use failback_common::vdisk::{Share, VDisk};
 use failback_proto::pb::data::{
     AgentBatch, BatchAck, ChecksumRequest, ChecksumResponse, StreamOpen,
     process_server_data_client::ProcessServerDataClient,
@@ -481,6 +482,21 @@ pub struct FailoverReport {
     pub latest_processed_s: f64,
     pub latest_s: f64,
     pub ratio_latest_processed_to_copy: f64,
+    /// How the VM's disks were made ("overlay": over the frozen replica; "copy": a sparse
+    /// copy, a reflink where the filesystem shares extents), for each run.
+    pub layout_latest_processed: String,
+    pub layout_latest: String,
+    /// Bytes the VM's disk holds of its own (the overlay's delta, or the whole copy), each run.
+    pub own_bytes_latest_processed: u64,
+    pub own_bytes_latest: u64,
+}
+
+/// The layout of a VM disk and the bytes it holds of its own.
+fn disk_layout(path: &Path) -> anyhow::Result<(String, u64)> {
+    let disk = VDisk::open_read(path)
+        .map_err(|e| anyhow::anyhow!("cannot open the VM's disk {}: {e}", path.display()))?;
+    let layout = if disk.is_overlay() { "overlay" } else { "copy" };
+    Ok((layout.to_string(), disk.own_bytes()?))
 }
 
 /// Failover time with a full retention window of points under a write load, against a
@@ -564,9 +580,12 @@ pub async fn failover(size: u64, progress: bool) -> anyhow::Result<FailoverRepor
         };
         say("test failover to the latest processed point");
         let lp = run("test", "latest-processed").await?;
+        let (layout_lp, own_lp) =
+            disk_layout(&dir.join("datastores/azure-storage/vms/vm1-Test/disk0.img"))?;
         item::cleanup_test(&dir, "vm1").await?;
         say("failover to latest (process everything, make a new point)");
         let latest = run("unplanned", "latest").await?;
+        let (layout_latest, own_latest) = disk_layout(&dir.join(AZURE_DISK))?;
         Ok(FailoverReport {
             disk_bytes: size,
             retention_s,
@@ -575,6 +594,10 @@ pub async fn failover(size: u64, progress: bool) -> anyhow::Result<FailoverRepor
             latest_processed_s: lp,
             latest_s: latest,
             ratio_latest_processed_to_copy: lp / baseline,
+            layout_latest_processed: layout_lp,
+            layout_latest,
+            own_bytes_latest_processed: own_lp,
+            own_bytes_latest: own_latest,
         })
     })
     .await
@@ -602,6 +625,13 @@ pub fn print_failover(r: &FailoverReport, as_json: bool) -> anyhow::Result<()> {
     println!(
         "  failover latest (new point first)          {:>7.2} s",
         r.latest_s
+    );
+    println!(
+        "  VM disk: {} ({:.1} MiB of its own) after latest-processed, {} ({:.1} MiB) after latest",
+        r.layout_latest_processed,
+        r.own_bytes_latest_processed as f64 / (1 << 20) as f64,
+        r.layout_latest,
+        r.own_bytes_latest as f64 / (1 << 20) as f64
     );
     println!("  (the VM's agent registers after the configured boot delay, not included)");
     Ok(())
@@ -744,12 +774,9 @@ fn blake3_file(path: &Path) -> anyhow::Result<blake3::Hash> {
 /// 64 KiB blocks of the disk image at `path`, chosen at random over the whole disk, with
 /// pwrite, then fsyncs. Returns the bytes changed.
 fn change_blocks(path: &Path, fraction: f64, seed: u64) -> anyhow::Result<u64> {
-    use std::os::unix::fs::FileExt;
-    let disk = std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
-    let size = disk.metadata()?.len();
+    let mut disk =
+        VDisk::open(path).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+    let size = disk.len();
     let blocks = size.div_ceil(CHANGE_BLOCK) as usize;
     let count = ((blocks as f64 * fraction).round() as usize).min(blocks);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -761,7 +788,7 @@ fn change_blocks(path: &Path, fraction: f64, seed: u64) -> anyhow::Result<u64> {
         let off = b as u64 * CHANGE_BLOCK;
         let n = CHANGE_BLOCK.min(size - off) as usize;
         rng.fill_bytes(&mut buf[..n]);
-        disk.write_all_at(&buf[..n], off)?;
+        disk.write_at(&buf[..n], off)?;
         changed += n as u64;
     }
     disk.sync_all()?;
@@ -861,8 +888,13 @@ pub async fn resync(size: u64, changed: f64, progress: bool) -> anyhow::Result<R
             let (azure, onprem, src, dst) =
                 (azure.clone(), onprem.clone(), src.clone(), dst.clone());
             blocking(move || {
-                std::fs::copy(&azure, &src)?;
-                std::fs::copy(&onprem, &dst)?;
+                // Raw copies: rsync reads plain files (the Azure disk may be an overlay).
+                for (from, to) in [(&azure, &src), (&onprem, &dst)] {
+                    VDisk::open_read(from)?
+                        .clone_to(to, Share::Copy)?
+                        .0
+                        .sync_all()?;
+                }
                 Ok(())
             })
             .await?;

@@ -173,12 +173,12 @@ async fn measure(
         let path = dir.join(format!("datastores/azure-storage/vms/{m}/disk0.img"));
         let data = crate::bench::payload(8 << 20, compressible, 11);
         tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            use std::os::unix::fs::FileExt;
-            let f = std::fs::OpenOptions::new().write(true).open(&path)?;
+            // Raw or an overlay over the frozen replica: written through the disk's layout.
+            let mut f = failback_common::vdisk::VDisk::open(&path)?;
             let mut off = 0;
             while off < size {
                 let n = (data.len() as u64).min(size - off) as usize;
-                f.write_all_at(&data[..n], off)?;
+                f.write_at(&data[..n], off)?;
                 off += n as u64;
             }
             f.sync_all()?;

@@ -16,9 +16,9 @@ fn verify_equal(lab: &Path, machine: &str, what: &str) {
     assert_eq!(v["equal"], true, "{what}: {v}");
 }
 
+/// BLAKE3 of a disk, raw or an overlay over the frozen replica.
 fn file_digest(path: &Path) -> String {
-    let bytes = std::fs::read(path).expect("read disk");
-    blake3::hash(&bytes).to_hex().to_string()
+    failback_common::vdisk::digest_path(path).expect("read disk")
 }
 
 /// Protects vm1, hangs the target and starts a planned failover that waits for its final
@@ -82,6 +82,20 @@ fn test_failover_failover_change_point_commit_and_planned_failover() {
         infra(&lab, "vm1-Test")["status"] == "connected"
     });
     verify_equal(&lab, "vm1", "test failover");
+    // Without reflinks (ext4, tmpfs) the test VM's disk is an overlay over the frozen replica:
+    // no full copy was made.
+    let azure_storage = lab.join("datastores/azure-storage");
+    let overlays = !failback_common::vdisk::reflinks(&azure_storage);
+    let replica_overlay = azure_storage.join("replicas/vm1-1/disks/disk0.img.overlay");
+    if overlays {
+        assert!(
+            azure_storage
+                .join("vms/vm1-Test/disk0.img.overlay/base")
+                .exists()
+                && replica_overlay.exists(),
+            "the test VM's disk shares the replica's frozen base"
+        );
+    }
     let points_before = show(&lab, "vm1")["recovery_points"]
         .as_array()
         .map(|a| a.len())
@@ -108,6 +122,18 @@ fn test_failover_failover_change_point_commit_and_planned_failover() {
         !lab.join("datastores/azure-storage/vms/vm1-Test").exists(),
         "its disks must be gone"
     );
+    if overlays {
+        eventually(
+            "the replica folds back once nothing shares its base",
+            30,
+            || {
+                !replica_overlay.exists()
+                    && azure_storage
+                        .join("replicas/vm1-1/disks/disk0.img")
+                        .is_file()
+            },
+        );
+    }
 
     // Failover at the latest processed point, then change to the oldest, then commit.
     let out = ok(srctl(

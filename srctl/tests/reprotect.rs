@@ -260,7 +260,10 @@ fn alternate_location_creates_a_new_vm_with_a_full_copy() {
 
     ok(srctl(&lab, &["failover", "vm1"]));
     let new_disk = lab.join("datastores/ds-onprem/vms/vm1/disk0.img");
-    assert!(new_disk.exists(), "failback created the new VM's disk");
+    assert!(
+        failback_common::vdisk::VDisk::exists(&new_disk),
+        "failback created the new VM's disk"
+    );
     verify_equal(&lab, "vm1", "failback to an alternate location");
     ok(srctl(&lab, &["commit", "vm1"]));
     wait_component(&lab, "vm1", "onprem", "connected");
