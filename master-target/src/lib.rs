@@ -49,7 +49,7 @@ pub struct MtConfig {
 
 /// How the disks of a failed-over (or test) VM are made from the replica.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String")]
 pub enum FailoverDisks {
     /// A copy where the datastore's filesystem shares extents (the copy is a reflink), an
     /// overlay over the frozen replica otherwise.
@@ -59,6 +59,21 @@ pub enum FailoverDisks {
     Copy,
     /// Always an overlay sharing the replica's frozen base, where the filesystem allows it.
     Overlay,
+}
+
+impl TryFrom<String> for FailoverDisks {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<FailoverDisks, String> {
+        match s.as_str() {
+            "auto" => Ok(FailoverDisks::Auto),
+            "copy" => Ok(FailoverDisks::Copy),
+            "overlay" => Ok(FailoverDisks::Overlay),
+            other => Err(format!(
+                "`{other}` is not a way to make failover disks: use auto, copy or overlay"
+            )),
+        }
+    }
 }
 
 impl FailoverDisks {
@@ -184,5 +199,40 @@ async fn handle_commands(
         if !failback_common::control::reply(&outbox, cmd.id, result).await {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<MtConfig, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("mt.toml");
+        let cs = "[cs]\naddress = \"127.0.0.1:7001\"\nenroll_address = \"127.0.0.1:7000\"\n\
+                  ca_cert = \"ca.pem\"\npassphrase = \"lab\"\n";
+        std::fs::write(&file, format!("{text}{cs}")).expect("write config");
+        MtConfig::load(Some(&file))
+    }
+
+    #[test]
+    fn failover_disks_is_read_and_a_bad_value_names_the_key_and_the_choices() {
+        assert_eq!(
+            load("failover_disks = \"copy\"\n")
+                .expect("valid")
+                .failover_disks,
+            FailoverDisks::Copy
+        );
+        assert_eq!(
+            load("").expect("default").failover_disks,
+            FailoverDisks::Auto
+        );
+        let e = load("failover_disks = \"reflink\"\n")
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            e.contains("failover_disks") && e.contains("use auto, copy or overlay"),
+            "{e}"
+        );
     }
 }

@@ -131,9 +131,13 @@ fn tag(id: &str, kind: PointKind, digests: Vec<DiskDigest>) -> Vec<Entry> {
     }]
 }
 
-/// Asserts `path` holds exactly `expected`, naming the first differing byte.
+/// Asserts the disk at `path` (raw or overlay) holds exactly `expected`, naming the first
+/// differing byte.
 fn assert_file_bytes(path: &Path, expected: &[u8], what: &str) {
-    let actual = fs::read(path).expect("read materialized disk");
+    let disk = VDisk::open_read(path).expect("open materialized disk");
+    let mut actual = vec![0u8; usize::try_from(disk.len()).expect("size")];
+    disk.read_at(&mut actual, 0)
+        .expect("read materialized disk");
     assert_eq!(
         actual.len(),
         expected.len(),
@@ -971,22 +975,6 @@ fn point_kind_names() {
     assert!("multi_vm".parse::<PointKind>().is_err());
 }
 
-/// Asserts the disk at `path` (raw or overlay) reads exactly `expected`.
-fn assert_vdisk_bytes(path: &Path, expected: &[u8], what: &str) {
-    let disk = VDisk::open_read(path).expect("open disk");
-    assert_eq!(disk.len(), expected.len() as u64, "{what}: size");
-    let mut actual = vec![0u8; expected.len()];
-    disk.read_at(&mut actual, 0).expect("read");
-    if let Some(at) = actual.iter().zip(expected).position(|(a, b)| a != b) {
-        panic!(
-            "{what}: {} differs at byte {at}: {} != expected {}",
-            path.display(),
-            actual[at],
-            expected[at]
-        );
-    }
-}
-
 #[test]
 fn failover_disks_share_the_frozen_replica_and_both_go_on() {
     let mut rng = StdRng::seed_from_u64(0x00fe_71a9);
@@ -1031,7 +1019,7 @@ fn failover_disks_share_the_frozen_replica_and_both_go_on() {
         "the replica froze"
     );
     for m in &made {
-        assert_vdisk_bytes(&m.path, &at_point.disks[&m.disk], "the VM at the point");
+        assert_file_bytes(&m.path, &at_point.disks[&m.disk], "the VM at the point");
         let own = VDisk::open_read(&m.path)
             .expect("open")
             .own_bytes()
@@ -1060,8 +1048,8 @@ fn failover_disks_share_the_frozen_replica_and_both_go_on() {
         vm_model[off as usize..off as usize + data.len()].copy_from_slice(&data);
     }
     lab.store().apply_pending().expect("apply");
-    assert_vdisk_bytes(&vm.join("os.img"), &vm_model, "the VM's own writes");
-    assert_vdisk_bytes(
+    assert_file_bytes(&vm.join("os.img"), &vm_model, "the VM's own writes");
+    assert_file_bytes(
         &vm.join("data.img"),
         &at_point.disks["data"],
         "the VM's other disk",

@@ -19,6 +19,7 @@
 //! the vpn link, time) against rsync (`--inplace --no-whole-file --ignore-times`) bringing the
 //! same old on-premises disk image up to date with the same Azure disk image.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::{Duration, Instant};
@@ -209,6 +210,20 @@ where
     F: FnOnce(PathBuf) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<T>>,
 {
+    in_temp_lab_with(disk_size, BTreeMap::new(), progress, body).await
+}
+
+/// [`in_temp_lab`] with environment settings for every component (config overrides).
+async fn in_temp_lab_with<T, F, Fut>(
+    disk_size: u64,
+    env: BTreeMap<String, String>,
+    progress: bool,
+    body: F,
+) -> anyhow::Result<T>
+where
+    F: FnOnce(PathBuf) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
     let dir = temp_lab();
     if progress {
         eprintln!(
@@ -221,7 +236,7 @@ where
         machines: 1,
         disk_size,
         timeout: Duration::from_secs(60),
-        ..Default::default()
+        env,
     };
     let result = match lab::up(&dir, &opts).await {
         Ok(_) => body(dir.clone()).await,
@@ -478,6 +493,9 @@ pub struct FailoverReport {
     pub disk_bytes: u64,
     pub retention_s: u64,
     pub points: usize,
+    /// The replica's redo journal plus undo log when the failovers start: what a point's
+    /// rollback reads from.
+    pub journal_bytes: u64,
     pub baseline_full_copy_s: f64,
     pub latest_processed_s: f64,
     pub latest_s: f64,
@@ -501,7 +519,12 @@ fn disk_layout(path: &Path) -> anyhow::Result<(String, u64)> {
 
 /// Failover time with a full retention window of points under a write load, against a
 /// plain full copy of the same disk (what disk creation would cost without block sharing).
-pub async fn failover(size: u64, progress: bool) -> anyhow::Result<FailoverReport> {
+/// `failover_disks` is the master targets' setting (auto, copy or overlay).
+pub async fn failover(
+    size: u64,
+    failover_disks: &str,
+    progress: bool,
+) -> anyhow::Result<FailoverReport> {
     let size = size.div_ceil(1 << 20) * (1 << 20);
     let say = |m: &str| {
         if progress {
@@ -509,7 +532,11 @@ pub async fn failover(size: u64, progress: bool) -> anyhow::Result<FailoverRepor
         }
     };
     let retention_s = 30;
-    in_temp_lab(size, progress, |dir| async move {
+    let env = BTreeMap::from([(
+        "FBL_MT__FAILOVER_DISKS".to_string(),
+        failover_disks.to_string(),
+    )]);
+    in_temp_lab_with(size, env, progress, |dir| async move {
         // Half the disk written before protection.
         let data = payload(BATCH * 8, 0.5, 3);
         fill_disk(&dir.join(ONPREM_DISK), &data, size / 2)?;
@@ -551,8 +578,19 @@ pub async fn failover(size: u64, progress: bool) -> anyhow::Result<FailoverRepor
             .map(|i| i.points.len())
             .unwrap_or(0);
 
+        let replica_dir = dir.join("datastores/azure-storage/replicas/vm1-1");
+        let journal_bytes = ["journal", "undo"]
+            .iter()
+            .flat_map(|sub| {
+                std::fs::read_dir(replica_dir.join(sub))
+                    .into_iter()
+                    .flatten()
+            })
+            .filter_map(|e| e.ok()?.metadata().ok())
+            .map(|m| m.len())
+            .sum();
         say("baseline: a full copy of the replica disk");
-        let replica = dir.join("datastores/azure-storage/replicas/vm1-1/disks/disk0.img");
+        let replica = replica_dir.join("disks/disk0.img");
         let copy = dir.join("datastores/azure-storage/bench-copy.img");
         let start = Instant::now();
         std::fs::copy(&replica, &copy)?;
@@ -590,6 +628,7 @@ pub async fn failover(size: u64, progress: bool) -> anyhow::Result<FailoverRepor
             disk_bytes: size,
             retention_s,
             points,
+            journal_bytes,
             baseline_full_copy_s: baseline,
             latest_processed_s: lp,
             latest_s: latest,
@@ -609,10 +648,12 @@ pub fn print_failover(r: &FailoverReport, as_json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "failover benchmark: {} MiB disk, {} s retention window ({} points) under 10 MB/s of writes",
+        "failover benchmark: {} MiB disk, {} s retention window ({} points, journal and undo log \
+         {:.1} MiB) under 10 MB/s of writes",
         r.disk_bytes >> 20,
         r.retention_s,
-        r.points
+        r.points,
+        r.journal_bytes as f64 / (1 << 20) as f64
     );
     println!(
         "  baseline: full copy of the replica disk     {:>7.2} s",

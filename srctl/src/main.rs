@@ -207,12 +207,18 @@ enum JobCmd {
     },
 }
 
+/// The values of the master targets' `failover_disks` setting.
+const FAILOVER_DISKS: [&str; 3] = ["auto", "copy", "overlay"];
+
 #[derive(Subcommand)]
 enum BenchCmd {
     /// Failover time (latest-processed, latest) vs a full copy of the disk.
     Failover {
         #[arg(long, default_value = "1GiB")]
         size: String,
+        /// How the master targets make the VM's disks.
+        #[arg(long, default_value = "auto", value_parser = FAILOVER_DISKS)]
+        failover_disks: String,
         #[arg(long)]
         json: bool,
     },
@@ -358,6 +364,10 @@ enum LabCmd {
         /// Size of each machine's disk, e.g. 64MiB.
         #[arg(long, default_value = "64MiB")]
         disk_size: String,
+        /// How master targets make failover disks: a copy where the filesystem reflinks and an
+        /// overlay over the frozen replica elsewhere (auto), always a copy, always an overlay.
+        #[arg(long, default_value = "auto", value_parser = FAILOVER_DISKS)]
+        failover_disks: String,
         /// How long to wait for every component to register.
         #[arg(long, default_value = "60s")]
         timeout: humantime::Duration,
@@ -462,6 +472,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             dir,
             machines,
             disk_size,
+            failover_disks,
             timeout,
         }) => {
             let dir = srctl::client::lab_dir(dir.or(lab_flag))?;
@@ -469,7 +480,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 machines,
                 disk_size: parse_size(&disk_size)?,
                 timeout: timeout.into(),
-                ..Default::default()
+                env: [("FBL_MT__FAILOVER_DISKS".to_string(), failover_disks)].into(),
             };
             let state = lab::up(&dir, &opts).await?;
             println!(
@@ -659,8 +670,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let r = srctl::bench::resync(parse_size(&size)?, changed, !json).await?;
             srctl::bench::print_resync(&r, json)?;
         }
-        Cmd::Bench(BenchCmd::Failover { size, json }) => {
-            let r = srctl::bench::failover(parse_size(&size)?, !json).await?;
+        Cmd::Bench(BenchCmd::Failover {
+            size,
+            failover_disks,
+            json,
+        }) => {
+            let r = srctl::bench::failover(parse_size(&size)?, &failover_disks, !json).await?;
             srctl::bench::print_failover(&r, json)?;
         }
         Cmd::Bench(BenchCmd::Compression {
