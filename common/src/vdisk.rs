@@ -61,6 +61,15 @@ const CHUNK: usize = 1 << 20;
 /// Zero ranges at least this long are punched into raw disks instead of written.
 const PUNCH_MIN: usize = 4096;
 
+/// Held while a base gains a link ([`VDisk::clone_to`]) and while a fold checks that its base
+/// has no other link and makes it raw: the two cannot interleave within a process. Links to a
+/// base are only made by the process that owns the datastore's replicas (the master target).
+static BASE_LINKS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn base_links_lock() -> std::sync::MutexGuard<'static, ()> {
+    BASE_LINKS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// How [`VDisk::clone_to`] makes the new disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Share {
@@ -472,7 +481,11 @@ impl VDisk {
         let ov = overlay_dir(&self.path);
         fs::rename(&staging, &ov).map_err(at(&ov))?;
         fsync_dir(&dir)?;
-        fs::remove_file(&self.path).map_err(at(&self.path))?;
+        match fs::remove_file(&self.path) {
+            // Another process's open already finished the switch.
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(at(&self.path)(e)),
+            _ => {}
+        }
         fsync_dir(&dir)?;
         let base = std::mem::replace(&mut self.top, delta);
         self.base = Some(base);
@@ -498,7 +511,15 @@ impl VDisk {
         }
         base.set_len(self.size).map_err(at(&base_path))?;
         base.sync_all().map_err(at(&base_path))?;
+        // A disk that came to share the base meanwhile (a seed taken from this one) copied this
+        // delta, so the blocks written into the base are masked in its view too; but the base
+        // must not become a writable raw disk under it: stay an overlay.
+        let links = base_links_lock();
+        if base.metadata().map_err(at(&base_path))?.nlink() != 1 {
+            return Ok(false);
+        }
         fs::rename(&base_path, &self.path).map_err(at(&self.path))?;
+        drop(links);
         fsync_dir(parent(&self.path))?;
         remove_dir_if_any(&ov)?;
         self.top = base;
@@ -538,7 +559,10 @@ impl VDisk {
         let staging = staging_dir(dst);
         remove_dir_if_any(&staging)?;
         fs::create_dir(&staging).map_err(at(&staging))?;
-        fs::hard_link(overlay_dir(&self.path).join("base"), staging.join("base"))?;
+        {
+            let _links = base_links_lock();
+            fs::hard_link(overlay_dir(&self.path).join("base"), staging.join("base"))?;
+        }
         let delta = new_sparse(&staging.join("delta"), self.size)?;
         for (off, len) in extents_of(&self.top, self.size).map_err(at(&self.top_path))? {
             copy_range(&self.top, &delta, off, off + len, false).map_err(at(&staging))?;
