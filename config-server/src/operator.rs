@@ -10,9 +10,9 @@ use failback_proto::pb::operator::{
     DiskRow, DiskVerification, EnableItemRequest, FailoverRequest, Item, ItemRequest, Job,
     ListInfraRequest, ListInfraResponse, ListItemsRequest, ListItemsResponse, ListJobsRequest,
     ListJobsResponse, ListPoliciesRequest, ListPoliciesResponse, Plan, PlanFailoverRequest,
-    PlanMember, PlanRequest, Policy, RemoveComponentRequest, RemoveComponentResponse,
-    ReprotectRequest, ResyncRequest, VerifyRequest, VerifyResponse, WorkloadRequest,
-    WorkloadResponse, operator_server::Operator,
+    PlanMember, PlanReprotectRequest, PlanReprotectResponse, PlanRequest, Policy,
+    RemoveComponentRequest, RemoveComponentResponse, ReprotectRequest, ResyncRequest,
+    VerifyRequest, VerifyResponse, WorkloadRequest, WorkloadResponse, operator_server::Operator,
 };
 use tonic::{Request, Response, Status};
 
@@ -426,6 +426,16 @@ impl Operator for OperatorService {
         authorize(&request, "Operator.Reprotect", &[Role::Operator])?;
         Ok(Response::new(
             crate::reprotect::reprotect(&self.state, request.into_inner()).await?,
+        ))
+    }
+
+    async fn plan_reprotect(
+        &self,
+        request: Request<PlanReprotectRequest>,
+    ) -> Result<Response<PlanReprotectResponse>, Status> {
+        authorize(&request, "Operator.PlanReprotect", &[Role::Operator])?;
+        Ok(Response::new(
+            crate::plans::reprotect(&self.state, request.into_inner()).await?,
         ))
     }
 

@@ -2,12 +2,18 @@
 //! machines of a group in parallel; each machine's failover is its own job, and the plan's job
 //! has one step per group. Multi-VM point options pick, for the members of a replication
 //! group, the newest point they all share; a custom point is refused for a plan (ASR).
+//! Reprotect through a plan ([`reprotect`]) is how replication groups are reprotected: every
+//! member in the plan, all with the same options and master target, every precondition of
+//! every machine checked before any of them changes.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use failback_common::control::now_ms;
-use failback_proto::pb::operator::{FailoverRequest, Job, Plan, PlanFailoverRequest, PlanMember};
+use failback_proto::pb::operator::{
+    FailoverRequest, Job, Plan, PlanFailoverRequest, PlanMember, PlanReprotectRequest,
+    PlanReprotectResponse, ReprotectRequest,
+};
 use rusqlite::{OptionalExtension, params};
 use tonic::Status;
 
@@ -277,4 +283,120 @@ pub async fn run(state: &Arc<State>, req: PlanFailoverRequest) -> Result<Job, St
         .into_iter()
         .next()
         .ok_or_else(|| Status::internal("job vanished"))
+}
+
+/// Reprotects every machine of the plan with the same options: each replication group of a
+/// member must be wholly in the plan, and every machine's preconditions must hold (else
+/// nothing changes). The plan's job has a step per group and ends once every machine's
+/// "Reprotect" job started; those end as their items become Protected.
+pub async fn reprotect(
+    state: &Arc<State>,
+    req: PlanReprotectRequest,
+) -> Result<PlanReprotectResponse, Status> {
+    let plan = show(state, &req.plan)?;
+    if plan.members.is_empty() {
+        return Err(Status::failed_precondition(format!(
+            "recovery plan `{}` has no machines",
+            req.plan
+        )));
+    }
+    let options = req.options.unwrap_or_default();
+    let in_plan: Vec<&str> = plan.members.iter().map(|m| m.machine.as_str()).collect();
+    let mut groups: Vec<&str> = plan
+        .members
+        .iter()
+        .map(|m| m.replication_group.as_str())
+        .filter(|g| !g.is_empty())
+        .collect();
+    groups.sort_unstable();
+    groups.dedup();
+    for group in groups {
+        let missing: Vec<String> = crate::reprotect::group_members(state, group)?
+            .into_iter()
+            .filter(|m| !in_plan.contains(&m.as_str()))
+            .collect();
+        if !missing.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "replication group `{group}` is reprotected as a whole, but {} of it {} not in \
+                 plan `{}`; add {} (`srctl plan add {} MACHINE`)",
+                missing.join(", "),
+                if missing.len() == 1 { "is" } else { "are" },
+                req.plan,
+                if missing.len() == 1 { "it" } else { "them" },
+                req.plan
+            )));
+        }
+    }
+    let request = |machine: &str| ReprotectRequest {
+        machine: machine.to_string(),
+        ..options.clone()
+    };
+    let refused: Vec<String> = plan
+        .members
+        .iter()
+        .filter_map(|m| {
+            crate::reprotect::precheck(state, &request(&m.machine))
+                .err()
+                .map(|e| format!("{}: {}", m.machine, e.message()))
+        })
+        .collect();
+    if !refused.is_empty() {
+        return Err(Status::failed_precondition(format!(
+            "plan `{}` can't be reprotected; nothing was changed: {}",
+            req.plan,
+            refused.join("; ")
+        )));
+    }
+
+    let store = &state.store;
+    let job = store.start_job(
+        &format!("Plan reprotect {}", req.plan),
+        &format!("plan:{}", req.plan),
+    )?;
+    let mut by_group: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for m in &plan.members {
+        by_group.entry(m.group).or_default().push(m.machine.clone());
+    }
+    let mut jobs = Vec::new();
+    for (group, machines) in by_group {
+        let step = format!("Group {group}: start reprotecting {}", machines.join(", "));
+        store.job_step(job, &step, "In progress")?;
+        let runs = machines.iter().map(|m| {
+            let state = state.clone();
+            let req = request(m);
+            async move {
+                crate::reprotect::start(&state, req)
+                    .await
+                    .map_err(|e| format!("{m}: {}", e.message()))
+            }
+        });
+        let mut errors = Vec::new();
+        for result in futures::future::join_all(runs).await {
+            match result {
+                Ok(j) => jobs.push(j),
+                Err(e) => errors.push(e),
+            }
+        }
+        if !errors.is_empty() {
+            store.job_step(job, &step, "Failed")?;
+            let msg = format!(
+                "group {group}: {}; the machines already started go on, later groups were not \
+                 started",
+                errors.join("; ")
+            );
+            store.end_job(job, Some(&msg))?;
+            return Err(Status::failed_precondition(msg));
+        }
+        store.job_step(job, &step, "Succeeded")?;
+    }
+    store.end_job(job, None)?;
+    let plan_job = store
+        .jobs(job)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| Status::internal("job vanished"))?;
+    Ok(PlanReprotectResponse {
+        plan_job: Some(plan_job),
+        jobs,
+    })
 }

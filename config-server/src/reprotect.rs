@@ -318,7 +318,51 @@ fn check(state: &State, req: &ReprotectRequest) -> Result<Plan, Status> {
 
 /// `reprotect`: checks, then starts the job "Reprotect" and returns it once replication runs;
 /// the job completes when the item is Protected in the new direction.
+/// `srctl reprotect MACHINE`: a machine that shares a replication group with others is
+/// refused (ASR reprotects replication groups through a recovery plan, all members with the
+/// same master target: [`crate::plans::reprotect`]).
 pub async fn reprotect(state: &Arc<State>, req: ReprotectRequest) -> Result<Job, Status> {
+    if let Some(old) = state.store.item_of_machine(&req.machine)?
+        && !old.replication_group.is_empty()
+    {
+        let others: Vec<String> = group_members(state, &old.replication_group)?
+            .into_iter()
+            .filter(|m| m != &req.machine)
+            .collect();
+        if !others.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "`{}` is in replication group `{}` with {}: ASR reprotects a replication group \
+                 through a recovery plan, every member with the same master target; put them in \
+                 a plan (`srctl plan create P`, `srctl plan add P MACHINE`) and run `srctl plan \
+                 reprotect P`",
+                req.machine,
+                old.replication_group,
+                others.join(", ")
+            )));
+        }
+    }
+    start(state, req).await
+}
+
+/// The machines whose active item is in replication group `group`.
+pub(crate) fn group_members(state: &State, group: &str) -> Result<Vec<String>, Status> {
+    Ok(state
+        .store
+        .items()?
+        .into_iter()
+        .filter(|i| i.replication_group == group)
+        .map(|i| i.machine)
+        .collect())
+}
+
+/// Checks every precondition of reprotecting `req.machine`, changing nothing.
+pub(crate) fn precheck(state: &State, req: &ReprotectRequest) -> Result<(), Status> {
+    check(state, req).map(|_| ())
+}
+
+/// Starts the reprotect of one machine once its preconditions hold (no replication group
+/// check: a plan reprotects the whole group).
+pub(crate) async fn start(state: &Arc<State>, req: ReprotectRequest) -> Result<Job, Status> {
     let Plan {
         old,
         machine,

@@ -275,6 +275,23 @@ pub async fn reprotect(
         .into_inner())
 }
 
+/// Reprotects every machine of `plan` with `options` (its `machine` is ignored).
+pub async fn plan_reprotect(
+    dir: &Path,
+    plan: &str,
+    options: failback_proto::pb::operator::ReprotectRequest,
+) -> anyhow::Result<failback_proto::pb::operator::PlanReprotectResponse> {
+    Ok(operator(dir)
+        .await?
+        .plan_reprotect(failback_proto::pb::operator::PlanReprotectRequest {
+            plan: plan.into(),
+            options: Some(options),
+        })
+        .await
+        .map_err(err)?
+        .into_inner())
+}
+
 pub async fn delete_vm(dir: &Path, machine: &str, host: &str) -> anyhow::Result<()> {
     operator(dir)
         .await?

@@ -115,6 +115,13 @@ struct DrillArgs {
 #[derive(clap::Args)]
 struct ReprotectArgs {
     machine: String,
+    #[command(flatten)]
+    opts: ReprotectOpts,
+}
+
+/// The options of a reprotect, for one machine or a recovery plan.
+#[derive(clap::Args)]
+struct ReprotectOpts {
     /// Default: ps-azure for an Azure VM, ps-onprem for an on-premises one.
     #[arg(long)]
     process_server: Option<String>,
@@ -130,11 +137,24 @@ struct ReprotectArgs {
     /// Fail back to a new VM (full copy) instead of the original VM's disks.
     #[arg(long)]
     alternate_location: bool,
-    /// Wait until the item is Protected, showing the job.
+    /// Wait until the item is Protected (every item of a plan), showing the job.
     #[arg(long)]
     wait: bool,
     #[arg(long)]
     json: bool,
+}
+
+impl ReprotectOpts {
+    fn request(&self, machine: &str) -> failback_proto::pb::operator::ReprotectRequest {
+        failback_proto::pb::operator::ReprotectRequest {
+            machine: machine.to_string(),
+            process_server: self.process_server.clone().unwrap_or_default(),
+            master_target: self.master_target.clone().unwrap_or_default(),
+            datastore: self.datastore.clone().unwrap_or_default(),
+            retention_drive: self.retention_drive.clone().unwrap_or_default(),
+            alternate_location: self.alternate_location,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -172,6 +192,13 @@ enum PlanCmd {
     },
     Commit {
         name: String,
+    },
+    /// Reprotect every machine of the plan with the same options and master target (how
+    /// replication groups are reprotected).
+    Reprotect {
+        name: String,
+        #[command(flatten)]
+        opts: ReprotectOpts,
     },
 }
 
@@ -728,26 +755,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Reprotect(a) => {
             let dir = srctl::client::lab_dir(lab_flag)?;
-            let job = item::reprotect(
-                &dir,
-                failback_proto::pb::operator::ReprotectRequest {
-                    machine: a.machine.clone(),
-                    process_server: a.process_server.unwrap_or_default(),
-                    master_target: a.master_target.unwrap_or_default(),
-                    datastore: a.datastore.unwrap_or_default(),
-                    retention_drive: a.retention_drive.unwrap_or_default(),
-                    alternate_location: a.alternate_location,
-                },
-            )
-            .await?;
-            let job = if a.wait {
-                item::watch(&dir, job.id, !a.json).await?
+            let job = item::reprotect(&dir, a.opts.request(&a.machine)).await?;
+            let job = if a.opts.wait {
+                item::watch(&dir, job.id, !a.opts.json).await?
             } else {
                 job
             };
-            if a.json {
+            if a.opts.json {
                 println!("{}", serde_json::to_string_pretty(&item::job_json(&job))?);
-            } else if !a.wait {
+            } else if !a.opts.wait {
                 item::print_job(&job);
             }
             if job.state == "Failed" {
@@ -842,6 +858,40 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
                 PlanCmd::Commit { name } => {
                     item::print_job(&item::plan_run(&dir, &name, "commit", "latest", false).await?)
+                }
+                PlanCmd::Reprotect { name, opts } => {
+                    let r = item::plan_reprotect(&dir, &name, opts.request("")).await?;
+                    let plan_job = r.plan_job.unwrap_or_default();
+                    if !opts.json {
+                        item::print_job(&plan_job);
+                    }
+                    let mut jobs = Vec::with_capacity(r.jobs.len());
+                    for job in r.jobs {
+                        jobs.push(if opts.wait {
+                            item::watch(&dir, job.id, !opts.json).await?
+                        } else {
+                            job
+                        });
+                    }
+                    if opts.json {
+                        let v = serde_json::json!({
+                            "plan_job": item::job_json(&plan_job),
+                            "jobs": jobs.iter().map(item::job_json).collect::<Vec<_>>(),
+                        });
+                        println!("{}", serde_json::to_string_pretty(&v)?);
+                    } else if !opts.wait {
+                        for job in &jobs {
+                            item::print_job(job);
+                        }
+                    }
+                    let failed: Vec<String> = jobs
+                        .iter()
+                        .filter(|j| j.state == "Failed")
+                        .map(|j| format!("{}: {}", j.item, j.error))
+                        .collect();
+                    if !failed.is_empty() {
+                        anyhow::bail!("plan reprotect failed: {}", failed.join("; "));
+                    }
                 }
             }
         }

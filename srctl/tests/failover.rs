@@ -332,6 +332,101 @@ fn recovery_plan_runs_groups_in_order_with_shared_multi_vm_points() {
     for m in plan["members"].as_array().expect("members") {
         assert_eq!(m["state"], "Failover committed", "{plan}");
     }
+
+    // A replication group is reprotected through a recovery plan, as a whole: one member
+    // alone, or a plan missing a member, is refused and nothing changes.
+    for vm in ["vm1", "vm2", "vm3"] {
+        eventually(&format!("{vm} registered in Azure"), 30, || {
+            infra(&lab, vm)["site"] == "azure" && infra(&lab, vm)["status"] == "connected"
+        });
+    }
+    let jobs_before = json(srctl(&lab, &["job", "list", "--json"]))
+        .as_array()
+        .map(|a| a.len());
+    let e = fails(srctl(&lab, &["reprotect", "vm1"]));
+    assert!(
+        e.contains("replication group `app` with vm2") && e.contains("srctl plan reprotect"),
+        "{e}"
+    );
+    ok(srctl(&lab, &["plan", "create", "p2"]));
+    ok(srctl(&lab, &["plan", "add", "p2", "vm1"]));
+    let e = fails(srctl(&lab, &["plan", "reprotect", "p2"]));
+    assert!(e.contains("vm2 of it is not in plan `p2`"), "{e}");
+    let e = fails(srctl(
+        &lab,
+        &["plan", "reprotect", "p1", "--master-target", "mt-nowhere"],
+    ));
+    assert!(
+        e.contains("nothing was changed") && e.contains("mt-nowhere"),
+        "{e}"
+    );
+    assert_eq!(
+        json(srctl(&lab, &["job", "list", "--json"]))
+            .as_array()
+            .map(|a| a.len()),
+        jobs_before,
+        "refused reprotects start no job"
+    );
+    assert_eq!(show(&lab, "vm1")["state"], "Failover committed");
+
+    // The plan reprotects every member to mt-onprem; the group keeps sharing points on the
+    // way back, and the plan's failback takes all of them to one multi-VM point.
+    let out = json(srctl(
+        &lab,
+        &["plan", "reprotect", "p1", "--wait", "--json"],
+    ));
+    assert_eq!(out["plan_job"]["state"], "Succeeded", "{out}");
+    assert_eq!(out["jobs"].as_array().map(|a| a.len()), Some(3), "{out}");
+    for vm in ["vm1", "vm2", "vm3"] {
+        let v = show(&lab, vm);
+        assert_eq!(
+            (v["state"].clone(), v["target"].clone()),
+            (
+                Value::String("Protected".into()),
+                Value::String("mt-onprem".into())
+            ),
+            "{v}"
+        );
+    }
+    eventually("a multi-VM point shared on the way back", 60, || {
+        let ids = |vm: &str| -> Vec<String> {
+            show(&lab, vm)["recovery_points"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p["id"].as_str().map(String::from))
+                .filter(|id| id.starts_with("mv"))
+                .collect()
+        };
+        let (a, b) = (ids("vm1"), ids("vm2"));
+        a.iter().any(|id| b.contains(id))
+    });
+    eventually("vm3 has a point on the way back", 60, || {
+        show(&lab, "vm3")["recovery_points"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+    });
+    ok(srctl(
+        &lab,
+        &[
+            "plan",
+            "failover",
+            "p1",
+            "--point",
+            "latest-multi-vm-processed",
+        ],
+    ));
+    let v1 = json(srctl(&lab, &["item", "verify", "vm1", "--json"]));
+    let v2 = json(srctl(&lab, &["item", "verify", "vm2", "--json"]));
+    assert_eq!(
+        (v1["equal"].clone(), v2["equal"].clone()),
+        (Value::Bool(true), Value::Bool(true))
+    );
+    assert_eq!(
+        v1["point"], v2["point"],
+        "the group fails back to one point"
+    );
+    verify_equal(&lab, "vm3", "plan failback, vm3");
 }
 
 #[test]
