@@ -15,6 +15,9 @@ pub struct CsConfig {
     pub enroll_listen: String,
     /// Mutual-TLS port: control streams and the operator API.
     pub api_listen: String,
+    /// The API address as the lab's components dial it, shown in `infra list` (e.g.
+    /// `cs:7002` in containers, where the CS binds 0.0.0.0); empty: the bound address.
+    pub advertise: String,
     /// How often components heartbeat (sent to them in `Welcome`).
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
@@ -37,6 +40,7 @@ impl Default for CsConfig {
             data_dir: PathBuf::from("cs-data"),
             enroll_listen: "127.0.0.1:9442".into(),
             api_listen: "127.0.0.1:9443".into(),
+            advertise: String::new(),
             heartbeat_interval: Duration::from_secs(1),
             heartbeat_timeout: Duration::from_secs(4),
             enroll_failures_per_minute: 5,

@@ -107,7 +107,11 @@ impl ConfigServer {
             .ca
             .issue(&Identity::new(Role::ConfigServer, Site::Onprem, "cs"))?;
         if let Ok(mut a) = state.api_address.lock() {
-            *a = api.local_addr()?.to_string();
+            *a = if state.config.advertise.is_empty() {
+                api.local_addr()?.to_string()
+            } else {
+                state.config.advertise.clone()
+            };
         }
         let enroll_tls =
             ServerTlsConfig::new().identity(TlsIdentity::from_pem(&me.cert_pem, &me.key_pem));

@@ -24,6 +24,11 @@ struct Cs {
 impl Cs {
     /// Starts a CS with its data in `dir`, on the given ports (0 = ephemeral).
     async fn start(dir: &Path, enroll_port: u16, api_port: u16) -> Cs {
+        Cs::start_with(dir, enroll_port, api_port, "").await
+    }
+
+    /// [`Cs::start`] with the `advertise` setting.
+    async fn start_with(dir: &Path, enroll_port: u16, api_port: u16, advertise: &str) -> Cs {
         failback_common::tls::install_crypto_provider();
         let enroll = TcpListener::bind(("127.0.0.1", enroll_port))
             .await
@@ -35,6 +40,7 @@ impl Cs {
             data_dir: dir.to_path_buf(),
             heartbeat_interval: Duration::from_millis(200),
             heartbeat_timeout: Duration::from_millis(1000),
+            advertise: advertise.to_string(),
             ..CsConfig::default()
         };
         let enroll_addr = enroll.local_addr().expect("addr").to_string();
@@ -351,4 +357,18 @@ impl<F: std::future::Future<Output = Option<String>>> ConnectedExt for F {
     async fn then_some_connected(self) -> bool {
         self.await.as_deref() == Some("connected")
     }
+}
+
+#[tokio::test]
+async fn infra_list_shows_the_cs_at_its_advertised_address() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cs = Cs::start_with(dir.path(), 0, 0, "cs:7002").await;
+    let op = cs.enroll(Role::Operator, "op").await;
+    let components = list(&cs.api, &op).await.expect("list");
+    let me = components
+        .iter()
+        .find(|c| c.name == "cs")
+        .expect("the CS lists itself");
+    assert_eq!(me.address, "cs:7002", "not the bound address {}", cs.api);
+    cs.stop().await;
 }
