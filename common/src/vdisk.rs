@@ -474,7 +474,11 @@ impl VDisk {
         let staging = staging_dir(&self.path);
         remove_dir_if_any(&staging)?;
         fs::create_dir(&staging).map_err(at(&staging))?;
-        fs::hard_link(&self.path, staging.join("base")).map_err(at(&staging))?;
+        if let Err(e) = fs::hard_link(&self.path, staging.join("base")) {
+            tracing::info!(disk = %self.path.display(), error = %e, "not frozen: no hard links here");
+            remove_dir_if_any(&staging)?;
+            return Ok(false);
+        }
         let delta = new_sparse(&staging.join("delta"), self.size)?;
         delta.sync_all().map_err(at(&staging))?;
         fsync_dir(&staging)?;
@@ -541,27 +545,26 @@ impl VDisk {
             Share::IfFrozen => self.is_overlay(),
             Share::Freeze => self.freeze()?,
         };
-        if shared {
-            match self.share_to(dst) {
-                Ok(disk) => return Ok((disk, true)),
-                Err(e) if e.raw_os_error() == Some(nix::libc::EXDEV) => {
-                    tracing::debug!(dst = %dst.display(), "other filesystem: copied");
-                    remove_dir_if_any(&staging_dir(dst))?;
-                }
-                Err(e) => return Err(e),
-            }
+        if shared && let Some(disk) = self.share_to(dst)? {
+            return Ok((disk, true));
         }
         Ok((self.copy_to(dst)?, false))
     }
 
-    /// An overlay at `dst` over this overlay's base, with a copy of this disk's delta.
-    fn share_to(&self, dst: &Path) -> io::Result<VDisk> {
+    /// An overlay at `dst` over this overlay's base, with a copy of this disk's delta; `None`
+    /// where the base can't be linked there (another filesystem, no hard links).
+    fn share_to(&self, dst: &Path) -> io::Result<Option<VDisk>> {
         let staging = staging_dir(dst);
         remove_dir_if_any(&staging)?;
         fs::create_dir(&staging).map_err(at(&staging))?;
-        {
+        let linked = {
             let _links = base_links_lock();
-            fs::hard_link(overlay_dir(&self.path).join("base"), staging.join("base"))?;
+            fs::hard_link(overlay_dir(&self.path).join("base"), staging.join("base"))
+        };
+        if let Err(e) = linked {
+            tracing::info!(dst = %dst.display(), error = %e, "the base can't be linked there: copied");
+            remove_dir_if_any(&staging)?;
+            return Ok(None);
         }
         let delta = new_sparse(&staging.join("delta"), self.size)?;
         for (off, len) in extents_of(&self.top, self.size).map_err(at(&self.top_path))? {
@@ -572,7 +575,7 @@ impl VDisk {
         let ov = overlay_dir(dst);
         fs::rename(&staging, &ov).map_err(at(&ov))?;
         fsync_dir(parent(dst))?;
-        VDisk::open(dst)
+        VDisk::open(dst).map(Some)
     }
 
     /// A raw sparse copy at `dst` of the allocated extents, reflinked where the filesystem
