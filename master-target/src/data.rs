@@ -272,11 +272,6 @@ impl Replicas {
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "VM disks created"
             );
-            let layout = if overlays == files.len() {
-                "overlay"
-            } else {
-                "copy"
-            };
             let disks: Vec<(String, String, u64)> = files
                 .into_iter()
                 .map(|m| {
@@ -286,10 +281,7 @@ impl Replicas {
                 .collect();
             let digests: Vec<(String, String)> =
                 p.digests.into_iter().map(|d| (d.disk, d.blake3)).collect();
-            Ok(
-                serde_json::json!({"disks": disks, "digests": digests, "layout": layout})
-                    .to_string(),
-            )
+            Ok(serde_json::json!({"disks": disks, "digests": digests}).to_string())
         })
         .await
         .map_err(|e| e.to_string())?
