@@ -895,6 +895,33 @@ mod tests {
     }
 
     #[test]
+    fn a_clone_where_the_base_cannot_be_linked_is_a_copy() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Another filesystem: the base can't be hard-linked there (EXDEV).
+        let Ok(other) = tempfile::tempdir_in("/dev/shm") else {
+            eprintln!("no /dev/shm here: nothing to test");
+            return;
+        };
+        let dev = |p: &Path| fs::metadata(p).expect("metadata").dev();
+        if dev(dir.path()) == dev(other.path()) {
+            eprintln!("/dev/shm is on the same filesystem here: nothing to test");
+            return;
+        }
+        let mut rng = Rng(13);
+        let (mut disk, model) = raw_with_data(dir.path(), &mut rng);
+        let (clone, shared) = disk
+            .clone_to(&other.path().join("vm.img"), Share::Freeze)
+            .expect("clone");
+        assert!(disk.is_overlay(), "the source froze");
+        assert!(!shared && !clone.is_overlay(), "copied instead of failing");
+        assert!(
+            !other.path().join("vm.img.overlay.new").exists(),
+            "no leftovers"
+        );
+        assert_eq!(contents(&clone), model);
+    }
+
+    #[test]
     fn open_finishes_or_undoes_an_interrupted_switch() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("d.img");

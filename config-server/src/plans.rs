@@ -148,6 +148,15 @@ fn shared_point(state: &State, machines: &[String], app: bool) -> Result<Option<
         .map(|(id, _)| id))
 }
 
+/// The plan's machines by plan group, groups in order.
+fn machines_by_group(plan: &Plan) -> BTreeMap<u32, Vec<String>> {
+    let mut by_group: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for m in &plan.members {
+        by_group.entry(m.group).or_default().push(m.machine.clone());
+    }
+    by_group
+}
+
 /// Runs an action over the plan, group after group; machines of a group in parallel.
 pub async fn run(state: &Arc<State>, req: PlanFailoverRequest) -> Result<Job, Status> {
     let plan = show(state, &req.plan)?;
@@ -229,10 +238,7 @@ pub async fn run(state: &Arc<State>, req: PlanFailoverRequest) -> Result<Job, St
         &format!("{job_name} {}", req.plan),
         &format!("plan:{}", req.plan),
     )?;
-    let mut by_group: BTreeMap<u32, Vec<String>> = BTreeMap::new();
-    for m in &plan.members {
-        by_group.entry(m.group).or_default().push(m.machine.clone());
-    }
+    let by_group = machines_by_group(&plan);
     for (group, machines) in by_group {
         let step = format!("Group {group}: {}", machines.join(", "));
         store.job_step(job, &step, "In progress")?;
@@ -353,10 +359,7 @@ pub async fn reprotect(
         &format!("Plan reprotect {}", req.plan),
         &format!("plan:{}", req.plan),
     )?;
-    let mut by_group: BTreeMap<u32, Vec<String>> = BTreeMap::new();
-    for m in &plan.members {
-        by_group.entry(m.group).or_default().push(m.machine.clone());
-    }
+    let by_group = machines_by_group(&plan);
     let mut jobs = Vec::new();
     for (group, machines) in by_group {
         let step = format!("Group {group}: start reprotecting {}", machines.join(", "));

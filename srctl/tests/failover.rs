@@ -238,6 +238,37 @@ fn a_job_interrupted_by_a_cs_restart_fails_with_a_reason_and_a_rerun_completes()
     assert_eq!(source, azure);
 }
 
+/// Fails plan p1 (vm1 and vm2 in one replication group, vm3 alone) over at
+/// `latest-multi-vm-processed`: every disk byte-exact, the group members at one multi-VM point.
+fn plan_fails_over_to_one_multi_vm_point(lab: &Path, what: &str) {
+    ok(srctl(
+        lab,
+        &[
+            "plan",
+            "failover",
+            "p1",
+            "--point",
+            "latest-multi-vm-processed",
+        ],
+    ));
+    let v1 = json(srctl(lab, &["item", "verify", "vm1", "--json"]));
+    let v2 = json(srctl(lab, &["item", "verify", "vm2", "--json"]));
+    assert_eq!(
+        (v1["equal"].clone(), v2["equal"].clone()),
+        (Value::Bool(true), Value::Bool(true)),
+        "{what}"
+    );
+    assert_eq!(
+        v1["point"], v2["point"],
+        "{what}: replication group members go to the same point"
+    );
+    assert!(
+        v1["point"].as_str().unwrap_or("").starts_with("mv"),
+        "{what}: {v1}"
+    );
+    verify_equal(lab, "vm3", &format!("{what}, vm3"));
+}
+
 #[test]
 fn recovery_plan_runs_groups_in_order_with_shared_multi_vm_points() {
     let lab_handle = Lab::up(&["--disk-size", "8MiB", "--machines", "3"]);
@@ -305,28 +336,7 @@ fn recovery_plan_runs_groups_in_order_with_shared_multi_vm_points() {
     }
     ok(srctl(&lab, &["plan", "test-failover-cleanup", "p1"]));
 
-    ok(srctl(
-        &lab,
-        &[
-            "plan",
-            "failover",
-            "p1",
-            "--point",
-            "latest-multi-vm-processed",
-        ],
-    ));
-    let v1 = json(srctl(&lab, &["item", "verify", "vm1", "--json"]));
-    let v2 = json(srctl(&lab, &["item", "verify", "vm2", "--json"]));
-    assert_eq!(
-        (v1["equal"].clone(), v2["equal"].clone()),
-        (Value::Bool(true), Value::Bool(true))
-    );
-    assert_eq!(
-        v1["point"], v2["point"],
-        "replication group members fail over to the same point"
-    );
-    assert!(v1["point"].as_str().unwrap_or("").starts_with("mv"), "{v1}");
-    verify_equal(&lab, "vm3", "plan failover, vm3");
+    plan_fails_over_to_one_multi_vm_point(&lab, "plan failover");
     ok(srctl(&lab, &["plan", "commit", "p1"]));
     let plan = json(srctl(&lab, &["plan", "show", "p1", "--json"]));
     for m in plan["members"].as_array().expect("members") {
@@ -406,27 +416,7 @@ fn recovery_plan_runs_groups_in_order_with_shared_multi_vm_points() {
             .as_array()
             .is_some_and(|a| !a.is_empty())
     });
-    ok(srctl(
-        &lab,
-        &[
-            "plan",
-            "failover",
-            "p1",
-            "--point",
-            "latest-multi-vm-processed",
-        ],
-    ));
-    let v1 = json(srctl(&lab, &["item", "verify", "vm1", "--json"]));
-    let v2 = json(srctl(&lab, &["item", "verify", "vm2", "--json"]));
-    assert_eq!(
-        (v1["equal"].clone(), v2["equal"].clone()),
-        (Value::Bool(true), Value::Bool(true))
-    );
-    assert_eq!(
-        v1["point"], v2["point"],
-        "the group fails back to one point"
-    );
-    verify_equal(&lab, "vm3", "plan failback, vm3");
+    plan_fails_over_to_one_multi_vm_point(&lab, "plan failback");
 }
 
 #[test]
