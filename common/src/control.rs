@@ -10,9 +10,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::collections::{HashMap, VecDeque};
+
 use failback_proto::pb::control::{
-    ComponentMessage, CsMessage, Heartbeat, Hello, component_message,
-    control_client::ControlClient, cs_message,
+    CommandResult, ComponentMessage, CsMessage, ErrorCode, Heartbeat, Hello, command_result,
+    component_message, control_client::ControlClient, cs_message,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -198,30 +200,128 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Answers command `id`: the detail JSON on success, the error message otherwise. Returns
-/// false when the control stream's outbox is gone (the component is stopping).
-pub async fn reply(
-    outbox: &mpsc::Sender<ComponentMessage>,
-    id: u64,
-    result: Result<String, String>,
-) -> bool {
-    let (ok, error, detail_json) = match result {
-        Ok(detail) => (true, String::new(), detail),
-        Err(e) => (false, e, String::new()),
-    };
+/// Why a component did not carry out a command: a code the CS acts on, a message it shows.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Refusal {
+    /// The command names something this component does not have.
+    pub fn not_found(message: impl Into<String>) -> Refusal {
+        Refusal {
+            code: ErrorCode::NotFound,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<String> for Refusal {
+    fn from(message: String) -> Refusal {
+        Refusal {
+            code: ErrorCode::Failed,
+            message,
+        }
+    }
+}
+
+impl From<&str> for Refusal {
+    fn from(message: &str) -> Refusal {
+        Refusal::from(message.to_string())
+    }
+}
+
+/// What carrying out a command gave: its typed detail (if the command has one), or why not.
+pub type Outcome = Result<Option<command_result::Detail>, Refusal>;
+
+/// The result message for command `id`.
+pub fn result_of(id: u64, outcome: Outcome) -> CommandResult {
+    match outcome {
+        Ok(detail) => CommandResult {
+            id,
+            ok: true,
+            error: String::new(),
+            code: ErrorCode::Unspecified as i32,
+            detail,
+        },
+        Err(r) => CommandResult {
+            id,
+            ok: false,
+            error: r.message,
+            code: r.code as i32,
+            detail: None,
+        },
+    }
+}
+
+/// Answers command `id`. Returns false when the control stream's outbox is gone (the
+/// component is stopping).
+pub async fn reply(outbox: &mpsc::Sender<ComponentMessage>, result: CommandResult) -> bool {
     outbox
         .send(ComponentMessage {
-            kind: Some(component_message::Kind::Result(
-                failback_proto::pb::control::CommandResult {
-                    id,
-                    ok,
-                    error,
-                    detail_json,
-                },
-            )),
+            kind: Some(component_message::Kind::Result(result)),
         })
         .await
         .is_ok()
+}
+
+/// The commands a component carried out lately, by id: a command re-sent with the same id (a
+/// job the CS resumed after a restart) is answered with the same result and not carried out
+/// again. Only successes are kept: a command that failed is tried again.
+#[derive(Default)]
+pub struct Answered {
+    results: HashMap<u64, CommandResult>,
+    order: VecDeque<u64>,
+}
+
+/// How many answers [`Answered`] keeps.
+const ANSWERED: usize = 1024;
+
+impl Answered {
+    /// The answer already given to command `id`, if any.
+    pub fn get(&self, id: u64) -> Option<CommandResult> {
+        self.results.get(&id).cloned()
+    }
+
+    /// Keeps `result` if it is a success.
+    pub fn record(&mut self, result: &CommandResult) {
+        if !result.ok || self.results.contains_key(&result.id) {
+            return;
+        }
+        if self.order.len() >= ANSWERED
+            && let Some(old) = self.order.pop_front()
+        {
+            self.results.remove(&old);
+        }
+        self.order.push_back(result.id);
+        self.results.insert(result.id, result.clone());
+    }
+}
+
+/// Answers command `id` with what `run` gives, unless a command of that id was carried out
+/// already (then with the answer given then). Returns false when the outbox is gone.
+pub async fn answer<Fut>(
+    outbox: &mpsc::Sender<ComponentMessage>,
+    answered: &mut Answered,
+    id: u64,
+    run: impl FnOnce() -> Fut,
+) -> bool
+where
+    Fut: std::future::Future<Output = Outcome>,
+{
+    let result = match answered.get(id) {
+        Some(done) => {
+            tracing::info!(id, "command already carried out: answered again");
+            done
+        }
+        None => {
+            let r = result_of(id, run().await);
+            answered.record(&r);
+            r
+        }
+    };
+    reply(outbox, result).await
 }
 
 /// The next command from the CS on a control stream (anything else is skipped); `None` once

@@ -12,7 +12,7 @@ use rcgen::{
 };
 use time::{Duration, OffsetDateTime};
 
-use crate::db::{DbError, Store};
+use crate::store::{DbError, Store};
 
 /// Why a certificate could not be issued.
 #[derive(Debug, thiserror::Error)]
@@ -36,9 +36,9 @@ pub struct Ca {
 impl Ca {
     /// The stored CA, or a new one saved to the store.
     pub fn load_or_create(store: &Store) -> Result<Ca, CaError> {
-        if let (Some(cert_pem), Some(key_pem)) =
-            (store.setting("ca_cert")?, store.setting("ca_key")?)
-        {
+        let stored =
+            store.call_blocking(|db| Ok((db.setting("ca_cert")?, db.setting("ca_key")?)))?;
+        if let (Some(cert_pem), Some(key_pem)) = stored {
             let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::Corrupt(e.to_string()))?;
             let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
                 .map_err(|e| CaError::Corrupt(e.to_string()))?;
@@ -59,8 +59,11 @@ impl Ca {
         set_validity(&mut params);
         let cert = params.self_signed(&key)?;
         let cert_pem = cert.pem();
-        store.put_setting("ca_key", &key.serialize_pem())?;
-        store.put_setting("ca_cert", &cert_pem)?;
+        let (key_pem, cert) = (key.serialize_pem(), cert_pem.clone());
+        store.call_blocking(move |db| {
+            db.put_setting("ca_key", &key_pem)?;
+            db.put_setting("ca_cert", &cert)
+        })?;
         tracing::info!("created the lab certificate authority");
         Ok(Ca {
             cert_pem,

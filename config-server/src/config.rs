@@ -32,6 +32,11 @@ pub struct CsConfig {
     pub boot_delay: Duration,
     /// Most disks one master target may serve (ASR: 60); reprotect refuses to exceed it.
     pub master_target_disk_limit: usize,
+    /// Test hook: a job reaching a step whose name starts with this waits there (state
+    /// Waiting) until `srctl job resume`. Empty: off.
+    pub hold_at_step: String,
+    /// Test hook: a job's task panics at a step whose name starts with this. Empty: off.
+    pub panic_at_step: String,
 }
 
 impl Default for CsConfig {
@@ -46,6 +51,8 @@ impl Default for CsConfig {
             enroll_failures_per_minute: 5,
             boot_delay: Duration::from_secs(2),
             master_target_disk_limit: 60,
+            hold_at_step: String::new(),
+            panic_at_step: String::new(),
         }
     }
 }

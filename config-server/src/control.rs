@@ -22,14 +22,16 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::state::{Session, State};
+use crate::sessions::Session;
+use crate::state::State;
 
 pub struct ControlService {
     pub state: Arc<State>,
 }
 
-/// Heartbeats are written to the database at most this often per component.
-const PERSIST_HEARTBEAT_MS: i64 = 5_000;
+/// Heartbeats are written to the database at most this often per component (the live one is
+/// in the session).
+const PERSIST_HEARTBEAT_MS: i64 = 30_000;
 
 fn check_hello(hello: &Hello, who: &Identity) -> Result<(), Status> {
     if hello.name != who.name || hello.role != who.role.as_str() || hello.site != who.site.as_str()
@@ -69,7 +71,8 @@ impl Control for ControlService {
         if state.stopping.is_cancelled() {
             return Err(Status::unavailable("configuration server shutting down"));
         }
-        match state.store.component(&who.name)? {
+        let name = who.name.clone();
+        match state.store.call(move |db| db.component(&name)).await? {
             None => {
                 return Err(Status::permission_denied(format!(
                     "{who} is not registered with this configuration server (removed, or the CS \
@@ -103,13 +106,13 @@ impl Control for ControlService {
         };
         check_hello(&hello, &who)?;
         let now = now_ms();
-        state.store.register(&hello, now)?;
+        let registered = hello.clone();
+        state
+            .store
+            .call(move |db| db.register(&registered, now))
+            .await?;
         if who.role == Role::MasterTarget {
-            state
-                .snapshots
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(who.name.clone(), hello.snapshots.clone());
+            state.set_snapshots(&who.name, hello.snapshots.clone());
         }
 
         let (tx, rx) = mpsc::channel(64);
@@ -122,33 +125,29 @@ impl Control for ControlService {
         .await
         .map_err(|_| Status::cancelled("peer gone"))?;
 
-        let conn_id = state.next_conn_id();
+        let conn_id = state.sessions.next_conn_id();
         let cancel = CancellationToken::new();
-        if let Some(old) = state.sessions().insert(
-            who.name.clone(),
+        let replaced = state.sessions.open(
+            &who.name,
             Session {
                 conn_id,
                 tx: tx.clone(),
                 cancel: cancel.clone(),
                 last_heartbeat_ms: now,
             },
-        ) {
-            old.cancel.cancel();
+        );
+        if replaced {
             tracing::info!(%who, "new control stream replaces the previous one");
         }
         tracing::info!(%who, version = %hello.version, "connected");
         crate::reports::resume(state.clone(), who.clone());
 
+        state.notify();
         tokio::spawn(async move {
-            let reason = pump(&state, &who, inbound, tx, &cancel).await;
-            let mut sessions = state.sessions();
-            if sessions
-                .get(&who.name)
-                .is_some_and(|s| s.conn_id == conn_id)
-            {
-                sessions.remove(&who.name);
-                drop(sessions);
+            let reason = pump(&state, &who, conn_id, inbound, tx, &cancel).await;
+            if state.sessions.close(&who.name, conn_id) {
                 tracing::warn!(%who, "not connected: {reason}");
+                state.notify();
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -159,6 +158,7 @@ impl Control for ControlService {
 async fn pump(
     state: &Arc<State>,
     who: &Identity,
+    conn_id: u64,
     mut inbound: Streaming<ComponentMessage>,
     tx: mpsc::Sender<Result<CsMessage, Status>>,
     cancel: &CancellationToken,
@@ -178,14 +178,23 @@ async fn pump(
             Ok(Ok(Some(m))) => match m.kind {
                 Some(component_message::Kind::Heartbeat(hb)) => {
                     let now = now_ms();
-                    if let Some(s) = state.sessions().get_mut(&who.name) {
+                    if let Some(s) = state.sessions.lock().get_mut(&who.name) {
                         s.last_heartbeat_ms = now;
                     }
                     if now - persisted_ms >= PERSIST_HEARTBEAT_MS {
                         persisted_ms = now;
-                        if let Err(e) = state.store.heartbeat(&who.name, now) {
-                            tracing::error!("{e}");
-                        }
+                        let name = who.name.clone();
+                        let store_state = state.clone();
+                        // Off the stream's path: a slow disk must not delay the ack.
+                        tokio::spawn(async move {
+                            if let Err(e) = store_state
+                                .store
+                                .call(move |db| db.heartbeat(&name, now))
+                                .await
+                            {
+                                tracing::error!("{e}");
+                            }
+                        });
                     }
                     let ack = CsMessage {
                         kind: Some(cs_message::Kind::HeartbeatAck(HeartbeatAck {
@@ -196,9 +205,11 @@ async fn pump(
                         return "peer gone".into();
                     }
                 }
-                Some(component_message::Kind::Result(r)) => state.command_result(r),
+                Some(component_message::Kind::Result(r)) => {
+                    state.sessions.result(&who.name, conn_id, r)
+                }
                 Some(component_message::Kind::Report(r)) => {
-                    if let Err(e) = crate::reports::on_report(state, who, r) {
+                    if let Err(e) = crate::reports::on_report(state, who, r).await {
                         tracing::error!(%who, "report: {e}");
                     }
                 }

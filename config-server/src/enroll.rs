@@ -62,7 +62,8 @@ impl Enrollment for EnrollmentService {
                 "the name `cs` belongs to the configuration server; choose another name",
             ));
         }
-        if let Some(existing) = self.state.store.component(&identity.name)? {
+        let name = identity.name.clone();
+        if let Some(existing) = self.state.store.call(move |db| db.component(&name)).await? {
             tracing::warn!(%identity, "enrollment refused: duplicate name");
             return Err(Status::already_exists(format!(
                 "a component named `{}` is already registered ({} at {}); choose another name, \
@@ -77,9 +78,11 @@ impl Enrollment for EnrollmentService {
             .map_err(|e| {
                 Status::invalid_argument(format!("bad certificate signing request: {e}"))
             })?;
+        let enrolled = identity.clone();
         self.state
             .store
-            .insert_enrolled(&identity, &fingerprint, now_ms())?;
+            .call(move |db| db.insert_enrolled(&enrolled, &fingerprint, now_ms()))
+            .await?;
         tracing::info!(%identity, "enrolled");
         Ok(Response::new(EnrollResponse {
             certificate_pem,

@@ -2,33 +2,39 @@
 //! inventory database, the endpoint of every component's control stream, and the operator API.
 //!
 //! # Layout
-//! - [`config`]: `CsConfig`, loaded in layers and validated.
-//! - [`db`]: the SQLite store (WAL) and online backup.
-//! - [`ca`]: the lab CA (in the database) and certificate issuing.
-//! - [`state`]: shared state, live sessions, enrollment rate limiting.
-//! - [`items`]: replicated items, policies, recovery points, jobs; "Enable protection".
-//! - [`failover`]: failover, planned and test failover, change-point, commit.
-//! - [`plans`]: recovery plans (groups in order, machines in a group in parallel).
-//! - [`reports`]: reports from components; what is re-sent when one reconnects.
-//! - [`enroll`], [`control`], [`operator`]: the gRPC services.
+//! Layered one way, each layer using only those below it:
+//! - gRPC adapters: [`enroll`], [`control`] (control streams), [`operator`] (the operator
+//!   API: thin, it hands long operations to `jobs`).
+//! - `jobs`: the job runner and one module per kind of job (enable, disable, failover,
+//!   commit, cleanup, reprotect, resync, plan): checks that change nothing, then a body the CS
+//!   runs and tracks; what a restart resumes or fails.
+//! - `health` (item and component views), `groups` (multi-VM points), `reports` (what
+//!   components report; what is re-sent when one reconnects), `commands` (the commands
+//!   built from an item's rows).
+//! - `state` (shared state, notifications), `sessions` (control streams, commands and
+//!   their results), `ca`, [`config`].
+//! - `store`: the SQLite database on its own thread, with its schema versions.
+//! - `item`: the leaf types, among them the one item state machine.
 //!
 //! # Ports
 //! Two listeners: the enrollment port (server-authenticated TLS, only `Enroll`: a component
 //! has no certificate yet) and the API port (mutual TLS, client certificate required: control
 //! streams and the operator API). The CS never dials anyone.
 
-pub mod ca;
+mod ca;
+mod commands;
 pub mod config;
-pub mod control;
-pub mod db;
-pub mod enroll;
-pub mod failover;
-pub mod items;
-pub mod operator;
-pub mod plans;
-pub mod reports;
-pub mod reprotect;
-pub mod state;
+mod control;
+mod enroll;
+mod groups;
+mod health;
+mod item;
+mod jobs;
+mod operator;
+mod reports;
+mod sessions;
+mod state;
+mod store;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -45,7 +51,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Identity as TlsIdentity, ServerTlsConfig};
 
 pub use config::CsConfig;
+use jobs::Jobs;
 use state::State;
+pub use store::SCHEMA_VERSION;
 
 /// Names of the files the CS writes in its data directory for operators and the lab.
 pub const CA_FILE: &str = "ca.pem";
@@ -54,6 +62,7 @@ pub const PASSPHRASE_FILE: &str = "passphrase";
 /// An opened configuration server, ready to serve.
 pub struct ConfigServer {
     state: Arc<State>,
+    jobs: Arc<Jobs>,
 }
 
 impl ConfigServer {
@@ -63,27 +72,28 @@ impl ConfigServer {
         std::fs::create_dir_all(&config.data_dir).with_context(|| {
             format!("cannot create data directory {}", config.data_dir.display())
         })?;
-        let store = db::Store::open(&config.db_path())
+        let store = store::Store::open(&config.db_path())
             .with_context(|| format!("cannot open {}", config.db_path().display()))?;
         let ca = ca::Ca::load_or_create(&store)?;
-        let passphrase = match store.setting("passphrase")? {
-            Some(p) => p,
-            None => {
-                let p = Alphanumeric.sample_string(&mut rand::rng(), 20);
-                store.put_setting("passphrase", &p)?;
-                tracing::info!("generated the registration passphrase");
-                p
+        let fresh = Alphanumeric.sample_string(&mut rand::rng(), 20);
+        let passphrase = store.call_blocking(move |db| {
+            if db.policy("default")?.is_none() {
+                db.put_policy_with_twin(&item::default_policy())?;
             }
-        };
+            Ok(match db.setting("passphrase")? {
+                Some(p) => p,
+                None => {
+                    db.put_setting("passphrase", &fresh)?;
+                    tracing::info!("generated the registration passphrase");
+                    fresh
+                }
+            })
+        })?;
         write_public_files(&config.data_dir, ca.cert_pem(), &passphrase)?;
-        for (id, name, item) in store.fail_interrupted_jobs()? {
-            tracing::warn!(job = id, %name, %item, "job interrupted by a restart: failed; run it again");
-        }
-        if store.policy("default")?.is_none() {
-            store.put_policy_with_twin(&items::default_policy())?;
-        }
+        let state = Arc::new(State::new(config, store, ca, passphrase));
         Ok(ConfigServer {
-            state: Arc::new(State::new(config, store, ca, passphrase)),
+            jobs: Jobs::new(state.clone()),
+            state,
         })
     }
 
@@ -102,7 +112,11 @@ impl ConfigServer {
         api: TcpListener,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
-        let state = self.state;
+        let (state, jobs) = (self.state, self.jobs);
+        // Jobs left running by the previous run: resumed, or failed with a reason.
+        jobs.recover()
+            .await
+            .context("recovering the jobs of the previous run")?;
         let me = state
             .ca
             .issue(&Identity::new(Role::ConfigServer, Site::Onprem, "cs"))?;
@@ -127,13 +141,14 @@ impl ConfigServer {
             }))
             .add_service(OperatorServer::new(operator::OperatorService {
                 state: state.clone(),
+                jobs: jobs.clone(),
             }));
         tracing::info!(
             enroll = %enroll.local_addr()?,
             api = %api.local_addr()?,
             "configuration server ready"
         );
-        tokio::spawn(items::group_tagger(state.clone(), shutdown.clone()));
+        tokio::spawn(groups::tagger(state.clone(), shutdown.clone()));
         let stopping = state.stopping.clone();
         let watch = shutdown.clone();
         tokio::spawn(async move {
@@ -144,6 +159,7 @@ impl ConfigServer {
             failback_common::server::serve(enroll_router, enroll, shutdown.clone()),
             failback_common::server::serve(api_router, api, shutdown.clone()),
         );
+        jobs.close().await;
         a.context("enrollment server")?;
         b.context("API server")?;
         Ok(())
@@ -172,7 +188,8 @@ pub fn backup(config: &CsConfig, to: &Path) -> anyhow::Result<()> {
             to.display()
         );
     }
-    db::backup(&db, to).with_context(|| format!("backup of {} to {}", db.display(), to.display()))
+    store::backup(&db, to)
+        .with_context(|| format!("backup of {} to {}", db.display(), to.display()))
 }
 
 /// Restores a backup into the (empty) data directory of `config`.
@@ -185,7 +202,7 @@ pub fn restore(config: &CsConfig, from: &Path) -> anyhow::Result<()> {
         );
     }
     std::fs::create_dir_all(&config.data_dir)?;
-    db::backup(from, &db)
+    store::backup(from, &db)
         .with_context(|| format!("restore of {} into {}", from.display(), db.display()))?;
     // Re-open to check the copy and to write ca.pem and the passphrase file.
     ConfigServer::open(config.clone())?;

@@ -1,77 +1,40 @@
-//! The `Operator` service (role `operator` only): what `srctl` shows and changes.
+//! The `Operator` service (role `operator` only): what `srctl` shows and changes. A thin
+//! adapter: it authorizes, reads through the store for views, and hands every long operation
+//! to [`crate::jobs`], returning the job at once.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use failback_common::control::now_ms;
 use failback_common::identity::{Role, authorize};
-use failback_proto::pb::control::{RemoveMachine, Resync, VerifyPoint, WorkloadCommand, command};
+use failback_proto::pb::control::{
+    RemoveMachine, VerifyPoint, VerifyResult, WorkloadCommand, command, command_result,
+};
 use failback_proto::pb::operator::{
     CancelJobRequest, Component, DatastoreRow, DeleteMachineRequest, DeleteMachineResponse,
-    DiskRow, DiskVerification, EnableItemRequest, FailoverRequest, Item, ItemRequest, Job,
-    ListInfraRequest, ListInfraResponse, ListItemsRequest, ListItemsResponse, ListJobsRequest,
-    ListJobsResponse, ListPoliciesRequest, ListPoliciesResponse, Plan, PlanFailoverRequest,
-    PlanMember, PlanReprotectRequest, PlanReprotectResponse, PlanRequest, Policy,
-    RemoveComponentRequest, RemoveComponentResponse, ReprotectRequest, ResyncRequest,
-    VerifyRequest, VerifyResponse, WorkloadRequest, WorkloadResponse, operator_server::Operator,
+    DeletePlanResponse, DiskRow, DiskVerification, EnableItemRequest, FailoverRequest, ItemRequest,
+    Job, JobRequest, ListInfraRequest, ListInfraResponse, ListItemsRequest, ListItemsResponse,
+    ListJobsRequest, ListJobsResponse, ListPlansRequest, ListPlansResponse, ListPoliciesRequest,
+    ListPoliciesResponse, Plan, PlanAction, PlanFailoverRequest, PlanMember, PlanReprotectRequest,
+    PlanReprotectResponse, PlanRequest, Policy, RemoveComponentRequest, RemoveComponentResponse,
+    ReprotectRequest, ResyncRequest, VerifyRequest, VerifyResponse, WorkloadRequest,
+    WorkloadResponse, operator_server::Operator,
 };
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::items;
+use crate::health;
+use crate::item::ItemRow;
+use crate::jobs::{self, Jobs};
 use crate::state::State;
 
-impl OperatorService {
-    /// Compares the disks of the failed-over (or test) VM with the digests the source recorded
-    /// at the failover point.
-    async fn verify_vm(&self, item: &items::ItemRow) -> Result<VerifyResponse, Status> {
-        let vm = if item.test_vm.is_empty() {
-            item.machine.clone()
-        } else {
-            item.test_vm.clone()
-        };
-        let result = self
-            .state
-            .command(
-                &item.target,
-                command::Kind::VerifyPoint(VerifyPoint {
-                    item: item.id.clone(),
-                    point: String::new(),
-                    vm,
-                    place: if item.test_vm.is_empty() && crate::failover::in_place(item) {
-                        item.placement.home_disk_infos()
-                    } else {
-                        Vec::new()
-                    },
-                }),
-            )
-            .await?;
-        let detail: VerifyDetail = serde_json::from_str(&result.detail_json).map_err(|e| {
-            Status::internal(format!("bad verification result from {}: {e}", item.target))
-        })?;
-        let mut equal = !item.failover_digests.is_empty();
-        let disks = item
-            .failover_digests
-            .iter()
-            .map(|(disk, source)| {
-                let replica = detail
-                    .disks
-                    .iter()
-                    .find(|(d, _, _)| d == disk)
-                    .map(|(_, _, r)| r.clone())
-                    .unwrap_or_default();
-                equal &= &replica == source;
-                DiskVerification {
-                    disk: disk.clone(),
-                    source_blake3: source.clone(),
-                    replica_blake3: replica,
-                }
-            })
-            .collect();
-        Ok(VerifyResponse {
-            equal,
-            point: item.failover_point.clone(),
-            disks,
-        })
-    }
+pub const CONNECTED: &str = "connected";
+pub const NOT_CONNECTED: &str = "not connected";
+
+pub struct OperatorService {
+    pub state: Arc<State>,
+    pub jobs: Arc<Jobs>,
 }
 
 fn validate_policy(p: &Policy) -> Result<(), Status> {
@@ -94,30 +57,93 @@ fn validate_policy(p: &Policy) -> Result<(), Status> {
     Ok(())
 }
 
-/// Verification result returned by a target (`VerifyPoint` detail).
-#[derive(serde::Deserialize)]
-struct VerifyDetail {
-    point: String,
-    equal: bool,
-    disks: Vec<(String, String, String)>,
+fn verify_result(
+    target: &str,
+    r: failback_proto::pb::control::CommandResult,
+) -> Result<VerifyResult, Status> {
+    match r.detail {
+        Some(command_result::Detail::Verify(v)) => Ok(v),
+        _ => Err(Status::internal(format!(
+            "{target} answered VerifyPoint without a verification"
+        ))),
+    }
 }
 
-pub const CONNECTED: &str = "connected";
-pub const NOT_CONNECTED: &str = "not connected";
+impl OperatorService {
+    async fn item_of(&self, machine: &str) -> Result<ItemRow, Status> {
+        let m = machine.to_string();
+        self.state
+            .store
+            .call(move |db| db.item_of_machine(&m))
+            .await?
+            .ok_or_else(|| Status::not_found(format!("`{machine}` has no replicated item")))
+    }
 
-pub struct OperatorService {
-    pub state: Arc<State>,
+    /// Compares the disks of the failed-over (or test) VM with the digests the source recorded
+    /// at the failover point.
+    async fn verify_vm(&self, item: &ItemRow) -> Result<VerifyResponse, Status> {
+        let vm = if item.test_vm.is_empty() {
+            item.machine.clone()
+        } else {
+            item.test_vm.clone()
+        };
+        let result = self
+            .state
+            .sessions
+            .command(
+                &item.target,
+                command::Kind::VerifyPoint(VerifyPoint {
+                    item: item.id.clone(),
+                    point: String::new(),
+                    vm,
+                    place: if item.test_vm.is_empty() && item.in_place() {
+                        item.placement.home_disk_infos()
+                    } else {
+                        Vec::new()
+                    },
+                }),
+            )
+            .await?;
+        let detail = verify_result(&item.target, result)?;
+        let mut equal = !item.failover_digests.is_empty();
+        let disks = item
+            .failover_digests
+            .iter()
+            .map(|(disk, source)| {
+                let replica = detail
+                    .disks
+                    .iter()
+                    .find(|d| &d.disk == disk)
+                    .map(|d| d.replica_blake3.clone())
+                    .unwrap_or_default();
+                equal &= &replica == source;
+                DiskVerification {
+                    disk: disk.clone(),
+                    source_blake3: source.clone(),
+                    replica_blake3: replica,
+                }
+            })
+            .collect();
+        Ok(VerifyResponse {
+            equal,
+            point: item.failover_point.clone(),
+            disks,
+        })
+    }
 }
+
+type JobStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<Job, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Operator for OperatorService {
+    type WatchJobStream = JobStream;
+
     async fn list_infra(
         &self,
         request: Request<ListInfraRequest>,
     ) -> Result<Response<ListInfraResponse>, Status> {
         authorize(&request, "Operator.ListInfra", &[Role::Operator])?;
-        let rows = self.state.store.list()?;
-        let sessions = self.state.sessions();
+        let rows = self.state.store.call(|db| db.list()).await?;
         let api = self
             .state
             .api_address
@@ -135,15 +161,16 @@ impl Operator for OperatorService {
             last_heartbeat_ms: now_ms(),
             ..Default::default()
         }];
-        let ps_status = self
-            .state
-            .ps_status
-            .lock()
-            .map(|m| m.clone())
-            .unwrap_or_default();
+        let ps_status = self.state.all_ps_status();
         for row in rows {
-            let live = sessions.get(&row.name);
-            let (health, health_errors) = component_health(
+            let live = self
+                .state
+                .sessions
+                .lock()
+                .get(&row.name)
+                .map(|s| s.last_heartbeat_ms);
+            let operator = row.role == Role::Operator.as_str();
+            let h = health::component_health(
                 &row.role,
                 &row.name,
                 live.is_some(),
@@ -154,7 +181,7 @@ impl Operator for OperatorService {
                 address: row.addresses.get(&row.site).cloned().unwrap_or_default(),
                 addresses: row.addresses.clone().into_iter().collect(),
                 // Operators call in; they keep no control stream.
-                status: if row.role == Role::Operator.as_str() {
+                status: if operator {
                     "-"
                 } else if live.is_some() {
                     CONNECTED
@@ -162,9 +189,7 @@ impl Operator for OperatorService {
                     NOT_CONNECTED
                 }
                 .into(),
-                last_heartbeat_ms: live
-                    .map(|s| s.last_heartbeat_ms)
-                    .unwrap_or(row.last_heartbeat_ms),
+                last_heartbeat_ms: live.unwrap_or(row.last_heartbeat_ms),
                 enrolled_at_ms: row.enrolled_at_ms,
                 machines: row.machines,
                 host: row.host,
@@ -188,8 +213,12 @@ impl Operator for OperatorService {
                     })
                     .collect(),
                 power_state: row.power_state,
-                health,
-                health_errors,
+                health: if operator {
+                    "-".into()
+                } else {
+                    h.level.to_string()
+                },
+                health_errors: h.errors,
                 cache_used_bytes: cache.map(|c| c.cache_used_bytes).unwrap_or(0),
                 cache_capacity_bytes: cache.map(|c| c.cache_capacity_bytes).unwrap_or(0),
                 name: row.name,
@@ -208,7 +237,7 @@ impl Operator for OperatorService {
     ) -> Result<Response<ListPoliciesResponse>, Status> {
         authorize(&request, "Operator.ListPolicies", &[Role::Operator])?;
         Ok(Response::new(ListPoliciesResponse {
-            policies: self.state.store.policies()?,
+            policies: self.state.store.call(|db| db.policies()).await?,
         }))
     }
 
@@ -222,25 +251,42 @@ impl Operator for OperatorService {
                 "names ending in -failback are reserved for the failback policies ASR creates automatically",
             ));
         }
-        if self.state.store.policy(&p.name)?.is_some() {
+        let policy = p.clone();
+        let created = self
+            .state
+            .store
+            .call(move |db| {
+                if db.policy(&policy.name)?.is_some() {
+                    return Ok(false);
+                }
+                db.put_policy_with_twin(&policy)?;
+                Ok(true)
+            })
+            .await?;
+        if !created {
             return Err(Status::already_exists(format!(
                 "policy `{}` exists; change it with `srctl policy update`",
                 p.name
             )));
         }
-        self.state.store.put_policy_with_twin(&p)?;
         Ok(Response::new(p))
     }
 
     async fn update_policy(&self, request: Request<Policy>) -> Result<Response<Policy>, Status> {
         authorize(&request, "Operator.UpdatePolicy", &[Role::Operator])?;
         let mut p = request.into_inner();
-        let existing = self.state.store.policy(&p.name)?.ok_or_else(|| {
-            Status::not_found(format!(
-                "no policy named `{}`; see `srctl policy list`",
-                p.name
-            ))
-        })?;
+        let name = p.name.clone();
+        let existing = self
+            .state
+            .store
+            .call(move |db| db.policy(&name))
+            .await?
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no policy named `{}`; see `srctl policy list`",
+                    p.name
+                ))
+            })?;
         if !existing.failback_of.is_empty() {
             return Err(Status::failed_precondition(format!(
                 "`{}` is the failback policy of `{}`: it is created automatically and can't be edited \
@@ -250,17 +296,29 @@ impl Operator for OperatorService {
         }
         p.failback_of.clear();
         validate_policy(&p)?;
-        self.state.store.put_policy_with_twin(&p)?;
+        let policy = p.clone();
+        self.state
+            .store
+            .call(move |db| db.put_policy_with_twin(&policy))
+            .await?;
         Ok(Response::new(p))
     }
 
     async fn enable_item(
         &self,
         request: Request<EnableItemRequest>,
-    ) -> Result<Response<Item>, Status> {
+    ) -> Result<Response<Job>, Status> {
         authorize(&request, "Operator.EnableItem", &[Role::Operator])?;
-        let row = items::enable(&self.state, request.into_inner()).await?;
-        Ok(Response::new(items::view(&self.state, &row)?))
+        Ok(Response::new(
+            jobs::enable::start(&self.jobs, request.into_inner()).await?,
+        ))
+    }
+
+    async fn disable_item(&self, request: Request<ItemRequest>) -> Result<Response<Job>, Status> {
+        authorize(&request, "Operator.DisableItem", &[Role::Operator])?;
+        Ok(Response::new(
+            jobs::disable::start(&self.jobs, &request.into_inner().machine).await?,
+        ))
     }
 
     async fn list_items(
@@ -269,17 +327,16 @@ impl Operator for OperatorService {
     ) -> Result<Response<ListItemsResponse>, Status> {
         authorize(&request, "Operator.ListItems", &[Role::Operator])?;
         let machine = request.into_inner().machine;
-        let rows = self.state.store.items()?;
-        if !machine.is_empty() && !rows.iter().any(|r| r.machine == machine) {
+        let items = health::views(
+            &self.state,
+            (!machine.is_empty()).then_some(machine.as_str()),
+        )
+        .await?;
+        if !machine.is_empty() && items.is_empty() {
             return Err(Status::not_found(format!(
                 "`{machine}` has no replicated item; enable it with `srctl item enable {machine}`"
             )));
         }
-        let items = rows
-            .iter()
-            .filter(|r| machine.is_empty() || r.machine == machine)
-            .map(|r| items::view(&self.state, r))
-            .collect::<Result<_, _>>()?;
         Ok(Response::new(ListItemsResponse { items }))
     }
 
@@ -289,19 +346,14 @@ impl Operator for OperatorService {
     ) -> Result<Response<VerifyResponse>, Status> {
         authorize(&request, "Operator.Verify", &[Role::Operator])?;
         let req = request.into_inner();
-        let item = self
-            .state
-            .store
-            .item_of_machine(&req.machine)?
-            .ok_or_else(|| {
-                Status::not_found(format!("`{}` has no replicated item", req.machine))
-            })?;
+        let item = self.item_of(&req.machine).await?;
         if !item.failover_digests.is_empty()
             && (req.point.is_empty() || req.point == "latest" || req.point == item.failover_point)
         {
             return self.verify_vm(&item).await.map(Response::new);
         }
-        let points = self.state.store.points(&item.id)?;
+        let id = item.id.clone();
+        let points = self.state.store.call(move |db| db.points(&id)).await?;
         let point = if req.point.is_empty() || req.point == "latest" {
             points.last().map(|p| p.id.clone()).ok_or_else(|| {
                 Status::failed_precondition(format!(
@@ -319,6 +371,7 @@ impl Operator for OperatorService {
         };
         let result = self
             .state
+            .sessions
             .command(
                 &item.target,
                 command::Kind::VerifyPoint(VerifyPoint {
@@ -329,19 +382,17 @@ impl Operator for OperatorService {
                 }),
             )
             .await?;
-        let detail: VerifyDetail = serde_json::from_str(&result.detail_json).map_err(|e| {
-            Status::internal(format!("bad verification result from {}: {e}", item.target))
-        })?;
+        let detail = verify_result(&item.target, result)?;
         Ok(Response::new(VerifyResponse {
             equal: detail.equal,
             point: detail.point,
             disks: detail
                 .disks
                 .into_iter()
-                .map(|(disk, source_blake3, replica_blake3)| DiskVerification {
-                    disk,
-                    source_blake3,
-                    replica_blake3,
+                .map(|d| DiskVerification {
+                    disk: d.disk,
+                    source_blake3: d.source_blake3,
+                    replica_blake3: d.replica_blake3,
                 })
                 .collect(),
         }))
@@ -353,10 +404,12 @@ impl Operator for OperatorService {
     ) -> Result<Response<WorkloadResponse>, Status> {
         authorize(&request, "Operator.Workload", &[Role::Operator])?;
         let req = request.into_inner();
+        let name = req.machine.clone();
         let machine = self
             .state
             .store
-            .component(&req.machine)?
+            .call(move |db| db.component(&name))
+            .await?
             .filter(|c| c.role == "agent");
         if machine.is_none() {
             return Err(Status::not_found(format!(
@@ -365,6 +418,7 @@ impl Operator for OperatorService {
             )));
         }
         self.state
+            .sessions
             .command(
                 &req.machine,
                 command::Kind::Workload(WorkloadCommand {
@@ -379,53 +433,24 @@ impl Operator for OperatorService {
         Ok(Response::new(WorkloadResponse {}))
     }
 
-    async fn resync(&self, request: Request<ResyncRequest>) -> Result<Response<Item>, Status> {
+    async fn resync(&self, request: Request<ResyncRequest>) -> Result<Response<Job>, Status> {
         authorize(&request, "Operator.Resync", &[Role::Operator])?;
-        let machine = request.into_inner().machine;
-        let item = self
-            .state
-            .store
-            .item_of_machine(&machine)?
-            .ok_or_else(|| Status::not_found(format!("`{machine}` has no replicated item")))?;
-        if item.state != items::PROTECTED {
-            return Err(Status::failed_precondition(format!(
-                "`{machine}` is {}: resynchronize a Protected item",
-                item.state
-            )));
-        }
-        let job = self.state.store.start_job("Resynchronize", &item.id)?;
-        let sent = self
-            .state
-            .command(
-                &item.machine,
-                command::Kind::Resync(Resync {
-                    item: item.id.clone(),
-                }),
-            )
-            .await;
-        if let Err(status) = sent {
-            self.state.store.end_job(job, Some(status.message()))?;
-            return Err(status);
-        }
-        self.state
-            .store
-            .set_item_state(&item.id, items::RESYNCING)?;
-        self.state.store.end_job(job, None)?;
-        let row = self.state.store.item(&item.id)?.unwrap_or(item);
-        Ok(Response::new(items::view(&self.state, &row)?))
+        Ok(Response::new(
+            jobs::resync::start(&self.jobs, &request.into_inner().machine).await?,
+        ))
     }
 
     async fn failover(&self, request: Request<FailoverRequest>) -> Result<Response<Job>, Status> {
         authorize(&request, "Operator.Failover", &[Role::Operator])?;
         Ok(Response::new(
-            crate::failover::failover(&self.state, request.into_inner()).await?,
+            jobs::failover::start(&self.jobs, request.into_inner(), 0).await?,
         ))
     }
 
     async fn reprotect(&self, request: Request<ReprotectRequest>) -> Result<Response<Job>, Status> {
         authorize(&request, "Operator.Reprotect", &[Role::Operator])?;
         Ok(Response::new(
-            crate::reprotect::reprotect(&self.state, request.into_inner()).await?,
+            jobs::reprotect::start(&self.jobs, request.into_inner()).await?,
         ))
     }
 
@@ -435,7 +460,7 @@ impl Operator for OperatorService {
     ) -> Result<Response<PlanReprotectResponse>, Status> {
         authorize(&request, "Operator.PlanReprotect", &[Role::Operator])?;
         Ok(Response::new(
-            crate::plans::reprotect(&self.state, request.into_inner()).await?,
+            jobs::plan::start_reprotect(&self.jobs, request.into_inner()).await?,
         ))
     }
 
@@ -445,16 +470,24 @@ impl Operator for OperatorService {
     ) -> Result<Response<DeleteMachineResponse>, Status> {
         authorize(&request, "Operator.DeleteMachine", &[Role::Operator])?;
         let req = request.into_inner();
-        let store = &self.state.store;
-        let host = store
-            .component(&req.host)?
-            .filter(|c| c.role == "host")
-            .ok_or_else(|| {
-                Status::not_found(format!(
-                    "no host named `{}`; see `srctl infra list`",
-                    req.host
+        let (host_name, machine_name) = (req.host.clone(), req.machine.clone());
+        let (host, machine, item) = self
+            .state
+            .store
+            .call(move |db| {
+                Ok((
+                    db.component(&host_name)?,
+                    db.component(&machine_name)?,
+                    db.item_of_machine(&machine_name)?,
                 ))
-            })?;
+            })
+            .await?;
+        let host = host.filter(|c| c.role == "host").ok_or_else(|| {
+            Status::not_found(format!(
+                "no host named `{}`; see `srctl infra list`",
+                req.host
+            ))
+        })?;
         if !host.machines.contains(&req.machine) {
             return Err(Status::not_found(format!(
                 "no VM `{}` on {} (it has: {})",
@@ -463,10 +496,9 @@ impl Operator for OperatorService {
                 host.machines.join(", ")
             )));
         }
-        let running_source = store
-            .component(&req.machine)?
-            .is_some_and(|m| m.host == host.name && self.state.sessions().contains_key(&m.name));
-        if let Some(item) = store.item_of_machine(&req.machine)?
+        let running_source =
+            machine.is_some_and(|m| m.host == host.name && self.state.connected(&m.name));
+        if let Some(item) = item
             && running_source
         {
             return Err(Status::failed_precondition(format!(
@@ -475,6 +507,7 @@ impl Operator for OperatorService {
             )));
         }
         self.state
+            .sessions
             .command(
                 &host.name,
                 command::Kind::RemoveMachine(RemoveMachine {
@@ -483,7 +516,11 @@ impl Operator for OperatorService {
                 }),
             )
             .await?;
-        store.remove_host_machine(&host.name, &req.machine)?;
+        let (h, m) = (host.name.clone(), req.machine.clone());
+        self.state
+            .store
+            .call(move |db| db.remove_host_machine(&h, &m))
+            .await?;
         Ok(Response::new(DeleteMachineResponse {}))
     }
 
@@ -492,17 +529,16 @@ impl Operator for OperatorService {
         request: Request<ItemRequest>,
     ) -> Result<Response<Job>, Status> {
         authorize(&request, "Operator.CleanupTestFailover", &[Role::Operator])?;
-        let machine = request.into_inner().machine;
         Ok(Response::new(
-            crate::failover::cleanup_test(&self.state, &machine).await?,
+            jobs::cleanup::start(&self.jobs, &request.into_inner().machine, 0).await?,
         ))
     }
 
-    async fn commit(&self, request: Request<ItemRequest>) -> Result<Response<Item>, Status> {
+    async fn commit(&self, request: Request<ItemRequest>) -> Result<Response<Job>, Status> {
         authorize(&request, "Operator.Commit", &[Role::Operator])?;
-        let machine = request.into_inner().machine;
-        let row = crate::failover::commit(&self.state, &machine).await?;
-        Ok(Response::new(items::view(&self.state, &row)?))
+        Ok(Response::new(
+            jobs::commit::start(&self.jobs, &request.into_inner().machine, 0).await?,
+        ))
     }
 
     async fn list_jobs(
@@ -510,14 +546,26 @@ impl Operator for OperatorService {
         request: Request<ListJobsRequest>,
     ) -> Result<Response<ListJobsResponse>, Status> {
         authorize(&request, "Operator.ListJobs", &[Role::Operator])?;
-        let id = request.into_inner().id;
-        let jobs = self.state.store.jobs(id)?;
+        let req = request.into_inner();
+        let (id, parent) = (req.id, req.parent);
+        let jobs = self
+            .state
+            .store
+            .call(move |db| {
+                if id != 0 {
+                    return Ok(db.job(id)?.into_iter().collect::<Vec<_>>());
+                }
+                db.jobs(parent)
+            })
+            .await?;
         if id != 0 && jobs.is_empty() {
             return Err(Status::not_found(format!(
                 "no job {id}; see `srctl job list`"
             )));
         }
-        Ok(Response::new(ListJobsResponse { jobs }))
+        Ok(Response::new(ListJobsResponse {
+            jobs: jobs.iter().map(|j| j.to_pb()).collect(),
+        }))
     }
 
     async fn cancel_job(
@@ -526,39 +574,111 @@ impl Operator for OperatorService {
     ) -> Result<Response<Job>, Status> {
         authorize(&request, "Operator.CancelJob", &[Role::Operator])?;
         let req = request.into_inner();
-        Ok(Response::new(crate::failover::cancel(
-            &self.state,
-            req.id,
-            req.force,
-        )?))
+        Ok(Response::new(self.jobs.cancel(req.id, req.force).await?))
+    }
+
+    async fn resume_job(&self, request: Request<JobRequest>) -> Result<Response<Job>, Status> {
+        authorize(&request, "Operator.ResumeJob", &[Role::Operator])?;
+        Ok(Response::new(
+            self.jobs.resume(request.into_inner().id).await?,
+        ))
+    }
+
+    async fn watch_job(
+        &self,
+        request: Request<JobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        authorize(&request, "Operator.WatchJob", &[Role::Operator])?;
+        let id = request.into_inner().id;
+        let state = self.state.clone();
+        let first = state
+            .store
+            .call(move |db| db.job(id))
+            .await?
+            .ok_or_else(|| Status::not_found(format!("no job {id}; see `srctl job list`")))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let mut changed = state.changed.subscribe();
+        tokio::spawn(async move {
+            let mut last = first.to_pb();
+            if tx.send(Ok(last.clone())).await.is_err() {
+                return;
+            }
+            while last.state == "In progress" || last.state == "Waiting" {
+                // Wake on a change; at least once a second for progress that moved in memory.
+                let _ = tokio::time::timeout(Duration::from_secs(1), changed.changed()).await;
+                let Ok(Some(job)) = state.store.call(move |db| db.job(id)).await else {
+                    return;
+                };
+                let job = job.to_pb();
+                if job != last {
+                    if tx.send(Ok(job.clone())).await.is_err() {
+                        return;
+                    }
+                    last = job;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn create_plan(&self, request: Request<PlanRequest>) -> Result<Response<Plan>, Status> {
         authorize(&request, "Operator.CreatePlan", &[Role::Operator])?;
-        let name = request.into_inner().name;
-        failback_common::identity::validate_name(&name).map_err(Status::invalid_argument)?;
-        if !self.state.store.create_plan(&name)? {
-            return Err(Status::already_exists(format!(
-                "recovery plan `{name}` exists"
-            )));
-        }
-        Ok(Response::new(crate::plans::show(&self.state, &name)?))
+        Ok(Response::new(
+            jobs::plan::create(&self.state, &request.into_inner().name).await?,
+        ))
     }
 
     async fn add_to_plan(&self, request: Request<PlanMember>) -> Result<Response<Plan>, Status> {
         authorize(&request, "Operator.AddToPlan", &[Role::Operator])?;
-        Ok(Response::new(crate::plans::add(
-            &self.state,
-            &request.into_inner(),
-        )?))
+        Ok(Response::new(
+            jobs::plan::add(&self.state, request.into_inner()).await?,
+        ))
     }
 
     async fn show_plan(&self, request: Request<PlanRequest>) -> Result<Response<Plan>, Status> {
         authorize(&request, "Operator.ShowPlan", &[Role::Operator])?;
-        Ok(Response::new(crate::plans::show(
-            &self.state,
-            &request.into_inner().name,
-        )?))
+        Ok(Response::new(
+            jobs::plan::show(&self.state, &request.into_inner().name).await?,
+        ))
+    }
+
+    async fn list_plans(
+        &self,
+        request: Request<ListPlansRequest>,
+    ) -> Result<Response<ListPlansResponse>, Status> {
+        authorize(&request, "Operator.ListPlans", &[Role::Operator])?;
+        Ok(Response::new(ListPlansResponse {
+            plans: jobs::plan::list(&self.state).await?,
+        }))
+    }
+
+    async fn remove_from_plan(
+        &self,
+        request: Request<PlanMember>,
+    ) -> Result<Response<Plan>, Status> {
+        authorize(&request, "Operator.RemoveFromPlan", &[Role::Operator])?;
+        Ok(Response::new(
+            jobs::plan::remove(&self.state, request.into_inner()).await?,
+        ))
+    }
+
+    async fn delete_plan(
+        &self,
+        request: Request<PlanRequest>,
+    ) -> Result<Response<DeletePlanResponse>, Status> {
+        authorize(&request, "Operator.DeletePlan", &[Role::Operator])?;
+        jobs::plan::delete(&self.state, &request.into_inner().name).await?;
+        Ok(Response::new(DeletePlanResponse {}))
+    }
+
+    async fn add_plan_action(
+        &self,
+        request: Request<PlanAction>,
+    ) -> Result<Response<Plan>, Status> {
+        authorize(&request, "Operator.AddPlanAction", &[Role::Operator])?;
+        Ok(Response::new(
+            jobs::plan::add_action(&self.state, request.into_inner()).await?,
+        ))
     }
 
     async fn plan_failover(
@@ -567,7 +687,7 @@ impl Operator for OperatorService {
     ) -> Result<Response<Job>, Status> {
         authorize(&request, "Operator.PlanFailover", &[Role::Operator])?;
         Ok(Response::new(
-            crate::plans::run(&self.state, request.into_inner()).await?,
+            jobs::plan::start(&self.jobs, request.into_inner()).await?,
         ))
     }
 
@@ -577,14 +697,13 @@ impl Operator for OperatorService {
     ) -> Result<Response<RemoveComponentResponse>, Status> {
         let who = authorize(&request, "Operator.RemoveComponent", &[Role::Operator])?;
         let name = request.into_inner().name;
-        if !self.state.store.remove(&name)? {
+        let n = name.clone();
+        if !self.state.store.call(move |db| db.remove(&n)).await? {
             return Err(Status::not_found(format!(
                 "no component named `{name}` is registered; see `srctl infra list`"
             )));
         }
-        if let Some(s) = self.state.sessions().remove(&name) {
-            s.cancel.cancel();
-        }
+        self.state.sessions.drop_session(&name);
         tracing::info!(%who, component = %name, "removed; its certificate is no longer accepted");
         Ok(Response::new(RemoveComponentResponse {}))
     }
@@ -599,66 +718,4 @@ fn role_rank(role: &str) -> usize {
         .iter()
         .position(|r| r.as_str() == role)
         .unwrap_or(usize::MAX)
-}
-
-/// ASR-like health of a component: heartbeats for all; cache, CPU and memory for process
-/// servers (warning > 80 % CPU/memory, > 70 % cache used; critical > 95 %, > 75 %).
-pub(crate) fn component_health(
-    role: &str,
-    name: &str,
-    connected: bool,
-    ps: Option<&failback_proto::pb::control::PsStatus>,
-) -> (String, Vec<String>) {
-    let mut health = "Healthy";
-    let mut errors = Vec::new();
-    let mut raise = |h: &'static str, e: String| {
-        if h == "Critical" || health == "Healthy" {
-            health = h;
-        }
-        errors.push(e);
-    };
-    if role == Role::Operator.as_str() {
-        return ("-".into(), errors);
-    }
-    if !connected {
-        let code = match role {
-            "process-server" => "806: no heartbeat from the process server",
-            "master-target" => "78022: no heartbeat from the master target",
-            "agent" => "78174: no heartbeat from the source machine",
-            _ => "no heartbeat",
-        };
-        raise("Critical", format!("{code} {name}"));
-    }
-    if let Some(ps) = ps.filter(|_| connected) {
-        match ps.cache_health.as_str() {
-            "Warning" => raise("Warning", "cache free space below 30 %".into()),
-            "Critical" if ps.throttled => raise(
-                "Critical",
-                "cache free space below 20 %: agents throttled".into(),
-            ),
-            "Critical" => raise("Critical", "cache free space below 25 %".into()),
-            _ => {}
-        }
-        let minutes = ps.upload_estimate_s / 60.0;
-        let can_not = |m: f64| {
-            if minutes >= 1e9 / 60.0 {
-                format!("the cache isn't uploading at all: it can't upload within {m} minutes")
-            } else {
-                format!("the cache can't upload within {m} minutes (estimate {minutes:.0} min)")
-            }
-        };
-        if minutes > 45.0 {
-            raise("Critical", can_not(45.0));
-        } else if minutes > 30.0 {
-            raise("Warning", can_not(30.0));
-        }
-        for (what, v) in [("CPU", ps.cpu_percent), ("memory", ps.memory_percent)] {
-            if v > 95.0 {
-                raise("Critical", format!("{what} use {v:.0} % (over 95 %)"));
-            } else if v > 80.0 {
-                raise("Warning", format!("{what} use {v:.0} % (over 80 %)"));
-            }
-        }
-    }
-    (health.into(), errors)
 }

@@ -1,31 +1,145 @@
 //! What the CS does with components' reports, and what it re-sends when a component
 //! (re)connects so that replication resumes by itself: targets get their replicas, process
 //! servers their routes, agents their replication settings.
+//!
+//! A report about an item counts only from a component that takes part in it (its machine,
+//! process server or target); anything else is logged and dropped. Progress is kept in
+//! memory and persisted coalesced; a phase that changes the item's state is written at once.
 
 use std::sync::Arc;
 
 use failback_common::identity::{Identity, Role};
-use failback_proto::pb::control::{Report, SetRoute, command, report};
+use failback_proto::pb::control::{
+    ItemProgress, ReplicationPhase, Report, SetRoute, command, report,
+};
 
-use crate::db::DbError;
-use crate::items::{self, ItemRow, address_for};
+use crate::commands;
+use crate::item::{ItemRow, ItemState, Progress, default_policy, disk_state_label, phase_label};
 use crate::state::State;
+use crate::store::DbError;
 
-pub fn on_report(state: &Arc<State>, who: &Identity, r: Report) -> Result<(), DbError> {
-    match r.kind {
-        Some(report::Kind::Progress(p)) => items::on_progress(state, p),
-        Some(report::Kind::PointAdded(p)) => state.store.add_point(&p),
-        Some(report::Kind::PointsPruned(p)) => state.store.remove_points(&p.item, &p.ids),
+/// Whether `who` takes part in `item` (is its machine, its process server or its target).
+fn takes_part(who: &Identity, item: &ItemRow) -> bool {
+    match who.role {
+        Role::Agent => item.machine == who.name,
+        Role::ProcessServer => item.process_server == who.name,
+        Role::MasterTarget => item.target == who.name,
+        _ => false,
+    }
+}
+
+pub async fn on_report(state: &Arc<State>, who: &Identity, r: Report) -> Result<(), DbError> {
+    let item_id = match &r.kind {
+        Some(report::Kind::Progress(p)) => p.item.clone(),
+        Some(report::Kind::PointAdded(p)) => p.item.clone(),
+        Some(report::Kind::PointsPruned(p)) => p.item.clone(),
         Some(report::Kind::PsStatus(s)) => {
-            state
-                .ps_status
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(who.name.clone(), s);
+            if who.role == Role::ProcessServer {
+                state.set_ps_status(&who.name, s.clone());
+            }
+            return Ok(());
+        }
+        None => return Ok(()),
+    };
+    let lookup = item_id.clone();
+    let Some(item) = state.store.call(move |db| db.item(&lookup)).await? else {
+        return Ok(());
+    };
+    let allowed = match &r.kind {
+        Some(report::Kind::Progress(_)) => who.role == Role::Agent,
+        _ => who.role == Role::MasterTarget,
+    } && takes_part(who, &item);
+    if !allowed {
+        tracing::warn!(%who, item = %item.id, "dropped a report about an item it takes no part in");
+        return Ok(());
+    }
+    match r.kind {
+        Some(report::Kind::Progress(p)) => on_progress(state, item, p).await,
+        Some(report::Kind::PointAdded(p)) => {
+            state.store.call(move |db| db.add_point(&p)).await?;
+            state.notify();
             Ok(())
         }
-        None => Ok(()),
+        Some(report::Kind::PointsPruned(p)) => {
+            state
+                .store
+                .call(move |db| db.remove_points(&p.item, &p.ids))
+                .await
+        }
+        _ => Ok(()),
     }
+}
+
+/// An agent's progress report: kept; the phases move the item through its states.
+async fn on_progress(state: &Arc<State>, item: ItemRow, p: ItemProgress) -> Result<(), DbError> {
+    let phase = p.phase();
+    let progress = Progress {
+        phase: phase_label(phase).to_string(),
+        disks: p
+            .disks
+            .iter()
+            .map(|d| {
+                (
+                    d.id.clone(),
+                    (disk_state_label(d.state()).to_string(), d.percent),
+                )
+            })
+            .collect(),
+        bytes_sent: p.bytes_sent,
+        bytes_per_second: p.bytes_per_second,
+        acked_seq: p.acked_seq,
+        resync_bytes: p.resync_bytes,
+        resync_blocks_compared: p.resync_blocks_compared,
+        target_seq: p.target_seq,
+        lag_p50_ms: p.lag_p50_ms,
+        lag_p99_ms: p.lag_p99_ms,
+        ps_down_since_ms: p.ps_down_since_ms,
+    };
+    use ItemState::*;
+    let next = match (phase, item.state) {
+        (ReplicationPhase::Delta, InitialReplication | Enabling | Reprotecting) => Some(Protected),
+        (ReplicationPhase::Delta, Resyncing | ResyncRequired) => Some(Protected),
+        (ReplicationPhase::Resync, Protected | ResyncRequired) => Some(Resyncing),
+        (ReplicationPhase::ResyncRequired, s)
+            if s != ResyncRequired && s.can_become(ResyncRequired) =>
+        {
+            Some(ResyncRequired)
+        }
+        _ => None,
+    };
+    let due = state.record_progress(&item.id, progress.clone());
+    if next.is_none() && !due {
+        state.notify();
+        return Ok(());
+    }
+    let id = item.id.clone();
+    let changed = state
+        .store
+        .call(move |db| {
+            db.set_item_progress(&id, &progress)?;
+            match next {
+                Some(to) => match db.transition(&id, to) {
+                    Ok(_) => Ok(Some(to)),
+                    Err(crate::store::StateError::Db(e)) => Err(e),
+                    Err(e) => {
+                        tracing::warn!(item = %id, "progress: {e}");
+                        Ok(None)
+                    }
+                },
+                None => Ok(None),
+            }
+        })
+        .await?;
+    match changed {
+        Some(Protected) => {
+            tracing::info!(item = %item.id, direction = %item.direction, from = %item.state, "Protected")
+        }
+        Some(ResyncRequired) => tracing::warn!(item = %item.id, "tracking lost: resync required"),
+        Some(to) => tracing::info!(item = %item.id, "{to}"),
+        None => {}
+    }
+    state.notify();
+    Ok(())
 }
 
 /// Re-sends what `who` needs for the active items it takes part in. Components reconnect in
@@ -33,51 +147,66 @@ pub fn on_report(state: &Arc<State>, who: &Identity, r: Report) -> Result<(), Db
 /// component now is skipped and sent when that component connects, and one item's failure
 /// does not hold back the others.
 pub fn resume(state: Arc<State>, who: Identity) {
-    tokio::spawn(async move {
-        let items = match state.store.items() {
-            Ok(items) => items,
-            Err(e) => {
-                tracing::warn!(%who, "resuming replication: {e}");
-                return;
+    let span = tracing::info_span!("resume", component = %who);
+    tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            let items = match state.store.call(|db| db.items()).await {
+                Ok(items) => items,
+                Err(e) => {
+                    tracing::warn!("resuming replication: {e}");
+                    return;
+                }
+            };
+            for item in items.iter().filter(|i| takes_part(&who, i)) {
+                if let Err(e) = resume_item(&state, &who, item).await {
+                    tracing::warn!(item = %item.id, "resuming replication: {e}");
+                }
             }
-        };
-        for item in items {
-            if let Err(e) = resume_item(&state, &who, &item).await {
-                tracing::warn!(%who, item = %item.id, "resuming replication: {e}");
-            }
-        }
-    });
+        },
+        span,
+    ));
 }
 
 async fn resume_item(state: &State, who: &Identity, item: &ItemRow) -> Result<(), tonic::Status> {
-    let store = &state.store;
-    // A failed-over item no longer replicates (its machine now runs at the target site),
-    // but its replica stays open on the target: change-point, commit and failback need it.
-    if who.role != Role::MasterTarget
-        && matches!(
-            item.state.as_str(),
-            crate::failover::FAILOVER_IN_PROGRESS
-                | crate::failover::FAILOVER_COMPLETED
-                | crate::failover::FAILOVER_COMMITTED
-        )
+    // A failed-over item no longer replicates (its machine now runs at the target site), but
+    // its replica stays open on the target: change-point, commit and failback need it. A
+    // disabled one is going away.
+    if (who.role != Role::MasterTarget && item.state.failed_over())
+        || item.state == ItemState::Disabling
     {
         return Ok(());
     }
-    let policy = store
-        .policy(&item.policy)?
-        .unwrap_or_else(items::default_policy);
+    let (policy_name, machine_name, ps_name, target_name) = (
+        item.policy.clone(),
+        item.machine.clone(),
+        item.process_server.clone(),
+        item.target.clone(),
+    );
+    let (policy, machine, ps, target) = state
+        .store
+        .call(move |db| {
+            Ok((
+                db.policy(&policy_name)?.unwrap_or_else(default_policy),
+                db.component(&machine_name)?,
+                db.component(&ps_name)?,
+                db.component(&target_name)?,
+            ))
+        })
+        .await?;
     match who.role {
-        Role::MasterTarget if item.target == who.name => {
-            if let Some(machine) = store.component(&item.machine)? {
+        Role::MasterTarget => {
+            if let Some(machine) = &machine {
                 state
-                    .command(&who.name, items::prepare_command(item, &machine, &policy))
+                    .sessions
+                    .command(&who.name, commands::prepare(item, machine, &policy))
                     .await?;
             }
         }
-        Role::ProcessServer if item.process_server == who.name => {
-            if let Some(target) = store.component(&item.target)? {
-                let address = address_for(&target, who.site.as_str()).unwrap_or_default();
+        Role::ProcessServer => {
+            if let Some(target) = &target {
+                let address = commands::address_for(target, who.site.as_str()).unwrap_or_default();
                 state
+                    .sessions
                     .command(
                         &who.name,
                         command::Kind::SetRoute(SetRoute {
@@ -89,26 +218,25 @@ async fn resume_item(state: &State, who: &Identity, item: &ItemRow) -> Result<()
                     .await?;
             }
         }
-        Role::Agent if item.machine == who.name => {
+        Role::Agent => {
             // The machine's disks may have grown: the target grows the replica first. A
             // target that is not connected yet gets the replica (at the current size) when
             // it connects; the target keeps running meanwhile, so the agent starts anyway.
-            if let Some(machine) = store.component(&item.machine)?
+            if let Some(machine) = &machine
                 && state.connected(&item.target)
             {
                 state
-                    .command(
-                        &item.target,
-                        items::prepare_command(item, &machine, &policy),
-                    )
+                    .sessions
+                    .command(&item.target, commands::prepare(item, machine, &policy))
                     .await?;
             }
-            if let Some(ps) = store.component(&item.process_server)? {
-                let address = address_for(&ps, who.site.as_str()).unwrap_or_default();
+            if let Some(ps) = &ps {
+                let address = commands::address_for(ps, who.site.as_str()).unwrap_or_default();
                 state
+                    .sessions
                     .command(
                         &who.name,
-                        items::start_command(item, &ps.name, &address, &policy),
+                        commands::start(item, &ps.name, &address, &policy),
                     )
                     .await?;
             }

@@ -1,33 +1,31 @@
-//! The configuration server's shared state: database, CA, passphrase, live control sessions
-//! and the enrollment rate limiter.
+//! The configuration server's shared state: database, CA, passphrase, live sessions, what
+//! components last reported (kept in memory, persisted coalesced) and the notification that
+//! waiters for an item's state or a job's progress listen to.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use failback_proto::pb::control::{
-    Command, CommandResult, CsMessage, PsStatus, command, cs_message,
-};
-use tokio::sync::mpsc;
-use tokio::sync::oneshot;
+use failback_common::control::now_ms;
+use failback_proto::pb::control::PsStatus;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::ca::Ca;
 use crate::config::CsConfig;
-use crate::db::Store;
+use crate::item::Progress;
+use crate::sessions::Sessions;
+use crate::store::Store;
 
-/// A component's live control stream.
-pub struct Session {
-    /// Distinguishes a session from the one that replaced it (a reconnect racing the old one).
-    pub conn_id: u64,
-    /// Downward messages to the component.
-    pub tx: mpsc::Sender<Result<CsMessage, tonic::Status>>,
-    /// Cancelled when a newer session of the same component replaces this one.
-    pub cancel: CancellationToken,
-    /// Last heartbeat seen (Unix ms), newer than the database copy, which is throttled.
-    pub last_heartbeat_ms: i64,
+/// An item's progress persisted at most this often (and on every state change).
+pub const PERSIST_PROGRESS_EVERY_MS: i64 = 5_000;
+
+/// What an agent last reported for an item, and when it was last written to the database.
+#[derive(Debug, Clone, Default)]
+pub struct LiveProgress {
+    pub progress: Progress,
+    pub persisted_ms: i64,
 }
 
 pub struct State {
@@ -37,21 +35,25 @@ pub struct State {
     pub passphrase: String,
     /// Address the mutual-TLS API is served on (shown for `cs` in `infra list`).
     pub api_address: Mutex<String>,
-    pub sessions: Mutex<HashMap<String, Session>>,
+    pub sessions: Sessions,
     /// Cancelled when the CS shuts down: ends every control stream so the graceful shutdown
     /// of the server (which waits for open streams) completes.
     pub stopping: CancellationToken,
-    /// Commands sent to components, waiting for their result.
-    pending: Mutex<HashMap<u64, oneshot::Sender<CommandResult>>>,
-    /// Running jobs that can be cancelled (forced), by job id.
-    pub job_cancel: Mutex<HashMap<i64, CancellationToken>>,
     /// Last status each process server reported.
     pub ps_status: Mutex<HashMap<String, PsStatus>>,
     /// VM snapshots each master target reported when it last registered.
     pub snapshots: Mutex<HashMap<String, Vec<String>>>,
+    /// Each item's latest progress (newer than the database copy, which is coalesced).
+    pub progress: Mutex<HashMap<String, LiveProgress>>,
+    /// Bumped on every change of an item's state or points and of a job: what job tasks and
+    /// `WatchJob` wait on instead of polling the database.
+    pub changed: watch::Sender<u64>,
     /// Failed enrollment attempts per source address in the last minute.
     failures: Mutex<HashMap<IpAddr, VecDeque<Instant>>>,
-    next_conn: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl State {
@@ -62,35 +64,77 @@ impl State {
             ca,
             passphrase,
             api_address: Mutex::new(String::new()),
-            sessions: Mutex::new(HashMap::new()),
+            sessions: Sessions::default(),
             stopping: CancellationToken::new(),
-            failures: Mutex::new(HashMap::new()),
-            pending: Mutex::new(HashMap::new()),
-            job_cancel: Mutex::new(HashMap::new()),
-            ps_status: Mutex::new(HashMap::new()),
-            snapshots: Mutex::new(HashMap::new()),
-            next_conn: AtomicU64::new(1),
+            ps_status: Mutex::default(),
+            snapshots: Mutex::default(),
+            progress: Mutex::default(),
+            changed: watch::channel(0).0,
+            failures: Mutex::default(),
         }
-    }
-
-    pub fn next_conn_id(&self) -> u64 {
-        self.next_conn.fetch_add(1, Ordering::Relaxed)
-    }
-
-    pub fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether `name` has a control stream open now.
     pub fn connected(&self, name: &str) -> bool {
-        self.sessions().contains_key(name)
+        self.sessions.connected(name)
+    }
+
+    /// Wakes everyone waiting for a change.
+    pub fn notify(&self) {
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Waits until `ready` returns `Some` (checked now and after every change), or `within`.
+    pub async fn wait_for<T, F, Fut>(&self, within: Duration, mut ready: F) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let mut rx = self.changed.subscribe();
+        let wait = async {
+            loop {
+                rx.mark_unchanged();
+                if let Some(v) = ready().await {
+                    return Some(v);
+                }
+                if rx.changed().await.is_err() {
+                    return None;
+                }
+            }
+        };
+        tokio::time::timeout(within, wait).await.ok().flatten()
+    }
+
+    /// The item's latest progress: the live copy, or the one the database holds.
+    pub fn live_progress(&self, item: &str) -> Option<Progress> {
+        lock(&self.progress).get(item).map(|p| p.progress.clone())
+    }
+
+    pub fn ps_health(&self, name: &str) -> Option<PsStatus> {
+        lock(&self.ps_status).get(name).cloned()
+    }
+
+    pub fn set_ps_status(&self, name: &str, status: PsStatus) {
+        lock(&self.ps_status).insert(name.to_string(), status);
+    }
+
+    pub fn all_ps_status(&self) -> HashMap<String, PsStatus> {
+        lock(&self.ps_status).clone()
+    }
+
+    pub fn snapshots_of(&self, mt: &str) -> Vec<String> {
+        lock(&self.snapshots).get(mt).cloned().unwrap_or_default()
+    }
+
+    pub fn set_snapshots(&self, mt: &str, snapshots: Vec<String>) {
+        lock(&self.snapshots).insert(mt.to_string(), snapshots);
     }
 
     /// Seconds until `ip` may try again, if it has used up its failed attempts.
     pub fn enroll_blocked_for(&self, ip: IpAddr) -> Option<u64> {
-        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let mut failures = lock(&self.failures);
         let q = failures.entry(ip).or_default();
-        let window = std::time::Duration::from_secs(60);
+        let window = Duration::from_secs(60);
         while q.front().is_some_and(|t| t.elapsed() > window) {
             q.pop_front();
         }
@@ -103,85 +147,29 @@ impl State {
     }
 
     pub fn record_enroll_failure(&self, ip: IpAddr) {
-        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        failures.entry(ip).or_default().push_back(Instant::now());
+        lock(&self.failures)
+            .entry(ip)
+            .or_default()
+            .push_back(Instant::now());
     }
-}
 
-/// How long a component has to answer a command.
-const COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
-impl State {
-    /// Sends a command on `component`'s control stream and waits for its result. A refusal by
-    /// the component becomes `FailedPrecondition` carrying its message.
-    pub async fn command(
-        &self,
-        component: &str,
-        kind: command::Kind,
-    ) -> Result<CommandResult, tonic::Status> {
-        let id = self.next_conn_id();
-        let tx = self
-            .sessions()
-            .get(component)
-            .map(|s| s.tx.clone())
-            .ok_or_else(|| tonic::Status::unavailable(format!("`{component}` is not connected")))?;
-        let (done_tx, done_rx) = oneshot::channel();
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, done_tx);
-        let msg = CsMessage {
-            kind: Some(cs_message::Kind::Command(Command {
-                id,
-                kind: Some(kind),
-            })),
-        };
-        if tx.send(Ok(msg)).await.is_err() {
-            self.pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
-            return Err(tonic::Status::unavailable(format!(
-                "`{component}` disconnected"
-            )));
-        }
-        let result = tokio::time::timeout(COMMAND_TIMEOUT, done_rx).await;
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
-        match result {
-            Ok(Ok(r)) if r.ok => Ok(r),
-            Ok(Ok(r)) => Err(tonic::Status::failed_precondition(format!(
-                "{component}: {}",
-                r.error
-            ))),
-            Ok(Err(_)) => Err(tonic::Status::unavailable(format!(
-                "`{component}` disconnected before answering"
-            ))),
-            Err(_) => Err(tonic::Status::deadline_exceeded(format!(
-                "`{component}` did not answer within {COMMAND_TIMEOUT:?}"
-            ))),
+    /// Records an agent's progress in memory; returns it with whether it is due to be
+    /// persisted (the last write is older than [`PERSIST_PROGRESS_EVERY_MS`]).
+    pub fn record_progress(&self, item: &str, progress: Progress) -> bool {
+        let now = now_ms();
+        let mut all = lock(&self.progress);
+        let live = all.entry(item.to_string()).or_default();
+        live.progress = progress;
+        if now - live.persisted_ms >= PERSIST_PROGRESS_EVERY_MS {
+            live.persisted_ms = now;
+            true
+        } else {
+            false
         }
     }
 
-    /// Completes a pending command.
-    pub fn command_result(&self, result: CommandResult) {
-        if let Some(tx) = self
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&result.id)
-        {
-            let _ = tx.send(result);
-        }
-    }
-
-    pub fn ps_health(&self, name: &str) -> Option<PsStatus> {
-        self.ps_status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .cloned()
+    /// Forgets an item's live progress (it was removed or replaced).
+    pub fn forget_progress(&self, item: &str) {
+        lock(&self.progress).remove(item);
     }
 }

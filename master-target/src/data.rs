@@ -14,11 +14,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use failback_common::component::DatastoreConfig;
-use failback_common::control::now_ms;
+use failback_common::control::{Refusal, now_ms};
 use failback_common::identity::{Role, authorize};
 use failback_proto::pb::control::{
-    ComponentMessage, DiskInfo, Materialize, PointAdded, PointsPruned, PrepareReplica, Report,
-    component_message, report,
+    ComponentMessage, DiskComparison, DiskDigest, DiskInfo, Materialize, MaterializeResult,
+    PlacedDisk, PointAdded, PointsPruned, PrepareReplica, Report, VerifyResult, component_message,
+    report,
 };
 use failback_proto::pb::data::{
     self as pb, BatchAck, ChecksumRequest, ChecksumResponse, TargetBatch,
@@ -205,7 +206,7 @@ impl Replicas {
     /// Writes the item's disks as of `point` into DATASTORE/vms/VM (replacing what was there),
     /// or, with `place` (original location), into those disks in place; returns the disks,
     /// the digests the source recorded at the point and the bytes written in place.
-    pub async fn materialize(&self, m: Materialize) -> Result<String, String> {
+    pub async fn materialize(&self, m: Materialize) -> Result<MaterializeResult, Refusal> {
         let Materialize {
             item,
             point,
@@ -213,10 +214,10 @@ impl Replicas {
             place,
             sync,
         } = m;
-        failback_common::identity::validate_name(&vm)?;
-        let replica = self
-            .get(&item)
-            .ok_or_else(|| format!("no replica of `{item}` on {}", self.name))?;
+        failback_common::identity::validate_name(&vm).map_err(Refusal::from)?;
+        let replica = self.get(&item).ok_or_else(|| {
+            Refusal::not_found(format!("no replica of `{item}` on {}", self.name))
+        })?;
         let ds = self
             .datastore_of(&replica)
             .ok_or("replica outside a datastore")?;
@@ -227,7 +228,8 @@ impl Replicas {
                 other => {
                     return Err(format!(
                         "unknown data synchronisation `{other}` (before-failover or full-download)"
-                    ));
+                    )
+                    .into());
                 }
             };
             let places = place
@@ -238,25 +240,26 @@ impl Replicas {
                 place_point(&replica, &point, &places, mode)
             })
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+            .map_err(Refusal::from);
         }
         let out = ds.join("vms").join(&vm);
         let share = self.failover_disks.share_in(&ds);
         tokio::task::spawn_blocking(move || {
             if out.exists() {
                 std::fs::remove_dir_all(&out)
-                    .map_err(|e| format!("cannot replace {}: {e}", out.display()))?;
+                    .map_err(|e| Refusal::from(format!("cannot replace {}: {e}", out.display())))?;
             }
             std::fs::create_dir_all(&out)
-                .map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+                .map_err(|e| Refusal::from(format!("cannot create {}: {e}", out.display())))?;
             let mut store = replica.store();
-            let p = store
-                .point(&point)
-                .ok_or_else(|| format!("no recovery point `{point}` on the target"))?;
+            let p = store.point(&point).ok_or_else(|| {
+                Refusal::not_found(format!("no recovery point `{point}` on the target"))
+            })?;
             let started = std::time::Instant::now();
             let files = store
                 .materialize_with(Some(&point), &out, share)
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| Refusal::from(e.to_string()))?;
             let sizes: std::collections::HashMap<String, u64> = store
                 .disks()
                 .iter()
@@ -272,16 +275,19 @@ impl Replicas {
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "VM disks created"
             );
-            let disks: Vec<(String, String, u64)> = files
+            let disks = files
                 .into_iter()
-                .map(|m| {
-                    let size = sizes.get(&m.disk).copied().unwrap_or(0);
-                    (m.disk, m.path.display().to_string(), size)
+                .map(|m| PlacedDisk {
+                    size_bytes: sizes.get(&m.disk).copied().unwrap_or(0),
+                    id: m.disk,
+                    path: m.path.display().to_string(),
                 })
                 .collect();
-            let digests: Vec<(String, String)> =
-                p.digests.into_iter().map(|d| (d.disk, d.blake3)).collect();
-            Ok(serde_json::json!({"disks": disks, "digests": digests}).to_string())
+            Ok(MaterializeResult {
+                disks,
+                digests: digests_of(p.digests),
+                written_bytes: 0,
+            })
         })
         .await
         .map_err(|e| e.to_string())?
@@ -357,11 +363,11 @@ impl Replicas {
         item: &str,
         vm: &str,
         place: &[DiskInfo],
-    ) -> Result<String, String> {
-        failback_common::identity::validate_name(vm)?;
-        let replica = self
-            .get(item)
-            .ok_or_else(|| format!("no replica of `{item}` on {}", self.name))?;
+    ) -> Result<VerifyResult, Refusal> {
+        failback_common::identity::validate_name(vm).map_err(Refusal::from)?;
+        let replica = self.get(item).ok_or_else(|| {
+            Refusal::not_found(format!("no replica of `{item}` on {}", self.name))
+        })?;
         let ds = self
             .datastore_of(&replica)
             .ok_or("replica outside a datastore")?;
@@ -374,38 +380,49 @@ impl Replicas {
                 Some(p) => Ok((d.id.clone(), inside(&ds, &p.path)?)),
                 None => Ok((d.id.clone(), dir.join(format!("{}.img", d.id)))),
             })
-            .collect::<Result<Vec<_>, String>>()?;
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(Refusal::from)?;
         let vm = vm.to_string();
         tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
             for (d, path) in disks {
                 let digest = failback_common::vdisk::digest_path(&path)
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
-                out.push((d, String::new(), digest));
+                    .map_err(|e| Refusal::from(format!("{}: {e}", path.display())))?;
+                out.push(DiskComparison {
+                    disk: d,
+                    source_blake3: String::new(),
+                    replica_blake3: digest,
+                });
             }
-            Ok(serde_json::json!({"point": vm, "equal": false, "disks": out}).to_string())
+            Ok(VerifyResult {
+                point: vm,
+                equal: false,
+                disks: out,
+            })
         })
         .await
         .map_err(|e| e.to_string())?
     }
 
     /// Materializes `point` and compares each disk with the digest the source recorded.
-    pub async fn verify(&self, item: &str, point: &str) -> Result<String, String> {
-        let replica = self
-            .get(item)
-            .ok_or_else(|| format!("no replica of `{item}` on {}", self.name))?;
+    pub async fn verify(&self, item: &str, point: &str) -> Result<VerifyResult, Refusal> {
+        let replica = self.get(item).ok_or_else(|| {
+            Refusal::not_found(format!("no replica of `{item}` on {}", self.name))
+        })?;
         let point = point.to_string();
         tokio::task::spawn_blocking(move || {
             let mut store = replica.store();
-            let p = store
-                .point(&point)
-                .ok_or_else(|| format!("no recovery point `{point}` on the target"))?;
+            let p = store.point(&point).ok_or_else(|| {
+                Refusal::not_found(format!("no recovery point `{point}` on the target"))
+            })?;
             if p.digests.is_empty() {
-                return Err(format!(
+                return Err(Refusal::from(format!(
                     "point `{point}` carries no source digests (taken without verification mode)"
-                ));
+                )));
             }
-            let got = store.digest(Some(&point)).map_err(|e| e.to_string())?;
+            let got = store
+                .digest(Some(&point))
+                .map_err(|e| Refusal::from(e.to_string()))?;
             let mut disks = Vec::new();
             let mut equal = true;
             for src in &p.digests {
@@ -415,9 +432,17 @@ impl Replicas {
                     .map(|d| d.blake3.clone())
                     .unwrap_or_default();
                 equal &= replica == src.blake3;
-                disks.push((src.disk.clone(), src.blake3.clone(), replica));
+                disks.push(DiskComparison {
+                    disk: src.disk.clone(),
+                    source_blake3: src.blake3.clone(),
+                    replica_blake3: replica,
+                });
             }
-            Ok(serde_json::json!({"point": point, "equal": equal, "disks": disks}).to_string())
+            Ok(VerifyResult {
+                point,
+                equal,
+                disks,
+            })
         })
         .await
         .map_err(|e| e.to_string())?
@@ -508,7 +533,7 @@ fn place_point(
     point: &str,
     places: &[(String, PathBuf)],
     mode: PlaceMode,
-) -> Result<String, String> {
+) -> Result<MaterializeResult, String> {
     let scratch = replica.dir.join("tmp").join("place");
     let _ = std::fs::remove_dir_all(&scratch);
     let (files, p, sizes) = {
@@ -547,16 +572,29 @@ fn place_point(
         } else {
             written += crate::replica::write_in_place(src, dst, mode).map_err(|e| e.to_string())?;
         }
-        disks.push((
-            id.clone(),
-            dst.display().to_string(),
-            sizes.get(id).copied().unwrap_or(0),
-        ));
+        disks.push(PlacedDisk {
+            id: id.clone(),
+            path: dst.display().to_string(),
+            size_bytes: sizes.get(id).copied().unwrap_or(0),
+        });
     }
     let _ = std::fs::remove_dir_all(&scratch);
-    let digests: Vec<(String, String)> =
-        p.digests.into_iter().map(|d| (d.disk, d.blake3)).collect();
-    Ok(serde_json::json!({"disks": disks, "digests": digests, "written": written}).to_string())
+    Ok(MaterializeResult {
+        disks,
+        digests: digests_of(p.digests),
+        written_bytes: written,
+    })
+}
+
+/// The digests a source recorded with a point, as a command result carries them.
+fn digests_of(digests: Vec<crate::replica::DiskDigest>) -> Vec<DiskDigest> {
+    digests
+        .into_iter()
+        .map(|d| DiskDigest {
+            disk: d.disk,
+            blake3: d.blake3,
+        })
+        .collect()
 }
 
 /// Applies journaled batches to the replica disks and prunes points past retention.

@@ -23,7 +23,7 @@ use failback_common::component::{DatastoreConfig, advertised, hello, register, v
 use failback_common::config::ConfigError;
 use failback_common::enroll::CsSettings;
 use failback_common::identity::{Identity, Role, Site};
-use failback_proto::pb::control::{ComponentMessage, CsMessage, Hello, command};
+use failback_proto::pb::control::{ComponentMessage, CsMessage, Hello, command, command_result};
 use failback_proto::pb::data::target_data_server::TargetDataServer;
 use serde::Deserialize;
 use tokio::net::TcpListener;
@@ -182,21 +182,39 @@ async fn handle_commands(
     mut commands: mpsc::Receiver<CsMessage>,
     outbox: mpsc::Sender<ComponentMessage>,
 ) {
+    let mut answered = failback_common::control::Answered::default();
     while let Some(cmd) = failback_common::control::next_command(&mut commands).await {
-        let result = match cmd.kind {
-            Some(command::Kind::PrepareReplica(p)) => {
-                replicas.prepare(p).await.map(|_| String::new())
+        let run = || async {
+            match cmd.kind {
+                Some(command::Kind::PrepareReplica(p)) => {
+                    replicas.prepare(p).await.map(|_| None).map_err(Into::into)
+                }
+                Some(command::Kind::VerifyPoint(v)) if !v.vm.is_empty() => replicas
+                    .digest_vm(&v.item, &v.vm, &v.place)
+                    .await
+                    .map(|r| Some(command_result::Detail::Verify(r))),
+                Some(command::Kind::VerifyPoint(v)) => replicas
+                    .verify(&v.item, &v.point)
+                    .await
+                    .map(|r| Some(command_result::Detail::Verify(r))),
+                Some(command::Kind::Materialize(m)) => replicas
+                    .materialize(m)
+                    .await
+                    .map(|r| Some(command_result::Detail::Materialize(r))),
+                Some(command::Kind::DropPoints(d)) => replicas
+                    .drop_points(&d.item)
+                    .await
+                    .map(|_| None)
+                    .map_err(Into::into),
+                Some(command::Kind::RemoveReplica(r)) => replicas
+                    .remove(&r.item)
+                    .await
+                    .map(|_| None)
+                    .map_err(Into::into),
+                _ => Err("a master target doesn't take this command".into()),
             }
-            Some(command::Kind::VerifyPoint(v)) if !v.vm.is_empty() => {
-                replicas.digest_vm(&v.item, &v.vm, &v.place).await
-            }
-            Some(command::Kind::VerifyPoint(v)) => replicas.verify(&v.item, &v.point).await,
-            Some(command::Kind::Materialize(m)) => replicas.materialize(m).await,
-            Some(command::Kind::DropPoints(d)) => replicas.drop_points(&d.item).await,
-            Some(command::Kind::RemoveReplica(r)) => replicas.remove(&r.item).await,
-            _ => Err("a master target doesn't take this command".to_string()),
         };
-        if !failback_common::control::reply(&outbox, cmd.id, result).await {
+        if !failback_common::control::answer(&outbox, &mut answered, cmd.id, run).await {
             return;
         }
     }

@@ -22,6 +22,7 @@ pub mod workload;
 use std::sync::Arc;
 
 use failback_common::component::{DatastoreConfig, advertised, hello, register};
+use failback_common::control::Refusal;
 use failback_common::identity::{Identity, Role};
 use failback_proto::pb::control::{ComponentMessage, Hello, MachineInfo, command};
 use tokio::net::TcpListener;
@@ -207,16 +208,23 @@ async fn host_commands(
     outbox: tokio::sync::mpsc::Sender<ComponentMessage>,
     shutdown: CancellationToken,
 ) {
+    let mut answered = failback_common::control::Answered::default();
     while let Some(cmd) = failback_common::control::next_command(&mut commands).await {
-        let result = match cmd.kind {
-            Some(command::Kind::Boot(b)) => boot(&config, &mut running, b, &shutdown).await,
-            Some(command::Kind::RemoveMachine(r)) => remove(&config, &mut running, &r),
-            _ => Err(format!(
-                "`{}` is a host: it doesn't take this command",
-                config.name
-            )),
+        let run = || async {
+            match cmd.kind {
+                Some(command::Kind::Boot(b)) => boot(&config, &mut running, b, &shutdown)
+                    .await
+                    .map(|_| ())
+                    .map_err(Refusal::from),
+                Some(command::Kind::RemoveMachine(r)) => remove(&config, &mut running, &r),
+                _ => Err(Refusal::from(format!(
+                    "`{}` is a host: it doesn't take this command",
+                    config.name
+                ))),
+            }
+            .map(|_| None)
         };
-        if !failback_common::control::reply(&outbox, cmd.id, result).await {
+        if !failback_common::control::answer(&outbox, &mut answered, cmd.id, run).await {
             return;
         }
     }
@@ -228,14 +236,17 @@ fn remove(
     config: &AgentConfig,
     running: &mut Running,
     r: &failback_proto::pb::control::RemoveMachine,
-) -> Result<String, String> {
+) -> Result<(), Refusal> {
     let mut saved = HostState::load(&config.data_dir).map_err(|e| e.to_string())?;
     let is_static = config.machine.iter().any(|m| m.name == r.name);
     let booted = saved.booted.iter().position(|b| b.name == r.name);
     if !is_static && booted.is_none() && !running.contains_key(&r.name)
         || saved.deleted.contains(&r.name)
     {
-        return Err(format!("no machine `{}` on {}", r.name, config.name));
+        return Err(Refusal::not_found(format!(
+            "no machine `{}` on {}",
+            r.name, config.name
+        )));
     }
     let disks: Vec<std::path::PathBuf> = match running.remove(&r.name) {
         Some((stop, disks)) => {
@@ -292,7 +303,7 @@ fn remove(
         tracing::info!(machine = %r.name, "machine powered off");
     }
     saved.save(&config.data_dir)?;
-    Ok(String::new())
+    Ok(())
 }
 
 /// Boots a machine from disks in a datastore of this host: a failed-over VM, or at failback
@@ -421,12 +432,18 @@ impl Agent {
         mut self,
         mut commands: tokio::sync::mpsc::Receiver<failback_proto::pb::control::CsMessage>,
     ) {
+        let mut answered = failback_common::control::Answered::default();
         while let Some(cmd) = failback_common::control::next_command(&mut commands).await {
-            let result = match cmd.kind {
-                Some(kind) => self.handle(kind).await,
-                None => Err("empty command".to_string()),
+            let outbox = self.outbox.clone();
+            let run = || async {
+                match cmd.kind {
+                    Some(kind) => self.handle(kind).await,
+                    None => Err("empty command".to_string()),
+                }
+                .map(|_| None)
+                .map_err(Refusal::from)
             };
-            if !failback_common::control::reply(&self.outbox, cmd.id, result).await {
+            if !failback_common::control::answer(&outbox, &mut answered, cmd.id, run).await {
                 return;
             }
         }

@@ -20,7 +20,8 @@ use failback_common::control::now_ms;
 use failback_common::enroll::Backoff;
 use failback_common::tls::{Credentials, describe_error};
 use failback_proto::pb::control::{
-    ComponentMessage, DiskProgress, ItemProgress, Report, component_message, report,
+    ComponentMessage, DiskProgress, DiskState, ItemProgress, ReplicationPhase, Report,
+    component_message, report,
 };
 use failback_proto::pb::data::{
     self as pb, AgentBatch, StreamOpen, process_server_data_client::ProcessServerDataClient,
@@ -837,13 +838,13 @@ async fn reporter(
         let lag = lag_percentiles(&shared);
         let consistent = shared.consistent.load(Ordering::SeqCst);
         let phase = if consistent {
-            "delta"
+            ReplicationPhase::Delta
         } else if shared.resync_required.load(Ordering::SeqCst) {
-            "resync-required"
+            ReplicationPhase::ResyncRequired
         } else if shared.resyncing.load(Ordering::SeqCst) {
-            "resync"
+            ReplicationPhase::Resync
         } else {
-            "initial"
+            ReplicationPhase::Initial
         };
         let ids = shared.capture.disk_ids();
         let progress = shared
@@ -870,15 +871,15 @@ async fn reporter(
                     .position(|(t, d)| d < t)
                     .unwrap_or(usize::MAX);
                 let state = if pct >= 100.0 || (*total > 0 && done >= total) {
-                    "Complete"
+                    DiskState::Complete
                 } else if i == first_unfinished {
-                    "In progress"
+                    DiskState::InProgress
                 } else {
-                    "In queue"
+                    DiskState::InQueue
                 };
                 DiskProgress {
                     id: id.clone(),
-                    state: state.into(),
+                    state: state as i32,
                     percent: pct,
                 }
             })
@@ -887,7 +888,7 @@ async fn reporter(
             kind: Some(component_message::Kind::Report(Report {
                 kind: Some(report::Kind::Progress(ItemProgress {
                     item: shared.params.item.clone(),
-                    phase: phase.into(),
+                    phase: phase as i32,
                     disks,
                     bytes_sent: sent,
                     bytes_per_second: rate,

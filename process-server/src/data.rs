@@ -165,6 +165,33 @@ impl DataPlane {
         Ok(())
     }
 
+    /// Forgets the item's route, stops its forwarder and drops what the cache holds for it
+    /// ("Disable replication"). Unknown items are fine: the call is idempotent.
+    pub fn remove_route(&self, item: &str) -> Result<(), String> {
+        failback_common::identity::validate_name(item)?;
+        if let Some((_, fw)) = self
+            .forwarders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(item)
+        {
+            fw.cancel();
+        }
+        {
+            let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+            if routes.remove(item).is_some() {
+                let bytes = serde_json::to_vec(&*routes).map_err(|e| e.to_string())?;
+                let tmp = self.routes_path.with_extension("tmp");
+                std::fs::write(&tmp, bytes)
+                    .and_then(|_| std::fs::rename(&tmp, &self.routes_path))
+                    .map_err(|e| format!("cannot persist routes: {e}"))?;
+            }
+        }
+        self.cache
+            .drop_item(item)
+            .map_err(|e| format!("cannot drop the cached batches of {item}: {e}"))
+    }
+
     fn route(&self, item: &str) -> Option<Route> {
         self.routes
             .lock()

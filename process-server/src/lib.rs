@@ -119,21 +119,30 @@ async fn handle_commands(
     mut commands: mpsc::Receiver<CsMessage>,
     outbox: mpsc::Sender<ComponentMessage>,
 ) {
+    let mut answered = failback_common::control::Answered::default();
     while let Some(cmd) = failback_common::control::next_command(&mut commands).await {
-        let result = match cmd.kind {
-            Some(command::Kind::SetRoute(r)) => {
-                tracing::info!(item = %r.item, target = %r.target, "route set");
-                dp.set_route(
-                    &r.item,
-                    data::Route {
-                        target: r.target,
-                        address: r.target_address,
-                    },
-                )
+        let run = || async {
+            match cmd.kind {
+                Some(command::Kind::SetRoute(r)) => {
+                    tracing::info!(item = %r.item, target = %r.target, "route set");
+                    dp.set_route(
+                        &r.item,
+                        data::Route {
+                            target: r.target,
+                            address: r.target_address,
+                        },
+                    )
+                }
+                Some(command::Kind::RemoveRoute(r)) => {
+                    tracing::info!(item = %r.item, "route removed");
+                    dp.remove_route(&r.item)
+                }
+                _ => Err("a process server doesn't take this command".to_string()),
             }
-            _ => Err("a process server doesn't take this command".to_string()),
+            .map(|()| None)
+            .map_err(Into::into)
         };
-        if !failback_common::control::reply(&outbox, cmd.id, result.map(|()| String::new())).await {
+        if !failback_common::control::answer(&outbox, &mut answered, cmd.id, run).await {
             return;
         }
     }

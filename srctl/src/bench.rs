@@ -598,7 +598,7 @@ pub async fn failover(
         let baseline = start.elapsed().as_secs_f64();
         let _ = std::fs::remove_file(&copy);
 
-        let run = |kind: &'static str, point: &'static str| {
+        let run = |kind: failback_proto::pb::operator::FailoverKind, point: &'static str| {
             let dir = dir.clone();
             async move {
                 let start = Instant::now();
@@ -608,8 +608,8 @@ pub async fn failover(
                         machine: "vm1".into(),
                         point: point.into(),
                         shutdown: false,
-                        kind: kind.into(),
-                        sync: String::new(),
+                        kind: kind as i32,
+                        sync: 0,
                     },
                 )
                 .await?;
@@ -617,12 +617,20 @@ pub async fn failover(
             }
         };
         say("test failover to the latest processed point");
-        let lp = run("test", "latest-processed").await?;
+        let lp = run(
+            failback_proto::pb::operator::FailoverKind::Test,
+            "latest-processed",
+        )
+        .await?;
         let (layout_lp, own_lp) =
             disk_layout(&dir.join("datastores/azure-storage/vms/vm1-Test/disk0.img"))?;
         item::cleanup_test(&dir, "vm1").await?;
         say("failover to latest (process everything, make a new point)");
-        let latest = run("unplanned", "latest").await?;
+        let latest = run(
+            failback_proto::pb::operator::FailoverKind::Unplanned,
+            "latest",
+        )
+        .await?;
         let (layout_latest, own_latest) = disk_layout(&dir.join(AZURE_DISK))?;
         Ok(FailoverReport {
             disk_bytes: size,
@@ -880,8 +888,8 @@ pub async fn resync(size: u64, changed: f64, progress: bool) -> anyhow::Result<R
                 machine: "vm1".into(),
                 point: "latest".into(),
                 shutdown: true,
-                kind: "planned".into(),
-                sync: String::new(),
+                kind: failback_proto::pb::operator::FailoverKind::Planned as i32,
+                sync: 0,
             },
         )
         .await?;

@@ -128,8 +128,8 @@ async fn measure(
                 machine: m.into(),
                 point: "latest".into(),
                 shutdown: true,
-                kind: "planned".into(),
-                sync: String::new(),
+                kind: failback_proto::pb::operator::FailoverKind::Planned as i32,
+                sync: 0,
             },
         )
         .await?;

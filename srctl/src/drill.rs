@@ -855,8 +855,8 @@ impl Drill {
                         machine: m.clone(),
                         point: "latest".into(),
                         shutdown: true,
-                        kind: "unplanned".into(),
-                        sync: String::new(),
+                        kind: failback_proto::pb::operator::FailoverKind::Unplanned as i32,
+                        sync: 0,
                     },
                 )
                 .await

@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use failback_proto::pb::operator::{
-    EnableItemRequest, Item, ListItemsRequest, ListPoliciesRequest, Policy, VerifyRequest,
-    VerifyResponse, WorkloadRequest,
+    EnableItemRequest, FailoverRequest, Item, ItemRequest, Job, JobRequest, ListItemsRequest,
+    ListPoliciesRequest, Policy, VerifyRequest, VerifyResponse, WorkloadRequest,
 };
 use serde_json::json;
 
@@ -15,10 +15,24 @@ fn err(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", status_message(&s))
 }
 
-pub async fn enable(dir: &Path, req: EnableItemRequest) -> anyhow::Result<Item> {
+/// Starts "Enable protection"; returns its job as started (it ends when the item is
+/// Protected: follow it with [`watch`]).
+pub async fn enable(dir: &Path, req: EnableItemRequest) -> anyhow::Result<Job> {
     Ok(operator(dir)
         .await?
         .enable_item(req)
+        .await
+        .map_err(err)?
+        .into_inner())
+}
+
+/// Starts "Disable replication"; returns its job as started.
+pub async fn disable(dir: &Path, machine: &str) -> anyhow::Result<Job> {
+    Ok(operator(dir)
+        .await?
+        .disable_item(ItemRequest {
+            machine: machine.into(),
+        })
         .await
         .map_err(err)?
         .into_inner())
@@ -48,7 +62,8 @@ pub async fn verify(dir: &Path, machine: &str, point: &str) -> anyhow::Result<Ve
         .into_inner())
 }
 
-pub async fn resync(dir: &Path, machine: &str) -> anyhow::Result<Item> {
+/// Starts "Resynchronize"; returns its job as started.
+pub async fn resync(dir: &Path, machine: &str) -> anyhow::Result<Job> {
     Ok(operator(dir)
         .await?
         .resync(failback_proto::pb::operator::ResyncRequest {
@@ -251,16 +266,36 @@ pub fn print_policies(ps: &[Policy], as_json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn failover(
-    dir: &Path,
-    req: failback_proto::pb::operator::FailoverRequest,
-) -> anyhow::Result<failback_proto::pb::operator::Job> {
+/// Starts a failover job; returns it as started.
+pub async fn start_failover(dir: &Path, req: FailoverRequest) -> anyhow::Result<Job> {
     Ok(operator(dir)
         .await?
         .failover(req)
         .await
         .map_err(err)?
         .into_inner())
+}
+
+/// Runs a failover job to its end; an error if it failed.
+pub async fn failover(dir: &Path, req: FailoverRequest) -> anyhow::Result<Job> {
+    let job = start_failover(dir, req).await?;
+    succeeded(watch(dir, job.id, false).await?)
+}
+
+/// `job` if it succeeded, else its error.
+pub fn succeeded(job: Job) -> anyhow::Result<Job> {
+    if job.state == "Succeeded" {
+        Ok(job)
+    } else {
+        anyhow::bail!(
+            "job {} {} ({}) {}: {}",
+            job.id,
+            job.name,
+            job.item,
+            job.state,
+            job.error
+        )
+    }
 }
 
 pub async fn reprotect(
@@ -270,23 +305,6 @@ pub async fn reprotect(
     Ok(operator(dir)
         .await?
         .reprotect(req)
-        .await
-        .map_err(err)?
-        .into_inner())
-}
-
-/// Reprotects every machine of `plan` with `options` (its `machine` is ignored).
-pub async fn plan_reprotect(
-    dir: &Path,
-    plan: &str,
-    options: failback_proto::pb::operator::ReprotectRequest,
-) -> anyhow::Result<failback_proto::pb::operator::PlanReprotectResponse> {
-    Ok(operator(dir)
-        .await?
-        .plan_reprotect(failback_proto::pb::operator::PlanReprotectRequest {
-            plan: plan.into(),
-            options: Some(options),
-        })
         .await
         .map_err(err)?
         .into_inner())
@@ -304,13 +322,23 @@ pub async fn delete_vm(dir: &Path, machine: &str, host: &str) -> anyhow::Result<
     Ok(())
 }
 
+/// How long [`watch`] keeps trying to re-attach to a CS that does not answer.
+const REATTACH_FOR: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Follows job `id` until it ends and returns it; with `print`, its steps as they complete
-/// (and the running one on a terminal, with the item's synchronisation progress).
-pub async fn watch(
+/// (and the running one on a terminal, with its progress). The job runs on the CS whatever
+/// happens here; if the CS restarts, this re-attaches.
+pub async fn watch(dir: &Path, id: i64, print: bool) -> anyhow::Result<Job> {
+    watch_with(dir, id, print, |_| {}).await
+}
+
+/// [`watch`], calling `on_update` with every state of the job it sees.
+pub async fn watch_with(
     dir: &Path,
     id: i64,
     print: bool,
-) -> anyhow::Result<failback_proto::pb::operator::Job> {
+    mut on_update: impl FnMut(&Job),
+) -> anyhow::Result<Job> {
     use std::io::IsTerminal;
     // Synchronisation steps get a bar of the item's progress; other steps a spinner with the
     // step's elapsed time (their progress is not measurable, so no bar pretends it is).
@@ -327,75 +355,99 @@ pub async fn watch(
     });
     let mut running_step = String::new();
     let mut printed = 0usize;
+    let mut lost_since: Option<std::time::Instant> = None;
     loop {
-        let job = jobs(dir, id)
-            .await?
-            .into_iter()
-            .next()
-            .ok_or_else(|| anyhow::anyhow!("no job {id}"))?;
-        let mut prev = if printed == 0 {
-            job.started_ms
-        } else {
-            job.steps[printed - 1].time_ms
+        let stream = match operator(dir).await {
+            Ok(mut c) => c.watch_job(JobRequest { id }).await.map_err(err),
+            Err(e) => Err(e),
         };
-        for s in &job.steps[printed..] {
-            if s.state == "In progress" {
-                if let Some(pb) = &bar {
-                    let sync = s.name.starts_with("Synchronize") || s.name.starts_with("Initial");
-                    if running_step != s.name {
-                        running_step = s.name.clone();
-                        pb.set_style(if sync {
-                            sync_style.clone()
+        let mut stream = match stream {
+            Ok(s) => {
+                lost_since = None;
+                s.into_inner()
+            }
+            Err(e) => {
+                let since = *lost_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > REATTACH_FOR || e.to_string().contains("no job") {
+                    return Err(e);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        loop {
+            let job = match stream.message().await {
+                Ok(Some(job)) => job,
+                // The CS went away (a restart): re-attach.
+                Ok(None) | Err(_) => break,
+            };
+            on_update(&job);
+            let mut prev = if printed == 0 {
+                job.started_ms
+            } else {
+                job.steps
+                    .get(printed - 1)
+                    .map(|s| s.time_ms)
+                    .unwrap_or(job.started_ms)
+            };
+            for s in job.steps.iter().skip(printed) {
+                if s.state == "In progress" || s.state == "Waiting" {
+                    if let Some(pb) = &bar {
+                        let measured = s.progress.is_some();
+                        if running_step != s.name {
+                            running_step = s.name.clone();
+                            pb.set_style(if measured {
+                                sync_style.clone()
+                            } else {
+                                step_style.clone()
+                            });
+                            pb.reset_elapsed();
+                        }
+                        pb.set_message(if s.state == "Waiting" {
+                            format!("{} (waiting: `srctl job resume {}`)", s.name, job.id)
                         } else {
-                            step_style.clone()
+                            s.name.clone()
                         });
-                        pb.reset_elapsed();
-                        pb.set_message(s.name.clone());
+                        if let Some(p) = s.progress {
+                            pb.set_style(sync_style.clone());
+                            pb.set_position((p * 1000.0) as u64);
+                        }
                     }
-                    if sync {
-                        let pct = list(dir, "")
-                            .await
-                            .ok()
-                            .and_then(|items| items.into_iter().find(|i| i.id == job.item))
-                            .map(|i| i.initial_percent)
-                            .unwrap_or(0.0);
-                        pb.set_position((pct * 10.0) as u64);
+                    break;
+                }
+                if print {
+                    let line = format!(
+                        "  {:<11} {:>6.2} s  {}",
+                        s.state,
+                        (s.time_ms - prev).max(0) as f64 / 1000.0,
+                        s.name
+                    );
+                    match &bar {
+                        Some(pb) => pb.println(line),
+                        None => println!("{line}"),
                     }
                 }
-                break;
+                prev = s.time_ms;
+                printed += 1;
             }
-            if print {
-                let line = format!(
-                    "  {:<11} {:>6.2} s  {}",
-                    s.state,
-                    (s.time_ms - prev).max(0) as f64 / 1000.0,
-                    s.name
-                );
-                match &bar {
-                    Some(pb) => pb.println(line),
-                    None => println!("{line}"),
+            if job.state != "In progress" && job.state != "Waiting" {
+                if let Some(pb) = &bar {
+                    pb.finish_and_clear();
                 }
+                if print {
+                    print_job_summary(&job);
+                }
+                return Ok(job);
             }
-            prev = s.time_ms;
-            printed += 1;
         }
-        if job.state != "In progress" {
-            if let Some(pb) = &bar {
-                pb.finish_and_clear();
-            }
-            if print {
-                print_job_summary(&job);
-            }
-            return Ok(job);
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
 
-pub async fn commit(dir: &Path, machine: &str) -> anyhow::Result<Item> {
+/// Starts "Commit"; returns its job as started.
+pub async fn start_commit(dir: &Path, machine: &str) -> anyhow::Result<Job> {
     Ok(operator(dir)
         .await?
-        .commit(failback_proto::pb::operator::ItemRequest {
+        .commit(ItemRequest {
             machine: machine.into(),
         })
         .await
@@ -403,13 +455,17 @@ pub async fn commit(dir: &Path, machine: &str) -> anyhow::Result<Item> {
         .into_inner())
 }
 
-pub async fn cleanup_test(
-    dir: &Path,
-    machine: &str,
-) -> anyhow::Result<failback_proto::pb::operator::Job> {
+/// Runs "Commit" to its end; an error if it failed.
+pub async fn commit(dir: &Path, machine: &str) -> anyhow::Result<Job> {
+    let job = start_commit(dir, machine).await?;
+    succeeded(watch(dir, job.id, false).await?)
+}
+
+/// Starts "Cleanup test failover"; returns its job as started.
+pub async fn start_cleanup_test(dir: &Path, machine: &str) -> anyhow::Result<Job> {
     Ok(operator(dir)
         .await?
-        .cleanup_test_failover(failback_proto::pb::operator::ItemRequest {
+        .cleanup_test_failover(ItemRequest {
             machine: machine.into(),
         })
         .await
@@ -417,21 +473,53 @@ pub async fn cleanup_test(
         .into_inner())
 }
 
-pub async fn jobs(dir: &Path, id: i64) -> anyhow::Result<Vec<failback_proto::pb::operator::Job>> {
+/// Runs "Cleanup test failover" to its end; an error if it failed.
+pub async fn cleanup_test(dir: &Path, machine: &str) -> anyhow::Result<Job> {
+    let job = start_cleanup_test(dir, machine).await?;
+    succeeded(watch(dir, job.id, false).await?)
+}
+
+/// `job resume ID`.
+pub async fn resume_job(dir: &Path, id: i64) -> anyhow::Result<Job> {
     Ok(operator(dir)
         .await?
-        .list_jobs(failback_proto::pb::operator::ListJobsRequest { id })
+        .resume_job(JobRequest { id })
+        .await
+        .map_err(err)?
+        .into_inner())
+}
+
+/// Job `id` (0: every job).
+pub async fn jobs(dir: &Path, id: i64) -> anyhow::Result<Vec<Job>> {
+    Ok(operator(dir)
+        .await?
+        .list_jobs(failback_proto::pb::operator::ListJobsRequest { id, parent: 0 })
         .await
         .map_err(err)?
         .into_inner()
         .jobs)
 }
 
-pub fn job_json(j: &failback_proto::pb::operator::Job) -> serde_json::Value {
+/// The jobs plan job `parent` started.
+pub async fn child_jobs(dir: &Path, parent: i64) -> anyhow::Result<Vec<Job>> {
+    Ok(operator(dir)
+        .await?
+        .list_jobs(failback_proto::pb::operator::ListJobsRequest { id: 0, parent })
+        .await
+        .map_err(err)?
+        .into_inner()
+        .jobs)
+}
+
+pub fn job_json(j: &Job) -> serde_json::Value {
     json!({
         "id": j.id, "name": j.name, "item": j.item, "state": j.state,
         "started_ms": j.started_ms, "ended_ms": j.ended_ms, "error": j.error,
-        "steps": j.steps.iter().map(|s| json!({"name": s.name, "state": s.state, "time_ms": s.time_ms})).collect::<Vec<_>>(),
+        "parent": j.parent,
+        "steps": j.steps.iter().map(|s| json!({
+            "name": s.name, "state": s.state, "time_ms": s.time_ms,
+            "started_ms": s.started_ms, "ended_ms": s.ended_ms, "progress": s.progress,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -470,88 +558,4 @@ pub fn print_job(j: &failback_proto::pb::operator::Job) {
         );
         prev = s.time_ms;
     }
-}
-
-pub async fn plan_create(
-    dir: &Path,
-    name: &str,
-) -> anyhow::Result<failback_proto::pb::operator::Plan> {
-    Ok(operator(dir)
-        .await?
-        .create_plan(failback_proto::pb::operator::PlanRequest { name: name.into() })
-        .await
-        .map_err(err)?
-        .into_inner())
-}
-
-pub async fn plan_add(
-    dir: &Path,
-    plan: &str,
-    machine: &str,
-    group: u32,
-) -> anyhow::Result<failback_proto::pb::operator::Plan> {
-    Ok(operator(dir)
-        .await?
-        .add_to_plan(failback_proto::pb::operator::PlanMember {
-            plan: plan.into(),
-            machine: machine.into(),
-            group,
-            ..Default::default()
-        })
-        .await
-        .map_err(err)?
-        .into_inner())
-}
-
-pub async fn plan_show(
-    dir: &Path,
-    name: &str,
-) -> anyhow::Result<failback_proto::pb::operator::Plan> {
-    Ok(operator(dir)
-        .await?
-        .show_plan(failback_proto::pb::operator::PlanRequest { name: name.into() })
-        .await
-        .map_err(err)?
-        .into_inner())
-}
-
-pub async fn plan_run(
-    dir: &Path,
-    plan: &str,
-    action: &str,
-    point: &str,
-    shutdown: bool,
-) -> anyhow::Result<failback_proto::pb::operator::Job> {
-    Ok(operator(dir)
-        .await?
-        .plan_failover(failback_proto::pb::operator::PlanFailoverRequest {
-            plan: plan.into(),
-            point: point.into(),
-            action: action.into(),
-            shutdown,
-        })
-        .await
-        .map_err(err)?
-        .into_inner())
-}
-
-pub fn print_plan(p: &failback_proto::pb::operator::Plan, as_json: bool) -> anyhow::Result<()> {
-    if as_json {
-        let v = json!({
-            "name": p.name,
-            "members": p.members.iter().map(|m| json!({
-                "machine": m.machine, "group": m.group, "state": m.state, "replication_group": m.replication_group,
-            })).collect::<Vec<_>>(),
-        });
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
-    }
-    println!("recovery plan {} ({} machines)", p.name, p.members.len());
-    for m in &p.members {
-        println!(
-            "  group {}  {:<10} {:<30} {}",
-            m.group, m.machine, m.state, m.replication_group
-        );
-    }
-    Ok(())
 }

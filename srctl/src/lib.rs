@@ -21,6 +21,7 @@ pub mod infra;
 pub mod item;
 pub mod lab;
 pub mod link;
+pub mod plan;
 pub mod scenario;
 
 /// A size like `64MiB`, `1GiB`, `512KiB` or a plain number of bytes.

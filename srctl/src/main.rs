@@ -3,8 +3,10 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use failback_proto::pb::operator::{EnableItemRequest, Policy, WorkloadRequest};
-use srctl::{infra, item, lab, link, parse_size};
+use failback_proto::pb::operator::{
+    EnableItemRequest, FailoverKind, Policy, SyncMode, WorkloadRequest,
+};
+use srctl::{infra, item, lab, link, parse_size, plan};
 
 #[derive(Parser)]
 #[command(version, about = "Failback Lab operator CLI")]
@@ -12,6 +14,10 @@ struct Cli {
     /// The lab directory (default: $FAILBACK_LAB).
     #[arg(long, global = true)]
     lab: Option<PathBuf>,
+    /// Don't wait for the job a command starts: print its id and return (follow it later with
+    /// `srctl job watch ID`). The job runs on the configuration server either way.
+    #[arg(long, global = true)]
+    no_wait: bool,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -137,8 +143,8 @@ struct ReprotectOpts {
     /// Fail back to a new VM (full copy) instead of the original VM's disks.
     #[arg(long)]
     alternate_location: bool,
-    /// Wait until the item is Protected (every item of a plan), showing the job.
-    #[arg(long)]
+    /// Kept for scripts: waiting until the item is Protected is the default now.
+    #[arg(long, hide = true)]
     wait: bool,
     #[arg(long)]
     json: bool,
@@ -173,6 +179,33 @@ enum PlanCmd {
         name: String,
         #[arg(long)]
         json: bool,
+    },
+    /// Every recovery plan.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take a machine out of a plan (its replication is untouched).
+    Remove {
+        plan: String,
+        machine: String,
+    },
+    /// Delete a plan (its machines stay protected).
+    Delete {
+        name: String,
+    },
+    /// A manual action (the plan job waits until `srctl job resume ID`) or a script (run on
+    /// the configuration server's host with FBL_PLAN, FBL_GROUP, FBL_DIRECTION) after a group.
+    AddAction {
+        plan: String,
+        #[arg(long)]
+        after_group: u32,
+        /// What the operator must do before the plan goes on.
+        #[arg(long, conflicts_with = "script", required_unless_present = "script")]
+        manual: Option<String>,
+        /// An absolute path on the configuration server's host.
+        #[arg(long)]
+        script: Option<String>,
     },
     /// latest | latest-processed | latest-app-consistent | latest-multi-vm-processed | latest-multi-vm-app-consistent
     Failover {
@@ -232,6 +265,8 @@ enum JobCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Let a job waiting at a manual action of its recovery plan go on.
+    Resume { id: i64 },
 }
 
 /// The values of the master targets' `failover_disks` setting.
@@ -315,6 +350,9 @@ enum ItemCmd {
     },
     /// Resynchronize: compare block checksums with the replica, send only what differs.
     Resync { machine: String },
+    /// Disable replication: the item is removed from the agent, the process server and the
+    /// target, then from the configuration server.
+    Disable { machine: String },
     /// Prove the replica at a point equals what the source held then (BLAKE3 per disk).
     Verify {
         machine: String,
@@ -468,6 +506,7 @@ async fn main() {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let lab_flag = cli.lab;
+    let no_wait = cli.no_wait;
     match cli.command {
         Cmd::Drill(a) => {
             use std::io::IsTerminal;
@@ -564,24 +603,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     process_server,
                     replication_group,
                 } => {
-                    let i = item::enable(
+                    let job = item::enable(
                         &dir,
                         EnableItemRequest {
-                            machine,
+                            machine: machine.clone(),
                             policy,
                             process_server,
                             replication_group,
                         },
                     )
                     .await?;
-                    println!(
-                        "{}: {} (item {}, {} -> {} -> {})",
-                        i.machine, i.state, i.id, i.machine, i.process_server, i.target
-                    );
+                    follow_item(&dir, job, &machine, no_wait).await?;
                 }
                 ItemCmd::Resync { machine } => {
-                    let i = item::resync(&dir, &machine).await?;
-                    println!("{}: {}", i.machine, i.state);
+                    let job = item::resync(&dir, &machine).await?;
+                    follow_item(&dir, job, &machine, no_wait).await?;
+                }
+                ItemCmd::Disable { machine } => {
+                    let job = item::disable(&dir, &machine).await?;
+                    if follow(&dir, job, no_wait, false).await? {
+                        println!("{machine}: replication disabled");
+                    }
                 }
                 ItemCmd::List { json } => item::print_list(&item::list(&dir, "").await?, json)?,
                 ItemCmd::Show { machine, json } => {
@@ -736,39 +778,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Failover(a) => {
             let dir = srctl::client::lab_dir(lab_flag)?;
-            let job = item::failover(
+            let sync = parse_sync(a.sync.as_deref())?;
+            let job = item::start_failover(
                 &dir,
-                failback_proto::pb::operator::FailoverRequest {
-                    machine: a.machine,
-                    point: a.point,
-                    shutdown: a.shutdown,
-                    kind: "unplanned".into(),
-                    sync: a.sync.unwrap_or_default(),
-                },
+                failover_request(
+                    &a.machine,
+                    &a.point,
+                    a.shutdown,
+                    FailoverKind::Unplanned,
+                    sync,
+                ),
             )
             .await?;
-            if a.json {
-                println!("{}", serde_json::to_string_pretty(&item::job_json(&job))?);
-            } else {
-                item::print_job(&job);
-            }
+            follow(&dir, job, no_wait, a.json).await?;
         }
         Cmd::Reprotect(a) => {
             let dir = srctl::client::lab_dir(lab_flag)?;
             let job = item::reprotect(&dir, a.opts.request(&a.machine)).await?;
-            let job = if a.opts.wait {
-                item::watch(&dir, job.id, !a.opts.json).await?
-            } else {
-                job
-            };
-            if a.opts.json {
-                println!("{}", serde_json::to_string_pretty(&item::job_json(&job))?);
-            } else if !a.opts.wait {
-                item::print_job(&job);
-            }
-            if job.state == "Failed" {
-                anyhow::bail!("reprotect failed: {}", job.error);
-            }
+            follow(&dir, job, no_wait, a.opts.json).await?;
         }
         Cmd::Vm(VmCmd::Delete { machine, host }) => {
             let dir = srctl::client::lab_dir(lab_flag)?;
@@ -777,101 +804,136 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::PlannedFailover { machine } => {
             let dir = srctl::client::lab_dir(lab_flag)?;
-            let job = item::failover(
-                &dir,
-                failback_proto::pb::operator::FailoverRequest {
-                    machine,
-                    point: "latest".into(),
-                    shutdown: true,
-                    kind: "planned".into(),
-                    sync: String::new(),
-                },
-            )
-            .await?;
-            item::print_job(&job);
+            let req = failover_request(
+                &machine,
+                "latest",
+                true,
+                FailoverKind::Planned,
+                SyncMode::Unspecified,
+            );
+            follow(&dir, item::start_failover(&dir, req).await?, no_wait, false).await?;
         }
         Cmd::TestFailover { machine, point } => {
             let dir = srctl::client::lab_dir(lab_flag)?;
-            let job = item::failover(
-                &dir,
-                failback_proto::pb::operator::FailoverRequest {
-                    machine,
-                    point,
-                    shutdown: false,
-                    kind: "test".into(),
-                    sync: String::new(),
-                },
-            )
-            .await?;
-            item::print_job(&job);
+            let req = failover_request(
+                &machine,
+                &point,
+                false,
+                FailoverKind::Test,
+                SyncMode::Unspecified,
+            );
+            follow(&dir, item::start_failover(&dir, req).await?, no_wait, false).await?;
         }
         Cmd::TestFailoverCleanup { machine } => {
             let dir = srctl::client::lab_dir(lab_flag)?;
-            item::print_job(&item::cleanup_test(&dir, &machine).await?);
+            let job = item::start_cleanup_test(&dir, &machine).await?;
+            follow(&dir, job, no_wait, false).await?;
         }
         Cmd::ChangePoint { machine, point } => {
             let dir = srctl::client::lab_dir(lab_flag)?;
-            let job = item::failover(
-                &dir,
-                failback_proto::pb::operator::FailoverRequest {
-                    machine,
-                    point,
-                    shutdown: false,
-                    kind: "change-point".into(),
-                    sync: String::new(),
-                },
-            )
-            .await?;
-            item::print_job(&job);
+            let req = failover_request(
+                &machine,
+                &point,
+                false,
+                FailoverKind::ChangePoint,
+                SyncMode::Unspecified,
+            );
+            follow(&dir, item::start_failover(&dir, req).await?, no_wait, false).await?;
         }
         Cmd::Commit { machine } => {
             let dir = srctl::client::lab_dir(lab_flag)?;
-            let i = item::commit(&dir, &machine).await?;
-            println!("{}: {}", i.machine, i.state);
+            let job = item::start_commit(&dir, &machine).await?;
+            if follow(&dir, job, no_wait, false).await? {
+                for i in item::list(&dir, &machine).await? {
+                    println!("{}: {}", i.machine, i.state);
+                }
+            }
         }
         Cmd::Plan(cmd) => {
             let dir = srctl::client::lab_dir(lab_flag)?;
             match cmd {
-                PlanCmd::Create { name } => {
-                    item::print_plan(&item::plan_create(&dir, &name).await?, false)?
-                }
+                PlanCmd::Create { name } => plan::print(&plan::create(&dir, &name).await?, false)?,
                 PlanCmd::Add {
-                    plan,
+                    plan: p,
                     machine,
                     group,
-                } => item::print_plan(&item::plan_add(&dir, &plan, &machine, group).await?, false)?,
-                PlanCmd::Show { name, json } => {
-                    item::print_plan(&item::plan_show(&dir, &name).await?, json)?
+                } => plan::print(&plan::add(&dir, &p, &machine, group).await?, false)?,
+                PlanCmd::Show { name, json } => plan::print(&plan::show(&dir, &name).await?, json)?,
+                PlanCmd::List { json } => {
+                    let plans = plan::list(&dir).await?;
+                    if json {
+                        println!("[");
+                        for (i, p) in plans.iter().enumerate() {
+                            plan::print(p, true)?;
+                            if i + 1 < plans.len() {
+                                println!(",");
+                            }
+                        }
+                        println!("]");
+                    } else if plans.is_empty() {
+                        println!("no recovery plans; create one with `srctl plan create NAME`");
+                    } else {
+                        for p in &plans {
+                            plan::print(p, false)?;
+                        }
+                    }
+                }
+                PlanCmd::Remove { plan: p, machine } => {
+                    plan::print(&plan::remove(&dir, &p, &machine).await?, false)?
+                }
+                PlanCmd::Delete { name } => {
+                    plan::delete(&dir, &name).await?;
+                    println!("recovery plan {name} deleted; its machines stay protected");
+                }
+                PlanCmd::AddAction {
+                    plan: p,
+                    after_group,
+                    manual,
+                    script,
+                } => {
+                    use failback_proto::pb::operator::plan_action::Action;
+                    let action = match (manual, script) {
+                        (Some(m), _) => Action::Manual(m),
+                        (None, Some(s)) => Action::Script(s),
+                        (None, None) => anyhow::bail!("give --manual \"TEXT\" or --script PATH"),
+                    };
+                    plan::print(
+                        &plan::add_action(&dir, &p, after_group, action).await?,
+                        false,
+                    )?
                 }
                 PlanCmd::Failover {
                     name,
                     point,
                     shutdown,
-                } => item::print_job(
-                    &item::plan_run(&dir, &name, "failover", &point, shutdown).await?,
-                ),
-                PlanCmd::TestFailover { name, point } => item::print_job(
-                    &item::plan_run(&dir, &name, "test-failover", &point, false).await?,
-                ),
-                PlanCmd::TestFailoverCleanup { name } => item::print_job(
-                    &item::plan_run(&dir, &name, "test-failover-cleanup", "latest", false).await?,
-                ),
+                } => {
+                    let job = plan::start(&dir, &name, "failover", &point, shutdown).await?;
+                    follow(&dir, job, no_wait, false).await?;
+                }
+                PlanCmd::TestFailover { name, point } => {
+                    let job = plan::start(&dir, &name, "test-failover", &point, false).await?;
+                    follow(&dir, job, no_wait, false).await?;
+                }
+                PlanCmd::TestFailoverCleanup { name } => {
+                    let job =
+                        plan::start(&dir, &name, "test-failover-cleanup", "latest", false).await?;
+                    follow(&dir, job, no_wait, false).await?;
+                }
                 PlanCmd::Commit { name } => {
-                    item::print_job(&item::plan_run(&dir, &name, "commit", "latest", false).await?)
+                    let job = plan::start(&dir, &name, "commit", "latest", false).await?;
+                    follow(&dir, job, no_wait, false).await?;
                 }
                 PlanCmd::Reprotect { name, opts } => {
-                    let r = item::plan_reprotect(&dir, &name, opts.request("")).await?;
+                    let r = plan::reprotect(&dir, &name, opts.request("")).await?;
                     let plan_job = r.plan_job.unwrap_or_default();
-                    if !opts.json {
-                        item::print_job(&plan_job);
+                    if no_wait {
+                        follow(&dir, plan_job, true, opts.json).await?;
+                        return Ok(());
                     }
-                    let mut jobs = Vec::with_capacity(r.jobs.len());
-                    for job in r.jobs {
-                        jobs.push(if opts.wait {
-                            item::watch(&dir, job.id, !opts.json).await?
-                        } else {
-                            job
-                        });
+                    let plan_job = item::watch(&dir, plan_job.id, !opts.json).await?;
+                    let mut jobs = Vec::new();
+                    for job in item::child_jobs(&dir, plan_job.id).await? {
+                        jobs.push(item::watch(&dir, job.id, !opts.json).await?);
                     }
                     if opts.json {
                         let v = serde_json::json!({
@@ -879,13 +941,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             "jobs": jobs.iter().map(item::job_json).collect::<Vec<_>>(),
                         });
                         println!("{}", serde_json::to_string_pretty(&v)?);
-                    } else if !opts.wait {
-                        for job in &jobs {
-                            item::print_job(job);
-                        }
                     }
-                    let failed: Vec<String> = jobs
-                        .iter()
+                    let failed: Vec<String> = std::iter::once(&plan_job)
+                        .chain(jobs.iter())
                         .filter(|j| j.state == "Failed")
                         .map(|j| format!("{}: {}", j.item, j.error))
                         .collect();
@@ -931,6 +989,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         anyhow::bail!("job {id} {}: {}", job.state, job.error);
                     }
                 }
+                JobCmd::Resume { id } => {
+                    let job = item::resume_job(&dir, id).await?;
+                    println!("job {} ({}) goes on", job.id, job.name);
+                }
                 JobCmd::Show { id, json } => {
                     for j in item::jobs(&dir, id).await? {
                         if json {
@@ -954,6 +1016,108 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Follows a job the command started, unless `--no-wait`; exits non-zero with its error if
+/// it failed. Returns whether it ran to success here.
+async fn follow(
+    dir: &std::path::Path,
+    job: failback_proto::pb::operator::Job,
+    no_wait: bool,
+    json: bool,
+) -> anyhow::Result<bool> {
+    if no_wait {
+        if json {
+            println!("{}", serde_json::to_string_pretty(&item::job_json(&job))?);
+        } else {
+            println!(
+                "job {} ({}, {}) started: follow it with `srctl job watch {}`",
+                job.id, job.name, job.item, job.id
+            );
+        }
+        return Ok(false);
+    }
+    let job = item::watch(dir, job.id, !json).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&item::job_json(&job))?);
+    }
+    item::succeeded(job)?;
+    Ok(true)
+}
+
+/// [`follow`] for a job that moves an item through states (enable, resync): the item's
+/// state is printed as the job reaches the step that waits in it, and at the end.
+async fn follow_item(
+    dir: &std::path::Path,
+    job: failback_proto::pb::operator::Job,
+    machine: &str,
+    no_wait: bool,
+) -> anyhow::Result<()> {
+    if no_wait {
+        follow(dir, job, true, false).await?;
+        return Ok(());
+    }
+    let route = item::list(dir, machine)
+        .await?
+        .into_iter()
+        .next()
+        .map(|i| {
+            format!(
+                "item {}, {} -> {} -> {}",
+                i.id, i.machine, i.process_server, i.target
+            )
+        })
+        .unwrap_or_default();
+    let mut said = false;
+    let job = item::watch_with(dir, job.id, true, |j| {
+        let waiting = j.steps.iter().find_map(|s| match s.name.as_str() {
+            "Initial replication" => Some("Initial replication in progress"),
+            "Resynchronization" => Some("Resynchronization in progress"),
+            _ => None,
+        });
+        if let Some(state) = waiting.filter(|_| !said) {
+            println!("{machine}: {state} ({route})");
+            said = true;
+        }
+    })
+    .await?;
+    item::succeeded(job)?;
+    for i in item::list(dir, machine).await? {
+        println!(
+            "{}: {} (item {}, {} -> {} -> {})",
+            i.machine, i.state, i.id, i.machine, i.process_server, i.target
+        );
+    }
+    Ok(())
+}
+
+/// `--sync` as the CS takes it.
+fn parse_sync(sync: Option<&str>) -> anyhow::Result<SyncMode> {
+    Ok(match sync {
+        None => SyncMode::Unspecified,
+        Some("before-failover") => SyncMode::BeforeFailover,
+        Some("full-download") => SyncMode::FullDownload,
+        Some(other) => anyhow::bail!(
+            "unknown --sync `{other}`: before-failover (synchronise while the VM runs, then only \
+             the last changes) or full-download (no checksums, the whole disks)"
+        ),
+    })
+}
+
+fn failover_request(
+    machine: &str,
+    point: &str,
+    shutdown: bool,
+    kind: FailoverKind,
+    sync: SyncMode,
+) -> failback_proto::pb::operator::FailoverRequest {
+    failback_proto::pb::operator::FailoverRequest {
+        machine: machine.into(),
+        point: point.into(),
+        shutdown,
+        kind: kind as i32,
+        sync: sync as i32,
+    }
 }
 
 async fn proc_action(

@@ -8,40 +8,92 @@
 //! at an alternate location the replica starts empty (full copy) and failback creates a new VM.
 //! To Azure (after failback), the replica starts from the previous Azure replica: a delta again.
 //!
-//! Preconditions are checked first, each with ASR's error (and code); a failed check changes
-//! nothing. The job "Reprotect" then powers the on-premises VM off, prepares the master target,
-//! assigns the process server and starts replication; it ends when the item is Protected
-//! (reverse direction), which the agent's progress reports tell (see `items::on_progress`).
+//! Preconditions are checked first ([`check`]), each with ASR's error (and code); a failed
+//! check changes nothing. The job "Reprotect" then powers the on-premises VM off, prepares the
+//! master target, assigns the process server and starts replication; it ends when the item is
+//! Protected in the new direction. Every step is idempotent, so a restart resumes the job.
 
 use std::sync::Arc;
 
 use failback_common::control::now_ms;
-use failback_proto::pb::control::{DiskInfo, PrepareReplica, RemoveReplica, SetRoute, command};
-use failback_proto::pb::operator::{Job, ReprotectRequest};
+use failback_proto::pb::control::{PrepareReplica, RemoveReplica, SetRoute, command};
+use failback_proto::pb::operator::{Job, Policy, ReprotectRequest};
+use serde::{Deserialize, Serialize};
 use tonic::Status;
 
-use crate::db::ComponentRow;
-use crate::failover::{FAILOVER_COMMITTED, FAILOVER_COMPLETED, remove_vm, step};
-use crate::items::{
-    self, ItemRow, Placement, Progress, REPROTECTING, address_for, default_policy, start_command,
+use super::{CancelRule, Ctx, JobError, Jobs, Spec, enable::wait_protected, failover::remove_vm};
+use crate::commands::{self, address_for};
+use crate::item::{
+    Direction, ItemRow, ItemState, JobKind, Placement, Progress, StepState, default_policy,
 };
 use crate::state::State;
+use crate::store::ComponentRow;
 
-/// A component of `role`, or a clear error naming what exists.
-fn component(state: &State, name: &str, role: &str, what: &str) -> Result<ComponentRow, Status> {
-    state
-        .store
-        .component(name)?
-        .filter(|c| c.role == role)
-        .ok_or_else(|| {
-            Status::not_found(format!(
-                "no {what} named `{name}` is registered; see `srctl infra list`"
-            ))
-        })
+/// What the checks read, in one database call.
+pub struct Facts {
+    old: Option<ItemRow>,
+    running: Option<(i64, String)>,
+    components: Vec<ComponentRow>,
+    items: Vec<ItemRow>,
+    /// Every item of the machine, newest first.
+    history: Vec<ItemRow>,
+    policies: Vec<Policy>,
+}
+
+impl Facts {
+    pub async fn load(state: &State, machine: &str) -> Result<Facts, Status> {
+        let machine = machine.to_string();
+        Ok(state
+            .store
+            .call(move |db| {
+                let old = db.item_of_machine(&machine)?;
+                let running = match &old {
+                    Some(o) => db.running_job(&o.id)?,
+                    None => None,
+                };
+                Ok(Facts {
+                    old,
+                    running,
+                    components: db.list()?,
+                    items: db.items()?,
+                    history: db.items_of_machine(&machine)?,
+                    policies: db.policies()?,
+                })
+            })
+            .await?)
+    }
+
+    fn component(&self, name: &str) -> Option<ComponentRow> {
+        self.components.iter().find(|c| c.name == name).cloned()
+    }
+
+    fn policy(&self, name: &str) -> Option<Policy> {
+        self.policies.iter().find(|p| p.name == name).cloned()
+    }
+
+    /// A component of `role`, or a clear error naming what exists.
+    fn role(&self, name: &str, role: &str, what: &str) -> Result<ComponentRow, Status> {
+        self.component(name)
+            .filter(|c| c.role == role)
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no {what} named `{name}` is registered; see `srctl infra list`"
+                ))
+            })
+    }
+
+    /// The machines whose active item is in replication group `group`.
+    pub fn group_members(&self, group: &str) -> Vec<String> {
+        self.items
+            .iter()
+            .filter(|i| i.replication_group == group)
+            .map(|i| i.machine.clone())
+            .collect()
+    }
 }
 
 /// Everything a reprotect decided before changing anything.
-struct Plan {
+pub struct Plan {
     old: ItemRow,
     machine: ComponentRow,
     ps: ComponentRow,
@@ -50,14 +102,13 @@ struct Plan {
     target_address: String,
     datastore: String,
     placement: Placement,
-    policy: failback_proto::pb::operator::Policy,
+    policy: Policy,
     /// The host whose VM of the same name must be off during reprotect (original location).
     power_off: Option<String>,
 }
 
 /// Checks every precondition; returns the plan or the first violated one.
-fn check(state: &State, req: &ReprotectRequest) -> Result<Plan, Status> {
-    let store = &state.store;
+fn check(state: &State, f: &Facts, req: &ReprotectRequest) -> Result<Plan, Status> {
     failback_common::identity::validate_name(&req.machine).map_err(Status::invalid_argument)?;
     let not_in_db = || {
         Status::failed_precondition(format!(
@@ -67,11 +118,11 @@ fn check(state: &State, req: &ReprotectRequest) -> Result<Plan, Status> {
             req.machine
         ))
     };
-    let old = store.item_of_machine(&req.machine)?.ok_or_else(not_in_db)?;
-    let machine = store.component(&req.machine)?.ok_or_else(not_in_db)?;
-    match old.state.as_str() {
-        FAILOVER_COMMITTED => {}
-        FAILOVER_COMPLETED => {
+    let old = f.old.clone().ok_or_else(not_in_db)?;
+    let machine = f.component(&req.machine).ok_or_else(not_in_db)?;
+    match old.state {
+        ItemState::FailoverCommitted => {}
+        ItemState::FailoverCompleted => {
             return Err(Status::failed_precondition(format!(
                 "`{}` failed over but the failover is not committed; commit it first (`srctl commit {}`)",
                 req.machine, req.machine
@@ -84,7 +135,7 @@ fn check(state: &State, req: &ReprotectRequest) -> Result<Plan, Status> {
             )));
         }
     }
-    if let Some((id, name)) = store.running_job(&old.id)? {
+    if let Some((id, name)) = f.running.clone() {
         return Err(Status::failed_precondition(format!(
             "job {id} ({name}) is running on `{}`; wait for it (`srctl job show {id}`)",
             req.machine
@@ -117,7 +168,7 @@ fn check(state: &State, req: &ReprotectRequest) -> Result<Plan, Status> {
         ("", _) => "ps-onprem",
         (name, _) => name,
     };
-    let ps = component(state, ps_name, "process-server", "process server")?;
+    let ps = f.role(ps_name, "process-server", "process server")?;
     if !state.connected(&ps.name) {
         return Err(Status::failed_precondition(format!(
             "806: process server `{}` is not connected (no heartbeat); start it or choose another \
@@ -137,7 +188,7 @@ fn check(state: &State, req: &ReprotectRequest) -> Result<Plan, Status> {
         ("", _) => "azure-target",
         (name, _) => name,
     };
-    let mt = component(state, mt_name, "master-target", "master target")?;
+    let mt = f.role(mt_name, "master-target", "master target")?;
     if mt.site != target_site {
         return Err(Status::invalid_argument(format!(
             "master target `{}` is in {}, but `{}` replicates to {target_site}",
@@ -156,13 +207,7 @@ fn check(state: &State, req: &ReprotectRequest) -> Result<Plan, Status> {
             mt.name, ps.name, ps.site
         ))
     })?;
-    let snapshots = state
-        .snapshots
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&mt.name)
-        .cloned()
-        .unwrap_or_default();
+    let snapshots = state.snapshots_of(&mt.name);
     if !snapshots.is_empty() {
         return Err(Status::failed_precondition(format!(
             "master target `{}` has snapshots ({}): ASR can't reprotect to a master target with \
@@ -224,7 +269,7 @@ fn check(state: &State, req: &ReprotectRequest) -> Result<Plan, Status> {
         seeded = true;
     } else if alternate {
         // The new VM is created on the master target's host: no VM of that name may exist there.
-        let hosts = store.list()?;
+        let hosts = &f.components;
         if let Some(host) = hosts.iter().find(|h| {
             h.role == "host"
                 && h.site == target_site
@@ -237,9 +282,9 @@ fn check(state: &State, req: &ReprotectRequest) -> Result<Plan, Status> {
                 machine.name, host.name, machine.name, host.name
             )));
         }
-    } else if let Some(prev) = store
-        .items_of_machine(&machine.name)?
-        .into_iter()
+    } else if let Some(prev) = f
+        .history
+        .iter()
         .find(|i| i.target == mt.name && i.id != old.id)
     {
         // Back to Azure: the previous Azure replica is the seed (a delta, not a full copy).
@@ -253,11 +298,11 @@ fn check(state: &State, req: &ReprotectRequest) -> Result<Plan, Status> {
             seed_item = prev.id.clone();
         }
     }
-    let in_use: usize = store
-        .items()?
+    let in_use: usize = f
+        .items
         .iter()
         .filter(|i| i.target == mt.name && i.id != old.id)
-        .filter_map(|i| store.component(&i.machine).ok().flatten())
+        .filter_map(|i| f.component(&i.machine))
         .map(|c| c.disks.len())
         .sum();
     let limit = state.config.master_target_disk_limit;
@@ -277,8 +322,8 @@ fn check(state: &State, req: &ReprotectRequest) -> Result<Plan, Status> {
     }
     // The failback policy (the base policy's `-failback` twin) on the way back; the base one
     // when protecting to Azure again.
-    let base = store
-        .policy(&old.policy)?
+    let base = f
+        .policy(&old.policy)
         .map(|p| {
             if p.failback_of.is_empty() {
                 p.name
@@ -292,7 +337,7 @@ fn check(state: &State, req: &ReprotectRequest) -> Result<Plan, Status> {
     } else {
         base
     };
-    let policy = store.policy(&policy_name)?.unwrap_or_else(default_policy);
+    let policy = f.policy(&policy_name).unwrap_or_else(default_policy);
     let placement = Placement {
         home_host: home.home_host.clone(),
         home_datastore: home.home_datastore.clone(),
@@ -316,16 +361,16 @@ fn check(state: &State, req: &ReprotectRequest) -> Result<Plan, Status> {
     })
 }
 
-/// `reprotect`: checks, then starts the job "Reprotect" and returns it once replication runs;
-/// the job completes when the item is Protected in the new direction.
 /// `srctl reprotect MACHINE`: a machine that shares a replication group with others is
 /// refused (ASR reprotects replication groups through a recovery plan, all members with the
-/// same master target: [`crate::plans::reprotect`]).
-pub async fn reprotect(state: &Arc<State>, req: ReprotectRequest) -> Result<Job, Status> {
-    if let Some(old) = state.store.item_of_machine(&req.machine)?
+/// same master target: [`super::plan`]).
+pub async fn start(jobs: &Arc<Jobs>, req: ReprotectRequest) -> Result<Job, Status> {
+    let facts = Facts::load(&jobs.state, &req.machine).await?;
+    if let Some(old) = &facts.old
         && !old.replication_group.is_empty()
     {
-        let others: Vec<String> = group_members(state, &old.replication_group)?
+        let others: Vec<String> = facts
+            .group_members(&old.replication_group)
             .into_iter()
             .filter(|m| m != &req.machine)
             .collect();
@@ -341,28 +386,45 @@ pub async fn reprotect(state: &Arc<State>, req: ReprotectRequest) -> Result<Job,
             )));
         }
     }
-    start(state, req).await
-}
-
-/// The machines whose active item is in replication group `group`.
-pub(crate) fn group_members(state: &State, group: &str) -> Result<Vec<String>, Status> {
-    Ok(state
-        .store
-        .items()?
-        .into_iter()
-        .filter(|i| i.replication_group == group)
-        .map(|i| i.machine)
-        .collect())
+    let plan = check(&jobs.state, &facts, &req)?;
+    start_checked(jobs, plan, &req, 0).await
 }
 
 /// Checks every precondition of reprotecting `req.machine`, changing nothing.
-pub(crate) fn precheck(state: &State, req: &ReprotectRequest) -> Result<(), Status> {
-    check(state, req).map(|_| ())
+pub async fn precheck(state: &State, req: &ReprotectRequest) -> Result<(), Status> {
+    let facts = Facts::load(state, &req.machine).await?;
+    check(state, &facts, req).map(|_| ())
 }
 
 /// Starts the reprotect of one machine once its preconditions hold (no replication group
 /// check: a plan reprotects the whole group).
-pub(crate) async fn start(state: &Arc<State>, req: ReprotectRequest) -> Result<Job, Status> {
+pub async fn start_one(
+    jobs: &Arc<Jobs>,
+    req: &ReprotectRequest,
+    parent: i64,
+) -> Result<Job, Status> {
+    let facts = Facts::load(&jobs.state, &req.machine).await?;
+    let plan = check(&jobs.state, &facts, req)?;
+    start_checked(jobs, plan, req, parent).await
+}
+
+/// What a reprotect job runs with (kept with the job, to resume it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Params {
+    pub old: String,
+    pub item: String,
+    pub power_off: Option<String>,
+    pub retention_drive: String,
+    pub ps_address: String,
+    pub target_address: String,
+}
+
+async fn start_checked(
+    jobs: &Arc<Jobs>,
+    plan: Plan,
+    req: &ReprotectRequest,
+    parent: i64,
+) -> Result<Job, Status> {
     let Plan {
         old,
         machine,
@@ -374,21 +436,19 @@ pub(crate) async fn start(state: &Arc<State>, req: ReprotectRequest) -> Result<J
         placement,
         policy,
         power_off,
-    } = check(state, &req)?;
-    let store = &state.store;
+    } = plan;
+    let id = {
+        let m = machine.name.clone();
+        jobs.state.store.call(move |db| db.next_item_id(&m)).await?
+    };
     let item = ItemRow {
-        id: store.next_item_id(&machine.name)?,
+        id,
         machine: machine.name.clone(),
-        direction: if machine.site == "azure" {
-            "reverse"
-        } else {
-            "forward"
-        }
-        .into(),
-        state: REPROTECTING.into(),
+        direction: Direction::from_site(&machine.site),
+        state: ItemState::Reprotecting,
         process_server: ps.name.clone(),
         target: mt.name.clone(),
-        datastore: datastore.clone(),
+        datastore,
         policy: policy.name.clone(),
         replication_group: old.replication_group.clone(),
         created_ms: now_ms(),
@@ -398,150 +458,188 @@ pub(crate) async fn start(state: &Arc<State>, req: ReprotectRequest) -> Result<J
         test_vm: String::new(),
         placement,
     };
-    store.set_item_active(&old.id, false)?;
-    store.insert_item(&item)?;
-    let job = store.start_job("Reprotect", &item.id)?;
-    store.job_step(job, "Check prerequisites", "Succeeded")?;
-    let result = async {
-        if let Some(host) = &power_off {
-            step(
-                state,
-                job,
-                &format!("Power off the on-premises VM on {host}"),
-                remove_vm(state, host, &machine.name, false),
-            )
-            .await?;
-        }
-        let prepare_name = if !item.placement.seeded {
-            format!("Prepare the master target {} (new disks)", mt.name)
-        } else {
-            format!(
-                "Prepare the master target {} (seeded from the existing disks)",
-                mt.name
-            )
-        };
-        step(state, job, &prepare_name, async {
-            let mut prepare = items::prepare_command(&item, &machine, &policy);
-            if let command::Kind::PrepareReplica(PrepareReplica {
-                retention_drive, ..
-            }) = &mut prepare
-            {
-                retention_drive.clone_from(&req.retention_drive);
-            }
-            state.command(&mt.name, prepare).await.map(|_| ())
-        })
-        .await?;
-        step(
-            state,
-            job,
-            &format!("Assign the process server {}", ps.name),
-            async {
-                state
-                    .command(
-                        &ps.name,
-                        command::Kind::SetRoute(SetRoute {
-                            item: item.id.clone(),
-                            target: mt.name.clone(),
-                            target_address: target_address.clone(),
-                        }),
-                    )
-                    .await
-                    .map(|_| ())
-            },
-        )
-        .await?;
-        step(state, job, "Start replication", async {
-            state
-                .command(
-                    &machine.name,
-                    start_command(&item, &ps.name, &ps_address, &policy),
-                )
-                .await
-                .map(|_| ())
-        })
-        .await?;
-        store.job_step(
-            job,
-            if item.placement.seeded {
-                "Synchronize data (only blocks that differ)"
-            } else {
-                "Synchronize data (full copy)"
-            },
-            "In progress",
-        )?;
-        Ok::<(), Status>(())
+    let params = Params {
+        old: old.id.clone(),
+        item: item.id.clone(),
+        power_off,
+        retention_drive: req.retention_drive.clone(),
+        ps_address,
+        target_address,
+    };
+    let (old_id, new) = (old.id.clone(), item.clone());
+    let body_params = params.clone();
+    jobs.start(
+        Spec {
+            name: "Reprotect".into(),
+            kind: JobKind::Reprotect,
+            item: item.id.clone(),
+            params: serde_json::to_string(&params).unwrap_or_default(),
+            parent,
+            cancel: CancelRule::Anytime,
+        },
+        move |db, job| {
+            db.set_item_active(&old_id, false)?;
+            db.insert_item(&new)?;
+            db.set_step(job, "Check prerequisites", StepState::Succeeded, None)?;
+            Ok(())
+        },
+        move |ctx| Box::pin(run(ctx, body_params)),
+    )
+    .await
+}
+
+/// The job's body: also what a restart resumes. A failed step rolls back: the new item goes,
+/// the old one is active again, the new replica is removed.
+pub async fn run(ctx: Arc<Ctx>, p: Params) -> Result<(), JobError> {
+    let result = steps(&ctx, &p).await;
+    if let Err(e) = &result {
+        tracing::warn!(item = %p.item, "reprotect failed, rolling back: {}", e.message());
+        abandon(&ctx.state, &p).await?;
     }
-    .await;
-    if let Err(status) = result {
-        store.end_job(job, Some(status.message()))?;
-        store.delete_item(&item.id)?;
-        store.set_item_active(&old.id, true)?;
+    result
+}
+
+/// Rolls a failed (or panicked) reprotect back, unless the new item made it to Protected.
+pub async fn abandon(state: &Arc<State>, p: &Params) -> Result<(), crate::store::DbError> {
+    let (old, new) = (p.old.clone(), p.item.clone());
+    let target = state
+        .store
+        .call(move |db| {
+            let Some(item) = db.item(&new)? else {
+                return Ok(None);
+            };
+            if item.state == ItemState::Protected {
+                return Ok(None);
+            }
+            db.delete_item(&new)?;
+            db.set_item_active(&old, true)?;
+            Ok(Some(item.target))
+        })
+        .await?;
+    state.forget_progress(&p.item);
+    if let Some(target) = target {
         let _ = state
+            .sessions
             .command(
-                &mt.name,
+                &target,
                 command::Kind::RemoveReplica(RemoveReplica {
-                    item: item.id.clone(),
+                    item: p.item.clone(),
                 }),
             )
             .await;
-        return Err(status);
     }
-    tracing::info!(item = %item.id, ps = %ps.name, target = %mt.name, seeded = item.placement.seeded, "reprotect started");
-    store
-        .jobs(job)?
-        .into_iter()
-        .next()
-        .ok_or_else(|| Status::internal("job vanished"))
+    state.notify();
+    Ok(())
 }
 
-/// The seed of a reprotected item's replica (empty if it was not seeded): the original
-/// on-premises disks, or the previous Azure replica. The CS re-sends it when the master
-/// target reconnects, so a replica lost before it was created is seeded again.
-pub fn seed_of(item: &ItemRow, machine: &ComponentRow) -> Vec<DiskInfo> {
-    let p = &item.placement;
-    if !p.seeded {
-        return Vec::new();
+async fn steps(ctx: &Ctx, p: &Params) -> Result<(), JobError> {
+    let id = p.item.clone();
+    let (item, machine, policy) = ctx
+        .state
+        .store
+        .call(move |db| {
+            let Some(item) = db.item(&id)? else {
+                return Ok(None);
+            };
+            let machine = db.component(&item.machine)?;
+            let policy = db.policy(&item.policy)?.unwrap_or_else(default_policy);
+            Ok(machine.map(|m| (item, m, policy)))
+        })
+        .await?
+        .ok_or_else(|| Status::not_found(format!("item {} or its machine is gone", p.item)))?;
+    if item.state == ItemState::Protected {
+        return Ok(());
     }
-    if item.direction == "reverse" {
-        p.home_disk_infos()
+    if let Some(host) = &p.power_off {
+        ctx.step(
+            &format!("Power off the on-premises VM on {host}"),
+            remove_vm(ctx, host, &machine.name, false),
+        )
+        .await?;
+    }
+    let prepare_name = if !item.placement.seeded {
+        format!("Prepare the master target {} (new disks)", item.target)
     } else {
-        machine
-            .disks
-            .iter()
-            .map(|d| DiskInfo {
-                id: d.id.clone(),
-                datastore: item.datastore.clone(),
-                path: format!("replicas/{}/disks/{}.img", p.seed_item, d.id),
-                size_bytes: d.size,
-            })
-            .collect()
-    }
+        format!(
+            "Prepare the master target {} (seeded from the existing disks)",
+            item.target
+        )
+    };
+    ctx.step(&prepare_name, async {
+        let mut prepare = commands::prepare(&item, &machine, &policy);
+        if let command::Kind::PrepareReplica(PrepareReplica {
+            retention_drive, ..
+        }) = &mut prepare
+        {
+            retention_drive.clone_from(&p.retention_drive);
+        }
+        ctx.command(&item.target, prepare).await.map(|_| ())
+    })
+    .await?;
+    ctx.step(
+        &format!("Assign the process server {}", item.process_server),
+        async {
+            ctx.command(
+                &item.process_server,
+                command::Kind::SetRoute(SetRoute {
+                    item: item.id.clone(),
+                    target: item.target.clone(),
+                    target_address: p.target_address.clone(),
+                }),
+            )
+            .await
+            .map(|_| ())
+        },
+    )
+    .await?;
+    ctx.step("Start replication", async {
+        ctx.command(
+            &machine.name,
+            commands::start(&item, &item.process_server, &p.ps_address, &policy),
+        )
+        .await
+        .map(|_| ())
+    })
+    .await?;
+    tracing::info!(item = %item.id, ps = %item.process_server, target = %item.target, seeded = item.placement.seeded, "reprotect started");
+    let sync = if item.placement.seeded {
+        "Synchronize data (only blocks that differ)"
+    } else {
+        "Synchronize data (full copy)"
+    };
+    ctx.step(sync, wait_protected(ctx, sync, &item.id)).await?;
+    remove_old_replicas(ctx, &item).await;
+    Ok(())
 }
 
 /// Once a reprotected item is Protected, the replicas of this machine's older items on the
 /// same target (the seed, earlier cycles) are no longer needed: their space is freed.
-pub fn remove_old_replicas(state: &Arc<State>, item: &ItemRow) {
-    let state = state.clone();
-    let item = item.clone();
-    tokio::spawn(async move {
-        let Ok(all) = state.store.items_of_machine(&item.machine) else {
-            return;
-        };
-        for old in all
-            .into_iter()
-            .filter(|o| o.id != item.id && o.target == item.target)
+async fn remove_old_replicas(ctx: &Ctx, item: &ItemRow) {
+    let machine = item.machine.clone();
+    let Ok(all) = ctx
+        .state
+        .store
+        .call(move |db| db.items_of_machine(&machine))
+        .await
+    else {
+        return;
+    };
+    for old in all
+        .into_iter()
+        .filter(|o| o.id != item.id && o.target == item.target)
+    {
+        if let Err(e) = ctx
+            .state
+            .sessions
+            .command(
+                &item.target,
+                command::Kind::RemoveReplica(RemoveReplica {
+                    item: old.id.clone(),
+                }),
+            )
+            .await
         {
-            if let Err(e) = state
-                .command(
-                    &item.target,
-                    command::Kind::RemoveReplica(RemoveReplica {
-                        item: old.id.clone(),
-                    }),
-                )
-                .await
-            {
-                tracing::warn!(item = %old.id, "removing the old replica: {}", e.message());
-            }
+            tracing::warn!(item = %old.id, "removing the old replica: {}", e.message());
         }
-    });
+    }
 }

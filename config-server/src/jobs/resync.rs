@@ -1,0 +1,72 @@
+//! "Resynchronize": the agent compares block checksums with the replica and sends only what
+//! differs; the job ends when the item is Protected again. Safe to run again after a restart.
+
+use std::sync::Arc;
+
+use failback_proto::pb::control::{Resync, command};
+use failback_proto::pb::operator::Job;
+use tonic::Status;
+
+use super::{CancelRule, Ctx, JobError, Jobs, Spec, enable::wait_protected};
+use crate::item::{ItemState, JobKind};
+
+/// `item resync MACHINE`.
+pub async fn start(jobs: &Arc<Jobs>, machine: &str) -> Result<Job, Status> {
+    let name = machine.to_string();
+    let item = jobs
+        .state
+        .store
+        .call(move |db| db.item_of_machine(&name))
+        .await?
+        .ok_or_else(|| Status::not_found(format!("`{machine}` has no replicated item")))?;
+    if item.state != ItemState::Protected {
+        return Err(Status::failed_precondition(format!(
+            "`{machine}` is {}: resynchronize a Protected item",
+            item.state
+        )));
+    }
+    let id = item.id.clone();
+    jobs.start(
+        Spec {
+            name: "Resynchronize".into(),
+            kind: JobKind::Resync,
+            item: item.id.clone(),
+            params: String::new(),
+            parent: 0,
+            cancel: CancelRule::Anytime,
+        },
+        move |db, _| {
+            db.transition(&id, ItemState::Resyncing)?;
+            Ok(())
+        },
+        move |ctx| Box::pin(run(ctx, item.id)),
+    )
+    .await
+}
+
+/// The job's body: also what a restart resumes.
+pub async fn run(ctx: Arc<Ctx>, item_id: String) -> Result<(), JobError> {
+    let id = item_id.clone();
+    let item = ctx
+        .state
+        .store
+        .call(move |db| db.item(&id))
+        .await?
+        .ok_or_else(|| Status::not_found(format!("item {item_id} is gone")))?;
+    ctx.step("Compare checksums and send what differs", async {
+        ctx.command(
+            &item.machine,
+            command::Kind::Resync(Resync {
+                item: item.id.clone(),
+            }),
+        )
+        .await
+        .map(|_| ())
+    })
+    .await?;
+    ctx.step(
+        "Resynchronization",
+        wait_protected(&ctx, "Resynchronization", &item.id),
+    )
+    .await
+}

@@ -1,0 +1,331 @@
+//! Policies, replicated items and their recovery points.
+//!
+//! An item's state changes only through [`Db::transition`], which reads the current state
+//! and applies [`ItemState::transition`] in the same transaction.
+
+use failback_proto::pb::control::PointAdded;
+use failback_proto::pb::operator::{Point, Policy};
+use rusqlite::{OptionalExtension, params};
+
+use super::{Db, DbError};
+use crate::item::{ItemRow, ItemState, Placement, Progress, TransitionError, failback_twin};
+
+/// Why an item's state could not be changed.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Refused(#[from] TransitionError),
+    #[error("no replicated item `{0}`")]
+    NoItem(String),
+}
+
+impl From<rusqlite::Error> for StateError {
+    fn from(e: rusqlite::Error) -> Self {
+        StateError::Db(e.into())
+    }
+}
+
+impl From<StateError> for tonic::Status {
+    fn from(e: StateError) -> Self {
+        match e {
+            StateError::Db(e) => e.into(),
+            StateError::Refused(e) => e.into(),
+            StateError::NoItem(id) => {
+                tonic::Status::not_found(format!("no replicated item `{id}`"))
+            }
+        }
+    }
+}
+
+fn policy_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Policy> {
+    Ok(Policy {
+        name: r.get(0)?,
+        rpo_threshold_s: r.get::<_, i64>(1)? as u64,
+        retention_s: r.get::<_, i64>(2)? as u64,
+        crash_interval_s: r.get::<_, i64>(3)? as u64,
+        app_interval_s: r.get::<_, i64>(4)? as u64,
+        failback_of: r.get(5)?,
+    })
+}
+
+const ITEM_COLUMNS: &str = "id, machine, direction, state, process_server, target, datastore, policy, \
+                            replication_group, created_ms, progress, failover_point, failover_digests, test_vm, \
+                            placement";
+
+/// A stored text that is not one of the enum's labels (a database edited by hand).
+fn bad_label(col: usize, e: String) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(col, rusqlite::types::Type::Text, e.into())
+}
+
+fn item_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ItemRow> {
+    let progress: String = r.get(10)?;
+    let direction: String = r.get(2)?;
+    let state: String = r.get(3)?;
+    Ok(ItemRow {
+        id: r.get(0)?,
+        machine: r.get(1)?,
+        direction: direction.parse().map_err(|e| bad_label(2, e))?,
+        state: state.parse().map_err(|e| bad_label(3, e))?,
+        process_server: r.get(4)?,
+        target: r.get(5)?,
+        datastore: r.get(6)?,
+        policy: r.get(7)?,
+        replication_group: r.get(8)?,
+        created_ms: r.get(9)?,
+        progress: serde_json::from_str(&progress).unwrap_or_default(),
+        failover_point: r.get(11)?,
+        failover_digests: serde_json::from_str(&r.get::<_, String>(12)?).unwrap_or_default(),
+        test_vm: r.get(13)?,
+        placement: serde_json::from_str(&r.get::<_, String>(14)?).unwrap_or_default(),
+    })
+}
+
+impl Db<'_> {
+    pub fn policies(&self) -> Result<Vec<Policy>, DbError> {
+        let mut stmt = self.c.prepare_cached(
+            "SELECT name, rpo_threshold_s, retention_s, crash_interval_s, app_interval_s, failback_of
+             FROM policies ORDER BY name",
+        )?;
+        let rows = stmt
+            .query_map([], policy_from_row)?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    pub fn policy(&self, name: &str) -> Result<Option<Policy>, DbError> {
+        Ok(self.policies()?.into_iter().find(|p| p.name == name))
+    }
+
+    /// Inserts (or replaces) a policy together with its failback twin.
+    pub fn put_policy_with_twin(&self, p: &Policy) -> Result<(), DbError> {
+        for p in [p.clone(), failback_twin(p)] {
+            self.c.execute(
+                "INSERT INTO policies(name, rpo_threshold_s, retention_s, crash_interval_s, app_interval_s, failback_of)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT(name) DO UPDATE SET rpo_threshold_s = excluded.rpo_threshold_s,
+                   retention_s = excluded.retention_s, crash_interval_s = excluded.crash_interval_s,
+                   app_interval_s = excluded.app_interval_s, failback_of = excluded.failback_of",
+                params![
+                    p.name,
+                    p.rpo_threshold_s as i64,
+                    p.retention_s as i64,
+                    p.crash_interval_s as i64,
+                    p.app_interval_s as i64,
+                    p.failback_of
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Every active item, by machine.
+    pub fn items(&self) -> Result<Vec<ItemRow>, DbError> {
+        let mut stmt = self.c.prepare_cached(&format!(
+            "SELECT {ITEM_COLUMNS} FROM items WHERE active = 1 ORDER BY machine, created_ms"
+        ))?;
+        let rows = stmt
+            .query_map([], item_from_row)?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    pub fn item(&self, id: &str) -> Result<Option<ItemRow>, DbError> {
+        Ok(self
+            .c
+            .query_row(
+                &format!("SELECT {ITEM_COLUMNS} FROM items WHERE id = ?1"),
+                [id],
+                item_from_row,
+            )
+            .optional()?)
+    }
+
+    /// The active item of a machine, if it has one.
+    pub fn item_of_machine(&self, machine: &str) -> Result<Option<ItemRow>, DbError> {
+        Ok(self
+            .c
+            .query_row(
+                &format!(
+                    "SELECT {ITEM_COLUMNS} FROM items WHERE machine = ?1 AND active = 1
+                     ORDER BY created_ms DESC LIMIT 1"
+                ),
+                [machine],
+                item_from_row,
+            )
+            .optional()?)
+    }
+
+    /// Every item of `machine`, newest first, active or not.
+    pub fn items_of_machine(&self, machine: &str) -> Result<Vec<ItemRow>, DbError> {
+        let mut stmt = self.c.prepare_cached(&format!(
+            "SELECT {ITEM_COLUMNS} FROM items WHERE machine = ?1 ORDER BY created_ms DESC"
+        ))?;
+        let rows = stmt
+            .query_map([machine], item_from_row)?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    pub fn insert_item(&self, item: &ItemRow) -> Result<(), DbError> {
+        self.c.execute(
+            "INSERT INTO items(id, machine, direction, state, process_server, target, datastore, policy,
+                               replication_group, created_ms, placement)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                item.id,
+                item.machine,
+                item.direction.as_str(),
+                item.state.as_str(),
+                item.process_server,
+                item.target,
+                item.datastore,
+                item.policy,
+                item.replication_group,
+                item.created_ms,
+                serde_json::to_string(&item.placement).unwrap_or_else(|_| "{}".into())
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Deletes an item and its points (they cascade).
+    pub fn delete_item(&self, id: &str) -> Result<(), DbError> {
+        self.c.execute("DELETE FROM items WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    pub fn set_item_active(&self, id: &str, active: bool) -> Result<(), DbError> {
+        self.c.execute(
+            "UPDATE items SET active = ?2 WHERE id = ?1",
+            params![id, active as i64],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_placement(&self, id: &str, placement: &Placement) -> Result<(), DbError> {
+        self.c.execute(
+            "UPDATE items SET placement = ?2 WHERE id = ?1",
+            params![
+                id,
+                serde_json::to_string(placement).unwrap_or_else(|_| "{}".into())
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The one way an item's state changes: refused (nothing written) unless the state
+    /// machine allows it from the state the item is in now. Returns the state it left.
+    pub fn transition(&self, id: &str, to: ItemState) -> Result<ItemState, StateError> {
+        let from: String = self
+            .c
+            .query_row("SELECT state FROM items WHERE id = ?1", [id], |r| r.get(0))
+            .optional()?
+            .ok_or_else(|| StateError::NoItem(id.to_string()))?;
+        let from: ItemState = from.parse().map_err(|e| bad_label(3, e))?;
+        from.transition(id, to)?;
+        self.c.execute(
+            "UPDATE items SET state = ?2 WHERE id = ?1",
+            params![id, to.as_str()],
+        )?;
+        Ok(from)
+    }
+
+    pub fn set_item_progress(&self, id: &str, progress: &Progress) -> Result<(), DbError> {
+        let json = serde_json::to_string(progress).unwrap_or_else(|_| "{}".into());
+        self.c.execute(
+            "UPDATE items SET progress = ?2 WHERE id = ?1",
+            params![id, json],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_failover(
+        &self,
+        id: &str,
+        point: &str,
+        digests: &[(String, String)],
+    ) -> Result<(), DbError> {
+        self.c.execute(
+            "UPDATE items SET failover_point = ?2, failover_digests = ?3 WHERE id = ?1",
+            params![
+                id,
+                point,
+                serde_json::to_string(digests).unwrap_or_default()
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_test_vm(&self, id: &str, vm: &str) -> Result<(), DbError> {
+        self.c.execute(
+            "UPDATE items SET test_vm = ?2 WHERE id = ?1",
+            params![id, vm],
+        )?;
+        Ok(())
+    }
+
+    /// The next item id of `machine` (`MACHINE-N`). Never reused, not even after a failed
+    /// attempt was rolled back: process servers, targets and agents key state by item id.
+    pub fn next_item_id(&self, machine: &str) -> Result<String, DbError> {
+        let key = format!("item-counter:{machine}");
+        let stored: Option<i64> = self
+            .c
+            .query_row("SELECT value FROM settings WHERE key = ?1", [&key], |r| {
+                r.get::<_, String>(0)
+            })
+            .optional()?
+            .and_then(|v| v.parse().ok());
+        let rows: i64 = self.c.query_row(
+            "SELECT COUNT(*) FROM items WHERE machine = ?1",
+            [machine],
+            |r| r.get(0),
+        )?;
+        let n = stored.unwrap_or(0).max(rows) + 1;
+        self.put_setting(&key, &n.to_string())?;
+        Ok(format!("{machine}-{n}"))
+    }
+
+    pub fn clear_points(&self, item: &str) -> Result<(), DbError> {
+        self.c
+            .execute("DELETE FROM recovery_points WHERE item = ?1", [item])?;
+        Ok(())
+    }
+
+    pub fn add_point(&self, p: &PointAdded) -> Result<(), DbError> {
+        self.c.execute(
+            "INSERT OR IGNORE INTO recovery_points(item, id, seq, time_ms, kind) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![p.item, p.id, p.seq as i64, p.time_ms, p.kind],
+        )?;
+        Ok(())
+    }
+
+    pub fn remove_points(&self, item: &str, ids: &[String]) -> Result<(), DbError> {
+        let mut stmt = self
+            .c
+            .prepare_cached("DELETE FROM recovery_points WHERE item = ?1 AND id = ?2")?;
+        for id in ids {
+            stmt.execute(params![item, id])?;
+        }
+        Ok(())
+    }
+
+    /// The item's recovery points, oldest first.
+    pub fn points(&self, item: &str) -> Result<Vec<Point>, DbError> {
+        let mut stmt = self.c.prepare_cached(
+            "SELECT id, time_ms, kind, seq FROM recovery_points WHERE item = ?1 ORDER BY seq",
+        )?;
+        let rows = stmt
+            .query_map([item], |r| {
+                Ok(Point {
+                    id: r.get(0)?,
+                    time_ms: r.get(1)?,
+                    kind: r.get(2)?,
+                    seq: r.get::<_, i64>(3)? as u64,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+}
