@@ -1,6 +1,6 @@
 //! Registration against a real configuration server on ephemeral ports: enrollment and its
 //! refusals, per-RPC roles, foreign certificates, reconnection after a CS restart, backup
-//! and restore.
+//! and restore, and a database of the first schema upgraded in place.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -9,7 +9,10 @@ use config_server::{ConfigServer, CsConfig};
 use failback_common::enroll::{CsSettings, EnrollError, enroll_once};
 use failback_common::identity::{Identity, Role, Site};
 use failback_common::tls::{Credentials, describe_error};
-use failback_proto::pb::operator::{Component, ListInfraRequest, operator_client::OperatorClient};
+use failback_proto::pb::operator::{
+    Component, ListInfraRequest, ListItemsRequest, ListJobsRequest, PlanRequest,
+    operator_client::OperatorClient,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -371,4 +374,119 @@ async fn infra_list_shows_the_cs_at_its_advertised_address() {
         .expect("the CS lists itself");
     assert_eq!(me.address, "cs:7002", "not the bound address {}", cs.api);
     cs.stop().await;
+}
+
+/// A database written by the first releases (no schema version, job steps as tuples) is
+/// upgraded when a CS starts on it, and the CS serves the inventory it held.
+#[tokio::test]
+async fn a_database_of_the_first_schema_is_upgraded_and_keeps_its_inventory() {
+    // A CS of today makes the CA and the passphrase, and enrolls the operator.
+    let fresh = tempfile::tempdir().expect("tempdir");
+    let cs = Cs::start(fresh.path(), 0, 0).await;
+    let op = cs.enroll(Role::Operator, "op").await;
+    cs.stop().await;
+
+    // The old database: the first schema with a lab in it, and today's CA, passphrase and
+    // operator row copied over.
+    let old = tempfile::tempdir().expect("tempdir");
+    let db = old.path().join("cs.db");
+    {
+        let conn = rusqlite::Connection::open(&db).expect("open");
+        conn.execute_batch(include_str!("fixtures/schema-v1.sql"))
+            .expect("old schema and data");
+        conn.execute(
+            "ATTACH DATABASE ?1 AS fresh",
+            [fresh.path().join("cs.db").display().to_string()],
+        )
+        .expect("attach");
+        conn.execute_batch(
+            "INSERT INTO settings SELECT key, value FROM fresh.settings;
+             INSERT INTO components(name, role, site, cert_fingerprint, enrolled_at_ms)
+               SELECT name, role, site, cert_fingerprint, enrolled_at_ms FROM fresh.components
+               WHERE name = 'op';
+             DETACH DATABASE fresh;",
+        )
+        .expect("copy the CA");
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(
+            version, 0,
+            "the fixture is unversioned, as the first releases were"
+        );
+    }
+
+    let cs = Cs::start(old.path(), 0, 0).await;
+    let names: Vec<String> = list(&cs.api, &op)
+        .await
+        .expect("infra on the upgraded database")
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    for n in ["ps-onprem", "esx-1", "vm1", "op"] {
+        assert!(names.iter().any(|x| x == n), "{n} kept: {names:?}");
+    }
+    let mut client = OperatorClient::new(
+        op.endpoint(&cs.api, "cs")
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect"),
+    );
+    let items = client
+        .list_items(ListItemsRequest::default())
+        .await
+        .expect("items")
+        .into_inner()
+        .items;
+    assert_eq!(items.len(), 1, "{items:?}");
+    assert_eq!(
+        (items[0].id.as_str(), items[0].state.as_str()),
+        ("vm1-1", "Protected")
+    );
+    assert_eq!(
+        items[0]
+            .points
+            .iter()
+            .map(|p| p.id.as_str())
+            .collect::<Vec<_>>(),
+        ["crash-1", "app-1"]
+    );
+    let jobs = client
+        .list_jobs(ListJobsRequest::default())
+        .await
+        .expect("jobs")
+        .into_inner()
+        .jobs;
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].state, "Succeeded");
+    assert_eq!(
+        jobs[0]
+            .steps
+            .iter()
+            .map(|s| (s.name.as_str(), s.state.as_str(), s.time_ms))
+            .collect::<Vec<_>>(),
+        [
+            ("Prepare the target", "Succeeded", 1700000001000),
+            ("Initial replication", "Succeeded", 1700000004000)
+        ]
+    );
+    let plan = client
+        .show_plan(PlanRequest { name: "p1".into() })
+        .await
+        .expect("plan")
+        .into_inner();
+    assert_eq!(
+        plan.members
+            .iter()
+            .map(|m| (m.machine.as_str(), m.group))
+            .collect::<Vec<_>>(),
+        [("vm1", 2)]
+    );
+    cs.stop().await;
+    let version: i64 = rusqlite::Connection::open(&db)
+        .expect("open")
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .expect("version");
+    assert_eq!(version, config_server::SCHEMA_VERSION);
 }
