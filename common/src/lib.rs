@@ -11,7 +11,8 @@
 //! - [`fence`]: one live replication stream per item at a receiver.
 //! - [`enroll`]: one-time enrollment with the configuration server (passphrase + CSR).
 //! - [`control`]: the self-reconnecting control stream to the configuration server.
-//! - [`server`]: serving a tonic router on an already bound listener until shutdown.
+//! - [`server`]: serving a tonic router on an already bound listener until shutdown;
+//!   [`limits`]: the transport limits servers and clients share.
 //! - [`telemetry`]: tracing setup.
 pub mod blocks;
 pub mod component;
@@ -21,6 +22,7 @@ pub mod direct;
 pub mod enroll;
 pub mod fence;
 pub mod identity;
+pub mod limits;
 pub mod server;
 pub mod telemetry;
 pub mod tls;

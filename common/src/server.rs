@@ -7,13 +7,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Server, ServerTlsConfig, server::Router};
 
-/// HTTP/2 flow-control windows of every lab connection (both ends).
-pub const STREAM_WINDOW: u32 = 32 << 20;
-pub const CONNECTION_WINDOW: u32 = 64 << 20;
-/// Largest gRPC message on the data plane (a 4 MiB batch plus framing, with headroom).
-pub const MAX_MESSAGE: usize = 64 << 20;
-/// Largest HTTP/2 frame accepted (the protocol's default, 16 KiB, costs a frame per 16 KiB).
-pub const MAX_FRAME: u32 = (1 << 24) - 1;
+pub use crate::limits::{CONNECTION_WINDOW, MAX_FRAME, MAX_MESSAGE, STREAM_WINDOW};
 
 /// A tonic server builder with the lab's TLS and transport settings.
 pub fn builder(tls: ServerTlsConfig) -> Result<Server, tonic::transport::Error> {

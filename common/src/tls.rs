@@ -108,7 +108,7 @@ impl Credentials {
     /// Writes the credentials atomically (the certificate last, so its presence means complete).
     pub fn save(&self, data_dir: &Path) -> Result<(), CredentialsError> {
         let dir = Self::dir(data_dir);
-        std::fs::create_dir_all(&dir).map_err(|source| CredentialsError::Write {
+        private_dir(&dir).map_err(|source| CredentialsError::Write {
             path: dir.clone(),
             source,
         })?;
@@ -152,9 +152,9 @@ impl Credentials {
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true)
-            .initial_stream_window_size(crate::server::STREAM_WINDOW)
-            .initial_connection_window_size(crate::server::CONNECTION_WINDOW)
-            .max_frame_size(crate::server::MAX_FRAME))
+            .initial_stream_window_size(crate::limits::STREAM_WINDOW)
+            .initial_connection_window_size(crate::limits::CONNECTION_WINDOW)
+            .max_frame_size(crate::limits::MAX_FRAME))
     }
 }
 
@@ -201,32 +201,46 @@ pub fn new_key_and_csr(identity: &Identity) -> Result<(KeyPair, String), rcgen::
 }
 
 fn write_atomic(path: &Path, contents: &str) -> Result<(), CredentialsError> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, contents)
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .map_err(|source| CredentialsError::Write {
-            path: path.to_path_buf(),
-            source,
-        })
+    write_durable(path, contents, 0o644)
 }
 
 /// Writes a secret readable by the owner only.
 pub fn write_private(path: &Path, contents: &str) -> Result<(), CredentialsError> {
+    write_durable(path, contents, 0o600)
+}
+
+/// Writes `path` whole or not at all, durably: a temporary file of mode `mode`, fsynced,
+/// renamed over `path`, then the directory fsynced.
+fn write_durable(path: &Path, contents: &str, mode: u32) -> Result<(), CredentialsError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(contents.as_bytes()))
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .map_err(|source| CredentialsError::Write {
-            path: path.to_path_buf(),
-            source,
-        })
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(contents.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    };
+    write().map_err(|source| CredentialsError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Creates `dir` (and its parents) and makes it the owner's only (0700).
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 /// A short, actionable description of why a connection failed, walking the error chain

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use failback_common::control::now_ms;
 use failback_common::identity::Role;
-use failback_proto::pb::control::PsStatus;
+use failback_proto::pb::control::{Health as PsHealth, PsStatus};
 use failback_proto::pb::operator::{Item, ItemDisk, Point, Policy};
 
 use crate::item::{ItemRow, ItemState, default_policy};
@@ -264,14 +264,16 @@ pub fn component_health(role: &str, name: &str, connected: bool, ps: Option<&PsS
         health.raise(Level::Critical, format!("{code} {name}"));
     }
     if let Some(ps) = ps.filter(|_| connected) {
-        match ps.cache_health.as_str() {
-            "Warning" => health.raise(Level::Warning, "cache free space below 30 %".into()),
-            "Critical" if ps.throttled => health.raise(
+        match ps.cache_health() {
+            PsHealth::Warning => health.raise(Level::Warning, "cache free space below 30 %".into()),
+            PsHealth::Critical if ps.throttled => health.raise(
                 Level::Critical,
                 "cache free space below 20 %: agents throttled".into(),
             ),
-            "Critical" => health.raise(Level::Critical, "cache free space below 25 %".into()),
-            _ => {}
+            PsHealth::Critical => {
+                health.raise(Level::Critical, "cache free space below 25 %".into())
+            }
+            PsHealth::Healthy | PsHealth::Unspecified => {}
         }
         let minutes = ps.upload_estimate_s / 60.0;
         let can_not = |m: f64| {

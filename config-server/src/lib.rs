@@ -69,7 +69,7 @@ impl ConfigServer {
     /// Opens (or creates) the database, the CA and the passphrase; writes `ca.pem` and
     /// `passphrase` into the data directory.
     pub fn open(config: CsConfig) -> anyhow::Result<ConfigServer> {
-        std::fs::create_dir_all(&config.data_dir).with_context(|| {
+        failback_common::tls::private_dir(&config.data_dir).with_context(|| {
             format!("cannot create data directory {}", config.data_dir.display())
         })?;
         let store = store::Store::open(&config.db_path())
@@ -192,8 +192,11 @@ pub fn backup(config: &CsConfig, to: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("backup of {} to {}", db.display(), to.display()))
 }
 
-/// Restores a backup into the (empty) data directory of `config`.
-pub fn restore(config: &CsConfig, from: &Path) -> anyhow::Result<()> {
+/// Restores a backup into the (empty) data directory of `config`. A backup that others than
+/// its owner can read is refused unless `force`: it holds the CA key and the passphrase, and
+/// anyone who read it can mint certificates.
+pub fn restore(config: &CsConfig, from: &Path, force: bool) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     let db = config.db_path();
     if db.exists() {
         anyhow::bail!(
@@ -201,7 +204,21 @@ pub fn restore(config: &CsConfig, from: &Path) -> anyhow::Result<()> {
             db.display()
         );
     }
-    std::fs::create_dir_all(&config.data_dir)?;
+    let mode = std::fs::metadata(from)
+        .with_context(|| format!("cannot read {}", from.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 && !force {
+        anyhow::bail!(
+            "{} is readable by others (mode {:o}): it holds the lab's CA key and passphrase, so \
+             whoever read it can mint certificates; make it private (`chmod 600 {}`) and consider \
+             rotating the lab's credentials, or restore it anyway with --force",
+            from.display(),
+            mode & 0o777,
+            from.display()
+        );
+    }
+    failback_common::tls::private_dir(&config.data_dir)?;
     store::backup(from, &db)
         .with_context(|| format!("restore of {} into {}", from.display(), db.display()))?;
     // Re-open to check the copy and to write ca.pem and the passphrase file.

@@ -33,6 +33,9 @@ enum Command {
         config: Option<PathBuf>,
         #[arg(long)]
         from: PathBuf,
+        /// Restore a backup that others can read (it holds the CA key and the passphrase).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -48,8 +51,12 @@ async fn main() {
             println!("backed up to {}", to.display());
             Ok(())
         }),
-        Command::Restore { config, from } => load(config).and_then(|c| {
-            config_server::restore(&c, &from)?;
+        Command::Restore {
+            config,
+            from,
+            force,
+        } => load(config).and_then(|c| {
+            config_server::restore(&c, &from, force)?;
             println!("restored {} into {}", from.display(), c.data_dir.display());
             Ok(())
         }),

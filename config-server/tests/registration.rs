@@ -332,7 +332,7 @@ async fn backup_then_restore_serves_the_same_inventory() {
         data_dir: restored_dir.path().to_path_buf(),
         ..CsConfig::default()
     };
-    config_server::restore(&restored_cfg, &backup).expect("restore");
+    config_server::restore(&restored_cfg, &backup, false).expect("restore");
     assert_eq!(
         std::fs::read_to_string(restored_dir.path().join("passphrase")).expect("passphrase"),
         std::fs::read_to_string(dir.path().join("passphrase")).expect("passphrase"),
@@ -347,7 +347,7 @@ async fn backup_then_restore_serves_the_same_inventory() {
     assert_eq!(before, after);
     assert!(after.iter().any(|(n, _, _)| n == "ps-onprem"));
     // Restoring over an existing database is refused and changes nothing.
-    let err = config_server::restore(&restored_cfg, &backup).expect_err("must refuse");
+    let err = config_server::restore(&restored_cfg, &backup, false).expect_err("must refuse");
     assert!(err.to_string().contains("already exists"), "{err}");
     restored.stop().await;
 }
@@ -489,4 +489,95 @@ async fn a_database_of_the_first_schema_is_upgraded_and_keeps_its_inventory() {
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .expect("version");
     assert_eq!(version, config_server::SCHEMA_VERSION);
+}
+
+/// Whether `path` can be read by the unprivileged user `nobody` (through util-linux's
+/// `runuser`; as root a read proves nothing). `None` where that can't be tried.
+fn nobody_reads(path: &Path) -> Option<bool> {
+    let out = std::process::Command::new("runuser")
+        .args(["-u", "nobody", "--", "cat"])
+        .arg(path)
+        .output()
+        .ok()?;
+    Some(out.status.success())
+}
+
+/// The CA key, the passphrase, the database with its WAL, backups and private keys are
+/// readable by the service user only, checked by reading them as another user.
+#[tokio::test]
+async fn secrets_are_readable_only_by_the_service_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::tempdir().expect("tempdir");
+    let open = |p: &Path| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).expect("chmod")
+    };
+    open(root.path());
+    let control = root.path().join("public.txt");
+    std::fs::write(&control, "anyone may read this").expect("write");
+    if !(is_root() && nobody_reads(&control) == Some(true)) {
+        eprintln!("SKIP: reading as another user needs root and runuser (util-linux)");
+        return;
+    }
+    let data = root.path().join("cs");
+    let cs = Cs::start(&data, 0, 0).await;
+    let op = cs.enroll(Role::Operator, "op").await;
+    let op_dir = root.path().join("op");
+    op.save(&op_dir).expect("save");
+    let backup = root.path().join("backup.db");
+    let cfg = CsConfig {
+        data_dir: data.clone(),
+        ..CsConfig::default()
+    };
+    config_server::backup(&cfg, &backup).expect("backup");
+    let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700, "the CS data directory");
+    assert_eq!(
+        mode(&op_dir.join("identity")),
+        0o700,
+        "an identity directory"
+    );
+    // With the directories opened up, the files' own modes still keep them private.
+    open(&data);
+    open(&op_dir.join("identity"));
+    let wal = data.join("cs.db-wal");
+    assert!(wal.exists(), "the CS runs in WAL mode");
+    for secret in [
+        data.join("cs.db"),
+        wal,
+        data.join("passphrase"),
+        backup.clone(),
+        op_dir.join("identity/key.pem"),
+    ] {
+        assert_eq!(
+            nobody_reads(&secret),
+            Some(false),
+            "{} must not be readable by another user (mode {:o})",
+            secret.display(),
+            mode(&secret)
+        );
+    }
+    cs.stop().await;
+
+    // A backup others can read is refused on restore, unless forced.
+    std::fs::set_permissions(&backup, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let target = CsConfig {
+        data_dir: root.path().join("restored"),
+        ..CsConfig::default()
+    };
+    let e = config_server::restore(&target, &backup, false).expect_err("refused");
+    assert!(e.to_string().contains("readable by others"), "{e}");
+    assert!(
+        !target.db_path().exists(),
+        "a refused restore writes nothing"
+    );
+    config_server::restore(&target, &backup, true).expect("forced");
+    assert_eq!(mode(&target.db_path()), 0o600);
+}
+
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
 }

@@ -22,7 +22,7 @@ use failback_proto::pb::control::{
     report,
 };
 use failback_proto::pb::data::{
-    self as pb, BatchAck, ChecksumRequest, ChecksumResponse, TargetBatch,
+    self as pb, BatchAck, ChecksumRequest, ChecksumResponse, Codec, TargetBatch,
     target_data_server::TargetData,
 };
 use prost::Message;
@@ -648,10 +648,41 @@ async fn applier(
     }
 }
 
+/// Most blocks one checksum request may ask for (the answer is 16 bytes a block).
+const MAX_CHECKSUM_BLOCKS: u64 = 1 << 16;
+
+/// A checksum request's size, bounded before anything is allocated for it: blocks of 4 KiB to
+/// 16 MiB (whole pages), at most [`MAX_CHECKSUM_BLOCKS`] of them.
+fn check_checksum_request(block_size: u64, length: u64) -> Result<(), Status> {
+    if !(4096..=16 << 20).contains(&block_size) || block_size % 4096 != 0 {
+        return Err(Status::invalid_argument(format!(
+            "block_size {block_size} is out of range: a multiple of 4096 from 4 KiB to 16 MiB"
+        )));
+    }
+    if length.div_ceil(block_size) > MAX_CHECKSUM_BLOCKS {
+        return Err(Status::invalid_argument(format!(
+            "{length} bytes in blocks of {block_size} is more than {MAX_CHECKSUM_BLOCKS} blocks \
+             in one request; ask for a shorter range"
+        )));
+    }
+    Ok(())
+}
+
 fn decode(item: &str, batch: &TargetBatch) -> Result<Vec<Entry>, Status> {
-    let raw = match batch.codec.as_str() {
-        "none" => batch.payload.clone(),
-        "lz4" => lz4_flex::block::decompress(&batch.payload, batch.raw_len as usize)
+    // The declared size is checked before anything is allocated for it: no batch an agent can
+    // send decompresses to more than the largest message.
+    if batch.raw_len > failback_common::server::MAX_MESSAGE as u64 {
+        return Err(Status::invalid_argument(format!(
+            "batch {} of {item} declares {} bytes uncompressed, more than the largest batch \
+             ({} bytes); refused",
+            batch.seq,
+            batch.raw_len,
+            failback_common::server::MAX_MESSAGE
+        )));
+    }
+    let raw = match batch.codec() {
+        Codec::None => batch.payload.clone(),
+        Codec::Lz4 => lz4_flex::block::decompress(&batch.payload, batch.raw_len as usize)
             .map_err(|e| {
                 Status::data_loss(format!(
                     "batch {} of {item} does not decompress: {e}; refused",
@@ -659,7 +690,12 @@ fn decode(item: &str, batch: &TargetBatch) -> Result<Vec<Entry>, Status> {
                 ))
             })?
             .into(),
-        other => return Err(Status::invalid_argument(format!("unknown codec `{other}`"))),
+        Codec::Unspecified => {
+            return Err(Status::invalid_argument(format!(
+                "batch {} of {item} names no codec",
+                batch.seq
+            )));
+        }
     };
     if raw.len() as u64 != batch.raw_len || crc32fast::hash(&raw) != batch.crc32 {
         return Err(Status::data_loss(format!(
@@ -835,11 +871,7 @@ impl TargetData for TargetService {
                 target_seq: last,
             }));
         }
-        if req.block_size == 0 || req.length > (1 << 34) {
-            return Err(Status::invalid_argument(
-                "block_size must be > 0 and length at most 16 GiB",
-            ));
-        }
+        check_checksum_request(req.block_size, req.length)?;
         let last = replica.store().last_seq();
         if last < req.min_seq {
             return Err(Status::unavailable(format!(
@@ -868,5 +900,46 @@ impl TargetData for TargetService {
             checksums: checksums.into(),
             target_seq: last,
         }))
+    }
+}
+
+#[cfg(test)]
+mod bounds {
+    use super::*;
+
+    #[test]
+    fn a_batch_declaring_a_huge_size_is_refused_before_allocating() {
+        let batch = TargetBatch {
+            open: None,
+            seq: 7,
+            payload: bytes::Bytes::from_static(&[0x1f, 0, 0, 0]),
+            crc32: 0,
+            codec: Codec::Lz4 as i32,
+            raw_len: 1 << 62,
+        };
+        let e = decode("vm1-1", &batch).expect_err("refused");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(
+            e.message().contains("declares 4611686018427387904 bytes"),
+            "{e}"
+        );
+        let none = TargetBatch {
+            codec: Codec::Unspecified as i32,
+            raw_len: 4,
+            ..batch
+        };
+        let e = decode("vm1-1", &none).expect_err("no codec");
+        assert!(e.message().contains("names no codec"), "{e}");
+    }
+
+    #[test]
+    fn checksum_requests_are_bounded_in_block_size_and_count() {
+        assert!(check_checksum_request(64 << 10, 8 << 20).is_ok());
+        for (block, len) in [(1, 1 << 20), (0, 1), (4097, 1 << 20), (32 << 20, 1 << 30)] {
+            let e = check_checksum_request(block, len).expect_err("refused");
+            assert!(e.message().contains("block_size"), "{e}");
+        }
+        let e = check_checksum_request(4096, 1 << 40).expect_err("too many blocks");
+        assert!(e.message().contains("more than 65536 blocks"), "{e}");
     }
 }

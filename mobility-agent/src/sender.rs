@@ -145,6 +145,10 @@ impl Replication {
                 "initial replication is not complete yet; nothing to resynchronize".into()
             });
         }
+        // Reported from now on (the CS moves the item to "Resynchronization in progress" once
+        // this command is answered, and back to Protected on the next consistent report).
+        self.shared.consistent.store(false, Ordering::SeqCst);
+        self.shared.resyncing.store(true, Ordering::SeqCst);
         self.shared.resync_requests.notify_one();
         Ok(())
     }

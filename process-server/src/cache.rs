@@ -161,6 +161,16 @@ pub enum CacheHealth {
 }
 
 impl CacheHealth {
+    /// As the process server reports it to the CS.
+    pub fn to_proto(self) -> failback_proto::pb::control::Health {
+        use failback_proto::pb::control::Health;
+        match self {
+            CacheHealth::Healthy => Health::Healthy,
+            CacheHealth::Warning => Health::Warning,
+            CacheHealth::Critical => Health::Critical,
+        }
+    }
+
     /// `"Healthy"`, `"Warning"` or `"Critical"`.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -20,7 +20,7 @@ use failback_common::enroll::Backoff;
 use failback_common::identity::{Role, authorize};
 use failback_common::tls::{Credentials, describe_error};
 use failback_proto::pb::data::{
-    AgentBatch, BatchAck, ChecksumRequest, ChecksumResponse, StreamOpen, TargetBatch,
+    AgentBatch, BatchAck, ChecksumRequest, ChecksumResponse, Codec, StreamOpen, TargetBatch,
     process_server_data_server::ProcessServerData, target_data_client::TargetDataClient,
 };
 use serde::{Deserialize, Serialize};
@@ -68,8 +68,8 @@ fn unframe(item: &str, seq: u64, bytes: Bytes) -> Result<TargetBatch, String> {
         return Err(format!("cached batch {seq} of {item} is truncated"));
     }
     let codec = match bytes[0] {
-        CODEC_NONE => "none",
-        CODEC_LZ4 => "lz4",
+        CODEC_NONE => Codec::None,
+        CODEC_LZ4 => Codec::Lz4,
         other => {
             return Err(format!(
                 "cached batch {seq} of {item} has unknown codec {other}"
@@ -85,7 +85,7 @@ fn unframe(item: &str, seq: u64, bytes: Bytes) -> Result<TargetBatch, String> {
         seq,
         payload,
         crc32: crc,
-        codec: codec.into(),
+        codec: codec as i32,
         raw_len: u64::from_le_bytes(len),
     })
 }

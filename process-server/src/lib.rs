@@ -180,7 +180,7 @@ async fn report_status(
                 kind: Some(report::Kind::PsStatus(PsStatus {
                     cache_used_bytes: dp.cache.used_bytes(),
                     cache_capacity_bytes: dp.cache.capacity(),
-                    cache_health: health.to_string(),
+                    cache_health: health.to_proto() as i32,
                     throttled,
                     cpu_percent: cpu.sample(),
                     memory_percent: memory_percent(),

@@ -11,7 +11,7 @@ use failback_proto::pb::link::link_control_client::LinkControlClient;
 use failback_proto::pb::operator::operator_client::OperatorClient;
 use tonic::transport::Channel;
 
-use crate::lab::LabState;
+use crate::labfile::LabState;
 
 /// Environment variable naming the lab directory when `--lab` is not given.
 pub const LAB_ENV: &str = "FAILBACK_LAB";

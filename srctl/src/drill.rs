@@ -39,15 +39,7 @@ use serde::Serialize;
 use crate::scenario::{Fault, FaultReport, Scenario, Trigger, Until};
 use crate::{infra, item, lab, link};
 
-pub const STAGES: [&str; 7] = [
-    "enable-replication",
-    "failover-to-azure",
-    "commit-azure",
-    "reprotect-to-onprem",
-    "failback",
-    "commit-onprem",
-    "reprotect-to-azure",
-];
+pub use crate::stages::STAGES;
 
 /// How long any one wait of the drill may take before the stage fails.
 const STAGE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -718,6 +710,50 @@ impl Drill {
             }
         }
     }
+    /// Starts `start` (a job) for every machine whose item `pending` says still needs it and
+    /// follows the jobs to their end, all at once. A job that fails (a fault struck while it
+    /// ran) is started again in a scenario run; otherwise the stage fails with its error.
+    async fn run_jobs<P, S, Fut>(&self, what: &str, pending: P, start: S) -> anyhow::Result<()>
+    where
+        P: Fn(Option<&Item>) -> bool,
+        S: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<failback_proto::pb::operator::Job>>,
+    {
+        loop {
+            let mut started = Vec::new();
+            for m in &self.machines {
+                if !pending(item_of(&self.dir, m).await.as_ref()) {
+                    continue;
+                }
+                let job = self
+                    .attempt(&format!("{m}: {what}"), || start(m.clone()))
+                    .await?;
+                started.push((m.clone(), job.id));
+            }
+            let follow = started.iter().map(|(m, id)| async move {
+                let ended = tokio::time::timeout(STAGE_TIMEOUT, item::watch(&self.dir, *id, false))
+                    .await
+                    .map_err(|_| anyhow::anyhow!("timed out after {STAGE_TIMEOUT:?}"))
+                    .and_then(|r| r)
+                    .and_then(item::succeeded);
+                ended.map_err(|e| format!("{m}: {what}: {e:#}"))
+            });
+            let failed: Vec<String> = futures::future::join_all(follow)
+                .await
+                .into_iter()
+                .filter_map(Result::err)
+                .collect();
+            if failed.is_empty() {
+                return Ok(());
+            }
+            if !self.retry {
+                anyhow::bail!("{}", failed.join("; "));
+            }
+            self.say(format!("{}; retrying", failed.join("; ")));
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
     async fn stage(&mut self, name: &str) -> anyhow::Result<String> {
         match name {
             "enable-replication" => self.enable().await,
@@ -809,23 +845,20 @@ impl Drill {
 
     async fn enable(&mut self) -> anyhow::Result<String> {
         self.workloads("start").await?;
-        for m in &self.machines {
-            self.attempt(&format!("{m}: enable"), || async {
-                if item_of(&self.dir, m).await.is_some() {
-                    return Ok(());
-                }
+        self.run_jobs(
+            "enable",
+            |i| i.is_none(),
+            |m| {
                 item::enable(
                     &self.dir,
                     EnableItemRequest {
-                        machine: m.clone(),
+                        machine: m,
                         ..Default::default()
                     },
                 )
-                .await
-                .map(|_| ())
-            })
-            .await?;
-        }
+            },
+        )
+        .await?;
         let items = self.wait_state("Protected").await?;
         // A recovery point, so that the machines have been replicating for a moment.
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -916,26 +949,20 @@ impl Drill {
         } else {
             "forward"
         };
-        for m in &self.machines {
-            self.attempt(&format!("{m}: reprotect"), || async {
-                if item_of(&self.dir, m)
-                    .await
-                    .is_some_and(|i| i.direction == direction && i.state != "Failover committed")
-                {
-                    return Ok(());
-                }
+        self.run_jobs(
+            "reprotect",
+            |i| !i.is_some_and(|i| i.direction == direction && i.state != "Failover committed"),
+            |m| {
                 item::reprotect(
                     &self.dir,
                     ReprotectRequest {
-                        machine: m.clone(),
+                        machine: m,
                         ..Default::default()
                     },
                 )
-                .await
-                .map(|_| ())
-            })
-            .await?;
-        }
+            },
+        )
+        .await?;
         let items = self.wait_state("Protected").await?;
         if let Some(i) = items.iter().find(|i| i.direction != direction) {
             anyhow::bail!(

@@ -22,71 +22,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 use failback_common::enroll::{CsSettings, enroll_once};
 use failback_proto::pb::operator::ListInfraRequest;
-use serde::{Deserialize, Serialize};
+
 use serde_json::json;
 
 use crate::client::{operator_credentials, operator_identity};
 
-/// One process of the lab.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Proc {
-    pub name: String,
-    /// The binary: config-server, vpn-link, process-server, master-target, mobility-agent.
-    pub binary: String,
-    pub site: String,
-    pub args: Vec<String>,
-    pub config: PathBuf,
-    pub log: PathBuf,
-    /// Main listen address (data port, API port, or control port).
-    pub listen: String,
-    pub pid: Option<u32>,
-    /// Extra environment (e.g. `FBL_PS__CACHE_CAPACITY`), kept for restarts.
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-}
-
-/// `DIR/lab.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LabState {
-    pub dir: PathBuf,
-    /// CS API as reached from onprem (what srctl dials).
-    pub cs_api: String,
-    pub cs_enroll: String,
-    pub link_control: String,
-    /// Everything that must show "connected" for the lab to be up (components and machines).
-    pub expected: Vec<String>,
-    pub procs: Vec<Proc>,
-}
-
-impl LabState {
-    pub fn path(dir: &Path) -> PathBuf {
-        dir.join("lab.json")
-    }
-
-    pub fn load(dir: &Path) -> anyhow::Result<LabState> {
-        let path = Self::path(dir);
-        let text = std::fs::read_to_string(&path).map_err(|_| {
-            anyhow!(
-                "no lab in {} (no lab.json): start one with `srctl lab up --dir {}`",
-                dir.display(),
-                dir.display()
-            )
-        })?;
-        serde_json::from_str(&text).with_context(|| format!("{} is corrupt", path.display()))
-    }
-
-    pub fn save(&self) -> anyhow::Result<()> {
-        let path = Self::path(&self.dir);
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
-        std::fs::rename(&tmp, &path)?;
-        Ok(())
-    }
-
-    pub fn proc(&self, name: &str) -> Option<&Proc> {
-        self.procs.iter().find(|p| p.name == name)
-    }
-}
+pub use crate::labfile::{LabState, Proc};
 
 /// Options of `lab up`.
 #[derive(Debug, Clone)]

@@ -2,15 +2,17 @@
 //!
 //! # Layout
 //! - [`lab`]: `lab up|down|status`: the default two-site topology as OS processes on
-//!   loopback, its directory layout (`lab.json`, one config, data dir and log per component).
+//!   loopback, its directory layout (one config, data dir and log per component);
+//!   [`labfile`]: `lab.json`, what runs where.
 //! - [`bench`]: benchmarks with a baseline measured in the same run; [`bench_link`]: link use
 //!   under a bandwidth cap.
 //! - [`client`]: finding a lab (`--lab DIR` or `FAILBACK_LAB`) and dialing its CS as the
 //!   enrolled operator, or its vpn-link control API.
 //! - [`infra`]: `infra list|remove`.
 //! - [`link`]: `link status|up|down|set|reset`.
-//! - [`item`]: items, policies, workloads, failover, reprotect, jobs, plans.
-//! - [`drill`]: `drill`: the four stages with checks and a report.
+//! - [`item`]: items, policies, workloads, failover, reprotect, jobs (following them to the end).
+//! - [`plan`]: recovery plans, their members and actions.
+//! - [`drill`]: `drill`: the four stages ([`stages`]) with checks and a report.
 //! - [`scenario`]: fault scenarios for `drill --scenario`.
 
 pub mod bench;
@@ -20,9 +22,11 @@ pub mod drill;
 pub mod infra;
 pub mod item;
 pub mod lab;
+pub mod labfile;
 pub mod link;
 pub mod plan;
 pub mod scenario;
+pub mod stages;
 
 /// A size like `64MiB`, `1GiB`, `512KiB` or a plain number of bytes.
 pub fn parse_size(s: &str) -> anyhow::Result<u64> {

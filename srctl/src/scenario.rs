@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::drill::STAGES;
+use crate::stages::STAGES;
 
 /// Components of the default lab a fault can target.
 pub const COMPONENTS: [&str; 8] = [

@@ -404,3 +404,154 @@ fn recovery_plans_list_remove_delete_wait_at_manual_actions_and_run_scripts() {
         "members stay protected"
     );
 }
+
+/// Restarts the CS with the test hook holding jobs at `next` (or no hook).
+fn restart_cs(lab: &Path, next: Option<&str>) {
+    match next {
+        Some(step) => ok(srctl_env(
+            lab,
+            &["lab", "restart", "cs"],
+            &[("FBL_CS__HOLD_AT_STEP", step)],
+        )),
+        None => ok(srctl(lab, &["lab", "restart", "cs"])),
+    };
+    eventually("the CS back", 30, || {
+        srctl(lab, &["job", "list", "--json"]).status.success()
+    });
+    for c in [
+        "ps-onprem",
+        "mt-onprem",
+        "esx-1",
+        "azure-target",
+        "ps-azure",
+        "azure-compute",
+    ] {
+        eventually(&format!("{c} connected again"), 60, || {
+            infra(lab, c)["status"] == "connected"
+        });
+    }
+}
+
+/// Waits until job `id` ended; returns it.
+fn ended(lab: &Path, id: &str) -> Value {
+    let mut last = Value::Null;
+    eventually(&format!("job {id} ended"), 90, || {
+        let out = srctl(lab, &["job", "show", id, "--json"]);
+        if !out.status.success() {
+            return false;
+        }
+        last = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        last["state"] == "Succeeded" || last["state"] == "Failed"
+    });
+    last
+}
+
+#[test]
+fn a_cs_restart_resumes_each_idempotent_job_kind_and_fails_the_others_for_a_rerun() {
+    let lab_handle = Lab::up_with_env(
+        &["--disk-size", "8MiB", "--machines", "2"],
+        &[("FBL_CS__HOLD_AT_STEP", "Compare checksums")],
+    );
+    let lab = lab_handle.dir.clone();
+    for vm in ["vm1", "vm2"] {
+        ok(srctl(&lab, &["workload", "start", vm, "--rate", "1"]));
+        ok(srctl(&lab, &["item", "enable", vm]));
+        protected_with_a_point(&lab, vm);
+    }
+    let resumed = |lab: &Path, id: &str, what: &str| {
+        let j = ended(lab, id);
+        assert_eq!(
+            j["state"], "Succeeded",
+            "{what} resumed after the restart: {j}"
+        );
+    };
+
+    // Resync: resumed.
+    ok(srctl(&lab, &["item", "resync", "vm1", "--no-wait"]));
+    let id = held_job(&lab, "Resynchronize", "Compare checksums");
+    restart_cs(&lab, Some("Create the disks"));
+    resumed(&lab, &id, "resync");
+    assert_eq!(show(&lab, "vm1")["state"], "Protected");
+
+    // Test failover: failed with a reason, the item back where a re-run starts.
+    ok(srctl(&lab, &["test-failover", "vm1", "--no-wait"]));
+    let id = held_job(&lab, "Test failover", "Create the disks");
+    restart_cs(&lab, Some("Remove vm1-Test"));
+    let j = ended(&lab, &id);
+    assert_eq!(j["state"], "Failed", "{j}");
+    assert!(
+        j["error"].as_str().unwrap_or("").contains("restarted"),
+        "{j}"
+    );
+    assert_eq!(show(&lab, "vm1")["state"], "Protected");
+    ok(srctl(&lab, &["test-failover", "vm1"]));
+    assert_eq!(show(&lab, "vm1")["state"], "Test failover completed");
+
+    // Cleanup: resumed.
+    ok(srctl(&lab, &["test-failover-cleanup", "vm1", "--no-wait"]));
+    let id = held_job(&lab, "Cleanup test failover", "Remove vm1-Test");
+    restart_cs(&lab, Some("Delete recovery points"));
+    resumed(&lab, &id, "cleanup");
+    assert_eq!(show(&lab, "vm1")["state"], "Protected");
+    assert_eq!(infra(&lab, "vm1-Test"), Value::Null);
+
+    // Commit: resumed.
+    ok(srctl(
+        &lab,
+        &["failover", "vm1", "--point", "latest-processed"],
+    ));
+    ok(srctl(&lab, &["commit", "vm1", "--no-wait"]));
+    let id = held_job(&lab, "Commit", "Delete recovery points");
+    restart_cs(&lab, Some("Start replication"));
+    resumed(&lab, &id, "commit");
+    assert_eq!(show(&lab, "vm1")["state"], "Failover committed");
+
+    // Reprotect: resumed, and the item ends Protected in the reverse direction.
+    wait_component(&lab, "vm1", "azure", "connected");
+    ok(srctl(&lab, &["reprotect", "vm1", "--no-wait"]));
+    let id = held_job(&lab, "Reprotect", "Start replication");
+    restart_cs(&lab, Some("Delete the replica"));
+    resumed(&lab, &id, "reprotect");
+    let v = show(&lab, "vm1");
+    assert_eq!(
+        (v["state"].clone(), v["direction"].clone()),
+        ("Protected".into(), "reverse".into())
+    );
+
+    // Disable: resumed; nothing of the item is left.
+    ok(srctl(&lab, &["item", "disable", "vm1", "--no-wait"]));
+    let id = held_job(&lab, "Disable replication", "Delete the replica");
+    restart_cs(&lab, Some("Group 1"));
+    resumed(&lab, &id, "disable");
+    assert_eq!(show(&lab, "vm1"), Value::Null);
+
+    // A plan failover: failed with a reason; run again, it completes.
+    ok(srctl(&lab, &["plan", "create", "p"]));
+    ok(srctl(&lab, &["plan", "add", "p", "vm2"]));
+    ok(srctl(
+        &lab,
+        &[
+            "plan",
+            "failover",
+            "p",
+            "--point",
+            "latest-processed",
+            "--no-wait",
+        ],
+    ));
+    let id = held_job(&lab, "Plan failover p", "Group 1");
+    restart_cs(&lab, None);
+    let j = ended(&lab, &id);
+    assert_eq!(j["state"], "Failed", "{j}");
+    assert!(
+        j["error"].as_str().unwrap_or("").contains("restarted"),
+        "{j}"
+    );
+    assert_eq!(show(&lab, "vm2")["state"], "Protected");
+    ok(srctl(
+        &lab,
+        &["plan", "failover", "p", "--point", "latest-processed"],
+    ));
+    assert_eq!(show(&lab, "vm2")["state"], "Failover completed");
+    verify_equal(&lab, "vm2", "plan failover run again after a restart");
+}

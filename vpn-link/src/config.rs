@@ -25,7 +25,6 @@
 //! ```
 
 use std::collections::HashSet;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
 
@@ -33,6 +32,7 @@ use failback_common::config::{self, ConfigError};
 use serde::Deserialize;
 
 use crate::shaping::{self, Settings};
+pub use crate::site::Site;
 
 /// Environment prefix for overrides, e.g. `FBL_LINK__CONTROL_LISTEN`.
 pub const ENV_PREFIX: &str = "FBL_LINK";
@@ -124,36 +124,6 @@ pub struct RouteConfig {
     pub from_site: String,
     pub listen: String,
     pub connect: String,
-}
-
-/// One of the two sites the link joins.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Site {
-    Onprem,
-    Azure,
-}
-
-impl Site {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Site::Onprem => "onprem",
-            Site::Azure => "azure",
-        }
-    }
-
-    /// The site across the link.
-    pub fn other(self) -> Site {
-        match self {
-            Site::Onprem => Site::Azure,
-            Site::Azure => Site::Onprem,
-        }
-    }
-}
-
-impl fmt::Display for Site {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 /// A validated route.

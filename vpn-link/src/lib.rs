@@ -8,6 +8,7 @@
 //! - [`config`]: the TOML form, validation into [`Route`]s and [`Settings`], loading with
 //!   env overrides.
 //! - [`shaping`]: the settings, their textual and protobuf forms, the token bucket.
+//! - [`site`]: the two sites the link joins.
 //! - `state`: the up/down gate, per-connection cancellation, settings, counters and rates.
 //! - `relay`: accept loops, per-connection relays, and `pump`, the one place bytes cross
 //!   (and are shaped); the flap and rate-sampling tasks.
@@ -23,6 +24,7 @@ pub mod config;
 mod control;
 mod relay;
 pub mod shaping;
+pub mod site;
 mod state;
 
 use std::future::Future;

@@ -101,7 +101,7 @@ pub async fn start(jobs: &Arc<Jobs>, req: EnableItemRequest) -> Result<Job, Stat
         )));
     }
     if let Some(h) = state.ps_health(&ps.name)
-        && h.cache_health == "Critical"
+        && h.cache_health() == failback_proto::pb::control::Health::Critical
     {
         return Err(Status::failed_precondition(format!(
             "process server `{}` is in critical health (cache {} of {} bytes used); choose another \

@@ -1,5 +1,6 @@
 //! "Resynchronize": the agent compares block checksums with the replica and sends only what
-//! differs; the job ends when the item is Protected again. Safe to run again after a restart.
+//! differs; the item shows "Resynchronization in progress" from the agent's answer on, and the
+//! job ends when it is Protected again. Safe to run again after a restart.
 
 use std::sync::Arc;
 
@@ -25,7 +26,6 @@ pub async fn start(jobs: &Arc<Jobs>, machine: &str) -> Result<Job, Status> {
             item.state
         )));
     }
-    let id = item.id.clone();
     jobs.start(
         Spec {
             name: "Resynchronize".into(),
@@ -35,10 +35,7 @@ pub async fn start(jobs: &Arc<Jobs>, machine: &str) -> Result<Job, Status> {
             parent: 0,
             cancel: CancelRule::Anytime,
         },
-        move |db, _| {
-            db.transition(&id, ItemState::Resyncing)?;
-            Ok(())
-        },
+        |_, _| Ok(()),
         move |ctx| Box::pin(run(ctx, item.id)),
     )
     .await
@@ -60,8 +57,21 @@ pub async fn run(ctx: Arc<Ctx>, item_id: String) -> Result<(), JobError> {
                 item: item.id.clone(),
             }),
         )
-        .await
-        .map(|_| ())
+        .await?;
+        // The agent reports the resync from its answer on (reports sent before it came
+        // first on the same stream), so the next consistent report ends it.
+        let id = item.id.clone();
+        match ctx
+            .state
+            .store
+            .call(move |db| Ok(db.transition(&id, ItemState::Resyncing)))
+            .await?
+        {
+            Ok(_) | Err(crate::store::StateError::Refused(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        ctx.state.notify();
+        Ok(())
     })
     .await?;
     ctx.step(

@@ -329,3 +329,96 @@ impl Db<'_> {
         Ok(rows)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::item::{Direction, ItemRow, ItemState};
+    use crate::store::{StateError, Store};
+
+    fn item(id: &str, state: ItemState) -> ItemRow {
+        ItemRow {
+            id: id.into(),
+            machine: "vm1".into(),
+            direction: Direction::Forward,
+            state,
+            process_server: "ps-onprem".into(),
+            target: "azure-target".into(),
+            datastore: "azure-storage".into(),
+            policy: "default".into(),
+            replication_group: String::new(),
+            created_ms: 1,
+            progress: Default::default(),
+            failover_point: String::new(),
+            failover_digests: Vec::new(),
+            test_vm: String::new(),
+            placement: Default::default(),
+        }
+    }
+
+    #[test]
+    fn an_impossible_transition_is_refused_and_the_item_is_unchanged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("cs.db")).expect("open");
+        store
+            .call_blocking(|db| db.insert_item(&item("vm1-1", ItemState::Protected)))
+            .expect("insert");
+        let refused = store
+            .call_blocking(|db| Ok(db.transition("vm1-1", ItemState::FailoverCommitted)))
+            .expect("db");
+        match refused {
+            Err(StateError::Refused(e)) => assert_eq!(
+                e.to_string(),
+                "`vm1-1` is Protected: it can't become Failover committed"
+            ),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        let state = store
+            .call_blocking(|db| Ok(db.item("vm1-1")?.map(|i| i.state)))
+            .expect("read");
+        assert_eq!(state, Some(ItemState::Protected));
+        // An allowed one is written, and returns the state it left.
+        let from = store
+            .call_blocking(|db| Ok(db.transition("vm1-1", ItemState::FailoverInProgress)))
+            .expect("db")
+            .expect("allowed");
+        assert_eq!(from, ItemState::Protected);
+        let missing = store
+            .call_blocking(|db| Ok(db.transition("vm9-1", ItemState::Protected)))
+            .expect("db");
+        assert!(matches!(missing, Err(StateError::NoItem(_))));
+    }
+
+    #[test]
+    fn a_failing_call_rolls_back_alone_in_a_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = std::sync::Arc::new(Store::open(&dir.path().join("cs.db")).expect("open"));
+        // Many callers at once: their closures share transactions; one that fails after
+        // writing leaves nothing, the others commit.
+        let handles: Vec<_> = (0..40)
+            .map(|n| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    store.call_blocking(move |db| {
+                        db.insert_item(&item(&format!("vm1-{n}"), ItemState::Protected))?;
+                        if n % 10 == 3 {
+                            // Fails after its insert: the insert must be rolled back.
+                            db.insert_item(&item(&format!("vm1-{n}"), ItemState::Protected))?;
+                        }
+                        Ok(())
+                    })
+                })
+            })
+            .collect();
+        let failed = handles
+            .into_iter()
+            .map(|h| h.join().expect("join"))
+            .filter(Result::is_err)
+            .count();
+        assert_eq!(failed, 4);
+        let ids: Vec<String> = store
+            .call_blocking(|db| Ok(db.items()?.into_iter().map(|i| i.id).collect()))
+            .expect("items");
+        assert_eq!(ids.len(), 36, "{ids:?}");
+        assert!(!ids.iter().any(|i| i.ends_with("-3") || i.ends_with("-13")));
+    }
+}

@@ -75,6 +75,7 @@ impl Store {
     /// Opens (or creates) the database, brings its schema to [`SCHEMA_VERSION`] and starts
     /// the database thread.
     pub fn open(path: &Path) -> Result<Store, DbError> {
+        private_file(path).map_err(io)?;
         let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
@@ -190,11 +191,36 @@ fn run(conn: Connection, rx: std_mpsc::Receiver<Op>) {
     }
 }
 
+/// Makes the database file the owner's only (0600) before SQLite opens it: it holds the CA
+/// key and the passphrase. SQLite gives its `-wal` and `-shm` files the database file's mode;
+/// those left by an older run are fixed too.
+fn private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    for suffix in ["", "-wal", "-shm"] {
+        let p = std::path::PathBuf::from(format!("{}{suffix}", path.display()));
+        match std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            other => other?,
+        }
+    }
+    Ok(())
+}
+
+fn io(e: std::io::Error) -> DbError {
+    DbError::Sql(rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+}
+
 /// Copies the database at `db` to `to` while a CS may be writing it (SQLite online backup:
-/// a consistent snapshot, the server keeps running).
+/// a consistent snapshot, the server keeps running). The copy is the owner's only.
 pub fn backup(db: &Path, to: &Path) -> Result<(), DbError> {
     let src = Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     src.busy_timeout(std::time::Duration::from_secs(5))?;
+    private_file(to).map_err(io)?;
     let mut dst = Connection::open(to)?;
     let backup = rusqlite::backup::Backup::new(&src, &mut dst)?;
     backup.run_to_completion(256, std::time::Duration::from_millis(5), None)?;
