@@ -52,8 +52,10 @@ impl Default for UpOptions {
 }
 
 /// A free port below the kernel's ephemeral range (which starts at 32768 by default), so that
-/// no outgoing connection of another process can take it between now and the component's bind.
-fn free_port(taken: &BTreeMap<&str, u16>) -> anyhow::Result<u16> {
+/// no outgoing connection of another process can take it between now and the component's bind,
+/// and claimed for the lab in `dir` (see [`claim_port`]), so that two labs started at once
+/// never pick the same one.
+fn free_port(taken: &BTreeMap<&str, u16>, dir: &Path) -> anyhow::Result<u16> {
     let (low, _) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| {
@@ -67,11 +69,55 @@ fn free_port(taken: &BTreeMap<&str, u16>) -> anyhow::Result<u16> {
         if taken.values().any(|p| *p == port) {
             continue;
         }
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() && claim_port(port, dir)? {
             return Ok(port);
         }
     }
     bail!("no free port found on 127.0.0.1 between 10000 and {top}")
+}
+
+/// Claims `port` for the lab in `dir` with a file `TMP/failback-lab-ports/PORT` created
+/// exclusively and naming the lab: a lab being planned at the same moment sees the claim and
+/// picks another port. A claim whose lab directory is gone (a test's lab, deleted) is stale and
+/// taken over; a lab's own claim is its own.
+fn claim_port(port: u16, dir: &Path) -> anyhow::Result<bool> {
+    use std::io::Write;
+    let claims = std::env::temp_dir().join("failback-lab-ports");
+    std::fs::create_dir_all(&claims)
+        .with_context(|| format!("cannot create {}", claims.display()))?;
+    let claim = claims.join(port.to_string());
+    let me = dir.display().to_string();
+    for _ in 0..2 {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&claim)
+        {
+            Ok(mut f) => {
+                f.write_all(me.as_bytes())?;
+                return Ok(true);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let holder = std::fs::read_to_string(&claim).unwrap_or_default();
+                if holder == me {
+                    return Ok(true);
+                }
+                if holder.is_empty() || Path::new(&holder).exists() {
+                    // Claimed by a lab that exists (or is writing its claim right now).
+                    return Ok(false);
+                }
+                // Stale: move it aside atomically (only one taker wins), then claim.
+                let aside = claims.join(format!("{port}.stale.{}", std::process::id()));
+                if std::fs::rename(&claim, &aside).is_ok() {
+                    let _ = std::fs::remove_file(&aside);
+                }
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot claim {}", claim.display()));
+            }
+        }
+    }
+    Ok(false)
 }
 
 fn rand_u16() -> u16 {
@@ -138,7 +184,7 @@ fn plan(dir: &Path, opts: &UpOptions) -> anyhow::Result<LabState> {
         "link-ps-onprem",
         "link-azure-target",
     ] {
-        let p = free_port(&port)?;
+        let p = free_port(&port, &dir)?;
         port.insert(name, p);
     }
     let cs_for = |site: &str| {
@@ -687,4 +733,33 @@ async fn wait_dead(pid: Option<u32>, within: Duration) -> bool {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     true
+}
+
+#[cfg(test)]
+mod port_claims {
+    use super::*;
+
+    #[test]
+    fn a_port_claimed_by_a_living_lab_is_refused_and_a_stale_claim_is_taken_over() {
+        // A port outside the range labs pick from, so no real lab is disturbed.
+        let port = 9_999;
+        let a = tempfile::tempdir().expect("tempdir");
+        let b = tempfile::tempdir().expect("tempdir");
+        let _ = std::fs::remove_file(std::env::temp_dir().join("failback-lab-ports/9999"));
+        assert!(claim_port(port, a.path()).expect("claim"), "free: claimed");
+        assert!(
+            claim_port(port, a.path()).expect("claim"),
+            "a lab's own claim"
+        );
+        assert!(
+            !claim_port(port, b.path()).expect("claim"),
+            "another living lab's claim is respected"
+        );
+        drop(a);
+        assert!(
+            claim_port(port, b.path()).expect("claim"),
+            "the claim of a deleted lab is stale"
+        );
+        let _ = std::fs::remove_file(std::env::temp_dir().join("failback-lab-ports/9999"));
+    }
 }
