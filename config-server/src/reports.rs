@@ -35,7 +35,7 @@ pub async fn on_report(state: &Arc<State>, who: &Identity, r: Report) -> Result<
         Some(report::Kind::PointsPruned(p)) => p.item.clone(),
         Some(report::Kind::PsStatus(s)) => {
             if who.role == Role::ProcessServer {
-                state.set_ps_status(&who.name, s.clone());
+                state.set_ps_status(&who.name, *s);
             }
             return Ok(());
         }

@@ -654,7 +654,7 @@ const MAX_CHECKSUM_BLOCKS: u64 = 1 << 16;
 /// A checksum request's size, bounded before anything is allocated for it: blocks of 4 KiB to
 /// 16 MiB (whole pages), at most [`MAX_CHECKSUM_BLOCKS`] of them.
 fn check_checksum_request(block_size: u64, length: u64) -> Result<(), Status> {
-    if !(4096..=16 << 20).contains(&block_size) || block_size % 4096 != 0 {
+    if !(4096..=16 << 20).contains(&block_size) || !block_size.is_multiple_of(4096) {
         return Err(Status::invalid_argument(format!(
             "block_size {block_size} is out of range: a multiple of 4096 from 4 KiB to 16 MiB"
         )));
