@@ -38,8 +38,9 @@ srctl() { "$SRCTL" --lab "$FBL_LAB_DIR" "$@"; }
 
 # Writes the directory srctl uses for the running container lab (what `srctl lab up` writes
 # for a local one): lab.json with the published addresses of the CS and of vpn-link's control
-# API, and the CA certificate and passphrase in data/cs/, with which srctl enrolls the
-# operator on first use (into DIR/operator).
+# API, the CA certificate in data/cs/, and (first time only) the operator's credentials in
+# DIR/operator/identity/, issued inside fbl-cs by `config-server operator add` as on any CS
+# host: the component passphrase never leaves the CS and enrolls no operator.
 write_lab_dir() {
     local dir=$1
     mkdir -p "$dir/data/cs"
@@ -47,15 +48,25 @@ write_lab_dir() {
     local tmp
     tmp=$(mktemp -d)
     docker cp fbl-cs:/data/ca.pem "$tmp/ca.pem" >/dev/null
-    docker cp fbl-cs:/data/passphrase "$tmp/passphrase" >/dev/null
     if ! cmp -s "$tmp/ca.pem" "$dir/data/cs/ca.pem" 2>/dev/null; then
         # Another lab's operator certificate is worthless against this CA.
         rm -rf "$dir/operator"
     fi
     cp "$tmp/ca.pem" "$dir/data/cs/ca.pem"
-    cp "$tmp/passphrase" "$dir/data/cs/passphrase"
-    chmod 600 "$dir/data/cs/passphrase"
     rm -rf "$tmp"
+    if [[ ! -f "$dir/operator/identity/cert.pem" ]]; then
+        # A name of its own per lab directory: a removed directory's operator stays revocable.
+        local name
+        name="srctl-$(date +%s)-$$"
+        docker exec fbl-cs config-server operator add "$name" \
+            --out "/data/operators/$name" --config /config/cs.toml >/dev/null
+        rm -rf "$dir/operator"
+        mkdir -p "$dir/operator"
+        chmod 700 "$dir/operator"
+        docker cp "fbl-cs:/data/operators/$name/identity" "$dir/operator/identity" >/dev/null
+        chmod 700 "$dir/operator/identity"
+        chmod 600 "$dir/operator/identity/key.pem"
+    fi
     local expected
     expected=$(printf '"%s",' "${FBL_EXPECTED[@]}")
     cat >"$dir/lab.json.tmp" <<EOF

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::control::{ControlHandle, HelloFn};
 use crate::enroll::{CsSettings, EnrollError, ensure_enrolled};
-use crate::identity::{Identity, Site};
+use crate::identity::{CS_NAME, Identity, Role, Site};
 use crate::tls::Credentials;
 
 /// A datastore a component sees: a directory (a volume in containers).
@@ -68,6 +68,9 @@ pub fn hello(identity: &Identity) -> Hello {
 /// A component that has its credentials and a running control stream.
 pub struct Registered {
     pub credentials: Credentials,
+    /// Revoked certificates, kept current over the control stream: what the component's
+    /// listeners refuse.
+    pub trust: std::sync::Arc<crate::trust::Trust>,
     pub control: ControlHandle,
     pub task: tokio::task::JoinHandle<()>,
 }
@@ -87,19 +90,36 @@ pub async fn register(
         })
     })?;
     let credentials = ensure_enrolled(data_dir, cs, identity, shutdown).await?;
-    let endpoint =
-        credentials
-            .endpoint(&cs.address, "cs")
-            .map_err(|e| EnrollError::BadAddress {
-                address: cs.address.clone(),
-                message: e.to_string(),
-            })?;
-    let (control, task) = crate::control::spawn(endpoint, hello, shutdown.child_token());
+    let endpoint = credentials
+        .endpoint(&cs.address, Role::ConfigServer, CS_NAME)
+        .map_err(|e| EnrollError::BadAddress {
+            address: cs.address.clone(),
+            message: e.to_string(),
+        })?;
+    let trust = crate::trust::Trust::new();
+    let (control, task) =
+        crate::control::spawn(endpoint, hello, trust.clone(), shutdown.child_token());
     Ok(Registered {
         credentials,
+        trust,
         control,
         task,
     })
+}
+
+impl Registered {
+    /// How the component's listener secures and bounds its connections: its certificate,
+    /// client certificates from the lab CA that the CS has not revoked, `limits`.
+    pub fn secured(
+        &self,
+        limits: crate::listener::ConnLimits,
+    ) -> Result<crate::server::Secured, crate::tls::CredentialsError> {
+        Ok(crate::server::Secured::new(
+            self.credentials.server_config(self.trust.clone())?,
+            self.trust.clone(),
+            limits,
+        ))
+    }
 }
 
 /// Checks the settings every component shares; errors name the key.
@@ -107,9 +127,13 @@ pub fn validate_common(
     file: Option<&Path>,
     name: &str,
     cs: &CsSettings,
+    listener: &crate::listener::ConnLimits,
 ) -> Result<(), crate::config::ConfigError> {
     use crate::config::ConfigError;
     crate::identity::validate_name(name).map_err(|m| ConfigError::key(file, "name", m))?;
+    listener
+        .validate()
+        .map_err(|(k, m)| ConfigError::key(file, format!("listener.{k}"), m))?;
     if cs.address.is_empty() {
         return Err(ConfigError::key(
             file,

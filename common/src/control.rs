@@ -4,7 +4,8 @@
 //! current state), then heartbeats at the interval the CS asks for in `Welcome`. It forwards
 //! the CS's commands to the component and the component's reports to the CS. When the stream
 //! breaks, or the CS stops acknowledging heartbeats (a stalled link), it reconnects by itself
-//! with exponential backoff, logging why. Whether the stream is up is published in a
+//! with exponential backoff, logging why. Revocations the CS sends are applied to the
+//! component's [`Trust`] here, whatever else the component does. Whether the stream is up is published in a
 //! `watch` channel.
 
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use tonic::transport::Endpoint;
 
 use crate::enroll::Backoff;
 use crate::tls::describe_error;
+use crate::trust::Trust;
 
 /// Builds the `Hello` sent on each (re)connect.
 pub type HelloFn = Arc<dyn Fn() -> Hello + Send + Sync>;
@@ -37,10 +39,12 @@ pub struct ControlHandle {
     pub outbox: mpsc::Sender<ComponentMessage>,
 }
 
-/// Starts the supervisor; it runs until `shutdown` is cancelled.
+/// Starts the supervisor; it runs until `shutdown` is cancelled. Revocations the CS sends
+/// go to `trust` (the component's listeners consult it).
 pub fn spawn(
     endpoint: Endpoint,
     hello: HelloFn,
+    trust: Arc<Trust>,
     shutdown: CancellationToken,
 ) -> (ControlHandle, tokio::task::JoinHandle<()>) {
     let (connected_tx, connected) = watch::channel(false);
@@ -49,6 +53,7 @@ pub fn spawn(
     let task = tokio::spawn(supervise(
         endpoint,
         hello,
+        trust,
         shutdown,
         connected_tx,
         commands_tx,
@@ -67,6 +72,7 @@ pub fn spawn(
 async fn supervise(
     endpoint: Endpoint,
     hello: HelloFn,
+    trust: Arc<Trust>,
     shutdown: CancellationToken,
     connected: watch::Sender<bool>,
     commands: mpsc::Sender<CsMessage>,
@@ -80,6 +86,7 @@ async fn supervise(
         let result = session(
             &endpoint,
             &hello,
+            &trust,
             &shutdown,
             &connected,
             &commands,
@@ -113,6 +120,7 @@ async fn supervise(
 async fn session(
     endpoint: &Endpoint,
     hello: &HelloFn,
+    trust: &Trust,
     shutdown: &CancellationToken,
     connected: &watch::Sender<bool>,
     commands: &mpsc::Sender<CsMessage>,
@@ -172,6 +180,11 @@ async fn session(
             msg = inbound.message() => match msg {
                 Ok(Some(CsMessage { kind: Some(cs_message::Kind::HeartbeatAck(_)) })) => {
                     last_ack = Instant::now();
+                }
+                Ok(Some(CsMessage { kind: Some(cs_message::Kind::Revocations(r)) })) => {
+                    last_ack = Instant::now();
+                    let cut = trust.revoke(r.fingerprints);
+                    tracing::debug!(cut, "revocations from the configuration server applied");
                 }
                 Ok(Some(other)) => {
                     last_ack = Instant::now();

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use tonic::Code;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
-use crate::identity::{Identity, dns_name};
+use crate::identity::{CS_NAME, Identity, Role, dns_name};
 use crate::tls::{Credentials, CredentialsError, describe_error, fingerprint, new_key_and_csr};
 
 /// How a component finds and trusts the configuration server (`[cs]` in every config).
@@ -127,7 +127,7 @@ pub async fn enroll_once(
         .tls_config(
             ClientTlsConfig::new()
                 .ca_certificate(Certificate::from_pem(&ca_pem))
-                .domain_name(dns_name("cs")),
+                .domain_name(dns_name(Role::ConfigServer, CS_NAME)),
         )
         .map_err(|e| bad(e.to_string()))?
         .connect_timeout(Duration::from_secs(3))

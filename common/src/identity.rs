@@ -1,8 +1,9 @@
 //! Who is calling: roles, sites and the identity a lab certificate carries.
 //!
 //! A certificate issued by the lab CA names exactly one identity in a URI subject
-//! alternative name `failback://ROLE/SITE/NAME`, plus the DNS name `NAME.failback.lab` that
-//! clients verify when they dial the component. [`authorize`] reads the caller's identity
+//! alternative name `failback://ROLE/SITE/NAME`, plus the DNS name `NAME.ROLE.failback.lab`
+//! that clients verify when they dial the component: a client dialing a process server
+//! accepts only a process server's certificate of that name, never another role's. [`authorize`] reads the caller's identity
 //! from the mutual-TLS peer certificate of a request and checks its role; every RPC calls it.
 
 use std::fmt;
@@ -11,7 +12,8 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use tonic::Status;
 
-/// DNS suffix of every lab certificate; `cs.failback.lab` is the configuration server.
+/// DNS suffix of every lab certificate; `cs.config-server.failback.lab` is the configuration
+/// server.
 pub const DNS_SUFFIX: &str = "failback.lab";
 
 /// The role a certificate grants. Each RPC accepts a fixed set of roles.
@@ -37,6 +39,15 @@ impl Role {
         Role::Agent,
         Role::Operator,
     ];
+
+    /// Whether the component passphrase may enroll this role. Operators get their
+    /// certificates on the CS host (`config-server operator add`), the CS issues its own.
+    pub fn enrolls_with_passphrase(self) -> bool {
+        matches!(
+            self,
+            Role::ProcessServer | Role::MasterTarget | Role::Host | Role::Agent
+        )
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -139,7 +150,7 @@ impl Identity {
 
     /// The DNS SAN clients check when they dial this component.
     pub fn dns_name(&self) -> String {
-        dns_name(&self.name)
+        dns_name(self.role, &self.name)
     }
 
     fn from_uri(uri: &str) -> Option<Identity> {
@@ -177,10 +188,13 @@ impl fmt::Display for Identity {
     }
 }
 
-/// The DNS name a component with this name is dialed by.
-pub fn dns_name(name: &str) -> String {
-    format!("{}.{DNS_SUFFIX}", name.to_ascii_lowercase())
+/// The DNS name the component of `role` named `name` is dialed by.
+pub fn dns_name(role: Role, name: &str) -> String {
+    format!("{}.{role}.{DNS_SUFFIX}", name.to_ascii_lowercase())
 }
+
+/// The name of the configuration server's own certificate; no component may take it.
+pub const CS_NAME: &str = "cs";
 
 /// Component and machine names: 1-63 characters, letters, digits and `-`, starting with a
 /// letter or digit (they become DNS labels).
@@ -247,5 +261,16 @@ mod tests {
         assert!(validate_name("-x").is_err());
         assert!(validate_name("a b").is_err());
         assert!(validate_name("").is_err());
+    }
+
+    #[test]
+    fn dns_names_carry_the_role() {
+        let ps = Identity::new(Role::ProcessServer, Site::Azure, "PS-Azure");
+        assert_eq!(ps.dns_name(), "ps-azure.process-server.failback.lab");
+        let same_name = Identity::new(Role::Agent, Site::Azure, "ps-azure");
+        assert_ne!(ps.dns_name(), same_name.dns_name());
+        assert!(!Role::Operator.enrolls_with_passphrase());
+        assert!(!Role::ConfigServer.enrolls_with_passphrase());
+        assert!(Role::Agent.enrolls_with_passphrase());
     }
 }

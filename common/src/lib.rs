@@ -5,6 +5,8 @@
 //! - [`config`]: layered config (defaults, TOML file, environment) with errors naming file and key.
 //! - [`identity`]: roles, sites, the identity in a lab certificate, per-RPC authorization.
 //! - [`tls`]: credentials on disk, mutual-TLS server and client settings.
+//! - [`trust`]: revoked certificates and the client verifier that refuses them.
+//! - [`listener`]: accepting TLS connections under a cap and a handshake deadline.
 //! - [`blocks`]: block digests for comparing two copies of a disk.
 //! - [`direct`]: page-cache-free (`O_DIRECT`) writes of aligned spans.
 //! - [`vdisk`]: a disk as stored: a raw sparse file or an overlay over a frozen, shared base.
@@ -23,9 +25,11 @@ pub mod enroll;
 pub mod fence;
 pub mod identity;
 pub mod limits;
+pub mod listener;
 pub mod server;
 pub mod telemetry;
 pub mod tls;
+pub mod trust;
 pub mod vdisk;
 
 /// The version every component reports at registration.

@@ -1,25 +1,53 @@
-//! Serving a tonic router on a listener the caller already bound (tests bind port 0), with
-//! mutual TLS, a gRPC health service, and graceful shutdown on a cancellation token.
+//! Serving a tonic router on a listener the caller already bound (tests bind port 0), over
+//! TLS accepted under bounds ([`crate::listener`]), with a gRPC health service, and graceful
+//! shutdown on a cancellation token.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Server, ServerTlsConfig, server::Router};
+use tonic::transport::{Server, server::Router};
 
 pub use crate::limits::{CONNECTION_WINDOW, MAX_FRAME, MAX_MESSAGE, STREAM_WINDOW};
+use crate::listener::{ConnLimits, Counters};
+use crate::trust::Trust;
 
-/// A tonic server builder with the lab's TLS and transport settings.
-pub fn builder(tls: ServerTlsConfig) -> Result<Server, tonic::transport::Error> {
-    Server::builder().tls_config(tls).map(|b| {
-        b.tcp_nodelay(true)
-            .http2_keepalive_interval(Some(std::time::Duration::from_secs(5)))
-            // Replication streams carry 4 MiB batches: windows large enough that the next
-            // batch flows while the receiver makes the previous one durable.
-            .initial_stream_window_size(Some(STREAM_WINDOW))
-            .initial_connection_window_size(Some(CONNECTION_WINDOW))
-            .max_frame_size(Some(MAX_FRAME))
-    })
+/// A tonic server builder with the lab's transport settings (TLS is done by the listener).
+pub fn builder() -> Server {
+    Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(5)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        // Per connection: a peer can't open streams without bound.
+        .max_concurrent_streams(Some(crate::limits::MAX_STREAMS_PER_CONNECTION))
+        // Replication streams carry 4 MiB batches: windows large enough that the next
+        // batch flows while the receiver makes the previous one durable.
+        .initial_stream_window_size(Some(STREAM_WINDOW))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
+        .max_frame_size(Some(MAX_FRAME))
+}
+
+/// How a listener secures and bounds its connections.
+#[derive(Clone)]
+pub struct Secured {
+    pub tls: Arc<rustls::ServerConfig>,
+    /// Revocations the client verifier consults; also cuts revoked connections.
+    pub trust: Arc<Trust>,
+    pub limits: ConnLimits,
+    /// What the listener counts (open, in handshake, refused, evicted, timed out).
+    pub counters: Arc<Counters>,
+}
+
+impl Secured {
+    pub fn new(tls: Arc<rustls::ServerConfig>, trust: Arc<Trust>, limits: ConnLimits) -> Self {
+        Secured {
+            tls,
+            trust,
+            limits,
+            counters: Arc::default(),
+        }
+    }
 }
 
 /// The standard gRPC health service, reporting SERVING for the whole server.
@@ -38,16 +66,22 @@ pub fn health_service()
 /// watches) would otherwise hold a stopping server up for as long as their peers keep them.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
-/// Serves `router` on `listener` until `shutdown` is cancelled; calls still in flight
-/// [`SHUTDOWN_GRACE`] later are cut.
+/// Serves `router` on `listener` over `secured` until `shutdown` is cancelled; calls still
+/// in flight [`SHUTDOWN_GRACE`] later are cut.
 pub async fn serve(
     router: Router,
     listener: TcpListener,
+    secured: Secured,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    // With a listener of our own, the builder's `tcp_nodelay` does not apply: the incoming
-    // stream sets it, or small replies (checksums, acks) wait for Nagle and delayed ACKs.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = crate::listener::incoming(
+        listener,
+        secured.tls,
+        secured.trust,
+        secured.limits,
+        secured.counters,
+        shutdown.clone(),
+    );
     let graceful =
         router.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     tokio::select! {
@@ -101,6 +135,7 @@ pub async fn component_main<C, Fut>(
 {
     crate::telemetry::init(binary);
     crate::tls::install_crypto_provider();
+    crate::listener::raise_fd_limit();
     let config = config.unwrap_or_else(|e| {
         eprintln!("{binary}: {e}");
         std::process::exit(2)

@@ -2,17 +2,23 @@
 //!
 //! A component's credentials live in `DATA_DIR/identity/` as `cert.pem`, `key.pem` (mode
 //! 0600) and `ca.pem`. Servers require a client certificate from the lab CA (client auth is
-//! never optional on the mutual-TLS ports); clients verify the server's DNS name
-//! `NAME.failback.lab`, so a relayed address (through vpn-link) still verifies.
+//! never optional on the mutual-TLS ports) that is not revoked ([`crate::trust`]); clients
+//! verify the server's DNS name `NAME.ROLE.failback.lab` (its role as well as its name), so a
+//! relayed address (through vpn-link) still verifies.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SanType};
 use sha2::{Digest, Sha256};
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, ServerTlsConfig};
+use std::sync::Arc;
 
-use crate::identity::{Identity, dns_name};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+use crate::identity::{Identity, Role, dns_name};
+use crate::trust::{RevokingVerifier, Trust};
 
 /// Installs the process-wide rustls crypto provider (ring). Safe to call more than once.
 pub fn install_crypto_provider() {
@@ -73,6 +79,20 @@ impl Credentials {
         data_dir: &Path,
         expected: &Identity,
     ) -> Result<Option<Credentials>, CredentialsError> {
+        Self::load_checked(data_dir, |found| found == expected, expected)
+    }
+
+    /// Loads credentials of any identity of `role` (an operator's, whatever its name).
+    pub fn load_role(data_dir: &Path, role: Role) -> Result<Option<Credentials>, CredentialsError> {
+        let example = Identity::new(role, crate::identity::Site::Onprem, "NAME");
+        Self::load_checked(data_dir, |found| found.role == role, &example)
+    }
+
+    fn load_checked(
+        data_dir: &Path,
+        accept: impl Fn(&Identity) -> bool,
+        expected: &Identity,
+    ) -> Result<Option<Credentials>, CredentialsError> {
         let dir = Self::dir(data_dir);
         let cert_path = dir.join("cert.pem");
         if !cert_path.exists() {
@@ -89,7 +109,7 @@ impl Credentials {
                 path: cert_path.clone(),
                 reason,
             })?;
-        if &identity != expected {
+        if !accept(&identity) {
             return Err(CredentialsError::WrongIdentity {
                 path: cert_path,
                 dir,
@@ -118,35 +138,76 @@ impl Credentials {
         Ok(())
     }
 
-    /// TLS for a mutual-TLS server: our certificate, client certificates from the lab CA required.
-    pub fn server_tls(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new()
-            .identity(tonic::transport::Identity::from_pem(
-                &self.cert_pem,
-                &self.key_pem,
-            ))
-            .client_ca_root(Certificate::from_pem(&self.ca_pem))
+    /// TLS for a mutual-TLS server: our certificate; client certificates from the lab CA,
+    /// not revoked in `trust`, required.
+    pub fn server_config(
+        &self,
+        trust: Arc<Trust>,
+    ) -> Result<Arc<rustls::ServerConfig>, CredentialsError> {
+        let verifier = RevokingVerifier::new(&self.ca_pem, trust).map_err(|reason| {
+            CredentialsError::BadCertificate {
+                path: PathBuf::from("ca.pem"),
+                reason,
+            }
+        })?;
+        self.server_config_with(verifier)
     }
 
-    /// TLS for dialing the component named `server_name` with our client certificate.
-    pub fn client_tls(&self, server_name: &str) -> ClientTlsConfig {
+    /// TLS for a server that asks for no client certificate (the CS's enrollment port).
+    pub fn server_config_without_client_auth(
+        &self,
+    ) -> Result<Arc<rustls::ServerConfig>, CredentialsError> {
+        self.server_config_with(Arc::new(rustls::server::NoClientAuth))
+    }
+
+    fn server_config_with(
+        &self,
+        verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    ) -> Result<Arc<rustls::ServerConfig>, CredentialsError> {
+        let bad = |reason: String| CredentialsError::BadCertificate {
+            path: PathBuf::from("cert.pem"),
+            reason,
+        };
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(|e| bad(format!("bad certificate PEM: {e}")))?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
+            .map_err(|e| bad(format!("bad key PEM: {e}")))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| bad(e.to_string()))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    /// TLS for dialing the component of `role` named `server_name` with our client
+    /// certificate: the server must prove both.
+    pub fn client_tls(&self, role: Role, server_name: &str) -> ClientTlsConfig {
         ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&self.ca_pem))
             .identity(tonic::transport::Identity::from_pem(
                 &self.cert_pem,
                 &self.key_pem,
             ))
-            .domain_name(dns_name(server_name))
+            .domain_name(dns_name(role, server_name))
     }
 
-    /// An endpoint for `address` (host:port) serving as `server_name`, with lab timeouts.
+    /// An endpoint for `address` (host:port) served by the component of `role` named
+    /// `server_name`, with lab timeouts.
     pub fn endpoint(
         &self,
         address: &str,
+        role: Role,
         server_name: &str,
     ) -> Result<Endpoint, tonic::transport::Error> {
         Ok(Endpoint::from_shared(format!("https://{address}"))?
-            .tls_config(self.client_tls(server_name))?
+            .tls_config(self.client_tls(role, server_name))?
             .connect_timeout(Duration::from_secs(3))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
@@ -166,7 +227,6 @@ pub fn identity_of_pem(cert_pem: &str) -> Result<Identity, String> {
 
 /// The DER bytes of the first PEM block.
 pub fn pem_to_der(pem: &str) -> Result<Vec<u8>, String> {
-    use rustls::pki_types::pem::PemObject;
     match rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()).next() {
         Some(Ok(der)) => Ok(der.as_ref().to_vec()),
         Some(Err(e)) => Err(format!("bad PEM certificate: {e}")),
@@ -253,10 +313,20 @@ pub fn describe_error(err: &(dyn std::error::Error + 'static)) -> String {
         cur = e.source();
     }
     let all = chain.join(": ");
-    if all.contains("UnknownIssuer") || all.contains("BadSignature") {
+    if all.contains("CertificateExpired") || all.contains("certificate expired") {
+        format!(
+            "the certificate has expired: renew it (components renew on their own while \
+             connected; one that was off too long enrolls again after `srctl infra remove`) ({all})"
+        )
+    } else if all.contains("CertificateRevoked") || all.contains("certificate revoked") {
+        format!("the certificate was revoked (`srctl infra remove`); enroll again ({all})")
+    } else if all.contains("UnknownIssuer") || all.contains("BadSignature") {
         format!("peer certificate cannot be authenticated with given CA certificates ({all})")
     } else if all.contains("NotValidForName") {
-        format!("peer certificate is not valid for the name dialed ({all})")
+        format!(
+            "peer certificate is not valid for the name dialed: the server is not the component \
+             (name and role) expected ({all})"
+        )
     } else if all.contains("Connection refused") {
         format!("couldn't connect to server: connection refused ({all})")
     } else {

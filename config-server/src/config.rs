@@ -24,8 +24,12 @@ pub struct CsConfig {
     /// A control stream silent this long is dropped and its component shown "not connected".
     #[serde(with = "humantime_serde")]
     pub heartbeat_timeout: Duration,
-    /// Failed enrollments allowed per source address per minute before refusing all.
+    /// Failed enrollments allowed per source address per minute before that address waits.
     pub enroll_failures_per_minute: u32,
+    /// Failed enrollments allowed per component name per minute before that name waits.
+    pub enroll_failures_per_name: u32,
+    /// Bounds of both listeners' connections (`[listener]`: handshake timeout, caps).
+    pub listener: failback_common::listener::ConnLimits,
     /// How long a failed-over VM takes to boot before its agent registers (ASR: up to 15
     /// minutes; lab default a few seconds).
     #[serde(with = "humantime_serde")]
@@ -49,6 +53,8 @@ impl Default for CsConfig {
             heartbeat_interval: Duration::from_secs(1),
             heartbeat_timeout: Duration::from_secs(4),
             enroll_failures_per_minute: 5,
+            enroll_failures_per_name: 5,
+            listener: Default::default(),
             boot_delay: Duration::from_secs(2),
             master_target_disk_limit: 60,
             hold_at_step: String::new(),
@@ -73,6 +79,16 @@ impl CsConfig {
                 file,
                 "heartbeat_timeout",
                 "must be at least twice heartbeat_interval",
+            ));
+        }
+        cfg.listener
+            .validate()
+            .map_err(|(k, m)| ConfigError::key(file, format!("listener.{k}"), m))?;
+        if cfg.enroll_failures_per_name == 0 {
+            return Err(ConfigError::key(
+                file,
+                "enroll_failures_per_name",
+                "must be at least 1",
             ));
         }
         if cfg.enroll_failures_per_minute == 0 {

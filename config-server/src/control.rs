@@ -13,7 +13,7 @@ use std::sync::Arc;
 use failback_common::control::now_ms;
 use failback_common::identity::{Identity, Role, authorize};
 use failback_proto::pb::control::{
-    ComponentMessage, CsMessage, HeartbeatAck, Hello, Welcome, component_message,
+    ComponentMessage, CsMessage, HeartbeatAck, Hello, Revocations, Welcome, component_message,
     control_server::Control, cs_message,
 };
 use sha2::{Digest, Sha256};
@@ -121,6 +121,12 @@ impl Control for ControlService {
                 heartbeat_interval_ms: state.config.heartbeat_interval.as_millis() as u32,
                 cs_version: failback_common::VERSION.to_string(),
             })),
+        }))
+        .await
+        .map_err(|_| Status::cancelled("peer gone"))?;
+        let fingerprints = state.store.call(|db| db.revoked()).await?;
+        tx.send(Ok(CsMessage {
+            kind: Some(cs_message::Kind::Revocations(Revocations { fingerprints })),
         }))
         .await
         .map_err(|_| Status::cancelled("peer gone"))?;

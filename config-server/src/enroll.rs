@@ -1,18 +1,25 @@
 //! The `Enrollment` service: passphrase + CSR in, certificate out, once per component name.
 //!
-//! Checks, in order, each failing with a clear status and writing nothing: the source is not
-//! rate limited (failed attempts per minute), the request is well-formed (role, site, name),
-//! the passphrase matches (constant-time), the name is free, the CSR is valid.
+//! Checks, in order, each failing with a clear status and writing nothing: the request is
+//! well-formed (role, site, name); the role is one a site runs (process server, master target,
+//! host, agent: never an operator or the CS, whose certificates are issued on the CS host);
+//! the passphrase matches (constant-time); the name is free, whatever its case; the CSR is
+//! valid. A correct passphrase is never refused for earlier failures: wrong ones are counted
+//! per source address and per name, and past the limits each further wrong attempt is
+//! answered only after a growing delay, and as `RESOURCE_EXHAUSTED`. So guessing slows down,
+//! but the components of a lab, which all arrive from one address in containers or on one
+//! machine, are never locked out by someone else's failures.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use failback_common::control::now_ms;
-use failback_common::identity::{Identity, Role, Site, validate_name};
+use failback_common::identity::{CS_NAME, Identity, Role, Site, validate_name};
 use failback_proto::pb::enroll::{EnrollRequest, EnrollResponse, enrollment_server::Enrollment};
 use tonic::{Request, Response, Status};
 
-use crate::state::State;
+use crate::state::{FailureKey, State};
 
 pub struct EnrollmentService {
     pub state: Arc<State>,
@@ -20,6 +27,15 @@ pub struct EnrollmentService {
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The delay before answering a wrong passphrase that is `excess` attempts past a limit.
+fn tarpit(excess: u32) -> Duration {
+    if excess == 0 {
+        Duration::ZERO
+    } else {
+        Duration::from_millis(250u64 << excess.min(5).saturating_sub(1)).min(Duration::from_secs(5))
+    }
 }
 
 #[tonic::async_trait]
@@ -32,44 +48,74 @@ impl Enrollment for EnrollmentService {
             .remote_addr()
             .map(|a| a.ip())
             .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-        if let Some(wait) = self.state.enroll_blocked_for(ip) {
-            tracing::warn!(%ip, "enrollment refused: too many failed attempts");
-            return Err(Status::resource_exhausted(format!(
-                "too many failed enrollment attempts from {ip}; try again in {wait} s"
-            )));
-        }
         let req = request.into_inner();
         let role: Role = req.role.parse().map_err(Status::invalid_argument)?;
-        if matches!(role, Role::ConfigServer) {
-            return Err(Status::invalid_argument(
-                "role config-server can't be enrolled: there is one configuration server per lab",
-            ));
+        if !role.enrolls_with_passphrase() {
+            tracing::warn!(%ip, %role, name = %req.name, "enrollment refused: role not enrollable");
+            return Err(Status::permission_denied(match role {
+                Role::Operator => "role operator can't be enrolled with the component passphrase: \
+                    an operator's certificate is made on the configuration server's host with \
+                    `config-server operator add NAME --out DIR`"
+                    .to_string(),
+                other => format!(
+                    "role {other} can't be enrolled: there is one configuration server per lab, \
+                     and it issues its own certificate"
+                ),
+            }));
         }
         let site: Site = req.site.parse().map_err(Status::invalid_argument)?;
         validate_name(&req.name).map_err(Status::invalid_argument)?;
         let identity = Identity::new(role, site, req.name);
 
-        if !constant_time_eq(req.passphrase.as_bytes(), self.state.passphrase.as_bytes()) {
-            self.state.record_enroll_failure(ip);
-            tracing::warn!(%ip, %identity, "enrollment refused: wrong passphrase");
+        let passphrase = self
+            .state
+            .store
+            .call(|db| db.setting(crate::PASSPHRASE_SETTING))
+            .await?
+            .unwrap_or_default();
+        if passphrase.is_empty()
+            || !constant_time_eq(req.passphrase.as_bytes(), passphrase.as_bytes())
+        {
+            let keys = [
+                FailureKey::Address(ip),
+                FailureKey::Name(identity.name.to_ascii_lowercase()),
+            ];
+            let excess = self.state.record_enroll_failure(&keys);
+            tracing::warn!(%ip, %identity, excess, "enrollment refused: wrong passphrase");
+            tokio::time::sleep(tarpit(excess)).await;
+            if excess > 0 {
+                return Err(Status::resource_exhausted(format!(
+                    "wrong passphrase, and too many failed enrollment attempts from {ip} or for \
+                     the name `{}` in the last minute: each further wrong attempt is answered \
+                     more slowly; use the passphrase generated by the configuration server (its \
+                     data directory, file `passphrase`)",
+                    identity.name
+                )));
+            }
             return Err(Status::unauthenticated(
                 "wrong passphrase: use the passphrase generated by the configuration server \
                  (its data directory, file `passphrase`)",
             ));
         }
-        if identity.name == "cs" {
-            return Err(Status::already_exists(
-                "the name `cs` belongs to the configuration server; choose another name",
-            ));
+        if identity.name.eq_ignore_ascii_case(CS_NAME) {
+            return Err(Status::already_exists(format!(
+                "the name `{}` belongs to the configuration server; choose another name",
+                identity.name
+            )));
         }
         let name = identity.name.clone();
-        if let Some(existing) = self.state.store.call(move |db| db.component(&name)).await? {
-            tracing::warn!(%identity, "enrollment refused: duplicate name");
-            return Err(Status::already_exists(format!(
-                "a component named `{}` is already registered ({} at {}); choose another name, \
-                 or remove the old one with `srctl infra remove {}`",
-                existing.name, existing.role, existing.site, existing.name
-            )));
+        if let Some(existing) = self
+            .state
+            .store
+            .call(move |db| db.component_any_case(&name))
+            .await?
+        {
+            return Err(taken(
+                &identity,
+                &existing.name,
+                &existing.role,
+                &existing.site,
+            ));
         }
         let (certificate_pem, fingerprint) = self
             .state
@@ -79,14 +125,51 @@ impl Enrollment for EnrollmentService {
                 Status::invalid_argument(format!("bad certificate signing request: {e}"))
             })?;
         let enrolled = identity.clone();
-        self.state
+        // Checked again where it is written: two enrollments of one name racing each other.
+        let raced = self
+            .state
             .store
-            .call(move |db| db.insert_enrolled(&enrolled, &fingerprint, now_ms()))
+            .call(move |db| match db.component_any_case(&enrolled.name)? {
+                Some(row) => Ok(Some(row)),
+                None => db
+                    .insert_enrolled(&enrolled, &fingerprint, now_ms())
+                    .map(|()| None),
+            })
             .await?;
+        if let Some(existing) = raced {
+            return Err(taken(
+                &identity,
+                &existing.name,
+                &existing.role,
+                &existing.site,
+            ));
+        }
         tracing::info!(%identity, "enrolled");
         Ok(Response::new(EnrollResponse {
             certificate_pem,
             ca_certificate_pem: self.state.ca.cert_pem().to_string(),
         }))
+    }
+}
+
+fn taken(identity: &Identity, name: &str, role: &str, site: &str) -> Status {
+    tracing::warn!(%identity, holder = %name, "enrollment refused: name taken");
+    Status::already_exists(format!(
+        "a component named `{name}` is already registered ({role} at {site}); names are unique \
+         whatever their case; choose another name, or remove the old one with \
+         `srctl infra remove {name}`"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tarpit_grows_and_is_bounded() {
+        assert_eq!(tarpit(0), Duration::ZERO);
+        assert_eq!(tarpit(1), Duration::from_millis(250));
+        assert_eq!(tarpit(2), Duration::from_millis(500));
+        assert_eq!(tarpit(40), Duration::from_secs(4));
     }
 }

@@ -13,6 +13,8 @@
 //!   built from an item's rows).
 //! - `state` (shared state, notifications), `sessions` (control streams, commands and
 //!   their results), `ca`, [`config`].
+//! - [`admin`]: what runs on the CS host beside the server (operator credentials,
+//!   passphrase rotation), on the same database.
 //! - `store`: the SQLite database on its own thread, with its schema versions.
 //! - `item`: the leaf types, among them the one item state machine.
 //!
@@ -21,6 +23,7 @@
 //! has no certificate yet) and the API port (mutual TLS, client certificate required: control
 //! streams and the operator API). The CS never dials anyone.
 
+mod admin;
 mod ca;
 mod commands;
 pub mod config;
@@ -40,7 +43,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
+use failback_common::identity::CS_NAME;
 use failback_common::identity::{Identity, Role, Site};
+use failback_common::server::Secured;
 use failback_common::tls::write_private;
 use failback_proto::pb::control::control_server::ControlServer;
 use failback_proto::pb::enroll::enrollment_server::EnrollmentServer;
@@ -48,8 +53,8 @@ use failback_proto::pb::operator::operator_server::OperatorServer;
 use rand::distr::{Alphanumeric, SampleString};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Identity as TlsIdentity, ServerTlsConfig};
 
+pub use admin::{add_operator, rotate_passphrase};
 pub use config::CsConfig;
 use jobs::Jobs;
 use state::State;
@@ -58,6 +63,12 @@ pub use store::SCHEMA_VERSION;
 /// Names of the files the CS writes in its data directory for operators and the lab.
 pub const CA_FILE: &str = "ca.pem";
 pub const PASSPHRASE_FILE: &str = "passphrase";
+/// The settings key of the component passphrase in the database.
+pub(crate) const PASSPHRASE_SETTING: &str = "passphrase";
+
+fn new_passphrase() -> String {
+    Alphanumeric.sample_string(&mut rand::rng(), 24)
+}
 
 /// An opened configuration server, ready to serve.
 pub struct ConfigServer {
@@ -75,22 +86,25 @@ impl ConfigServer {
         let store = store::Store::open(&config.db_path())
             .with_context(|| format!("cannot open {}", config.db_path().display()))?;
         let ca = ca::Ca::load_or_create(&store)?;
-        let fresh = Alphanumeric.sample_string(&mut rand::rng(), 20);
-        let passphrase = store.call_blocking(move |db| {
+        let fresh = new_passphrase();
+        let (passphrase, revoked) = store.call_blocking(move |db| {
             if db.policy("default")?.is_none() {
                 db.put_policy_with_twin(&item::default_policy())?;
             }
-            Ok(match db.setting("passphrase")? {
+            let passphrase = match db.setting(PASSPHRASE_SETTING)? {
                 Some(p) => p,
                 None => {
-                    db.put_setting("passphrase", &fresh)?;
+                    db.put_setting(PASSPHRASE_SETTING, &fresh)?;
                     tracing::info!("generated the registration passphrase");
                     fresh
                 }
-            })
+            };
+            Ok((passphrase, db.revoked()?))
         })?;
         write_public_files(&config.data_dir, ca.cert_pem(), &passphrase)?;
-        let state = Arc::new(State::new(config, store, ca, passphrase));
+        let trust = failback_common::trust::Trust::new();
+        trust.revoke(revoked);
+        let state = Arc::new(State::new(config, store, ca, trust));
         Ok(ConfigServer {
             jobs: Jobs::new(state.clone()),
             state,
@@ -101,8 +115,13 @@ impl ConfigServer {
         self.state.ca.cert_pem()
     }
 
-    pub fn passphrase(&self) -> &str {
-        &self.state.passphrase
+    /// The current component passphrase.
+    pub fn passphrase(&self) -> anyhow::Result<String> {
+        Ok(self
+            .state
+            .store
+            .call_blocking(|db| db.setting(PASSPHRASE_SETTING))?
+            .unwrap_or_default())
     }
 
     /// Serves enrollment on `enroll` and the mutual-TLS API on `api` until `shutdown`.
@@ -119,7 +138,7 @@ impl ConfigServer {
             .context("recovering the jobs of the previous run")?;
         let me = state
             .ca
-            .issue(&Identity::new(Role::ConfigServer, Site::Onprem, "cs"))?;
+            .issue(&Identity::new(Role::ConfigServer, Site::Onprem, CS_NAME))?;
         if let Ok(mut a) = state.api_address.lock() {
             *a = if state.config.advertise.is_empty() {
                 api.local_addr()?.to_string()
@@ -127,14 +146,24 @@ impl ConfigServer {
                 state.config.advertise.clone()
             };
         }
-        let enroll_tls =
-            ServerTlsConfig::new().identity(TlsIdentity::from_pem(&me.cert_pem, &me.key_pem));
-        let enroll_router = failback_common::server::builder(enroll_tls)?
+        let limits = state.config.listener;
+        let enroll_secured = Secured::new(
+            me.server_config_without_client_auth()?,
+            state.trust.clone(),
+            limits,
+        );
+        let api_secured = Secured::new(
+            me.server_config(state.trust.clone())?,
+            state.trust.clone(),
+            limits,
+        );
+        let enroll_router = failback_common::server::builder()
+            .timeout(std::time::Duration::from_secs(30))
             .add_service(failback_common::server::health_service())
             .add_service(EnrollmentServer::new(enroll::EnrollmentService {
                 state: state.clone(),
             }));
-        let api_router = failback_common::server::builder(me.server_tls())?
+        let api_router = failback_common::server::builder()
             .add_service(failback_common::server::health_service())
             .add_service(ControlServer::new(control::ControlService {
                 state: state.clone(),
@@ -156,8 +185,8 @@ impl ConfigServer {
             stopping.cancel();
         });
         let (a, b) = tokio::join!(
-            failback_common::server::serve(enroll_router, enroll, shutdown.clone()),
-            failback_common::server::serve(api_router, api, shutdown.clone()),
+            failback_common::server::serve(enroll_router, enroll, enroll_secured, shutdown.clone()),
+            failback_common::server::serve(api_router, api, api_secured, shutdown.clone()),
         );
         jobs.close().await;
         a.context("enrollment server")?;

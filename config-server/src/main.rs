@@ -27,6 +27,16 @@ enum Command {
         #[arg(long)]
         to: PathBuf,
     },
+    /// Operators: credentials are issued here, on the CS host, never with the passphrase.
+    Operator {
+        #[command(subcommand)]
+        command: OperatorCommand,
+    },
+    /// The component passphrase (what new process servers, targets and hosts enroll with).
+    Passphrase {
+        #[command(subcommand)]
+        command: PassphraseCommand,
+    },
     /// Restore a backup into an empty data directory.
     Restore {
         #[arg(long)]
@@ -36,6 +46,28 @@ enum Command {
         /// Restore a backup that others can read (it holds the CA key and the passphrase).
         #[arg(long)]
         force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum OperatorCommand {
+    /// Issue credentials for operator NAME into DIR/identity/ (revoke them with
+    /// `srctl infra remove NAME`).
+    Add {
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PassphraseCommand {
+    /// Replace the passphrase; enrolled components stay enrolled and connected.
+    Rotate {
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -49,6 +81,23 @@ async fn main() {
         Command::Backup { config, to } => load(config).and_then(|c| {
             config_server::backup(&c, &to)?;
             println!("backed up to {}", to.display());
+            Ok(())
+        }),
+        Command::Operator {
+            command: OperatorCommand::Add { name, out, config },
+        } => load(config).and_then(|c| {
+            let dir = config_server::add_operator(&c, &name, &out)?;
+            println!("operator `{name}`: credentials in {}", dir.display());
+            Ok(())
+        }),
+        Command::Passphrase {
+            command: PassphraseCommand::Rotate { config },
+        } => load(config).and_then(|c| {
+            let file = config_server::rotate_passphrase(&c)?;
+            println!(
+                "passphrase rotated: the new one is in {} (enrolled components are not affected)",
+                file.display()
+            );
             Ok(())
         }),
         Command::Restore {

@@ -698,13 +698,19 @@ impl Operator for OperatorService {
         let who = authorize(&request, "Operator.RemoveComponent", &[Role::Operator])?;
         let name = request.into_inner().name;
         let n = name.clone();
-        if !self.state.store.call(move |db| db.remove(&n)).await? {
+        let Some(fingerprint) = self
+            .state
+            .store
+            .call(move |db| db.remove(&n, now_ms()))
+            .await?
+        else {
             return Err(Status::not_found(format!(
                 "no component named `{name}` is registered; see `srctl infra list`"
             )));
-        }
+        };
         self.state.sessions.drop_session(&name);
-        tracing::info!(%who, component = %name, "removed; its certificate is no longer accepted");
+        self.state.revoke(Some(fingerprint));
+        tracing::info!(%who, component = %name, "removed; its certificate is revoked on every server");
         Ok(Response::new(RemoveComponentResponse {}))
     }
 }

@@ -8,7 +8,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use failback_common::control::now_ms;
-use failback_proto::pb::control::PsStatus;
+use std::sync::Arc;
+
+use failback_common::trust::Trust;
+use failback_proto::pb::control::{CsMessage, PsStatus, Revocations, cs_message};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -28,11 +31,21 @@ pub struct LiveProgress {
     pub persisted_ms: i64,
 }
 
+/// What failed enrollments are counted by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum FailureKey {
+    Address(IpAddr),
+    /// A component name, lower-cased.
+    Name(String),
+}
+
 pub struct State {
     pub config: CsConfig,
     pub store: Store,
     pub ca: Ca,
-    pub passphrase: String,
+    /// Revoked certificates: what the CS's API listener refuses (and cuts), and what every
+    /// component learns over its control session.
+    pub trust: Arc<Trust>,
     /// Address the mutual-TLS API is served on (shown for `cs` in `infra list`).
     pub api_address: Mutex<String>,
     pub sessions: Sessions,
@@ -48,8 +61,8 @@ pub struct State {
     /// Bumped on every change of an item's state or points and of a job: what job tasks and
     /// `WatchJob` wait on instead of polling the database.
     pub changed: watch::Sender<u64>,
-    /// Failed enrollment attempts per source address in the last minute.
-    failures: Mutex<HashMap<IpAddr, VecDeque<Instant>>>,
+    /// Failed enrollment attempts per source address and per name in the last minute.
+    failures: Mutex<HashMap<FailureKey, VecDeque<Instant>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -57,12 +70,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl State {
-    pub fn new(config: CsConfig, store: Store, ca: Ca, passphrase: String) -> State {
+    pub fn new(config: CsConfig, store: Store, ca: Ca, trust: Arc<Trust>) -> State {
         State {
             config,
             store,
             ca,
-            passphrase,
+            trust,
             api_address: Mutex::new(String::new()),
             sessions: Sessions::default(),
             stopping: CancellationToken::new(),
@@ -71,6 +84,23 @@ impl State {
             progress: Mutex::default(),
             changed: watch::channel(0).0,
             failures: Mutex::default(),
+        }
+    }
+
+    /// Revokes `fingerprints` here and on every connected component (the others learn it
+    /// when they connect: every session starts with the whole list).
+    pub fn revoke<I: IntoIterator<Item = String>>(&self, fingerprints: I) {
+        let fingerprints: Vec<String> = fingerprints.into_iter().collect();
+        if fingerprints.is_empty() {
+            return;
+        }
+        self.trust.revoke(fingerprints.iter().cloned());
+        let message = CsMessage {
+            kind: Some(cs_message::Kind::Revocations(Revocations { fingerprints })),
+        };
+        for session in self.sessions.lock().values() {
+            // A full queue means a stalled component: it gets the whole list on reconnect.
+            let _ = session.tx.try_send(Ok(message.clone()));
         }
     }
 
@@ -130,27 +160,33 @@ impl State {
         lock(&self.snapshots).insert(mt.to_string(), snapshots);
     }
 
-    /// Seconds until `ip` may try again, if it has used up its failed attempts.
-    pub fn enroll_blocked_for(&self, ip: IpAddr) -> Option<u64> {
-        let mut failures = lock(&self.failures);
-        let q = failures.entry(ip).or_default();
+    /// Records a failed enrollment under each of `keys`; returns by how many attempts the
+    /// worst of them is past its limit in the last minute (0: within the limits). Keys older
+    /// than a minute are forgotten, and the table is bounded: a flood of names can't grow it.
+    pub fn record_enroll_failure(&self, keys: &[FailureKey]) -> u32 {
+        const MAX_KEYS: usize = 10_000;
         let window = Duration::from_secs(60);
-        while q.front().is_some_and(|t| t.elapsed() > window) {
-            q.pop_front();
+        let mut failures = lock(&self.failures);
+        if failures.len() >= MAX_KEYS {
+            failures.retain(|_, q| q.back().is_some_and(|t| t.elapsed() <= window));
+            if failures.len() >= MAX_KEYS {
+                failures.clear();
+            }
         }
-        if q.len() >= self.config.enroll_failures_per_minute as usize {
-            let oldest = q.front().map(|t| t.elapsed()).unwrap_or_default();
-            Some(window.saturating_sub(oldest).as_secs().max(1))
-        } else {
-            None
+        let mut excess = 0;
+        for key in keys {
+            let limit = match key {
+                FailureKey::Address(_) => self.config.enroll_failures_per_minute,
+                FailureKey::Name(_) => self.config.enroll_failures_per_name,
+            };
+            let q = failures.entry(key.clone()).or_default();
+            while q.front().is_some_and(|t| t.elapsed() > window) {
+                q.pop_front();
+            }
+            q.push_back(Instant::now());
+            excess = excess.max((q.len() as u32).saturating_sub(limit));
         }
-    }
-
-    pub fn record_enroll_failure(&self, ip: IpAddr) {
-        lock(&self.failures)
-            .entry(ip)
-            .or_default()
-            .push_back(Instant::now());
+        excess
     }
 
     /// Records an agent's progress in memory; returns it with whether it is due to be

@@ -76,6 +76,19 @@ impl Cs {
             .expect("enrollment succeeds")
     }
 
+    /// Credentials for operator `name`, issued as on the CS host (`config-server operator add`).
+    fn operator(&self, name: &str) -> Credentials {
+        let out = self.dir.join(format!("operator-{name}"));
+        let config = CsConfig {
+            data_dir: self.dir.clone(),
+            ..CsConfig::default()
+        };
+        config_server::add_operator(&config, name, &out).expect("operator add");
+        Credentials::load_role(&out, Role::Operator)
+            .expect("load")
+            .expect("credentials written")
+    }
+
     async fn stop(self) {
         self.shutdown.cancel();
         self.task.await.expect("join").expect("cs ran cleanly");
@@ -84,7 +97,7 @@ impl Cs {
 
 async fn list(api: &str, creds: &Credentials) -> Result<Vec<Component>, tonic::Status> {
     let channel = creds
-        .endpoint(api, "cs")
+        .endpoint(api, Role::ConfigServer, "cs")
         .expect("endpoint")
         .connect()
         .await
@@ -118,10 +131,10 @@ async fn status_of(api: &str, op: &Credentials, name: &str) -> Option<String> {
 }
 
 #[tokio::test]
-async fn wrong_passphrase_is_refused_rate_limited_and_records_nothing() {
+async fn wrong_passphrase_is_refused_slowed_down_and_records_nothing_but_locks_nobody_out() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cs = Cs::start(dir.path(), 0, 0).await;
-    let op = cs.enroll(Role::Operator, "op").await;
+    let op = cs.operator("op");
 
     let mut wrong = cs.settings();
     wrong.passphrase_file = None;
@@ -135,8 +148,9 @@ async fn wrong_passphrase_is_refused_rate_limited_and_records_nothing() {
             other => panic!("expected refusal, got {other:?}"),
         }
     }
-    // The source is now rate limited: even the right passphrase is refused for a while.
-    match enroll_once(&cs.settings(), &id).await {
+    // Past the limit, a wrong passphrase is answered late and says so.
+    let started = Instant::now();
+    match enroll_once(&wrong, &id).await {
         Err(EnrollError::Refused { message, .. }) => {
             assert!(
                 message.contains("too many failed enrollment attempts"),
@@ -145,13 +159,18 @@ async fn wrong_passphrase_is_refused_rate_limited_and_records_nothing() {
         }
         other => panic!("expected rate limiting, got {other:?}"),
     }
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    // Another component from the same address, with the right passphrase, still gets in;
+    // so does the name that was guessed at.
+    cs.enroll(Role::MasterTarget, "mt-y").await;
+    cs.enroll(Role::ProcessServer, "ps-x").await;
     let names: Vec<String> = list(&cs.api, &op)
         .await
         .expect("list")
         .into_iter()
         .map(|c| c.name)
         .collect();
-    assert!(!names.contains(&"ps-x".to_string()), "{names:?}");
+    assert!(names.contains(&"mt-y".to_string()), "{names:?}");
     cs.stop().await;
 }
 
@@ -198,7 +217,7 @@ async fn certificate_from_another_ca_is_refused() {
     let b = tempfile::tempdir().expect("tempdir");
     let cs = Cs::start(a.path(), 0, 0).await;
     let other = Cs::start(b.path(), 0, 0).await;
-    let foreign = other.enroll(Role::Operator, "op").await;
+    let foreign = other.operator("op");
 
     // A client of the other lab does not trust this CS ...
     let err = list(&cs.api, &foreign).await.expect_err("foreign CA");
@@ -241,7 +260,7 @@ async fn component_reconnects_after_cs_restart_without_enrolling_again() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ps_dir = tempfile::tempdir().expect("tempdir");
     let cs = Cs::start(dir.path(), 0, 0).await;
-    let op = cs.enroll(Role::Operator, "op").await;
+    let op = cs.operator("op");
     let (enroll_port, api_port) = (
         cs.enroll
             .rsplit(':')
@@ -294,7 +313,7 @@ async fn backup_then_restore_serves_the_same_inventory() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ps_dir = tempfile::tempdir().expect("tempdir");
     let cs = Cs::start(dir.path(), 0, 0).await;
-    let op = cs.enroll(Role::Operator, "op").await;
+    let op = cs.operator("op");
     let ps_stop = CancellationToken::new();
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let ps = tokio::spawn(process_server::run(
@@ -366,7 +385,7 @@ impl<F: std::future::Future<Output = Option<String>>> ConnectedExt for F {
 async fn infra_list_shows_the_cs_at_its_advertised_address() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cs = Cs::start_with(dir.path(), 0, 0, "cs:7002").await;
-    let op = cs.enroll(Role::Operator, "op").await;
+    let op = cs.operator("op");
     let components = list(&cs.api, &op).await.expect("list");
     let me = components
         .iter()
@@ -383,7 +402,7 @@ async fn a_database_of_the_first_schema_is_upgraded_and_keeps_its_inventory() {
     // A CS of today makes the CA and the passphrase, and enrolls the operator.
     let fresh = tempfile::tempdir().expect("tempdir");
     let cs = Cs::start(fresh.path(), 0, 0).await;
-    let op = cs.enroll(Role::Operator, "op").await;
+    let op = cs.operator("op");
     cs.stop().await;
 
     // The old database: the first schema with a lab in it, and today's CA, passphrase and
@@ -427,7 +446,7 @@ async fn a_database_of_the_first_schema_is_upgraded_and_keeps_its_inventory() {
         assert!(names.iter().any(|x| x == n), "{n} kept: {names:?}");
     }
     let mut client = OperatorClient::new(
-        op.endpoint(&cs.api, "cs")
+        op.endpoint(&cs.api, Role::ConfigServer, "cs")
             .expect("endpoint")
             .connect()
             .await
@@ -520,7 +539,7 @@ async fn secrets_are_readable_only_by_the_service_user() {
     }
     let data = root.path().join("cs");
     let cs = Cs::start(&data, 0, 0).await;
-    let op = cs.enroll(Role::Operator, "op").await;
+    let op = cs.operator("op");
     let op_dir = root.path().join("op");
     op.save(&op_dir).expect("save");
     let backup = root.path().join("backup.db");

@@ -41,6 +41,8 @@ pub struct MtConfig {
     pub listen: String,
     pub advertise: BTreeMap<String, String>,
     pub cs: CsSettings,
+    /// Bounds of the data port's connections (`[listener]`: handshake timeout, caps).
+    pub listener: failback_common::listener::ConnLimits,
     /// Datastores this MT's host can read and write.
     pub datastore: Vec<DatastoreConfig>,
     /// How a failover creates a VM's disks from the replica (`failover_disks`).
@@ -97,6 +99,7 @@ impl Default for MtConfig {
             listen: "127.0.0.1:9444".into(),
             advertise: BTreeMap::new(),
             cs: CsSettings::default(),
+            listener: Default::default(),
             datastore: Vec::new(),
             failover_disks: FailoverDisks::Auto,
         }
@@ -106,7 +109,7 @@ impl Default for MtConfig {
 impl MtConfig {
     pub fn load(file: Option<&Path>) -> Result<MtConfig, ConfigError> {
         let cfg: MtConfig = failback_common::config::load(file, "FBL_MT")?;
-        validate_common(file, &cfg.name, &cfg.cs)?;
+        validate_common(file, &cfg.name, &cfg.cs, &cfg.listener)?;
         for (i, ds) in cfg.datastore.iter().enumerate() {
             failback_common::identity::validate_name(&ds.name)
                 .map_err(|m| ConfigError::key(file, format!("datastore[{i}].name"), m))?;
@@ -137,6 +140,7 @@ pub async fn run(
         ..base.clone()
     });
     let registered = register(&identity, &config.data_dir, &config.cs, hello_fn, &shutdown).await?;
+    let secured = registered.secured(config.listener)?;
     let replicas = data::Replicas::new(
         config.name.clone(),
         config.datastore.clone(),
@@ -149,7 +153,7 @@ pub async fn run(
         registered.control.commands,
         registered.control.outbox,
     ));
-    let router = failback_common::server::builder(registered.credentials.server_tls())?
+    let router = failback_common::server::builder()
         .add_service(failback_common::server::health_service())
         .add_service(
             TargetDataServer::new(data::TargetService { replicas })
@@ -157,7 +161,7 @@ pub async fn run(
                 .max_encoding_message_size(failback_common::server::MAX_MESSAGE),
         );
     tracing::info!(address = %listener.local_addr()?, "master target ready");
-    failback_common::server::serve(router, listener, shutdown).await?;
+    failback_common::server::serve(router, listener, secured, shutdown).await?;
     Ok(())
 }
 

@@ -42,6 +42,8 @@ pub struct AgentConfig {
     pub listen: String,
     pub advertise: BTreeMap<String, String>,
     pub cs: CsSettings,
+    /// Bounds of the health port's connections (`[listener]`: handshake timeout, caps).
+    pub listener: failback_common::listener::ConnLimits,
     pub datastore: Vec<DatastoreConfig>,
     pub machine: Vec<MachineConfig>,
     /// Most bytes a machine's replication log plus unacknowledged batches may hold before
@@ -74,6 +76,7 @@ impl Default for AgentConfig {
             listen: "127.0.0.1:0".into(),
             advertise: BTreeMap::new(),
             cs: CsSettings::default(),
+            listener: Default::default(),
             datastore: Vec::new(),
             machine: Vec::new(),
             replication_buffer: ByteSize::mib(256),
@@ -89,7 +92,7 @@ impl AgentConfig {
     }
 
     pub fn validate(&self, file: Option<&Path>) -> Result<(), ConfigError> {
-        validate_common(file, &self.name, &self.cs)?;
+        validate_common(file, &self.name, &self.cs, &self.listener)?;
         let key = |k: String, m: String| ConfigError::key(file, k, m);
         let mut ds_names = HashSet::new();
         for (i, ds) in self.datastore.iter().enumerate() {

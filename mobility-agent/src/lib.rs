@@ -74,6 +74,7 @@ pub async fn run(
         }
     });
     let host = register(&identity, &config.data_dir, &config.cs, hello_fn, &shutdown).await?;
+    let secured = host.secured(config.listener)?;
 
     let mut running = Running::default();
     let mut count = 0;
@@ -102,9 +103,9 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    let router = failback_common::server::builder(host.credentials.server_tls())?
-        .add_service(failback_common::server::health_service());
-    failback_common::server::serve(router, listener, shutdown).await?;
+    let router =
+        failback_common::server::builder().add_service(failback_common::server::health_service());
+    failback_common::server::serve(router, listener, secured, shutdown).await?;
     Ok(())
 }
 

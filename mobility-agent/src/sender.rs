@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use failback_common::control::now_ms;
 use failback_common::enroll::Backoff;
+use failback_common::identity::Role;
 use failback_common::tls::{Credentials, describe_error};
 use failback_proto::pb::control::{
     ComponentMessage, DiskProgress, DiskState, ItemProgress, ReplicationPhase, Report,
@@ -382,7 +383,7 @@ async fn compare_chunks(
     use futures::StreamExt;
     let p = &shared.params;
     let channel = credentials
-        .endpoint(&p.ps_address, &p.process_server)
+        .endpoint(&p.ps_address, Role::ProcessServer, &p.process_server)
         .map_err(|e| e.to_string())?
         .connect_lazy();
     let client = ProcessServerDataClient::new(channel)
@@ -718,7 +719,7 @@ async fn session(
 ) -> Result<(), String> {
     let p = &shared.params;
     let channel = credentials
-        .endpoint(&p.ps_address, &p.process_server)
+        .endpoint(&p.ps_address, Role::ProcessServer, &p.process_server)
         .map_err(|e| e.to_string())?
         .connect()
         .await

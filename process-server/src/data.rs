@@ -250,7 +250,7 @@ async fn forward_session(
 ) -> Result<(), String> {
     let channel = dp
         .credentials
-        .endpoint(&route.address, &route.target)
+        .endpoint(&route.address, Role::MasterTarget, &route.target)
         .map_err(|e| e.to_string())?
         .connect()
         .await
@@ -433,7 +433,7 @@ impl ProcessServerData for DataService {
                 let c = self
                     .dp
                     .credentials
-                    .endpoint(&route.address, &route.target)
+                    .endpoint(&route.address, Role::MasterTarget, &route.target)
                     .map_err(|e| Status::internal(e.to_string()))?
                     .connect()
                     .await

@@ -42,6 +42,8 @@ pub struct PsConfig {
     /// Address per site the data port is reached from (e.g. through the VPN link).
     pub advertise: BTreeMap<String, String>,
     pub cs: CsSettings,
+    /// Bounds of the data port's connections (`[listener]`: handshake timeout, caps).
+    pub listener: failback_common::listener::ConnLimits,
     /// Disk cache capacity (ASR recommends 600 GB; the lab default is small).
     pub cache_capacity: bytesize::ByteSize,
 }
@@ -55,6 +57,7 @@ impl Default for PsConfig {
             listen: "127.0.0.1:9443".into(),
             advertise: BTreeMap::new(),
             cs: CsSettings::default(),
+            listener: Default::default(),
             cache_capacity: bytesize::ByteSize::gib(2),
         }
     }
@@ -63,7 +66,7 @@ impl Default for PsConfig {
 impl PsConfig {
     pub fn load(file: Option<&Path>) -> Result<PsConfig, ConfigError> {
         let cfg: PsConfig = failback_common::config::load(file, "FBL_PS")?;
-        validate_common(file, &cfg.name, &cfg.cs)?;
+        validate_common(file, &cfg.name, &cfg.cs, &cfg.listener)?;
         Ok(cfg)
     }
 }
@@ -82,6 +85,7 @@ pub async fn run(
         ..base.clone()
     });
     let registered = register(&identity, &config.data_dir, &config.cs, hello_fn, &shutdown).await?;
+    let secured = registered.secured(config.listener)?;
     let cache_dir = config.data_dir.join("cache");
     let capacity = config.cache_capacity.as_u64();
     let cache =
@@ -102,7 +106,7 @@ pub async fn run(
         registered.control.outbox,
         shutdown.clone(),
     ));
-    let router = failback_common::server::builder(registered.credentials.server_tls())?
+    let router = failback_common::server::builder()
         .add_service(failback_common::server::health_service())
         .add_service(
             ProcessServerDataServer::new(data::DataService { dp })
@@ -110,7 +114,7 @@ pub async fn run(
                 .max_encoding_message_size(failback_common::server::MAX_MESSAGE),
         );
     tracing::info!(address = %listener.local_addr()?, "process server ready");
-    failback_common::server::serve(router, listener, shutdown).await?;
+    failback_common::server::serve(router, listener, secured, shutdown).await?;
     Ok(())
 }
 

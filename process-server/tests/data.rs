@@ -23,7 +23,7 @@ struct Stream {
 
 async fn open(creds: &Credentials, ps: &str, item: &str) -> Result<(Stream, u64), tonic::Status> {
     let channel = creds
-        .endpoint(ps, "ps-onprem")
+        .endpoint(ps, Role::ProcessServer, "ps-onprem")
         .expect("endpoint")
         .connect()
         .await

@@ -116,16 +116,26 @@ async fn baseline(dir: &Path, data: &Bytes, total: u64) -> anyhow::Result<f64> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
     let stop = tokio_util::sync::CancellationToken::new();
-    let router = failback_common::server::builder(server.server_tls())?.add_service(
+    let trust = failback_common::trust::Trust::new();
+    let secured = failback_common::server::Secured::new(
+        server.server_config(trust.clone())?,
+        trust,
+        Default::default(),
+    );
+    let router = failback_common::server::builder().add_service(
         ProcessServerDataServer::new(Sink)
             .max_decoding_message_size(failback_common::server::MAX_MESSAGE),
     );
     let serve = tokio::spawn(failback_common::server::serve(
         router,
         listener,
+        secured,
         stop.clone(),
     ));
-    let channel = client.endpoint(&addr, "bench-sink")?.connect().await?;
+    let channel = client
+        .endpoint(&addr, Role::ProcessServer, "bench-sink")?
+        .connect()
+        .await?;
     let mut c = ProcessServerDataClient::new(channel)
         .max_encoding_message_size(failback_common::server::MAX_MESSAGE);
     let (tx, rx) = mpsc::channel(8);

@@ -1,11 +1,11 @@
 //! Finding a lab and dialing it: the lab directory comes from `--lab DIR` or `FAILBACK_LAB`;
 //! `DIR/lab.json` says where the CS and the vpn-link control API listen; `DIR/operator`
-//! holds the operator credentials `lab up` enrolled. Errors say what to do.
+//! holds the operator credentials `lab up` had the CS issue. Errors say what to do.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, anyhow};
-use failback_common::identity::{Identity, Role, Site};
+use failback_common::identity::{CS_NAME, Role};
 use failback_common::tls::{Credentials, describe_error};
 use failback_proto::pb::link::link_control_client::LinkControlClient;
 use failback_proto::pb::operator::operator_client::OperatorClient;
@@ -16,10 +16,8 @@ use crate::labfile::LabState;
 /// Environment variable naming the lab directory when `--lab` is not given.
 pub const LAB_ENV: &str = "FAILBACK_LAB";
 
-/// The identity `lab up` enrolls for the operator.
-pub fn operator_identity() -> Identity {
-    Identity::new(Role::Operator, Site::Onprem, "srctl")
-}
+/// The name `lab up` issues the operator's credentials under.
+pub const OPERATOR_NAME: &str = "srctl";
 
 /// The lab directory from `--lab` or the environment.
 pub fn lab_dir(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -27,52 +25,28 @@ pub fn lab_dir(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
         .ok_or_else(|| anyhow!("no lab given: pass --lab DIR or set {LAB_ENV}=DIR (start one with `srctl lab up --dir DIR`)"))
 }
 
-/// The operator credentials of the lab in `dir`.
+/// The operator credentials of the lab in `dir` (`DIR/operator/identity/`), issued on the
+/// CS host by `config-server operator add` (what `lab up` and `deploy/lab up` run).
 pub fn operator_credentials(dir: &Path) -> anyhow::Result<Credentials> {
     let data = dir.join("operator");
-    Credentials::load(&data, &operator_identity())?.ok_or_else(|| {
+    Credentials::load_role(&data, Role::Operator)?.ok_or_else(|| {
         anyhow!(
-            "no operator credentials in {}: was this lab started with `srctl lab up --dir {}`?",
+            "no operator credentials in {}: was this lab started with `srctl lab up --dir {}`? \
+             (on the configuration server's host, `config-server operator add NAME --out {}` \
+             issues them)",
             data.display(),
-            dir.display()
+            dir.display(),
+            data.display()
         )
     })
-}
-
-/// The operator credentials, enrolled on first use when the lab's CS runs elsewhere (the
-/// container lab of `deploy/`): its CA and passphrase copied to `DIR/data/cs/`, where `lab up`
-/// finds them in a local lab.
-async fn operator_credentials_or_enroll(
-    dir: &Path,
-    state: &LabState,
-) -> anyhow::Result<Credentials> {
-    let ca = dir.join("data/cs/ca.pem");
-    let passphrase = dir.join("data/cs/passphrase");
-    let missing = match operator_credentials(dir) {
-        Ok(creds) => return Ok(creds),
-        Err(e) if ca.exists() && passphrase.exists() => e,
-        Err(e) => return Err(e),
-    };
-    let settings = failback_common::enroll::CsSettings {
-        address: state.cs_api.clone(),
-        enroll_address: state.cs_enroll.clone(),
-        ca_cert: ca,
-        passphrase_file: Some(passphrase),
-        ..Default::default()
-    };
-    let creds = failback_common::enroll::enroll_once(&settings, &operator_identity())
-        .await
-        .map_err(|e| anyhow!("{missing}; enrolling the operator failed: {e}"))?;
-    creds.save(&dir.join("operator"))?;
-    Ok(creds)
 }
 
 /// An operator client to the lab's CS, or an error saying the lab is not running.
 pub async fn operator(dir: &Path) -> anyhow::Result<OperatorClient<Channel>> {
     let state = LabState::load(dir)?;
-    let creds = operator_credentials_or_enroll(dir, &state).await?;
+    let creds = operator_credentials(dir)?;
     let channel = creds
-        .endpoint(&state.cs_api, "cs")?
+        .endpoint(&state.cs_api, Role::ConfigServer, CS_NAME)?
         .connect()
         .await
         .map_err(|e| {

@@ -20,12 +20,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
-use failback_common::enroll::{CsSettings, enroll_once};
 use failback_proto::pb::operator::ListInfraRequest;
 
 use serde_json::json;
 
-use crate::client::{operator_credentials, operator_identity};
+use crate::client::{OPERATOR_NAME, operator_credentials};
 
 pub use crate::labfile::{LabState, Proc};
 
@@ -391,6 +390,27 @@ pub fn alive(pid: u32) -> bool {
     !matches!(state, Some("Z") | Some("X") | None)
 }
 
+/// Runs `config-server operator add` on the lab's CS data: the operator's credentials into
+/// `out/identity/`.
+fn add_operator(bin_dir: &Path, cs_config: &Path, out: &Path) -> anyhow::Result<()> {
+    let bin = bin_dir.join("config-server");
+    let output = Command::new(&bin)
+        .args(["operator", "add", OPERATOR_NAME, "--out"])
+        .arg(out)
+        .arg("--config")
+        .arg(cs_config)
+        .env("RUST_LOG", "warn")
+        .output()
+        .with_context(|| format!("cannot run {}", bin.display()))?;
+    if !output.status.success() {
+        bail!(
+            "issuing the operator's credentials failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 fn spawn(bin_dir: &Path, proc: &Proc) -> anyhow::Result<u32> {
     use std::os::unix::process::CommandExt;
     let bin = bin_dir.join(&proc.binary);
@@ -534,17 +554,15 @@ async fn start_all(state: &mut LabState, bins: &Path, timeout: Duration) -> anyh
         async move { tokio::net::TcpStream::connect(&link).await.is_ok() }
     })
     .await?;
-    // 3. The operator identity (first start only).
+    // 3. The operator identity (first start only): issued on the CS host, as an operator's
+    // is (the component passphrase enrolls no operator).
     if operator_credentials(&dir).is_err() {
-        let settings = CsSettings {
-            address: state.cs_api.clone(),
-            enroll_address: state.cs_enroll.clone(),
-            ca_cert: ca.clone(),
-            passphrase_file: Some(dir.join("data/cs/passphrase")),
-            ..Default::default()
-        };
-        let creds = enroll_once(&settings, &operator_identity()).await?;
-        creds.save(&dir.join("operator"))?;
+        let cs = state
+            .procs
+            .iter()
+            .find(|p| p.binary == "config-server")
+            .ok_or_else(|| anyhow!("lab has no config-server"))?;
+        add_operator(bins, &cs.config, &dir.join("operator"))?;
     }
     // 4. Everything else, all at once.
     for i in 0..state.procs.len() {

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use failback_common::control::now_ms;
 use failback_proto::pb::control::{RemoveMachine, command};
 use failback_proto::pb::operator::Job;
 use tonic::Status;
@@ -77,7 +78,12 @@ pub async fn run(ctx: Arc<Ctx>, item_id: String) -> Result<(), JobError> {
             .await?;
         }
         let vm = vm.clone();
-        ctx.state.store.call(move |db| db.remove(&vm)).await?;
+        let revoked = ctx
+            .state
+            .store
+            .call(move |db| db.remove(&vm, now_ms()))
+            .await?;
+        ctx.state.revoke(revoked);
         Ok(())
     })
     .await?;

@@ -580,10 +580,11 @@ async fn execute(ctx: &Ctx, plan: &Plan) -> Result<(), JobError> {
             let fingerprint =
                 failback_common::tls::fingerprint(&creds.cert_pem).map_err(Status::internal)?;
             let (issued, host_name) = (identity.clone(), host.name.clone());
-            state
+            let replaced = state
                 .store
                 .call(move |db| db.upsert_issued(&issued, &fingerprint, &host_name, now_ms()))
                 .await?;
+            state.revoke(replaced);
             // The machine's previous incarnation (on the other site) holds a certificate that
             // is no longer valid: its session ends now, so nothing mistakes it for the new VM.
             state.sessions.drop_session(&vm);

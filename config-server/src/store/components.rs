@@ -92,11 +92,56 @@ impl Db<'_> {
         Ok(())
     }
 
-    pub fn remove(&self, name: &str) -> Result<bool, DbError> {
-        let n = self
+    /// Removes the component `name` and revokes its certificate; returns the revoked
+    /// fingerprint, or `None` if no such component is registered.
+    pub fn remove(&self, name: &str, now_ms: i64) -> Result<Option<String>, DbError> {
+        let Some((fingerprint, role)) = self
             .c
+            .query_row(
+                "SELECT cert_fingerprint, role FROM components WHERE name = ?1",
+                [name],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+            )
+            .optional()?
+        else {
+            return Ok(None);
+        };
+        self.c.execute(
+            "INSERT OR IGNORE INTO revoked(fingerprint, name, role, revoked_at_ms)
+             VALUES (?1, ?2, ?3, ?4)",
+            params![fingerprint, name, role, now_ms],
+        )?;
+        self.c
             .execute("DELETE FROM components WHERE name = ?1", [name])?;
-        Ok(n > 0)
+        Ok(Some(fingerprint))
+    }
+
+    /// Fingerprints of every revoked certificate.
+    pub fn revoked(&self) -> Result<Vec<String>, DbError> {
+        let mut stmt = self
+            .c
+            .prepare_cached("SELECT fingerprint FROM revoked ORDER BY revoked_at_ms")?;
+        let rows = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// The component whose name equals `name` ignoring case (names are DNS labels: `PS1`
+    /// and `ps1` are one name).
+    pub fn component_any_case(&self, name: &str) -> Result<Option<ComponentRow>, DbError> {
+        let found: Option<String> = self
+            .c
+            .query_row(
+                "SELECT name FROM components WHERE name = ?1 COLLATE NOCASE LIMIT 1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match found {
+            Some(n) => self.component(&n),
+            None => Ok(None),
+        }
     }
 
     /// Stores what a component says about itself on registration, in one transaction.
@@ -219,14 +264,34 @@ impl Db<'_> {
     }
 
     /// Records that the component `name` now runs as `identity` with a certificate the CS
-    /// issued (a failed-over VM): inserted, or moved to its new site and host.
+    /// issued (a failed-over VM): inserted, or moved to its new site and host. The certificate
+    /// of its previous incarnation is revoked; its fingerprint is returned.
     pub fn upsert_issued(
         &self,
         identity: &Identity,
         fingerprint: &str,
         host: &str,
         now_ms: i64,
-    ) -> Result<(), DbError> {
+    ) -> Result<Option<String>, DbError> {
+        let previous: Option<(String, String)> = self
+            .c
+            .query_row(
+                "SELECT cert_fingerprint, role FROM components WHERE name = ?1",
+                [&identity.name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let revoked = match previous {
+            Some((old, role)) if old != fingerprint && !old.is_empty() => {
+                self.c.execute(
+                    "INSERT OR IGNORE INTO revoked(fingerprint, name, role, revoked_at_ms)
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![old, identity.name, role, now_ms],
+                )?;
+                Some(old)
+            }
+            _ => None,
+        };
         self.c.execute(
             "INSERT INTO components(name, role, site, cert_fingerprint, enrolled_at_ms, host, power_state)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'starting')
@@ -234,7 +299,7 @@ impl Db<'_> {
                cert_fingerprint = excluded.cert_fingerprint, host = excluded.host, power_state = 'starting'",
             params![identity.name, identity.role.as_str(), identity.site.as_str(), fingerprint, now_ms, host],
         )?;
-        Ok(())
+        Ok(revoked)
     }
 
     pub fn set_power_state(&self, name: &str, power: &str) -> Result<(), DbError> {

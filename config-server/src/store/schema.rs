@@ -11,7 +11,7 @@ use rusqlite::Connection;
 use super::DbError;
 
 /// The schema version this code writes.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Version 1: the schema of the first releases (created `IF NOT EXISTS`, so it is also how an
 /// unversioned database is brought to version 1).
@@ -129,6 +129,17 @@ CREATE TABLE IF NOT EXISTS plan_actions (
 );
 "#;
 
+/// Version 3: revoked certificates (removed components), which every server of the lab
+/// refuses; and component names unique whatever their case (they become DNS names).
+const V3: &str = r#"
+CREATE TABLE IF NOT EXISTS revoked (
+    fingerprint   TEXT PRIMARY KEY,
+    name          TEXT NOT NULL,
+    role          TEXT NOT NULL,
+    revoked_at_ms INTEGER NOT NULL
+);
+"#;
+
 /// Brings the database to [`SCHEMA_VERSION`].
 pub fn migrate(conn: &mut Connection) -> Result<(), DbError> {
     let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
@@ -151,6 +162,9 @@ pub fn migrate(conn: &mut Connection) -> Result<(), DbError> {
     }
     if found < 2 {
         tx.execute_batch(V2)?;
+    }
+    if found < 3 {
+        tx.execute_batch(V3)?;
     }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()?;
