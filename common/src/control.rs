@@ -80,21 +80,16 @@ async fn supervise(
 ) {
     let address = endpoint.uri().to_string();
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-    let mut ever_connected = false;
+    let mut ends = Ends {
+        connected,
+        commands,
+        outbox: &mut outbox,
+        ever_connected: false,
+    };
     loop {
         let started = Instant::now();
-        let result = session(
-            &endpoint,
-            &hello,
-            &trust,
-            &shutdown,
-            &connected,
-            &commands,
-            &mut outbox,
-            &mut ever_connected,
-        )
-        .await;
-        let _ = connected.send(false);
+        let result = session(&endpoint, &hello, &trust, &shutdown, &mut ends).await;
+        let _ = ends.connected.send(false);
         if shutdown.is_cancelled() {
             return;
         }
@@ -117,16 +112,27 @@ async fn supervise(
     }
 }
 
+/// The supervisor's side of the component: what one session publishes to and reads from.
+struct Ends<'a> {
+    connected: watch::Sender<bool>,
+    commands: mpsc::Sender<CsMessage>,
+    outbox: &'a mut mpsc::Receiver<ComponentMessage>,
+    ever_connected: bool,
+}
+
 async fn session(
     endpoint: &Endpoint,
     hello: &HelloFn,
     trust: &Trust,
     shutdown: &CancellationToken,
-    connected: &watch::Sender<bool>,
-    commands: &mpsc::Sender<CsMessage>,
-    outbox: &mut mpsc::Receiver<ComponentMessage>,
-    ever_connected: &mut bool,
+    ends: &mut Ends<'_>,
 ) -> Result<(), String> {
+    let Ends {
+        connected,
+        commands,
+        outbox,
+        ever_connected,
+    } = ends;
     let channel = endpoint
         .connect()
         .await
