@@ -322,7 +322,7 @@ pub fn describe_error(err: &(dyn std::error::Error + 'static)) -> String {
         format!("the certificate was revoked (`srctl infra remove`); enroll again ({all})")
     } else if all.contains("UnknownIssuer") || all.contains("BadSignature") {
         format!("peer certificate cannot be authenticated with given CA certificates ({all})")
-    } else if all.contains("NotValidForName") {
+    } else if all.contains("NotValidForName") || all.contains("not valid for name") {
         format!(
             "peer certificate is not valid for the name dialed: the server is not the component \
              (name and role) expected ({all})"

@@ -600,3 +600,51 @@ fn is_root() -> bool {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
         .unwrap_or(false)
 }
+
+#[tokio::test]
+async fn a_client_refuses_a_server_of_another_role_even_with_the_right_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cs = Cs::start(dir.path(), 0, 0).await;
+    // An agent's certificate serving on a port, pretending to be the process server `x-ps`.
+    let impostor = cs.enroll(Role::Agent, "x-ps").await;
+    let trust = failback_common::trust::Trust::new();
+    let secured = failback_common::server::Secured::new(
+        impostor
+            .server_config(trust.clone())
+            .expect("server config"),
+        trust,
+        Default::default(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let stop = CancellationToken::new();
+    let router =
+        failback_common::server::builder().add_service(failback_common::server::health_service());
+    tokio::spawn(failback_common::server::serve(
+        router,
+        listener,
+        secured,
+        stop.clone(),
+    ));
+    let client = cs.enroll(Role::ProcessServer, "x-client").await;
+    let err = client
+        .endpoint(&addr, Role::ProcessServer, "x-ps")
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect_err("a process server's client must not accept an agent's certificate");
+    let message = describe_error(&err);
+    assert!(
+        message.contains("not the component (name and role) expected"),
+        "{message}"
+    );
+    // The same server dialed as what it is: accepted (the refusal above is the role's).
+    client
+        .endpoint(&addr, Role::Agent, "x-ps")
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("dialed as an agent, the certificate verifies");
+    stop.cancel();
+    cs.stop().await;
+}

@@ -27,6 +27,10 @@ pub mod pb {
     }
 }
 
+/// Every proto of the lab as a serialized `FileDescriptorSet` (what `grpcurl -protoset` and
+/// protobuf's descriptor pools read).
+pub const PROTOSET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/failback.protoset"));
+
 /// A received message that does not satisfy the protocol.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {

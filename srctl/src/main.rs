@@ -78,6 +78,12 @@ enum Cmd {
     /// Recovery plans: groups fail over in order, machines in a group in parallel.
     #[command(subcommand)]
     Plan(PlanCmd),
+    /// Write the lab's protocol as a protobuf descriptor set, for clients that are not
+    /// srctl (`grpcurl -protoset FILE`, Python's grpcio with protobuf's descriptor pool).
+    Protoset {
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Benchmarks, each against a baseline measured in the same run.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -722,6 +728,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await?;
             println!("{machine}: workload {action}");
+        }
+        Cmd::Protoset { out } => {
+            std::fs::write(&out, failback_proto::PROTOSET)
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
+            println!("wrote the lab's descriptor set to {}", out.display());
         }
         Cmd::Bench(BenchCmd::Link {
             bandwidth,

@@ -1,0 +1,304 @@
+#!/usr/bin/python3
+"""The lab's trust model, attacked from outside: a plain Python gRPC client (grpcio, messages
+from the lab's descriptor set through protobuf's descriptor pool) and openssl, nothing of the
+lab's own client code, which would refuse to send most of these requests.
+
+Usage: attacks.py LAB_DIR PROTOSET SRCTL
+
+LAB_DIR is a running lab started by `srctl lab up` with the listener bounds security/run sets.
+Each check prints PASS or FAIL with what it saw; the exit status is 1 if any failed.
+"""
+
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+LAB, PROTOSET, SRCTL = sys.argv[1], sys.argv[2], sys.argv[3]
+STATE = json.load(open(os.path.join(LAB, "lab.json")))
+CA_PEM = open(os.path.join(LAB, "data/cs/ca.pem"), "rb").read()
+PASSPHRASE = open(os.path.join(LAB, "data/cs/passphrase")).read().strip()
+WORK = tempfile.mkdtemp(prefix="fbl-attacks-")
+
+# --- messages from the lab's descriptor set -------------------------------------------------
+_fds = descriptor_pb2.FileDescriptorSet.FromString(open(PROTOSET, "rb").read())
+_pool = descriptor_pool.DescriptorPool()
+for _f in _fds.file:
+    _pool.Add(_f)
+_factory = message_factory.MessageFactory(_pool)
+
+
+def message(name):
+    return _factory.GetPrototype(_pool.FindMessageTypeByName(name))
+
+
+EnrollRequest = message("failback.enroll.v1.EnrollRequest")
+EnrollResponse = message("failback.enroll.v1.EnrollResponse")
+ListInfraRequest = message("failback.operator.v1.ListInfraRequest")
+ListInfraResponse = message("failback.operator.v1.ListInfraResponse")
+
+# grpc.health.v1: HealthCheckRequest{} is empty; the reply's field 1 is the status (1 SERVING).
+SERVING = b"\x08\x01"
+
+failures = []
+
+
+def check(name, ok, detail):
+    print(("PASS" if ok else "FAIL"), name, "-", detail, flush=True)
+    if not ok:
+        failures.append(name)
+
+
+def srctl(*args):
+    out = subprocess.run([SRCTL, "--lab", LAB, *args], capture_output=True, text=True)
+    return out.returncode, out.stdout + out.stderr
+
+
+def infra():
+    rc, out = srctl("infra", "list", "--json")
+    assert rc == 0, out
+    return {c["name"]: c for c in json.loads(out)}
+
+
+def dns(role, name):
+    return f"{name.lower()}.{role}.failback.lab"
+
+
+# --- enrollment as a stranger with the passphrase would do it ---------------------------------
+def key_and_csr(name):
+    key, csr = os.path.join(WORK, f"{name}.key"), os.path.join(WORK, f"{name}.csr")
+    subprocess.run(
+        ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-keyout", key, "-subj", f"/CN={name}", "-out", csr],
+        check=True, capture_output=True)
+    return open(key, "rb").read(), open(csr).read()
+
+
+def enroll(role, name, passphrase=PASSPHRASE, site="onprem"):
+    """(grpc code, key pem, cert pem, message)."""
+    key, csr = key_and_csr(name)
+    channel = grpc.secure_channel(
+        STATE["cs_enroll"], grpc.ssl_channel_credentials(root_certificates=CA_PEM),
+        options=[("grpc.ssl_target_name_override", dns("config-server", "cs"))])
+    call = channel.unary_unary("/failback.enroll.v1.Enrollment/Enroll",
+                               request_serializer=EnrollRequest.SerializeToString,
+                               response_deserializer=EnrollResponse.FromString)
+    try:
+        r = call(EnrollRequest(name=name, role=role, site=site, passphrase=passphrase,
+                               csr_pem=csr), timeout=20)
+        return grpc.StatusCode.OK, key, r.certificate_pem.encode(), ""
+    except grpc.RpcError as e:
+        return e.code(), None, None, e.details()
+    finally:
+        channel.close()
+
+
+def mtls(address, role, name, key, cert):
+    creds = grpc.ssl_channel_credentials(root_certificates=CA_PEM, private_key=key,
+                                         certificate_chain=cert)
+    return grpc.secure_channel(address, creds,
+                               options=[("grpc.ssl_target_name_override", dns(role, name))])
+
+
+def health(channel):
+    call = channel.unary_unary("/grpc.health.v1.Health/Check",
+                               request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    try:
+        return call(b"", timeout=5) == SERVING, "SERVING"
+    except grpc.RpcError as e:
+        return False, f"{e.code().name}: {e.details()}"
+
+
+# --- the checks --------------------------------------------------------------------------------
+def passphrase_enrolls_no_operator():
+    code, _, _, msg = enroll("operator", "intruder-op")
+    check("passphrase enrolls no operator",
+          code == grpc.StatusCode.PERMISSION_DENIED and "config-server operator add" in msg
+          and "intruder-op" not in infra(), f"{code.name}: {msg}")
+    code, _, _, msg = enroll("config-server", "cs2")
+    check("passphrase enrolls no configuration server",
+          code == grpc.StatusCode.PERMISSION_DENIED and "cs2" not in infra(),
+          f"{code.name}: {msg}")
+
+
+def case_variants_of_taken_names():
+    for role, name in [("process-server", "CS"), ("process-server", "PS-ONPREM"),
+                       ("agent", "Vm1"), ("master-target", "Azure-Target")]:
+        code, _, _, msg = enroll(role, name)
+        check(f"case variant `{name}` refused", code == grpc.StatusCode.ALREADY_EXISTS,
+              f"{code.name}: {msg}")
+    names = infra()
+    check("no case variant registered", not any(n in names for n in ["CS", "PS-ONPREM", "Vm1"]),
+          ", ".join(sorted(names)))
+
+
+def wrong_passphrases_lock_nobody_out():
+    codes = [enroll("agent", "guess-1", passphrase="wrong-" + str(i))[0] for i in range(6)]
+    check("five wrong passphrases refused, the sixth slowed down",
+          codes[:5] == [grpc.StatusCode.UNAUTHENTICATED] * 5
+          and codes[5] == grpc.StatusCode.RESOURCE_EXHAUSTED, [c.name for c in codes])
+    code, _, _, msg = enroll("agent", "late-1")
+    check("another component from the same address still enrolls", code == grpc.StatusCode.OK,
+          f"{code.name} {msg}")
+    code, _, _, msg = enroll("agent", "guess-1")
+    check("the guessed-at name still enrolls with the right passphrase",
+          code == grpc.StatusCode.OK, f"{code.name} {msg}")
+
+
+def closed_by_peer(s):
+    try:
+        return s.recv(1) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except (BlockingIOError, socket.timeout):
+        return False
+
+
+def idle_connections_and_the_cap():
+    host, port = STATE["cs_enroll"].rsplit(":", 1)
+    limits = json.loads(os.environ["FBL_ATTACK_LIMITS"])
+    idle = []
+    for _ in range(2000):
+        s = socket.create_connection((host, int(port)))
+        s.setblocking(False)
+        idle.append(s)
+    started = time.monotonic()
+    code, _, _, msg = enroll("agent", "after-flood")
+    check("2,000 idle connections: a new component still enrolls",
+          code == grpc.StatusCode.OK, f"{code.name} {msg} in {time.monotonic() - started:.1f}s")
+    time.sleep(0.5)
+    evicted = sum(closed_by_peer(s) for s in idle)
+    check("idle handshakes beyond the budget evicted at once",
+          evicted >= 2000 - limits["max_handshaking"],
+          f"{evicted} of 2000 closed (budget {limits['max_handshaking']})")
+    deadline = time.monotonic() + limits["handshake_timeout_s"] + 5
+    while time.monotonic() < deadline:
+        still = [s for s in idle if not closed_by_peer(s)]
+        if not still:
+            break
+        time.sleep(0.2)
+    still = [s for s in idle if not closed_by_peer(s)]
+    check("idle connections closed after the handshake timeout", not still,
+          f"{len(still)} still open {limits['handshake_timeout_s']}s later")
+    for s in idle:
+        s.close()
+
+    # Connections past their handshake count against the cap; the one over it is refused.
+    ctx = ssl.create_default_context(cadata=CA_PEM.decode())
+    ctx.set_alpn_protocols(["h2"])
+    held = []
+    for _ in range(limits["max_connections"]):
+        raw = socket.create_connection((host, int(port)))
+        held.append(ctx.wrap_socket(raw, server_hostname=dns("config-server", "cs")))
+    refused = ""
+    try:
+        extra = ctx.wrap_socket(socket.create_connection((host, int(port)), timeout=5),
+                                server_hostname=dns("config-server", "cs"))
+        extra.settimeout(3)
+        got = extra.recv(1)
+        refused = "closed" if got == b"" else ""
+    except (ssl.SSLError, ConnectionResetError, BrokenPipeError, OSError) as e:
+        refused = type(e).__name__
+    check("the connection over the cap is refused", bool(refused),
+          f"{limits['max_connections']} held, the next: {refused or 'accepted'}")
+    for s in held:
+        s.close()
+    code = grpc.StatusCode.UNKNOWN
+    deadline = time.monotonic() + 10
+    while code != grpc.StatusCode.OK and time.monotonic() < deadline:
+        code, _, _, msg = enroll("agent", "after-cap")
+    check("enrollment works again once the held connections close",
+          code == grpc.StatusCode.OK, code.name)
+
+
+def revoked_everywhere():
+    code, key, cert, msg = enroll("agent", "rogue")
+    assert code == grpc.StatusCode.OK, msg
+    names = infra()
+    servers = [
+        ("CS API", STATE["cs_api"], "config-server", "cs"),
+        ("process server", names["ps-onprem"]["address"], "process-server", "ps-onprem"),
+        ("master target", names["mt-onprem"]["address"], "master-target", "mt-onprem"),
+        ("host", names["esx-1"]["address"], "host", "esx-1"),
+    ]
+    for what, address, role, name in servers:
+        ok, detail = health(mtls(address, role, name, key, cert))
+        check(f"before removal the certificate is accepted by the {what}", ok, detail)
+    # A stream that stays open: it must end when the certificate is revoked.
+    watch_channel = mtls(names["ps-onprem"]["address"], "process-server", "ps-onprem", key, cert)
+    watch = watch_channel.unary_stream("/grpc.health.v1.Health/Watch",
+                                       request_serializer=lambda b: b,
+                                       response_deserializer=lambda b: b)(b"")
+    first = next(watch)
+    rc, out = srctl("infra", "remove", "rogue")
+    assert rc == 0, out
+    removed = time.monotonic()
+    ended = ""
+    try:
+        for _ in watch:
+            pass
+        ended = "stream ended"
+    except grpc.RpcError as e:
+        ended = f"{e.code().name}"
+    check("an open stream of the revoked certificate is cut", bool(ended) and first == SERVING,
+          f"{ended} {time.monotonic() - removed:.1f}s after removal")
+    for what, address, role, name in servers:
+        deadline = time.monotonic() + 5
+        while True:
+            ok, detail = health(mtls(address, role, name, key, cert))
+            if not ok or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        check(f"the revoked certificate is refused by the {what}",
+              not ok and "UNAVAILABLE" in detail, detail)
+
+
+def lab_still_healthy():
+    deadline = time.monotonic() + 20
+    while True:
+        names = infra()
+        down = [n for n in STATE["expected"] if names.get(n, {}).get("status") != "connected"]
+        if not down or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    check("the lab is healthy afterwards", not down, f"not connected: {down}")
+
+
+def secrets_unreadable_by_others():
+    if os.geteuid() != 0:
+        print("SKIP secrets_unreadable_by_others: needs root to read as `nobody`")
+        return
+    secrets = ["data/cs/cs.db", "data/cs/cs.db-wal", "data/cs/passphrase",
+               "operator/identity/key.pem", "data/ps-onprem/identity/key.pem"]
+    for rel in secrets:
+        path = os.path.join(LAB, rel)
+        if not os.path.exists(path):
+            check(f"{rel} exists", False, "missing")
+            continue
+        mode = os.stat(path).st_mode & 0o777
+        r = subprocess.run(["runuser", "-u", "nobody", "--", "cat", path], capture_output=True)
+        check(f"`nobody` cannot read {rel} (mode {mode:o})",
+              r.returncode != 0 and mode & 0o077 == 0, r.stderr.decode().strip() or "read it")
+    # The directories that hold them are the owner's only.
+    for rel in ["data/cs", "operator/identity", "data/ps-onprem/identity"]:
+        mode = os.stat(os.path.join(LAB, rel)).st_mode & 0o777
+        check(f"{rel} is private", mode & 0o077 == 0, f"mode {mode:o}")
+
+
+for test in [passphrase_enrolls_no_operator, case_variants_of_taken_names,
+             wrong_passphrases_lock_nobody_out, idle_connections_and_the_cap,
+             revoked_everywhere, secrets_unreadable_by_others, lab_still_healthy]:
+    try:
+        test()
+    except Exception as e:  # a check that could not run is a failure, with why
+        check(test.__name__, False, f"{type(e).__name__}: {e}")
+
+print(f"{len(failures)} failed" if failures else "all passed", flush=True)
+sys.exit(1 if failures else 0)
