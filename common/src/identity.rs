@@ -225,6 +225,66 @@ pub fn peer_identity<T>(request: &tonic::Request<T>) -> Result<Identity, Status>
     Identity::from_certificate_der(leaf.as_ref()).map_err(Status::unauthenticated)
 }
 
+/// The SHA-256 fingerprint of the caller's certificate (lower-case hex), if it sent one.
+pub fn peer_fingerprint<T>(request: &tonic::Request<T>) -> Option<String> {
+    let certs = request.peer_certs()?;
+    certs
+        .first()
+        .map(|c| crate::trust::fingerprint_der(c.as_ref()))
+}
+
+/// The one certificate a receiver accepts data for an item from, as the CS assigned it
+/// (`SetRoute.source` at a process server, `PrepareReplica.sender` at a target).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct AllowedSender {
+    pub name: String,
+    pub fingerprint: String,
+}
+
+impl From<failback_proto::pb::control::Peer> for AllowedSender {
+    fn from(p: failback_proto::pb::control::Peer) -> Self {
+        AllowedSender {
+            name: p.name,
+            fingerprint: p.fingerprint.to_ascii_lowercase(),
+        }
+    }
+}
+
+/// Checks that the caller `who`, whose certificate has `fingerprint` ([`peer_fingerprint`]),
+/// is the sender `allowed` for `item` (by name and certificate fingerprint);
+/// `PERMISSION_DENIED` naming both otherwise. No assignment at all refuses everyone: a
+/// receiver takes nothing for an item the CS has not given it.
+pub fn check_sender(
+    who: &Identity,
+    fingerprint: &str,
+    allowed: Option<&AllowedSender>,
+    item: &str,
+) -> Result<(), Status> {
+    let Some(allowed) = allowed.filter(|a| !a.name.is_empty()) else {
+        return Err(Status::permission_denied(format!(
+            "{who} may not send for item `{item}`: the configuration server has assigned no \
+             sender for it here (not yet, or it is not this component's)"
+        )));
+    };
+    let name_ok = who.name == allowed.name;
+    let cert_ok = !fingerprint.is_empty() && fingerprint == allowed.fingerprint;
+    if name_ok && cert_ok {
+        return Ok(());
+    }
+    tracing::warn!(%who, %item, expected = %allowed.name, "refused a sender not assigned to the item");
+    Err(Status::permission_denied(if name_ok {
+        format!(
+            "{who} may not send for item `{item}`: its certificate is not the one the \
+             configuration server assigned (a replaced or older certificate)"
+        )
+    } else {
+        format!(
+            "{who} may not send for item `{item}`: the configuration server assigned it to `{}`",
+            allowed.name
+        )
+    }))
+}
+
 /// Checks that the caller of `rpc` holds one of `allowed` roles and returns its identity.
 pub fn authorize<T>(
     request: &tonic::Request<T>,

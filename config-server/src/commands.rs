@@ -2,7 +2,9 @@
 //! needs to hold the replica, what an agent needs to replicate. Used by the jobs that start
 //! replication and by `reports::resume`, which re-sends them when a component reconnects.
 
-use failback_proto::pb::control::{DiskInfo, PrepareReplica, StartReplication, command};
+use failback_proto::pb::control::{
+    DiskInfo, Peer, PrepareReplica, SetRoute, StartReplication, command,
+};
 use failback_proto::pb::operator::Policy;
 
 use crate::item::{Direction, ItemRow, Placement};
@@ -37,8 +39,33 @@ pub fn home_of(machine: &ComponentRow, host: Option<&ComponentRow>) -> Placement
     home
 }
 
-/// To the target: create (or open) the item's replica.
-pub fn prepare(item: &ItemRow, machine: &ComponentRow, policy: &Policy) -> command::Kind {
+/// The certificate of `row` as a receiver checks it.
+pub fn peer(row: &ComponentRow) -> Peer {
+    Peer {
+        name: row.name.clone(),
+        fingerprint: row.cert_fingerprint.clone(),
+    }
+}
+
+/// To the item's process server: forward to `target` at `address`, accepting batches from
+/// the machine's agent only.
+pub fn route(item: &ItemRow, target: &str, address: &str, machine: &ComponentRow) -> command::Kind {
+    command::Kind::SetRoute(SetRoute {
+        item: item.id.clone(),
+        target: target.to_string(),
+        target_address: address.to_string(),
+        source: Some(peer(machine)),
+    })
+}
+
+/// To the target: create (or open) the item's replica, accepting batches from the process
+/// server `ps` only.
+pub fn prepare(
+    item: &ItemRow,
+    machine: &ComponentRow,
+    ps: &ComponentRow,
+    policy: &Policy,
+) -> command::Kind {
     command::Kind::PrepareReplica(PrepareReplica {
         item: item.id.clone(),
         datastore: item.datastore.clone(),
@@ -55,6 +82,7 @@ pub fn prepare(item: &ItemRow, machine: &ComponentRow, policy: &Policy) -> comma
         retention_ms: policy.retention_s * 1000,
         seed: seed_of(item, machine),
         retention_drive: String::new(),
+        sender: Some(peer(ps)),
     })
 }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use failback_common::identity::{Identity, Role};
 use failback_proto::pb::control::{
-    ItemProgress, ReplicationPhase, Report, SetRoute, command, report,
+    ItemProgress, ReplicationPhase, Report, report,
 };
 
 use crate::commands;
@@ -195,25 +195,21 @@ async fn resume_item(state: &State, who: &Identity, item: &ItemRow) -> Result<()
         .await?;
     match who.role {
         Role::MasterTarget => {
-            if let Some(machine) = &machine {
+            if let (Some(machine), Some(ps)) = (&machine, &ps) {
                 state
                     .sessions
-                    .command(&who.name, commands::prepare(item, machine, &policy))
+                    .command(&who.name, commands::prepare(item, machine, ps, &policy))
                     .await?;
             }
         }
         Role::ProcessServer => {
-            if let Some(target) = &target {
+            if let (Some(target), Some(machine)) = (&target, &machine) {
                 let address = commands::address_for(target, who.site.as_str()).unwrap_or_default();
                 state
                     .sessions
                     .command(
                         &who.name,
-                        command::Kind::SetRoute(SetRoute {
-                            item: item.id.clone(),
-                            target: target.name.clone(),
-                            target_address: address,
-                        }),
+                        commands::route(item, &target.name, &address, machine),
                     )
                     .await?;
             }
@@ -222,12 +218,12 @@ async fn resume_item(state: &State, who: &Identity, item: &ItemRow) -> Result<()
             // The machine's disks may have grown: the target grows the replica first. A
             // target that is not connected yet gets the replica (at the current size) when
             // it connects; the target keeps running meanwhile, so the agent starts anyway.
-            if let Some(machine) = &machine
+            if let (Some(machine), Some(ps)) = (&machine, &ps)
                 && state.connected(&item.target)
             {
                 state
                     .sessions
-                    .command(&item.target, commands::prepare(item, machine, &policy))
+                    .command(&item.target, commands::prepare(item, machine, ps, &policy))
                     .await?;
             }
             if let Some(ps) = &ps {

@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use failback_common::component::DatastoreConfig;
 use failback_common::control::{Refusal, now_ms};
-use failback_common::identity::{Role, authorize};
+use failback_common::identity::{
+    AllowedSender, Role, authorize, check_sender, peer_fingerprint,
+};
 use failback_proto::pb::control::{
     ComponentMessage, DiskComparison, DiskDigest, DiskInfo, Materialize, MaterializeResult,
     PlacedDisk, PointAdded, PointsPruned, PrepareReplica, Report, VerifyResult, component_message,
@@ -57,6 +59,9 @@ pub struct Replicas {
     /// How failover disks are made (copy or overlay).
     failover_disks: crate::FailoverDisks,
     items: Mutex<HashMap<String, Arc<ItemReplica>>>,
+    /// Per item, the one process server certificate whose batches and checksum requests
+    /// are taken (from the CS's latest `PrepareReplica`; none until it arrives).
+    senders: Mutex<HashMap<String, AllowedSender>>,
     /// One live PS stream per item.
     fence: failback_common::fence::Fence,
     outbox: mpsc::Sender<ComponentMessage>,
@@ -92,6 +97,7 @@ impl Replicas {
             datastores,
             failover_disks,
             items: Mutex::new(HashMap::new()),
+            senders: Mutex::new(HashMap::new()),
             fence: Default::default(),
             outbox,
             shutdown,
@@ -107,8 +113,23 @@ impl Replicas {
     }
 
     /// Opens (creating) the replica of an item; idempotent. Reports its points to the CS.
+    /// The process server allowed to send for `item`.
+    fn sender(&self, item: &str) -> Option<AllowedSender> {
+        self.senders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(item)
+            .cloned()
+    }
+
     pub async fn prepare(self: &Arc<Self>, p: PrepareReplica) -> Result<(), String> {
         failback_common::identity::validate_name(&p.item)?;
+        if let Some(sender) = p.sender.clone() {
+            self.senders
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(p.item.clone(), sender.into());
+        }
         if let Some(existing) = self.get(&p.item) {
             existing
                 .retention_ms
@@ -297,6 +318,10 @@ impl Replicas {
     /// the machine is gone). Unknown items are fine: the call is idempotent.
     pub async fn remove(&self, item: &str) -> Result<String, String> {
         failback_common::identity::validate_name(item)?;
+        self.senders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(item);
         let removed = self
             .items
             .lock()
@@ -767,7 +792,8 @@ impl TargetData for TargetService {
         &self,
         request: Request<Streaming<TargetBatch>>,
     ) -> Result<Response<AckStream>, Status> {
-        authorize(&request, "TargetData.Apply", &[Role::ProcessServer])?;
+        let who = authorize(&request, "TargetData.Apply", &[Role::ProcessServer])?;
+        let fingerprint = peer_fingerprint(&request).unwrap_or_default();
         let mut inbound = request.into_inner();
         let item = match inbound.message().await? {
             Some(TargetBatch { open: Some(o), .. }) => o.item,
@@ -777,6 +803,12 @@ impl TargetData for TargetService {
                 ));
             }
         };
+        check_sender(
+            &who,
+            &fingerprint,
+            self.replicas.sender(&item).as_ref(),
+            &item,
+        )?;
         let replica = self.replicas.get(&item).ok_or_else(|| {
             Status::failed_precondition(format!(
                 "item `{item}` is not prepared on target {} (the CS prepares it when protection is enabled)",
@@ -855,12 +887,19 @@ impl TargetData for TargetService {
         &self,
         request: Request<ChecksumRequest>,
     ) -> Result<Response<ChecksumResponse>, Status> {
-        authorize(
+        let who = authorize(
             &request,
             "TargetData.BlockChecksums",
             &[Role::ProcessServer],
         )?;
+        let fingerprint = peer_fingerprint(&request).unwrap_or_default();
         let req = request.into_inner();
+        check_sender(
+            &who,
+            &fingerprint,
+            self.replicas.sender(&req.item).as_ref(),
+            &req.item,
+        )?;
         let replica = self.replicas.get(&req.item).ok_or_else(|| {
             Status::failed_precondition(format!("item `{}` is not prepared here", req.item))
         })?;

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use failback_common::enroll::Backoff;
-use failback_common::identity::{Role, authorize};
+use failback_common::identity::{
+    AllowedSender, Role, authorize, check_sender, peer_fingerprint,
+};
 use failback_common::tls::{Credentials, describe_error};
 use failback_proto::pb::data::{
     AgentBatch, BatchAck, ChecksumRequest, ChecksumResponse, Codec, StreamOpen, TargetBatch,
@@ -36,6 +38,9 @@ use crate::cache::{AppendOutcome, Cache, CacheError};
 pub struct Route {
     pub target: String,
     pub address: String,
+    /// The machine's agent: the one certificate whose batches this PS takes for the item.
+    #[serde(default)]
+    pub source: AllowedSender,
 }
 
 /// Most bytes in flight to a target.
@@ -361,6 +366,7 @@ impl ProcessServerData for DataService {
         request: Request<Streaming<AgentBatch>>,
     ) -> Result<Response<AckStream>, Status> {
         let who = authorize(&request, "ProcessServerData.Replicate", &[Role::Agent])?;
+        let fingerprint = peer_fingerprint(&request).unwrap_or_default();
         let mut inbound = request.into_inner();
         let item = match inbound.message().await? {
             Some(AgentBatch { open: Some(o), .. }) => o.item,
@@ -370,12 +376,9 @@ impl ProcessServerData for DataService {
                 ));
             }
         };
-        if !item.starts_with(&format!("{}-", who.name)) {
-            return Err(Status::permission_denied(format!(
-                "{who} may not replicate item `{item}`: it belongs to another machine"
-            )));
-        }
         failback_common::identity::validate_name(&item).map_err(Status::invalid_argument)?;
+        let source = self.dp.route(&item).map(|r| r.source);
+        check_sender(&who, &fingerprint, source.as_ref(), &item)?;
         let dp = self.dp.clone();
         let (tx, rx) = mpsc::channel(64);
         let ticket = dp.fence.open(&item).await;
@@ -404,13 +407,10 @@ impl ProcessServerData for DataService {
         request: Request<ChecksumRequest>,
     ) -> Result<Response<ChecksumResponse>, Status> {
         let who = authorize(&request, "ProcessServerData.BlockChecksums", &[Role::Agent])?;
+        let fingerprint = peer_fingerprint(&request).unwrap_or_default();
         let req = request.into_inner();
-        if !req.item.starts_with(&format!("{}-", who.name)) {
-            return Err(Status::permission_denied(format!(
-                "{who} may not read item `{}`",
-                req.item
-            )));
-        }
+        let source = self.dp.route(&req.item).map(|r| r.source);
+        check_sender(&who, &fingerprint, source.as_ref(), &req.item)?;
         let route = self.dp.route(&req.item).ok_or_else(|| {
             Status::failed_precondition(format!(
                 "no route for item `{}` on this process server",

@@ -134,6 +134,7 @@ async fn handle_commands(
                         data::Route {
                             target: r.target,
                             address: r.target_address,
+                            source: r.source.map(Into::into).unwrap_or_default(),
                         },
                     )
                 }

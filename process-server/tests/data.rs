@@ -1,13 +1,14 @@
 //! A real process server (registered with a real CS, on ephemeral ports) refuses bad
 //! batches on its data port and caches nothing of them: a corrupted or truncated payload
-//! (CRC-32 mismatch), an out-of-order sequence, and an agent writing another machine's item.
+//! (CRC-32 mismatch), an out-of-order sequence, an agent writing another machine's item, and
+//! any agent for an item the CS assigned to nobody here.
 
 use std::time::{Duration, Instant};
 
 use config_server::{ConfigServer, CsConfig};
 use failback_common::enroll::{CsSettings, enroll_once};
 use failback_common::identity::{Identity, Role, Site};
-use failback_common::tls::Credentials;
+use failback_common::tls::{Credentials, fingerprint};
 use failback_proto::pb::data::{
     AgentBatch, BatchAck, StreamOpen, process_server_data_client::ProcessServerDataClient,
 };
@@ -73,6 +74,22 @@ async fn bad_batches_are_refused_and_nothing_is_cached() {
     let stop = CancellationToken::new();
     tokio::spawn(cs.serve(enroll, api, stop.clone()));
 
+    // The agents, and the item vm7-1 assigned to vm7's certificate, as a route the CS set
+    // earlier and the PS saved (its `routes.json`); the target is never reached in this test.
+    let agent = enroll_once(&settings, &Identity::new(Role::Agent, Site::Onprem, "vm7"))
+        .await
+        .expect("enroll agent");
+    let other = enroll_once(&settings, &Identity::new(Role::Agent, Site::Onprem, "vm8"))
+        .await
+        .expect("enroll agent");
+    std::fs::create_dir_all(dir.path().join("ps")).expect("mkdir");
+    let route = serde_json::json!({"vm7-1": {
+        "target": "azure-target",
+        "address": "127.0.0.1:9",
+        "source": {"name": "vm7", "fingerprint": fingerprint(&agent.cert_pem).expect("fp")},
+    }});
+    std::fs::write(dir.path().join("ps/routes.json"), route.to_string()).expect("routes");
+
     let ps_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let ps_addr = ps_listener.local_addr().expect("addr").to_string();
     let config = process_server::PsConfig {
@@ -83,9 +100,6 @@ async fn bad_batches_are_refused_and_nothing_is_cached() {
         ..Default::default()
     };
     tokio::spawn(process_server::run(config, ps_listener, stop.clone()));
-    let agent = enroll_once(&settings, &Identity::new(Role::Agent, Site::Onprem, "vm7"))
-        .await
-        .expect("enroll agent");
 
     // Wait for the PS data port (it serves once registered).
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -141,11 +155,20 @@ async fn bad_batches_are_refused_and_nothing_is_cached() {
     let (_s, last) = open(&agent, &ps_addr, "vm7-1").await.expect("reopen");
     assert_eq!(last, 1, "nothing of the refused batches was cached");
 
-    // An agent can't write another machine's item.
-    let err = open(&agent, &ps_addr, "vm8-1")
+    // Another agent can't write vm7's item; vm7 can't write an item nobody assigned.
+    let err = open(&other, &ps_addr, "vm7-1")
         .await
         .err()
         .expect("must be refused");
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(err.message().contains("assigned it to `vm7`"), "{}", err.message());
+    let err = open(&agent, &ps_addr, "vm7-2")
+        .await
+        .err()
+        .expect("must be refused");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(err.message().contains("no sender"), "{}", err.message());
+    let (_s, last) = open(&agent, &ps_addr, "vm7-1").await.expect("reopen");
+    assert_eq!(last, 1, "nothing of the refused streams was cached");
     stop.cancel();
 }

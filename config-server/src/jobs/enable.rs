@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use failback_common::control::now_ms;
-use failback_proto::pb::control::{RemoveReplica, RemoveRoute, SetRoute, StopReplication, command};
+use failback_proto::pb::control::{RemoveReplica, RemoveRoute, StopReplication, command};
 use failback_proto::pb::operator::{EnableItemRequest, Job};
 use tonic::Status;
 
@@ -281,7 +281,7 @@ async fn steps(ctx: &Ctx, item_id: &str) -> Result<(), JobError> {
     let ps_address = commands::address_for(&ps, &machine.site).unwrap_or_default();
 
     ctx.step("Prepare the target", async {
-        ctx.command(&target.name, commands::prepare(&item, &machine, &policy))
+        ctx.command(&target.name, commands::prepare(&item, &machine, &ps, &policy))
             .await
             .map(|_| ())
     })
@@ -289,11 +289,7 @@ async fn steps(ctx: &Ctx, item_id: &str) -> Result<(), JobError> {
     ctx.step("Assign the process server", async {
         ctx.command(
             &ps.name,
-            command::Kind::SetRoute(SetRoute {
-                item: item.id.clone(),
-                target: target.name.clone(),
-                target_address: target_address.clone(),
-            }),
+            commands::route(&item, &target.name, &target_address, &machine),
         )
         .await
         .map(|_| ())

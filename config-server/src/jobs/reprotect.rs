@@ -16,7 +16,7 @@
 use std::sync::Arc;
 
 use failback_common::control::now_ms;
-use failback_proto::pb::control::{PrepareReplica, RemoveReplica, SetRoute, command};
+use failback_proto::pb::control::{PrepareReplica, RemoveReplica, command};
 use failback_proto::pb::operator::{Job, Policy, ReprotectRequest};
 use serde::{Deserialize, Serialize};
 use tonic::Status;
@@ -534,7 +534,7 @@ pub async fn abandon(state: &Arc<State>, p: &Params) -> Result<(), crate::store:
 
 async fn steps(ctx: &Ctx, p: &Params) -> Result<(), JobError> {
     let id = p.item.clone();
-    let (item, machine, policy) = ctx
+    let (item, machine, ps, policy) = ctx
         .state
         .store
         .call(move |db| {
@@ -542,11 +542,17 @@ async fn steps(ctx: &Ctx, p: &Params) -> Result<(), JobError> {
                 return Ok(None);
             };
             let machine = db.component(&item.machine)?;
+            let ps = db.component(&item.process_server)?;
             let policy = db.policy(&item.policy)?.unwrap_or_else(default_policy);
-            Ok(machine.map(|m| (item, m, policy)))
+            Ok(machine.zip(ps).map(|(m, ps)| (item, m, ps, policy)))
         })
         .await?
-        .ok_or_else(|| Status::not_found(format!("item {} or its machine is gone", p.item)))?;
+        .ok_or_else(|| {
+            Status::not_found(format!(
+                "item {}, its machine or its process server is gone",
+                p.item
+            ))
+        })?;
     if item.state == ItemState::Protected {
         return Ok(());
     }
@@ -566,7 +572,7 @@ async fn steps(ctx: &Ctx, p: &Params) -> Result<(), JobError> {
         )
     };
     ctx.step(&prepare_name, async {
-        let mut prepare = commands::prepare(&item, &machine, &policy);
+        let mut prepare = commands::prepare(&item, &machine, &ps, &policy);
         if let command::Kind::PrepareReplica(PrepareReplica {
             retention_drive, ..
         }) = &mut prepare
@@ -581,11 +587,7 @@ async fn steps(ctx: &Ctx, p: &Params) -> Result<(), JobError> {
         async {
             ctx.command(
                 &item.process_server,
-                command::Kind::SetRoute(SetRoute {
-                    item: item.id.clone(),
-                    target: item.target.clone(),
-                    target_address: p.target_address.clone(),
-                }),
+                commands::route(&item, &item.target, &p.target_address, &machine),
             )
             .await
             .map(|_| ())
