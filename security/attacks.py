@@ -41,8 +41,12 @@ def message(name):
 
 EnrollRequest = message("failback.enroll.v1.EnrollRequest")
 EnrollResponse = message("failback.enroll.v1.EnrollResponse")
-ListInfraRequest = message("failback.operator.v1.ListInfraRequest")
-ListInfraResponse = message("failback.operator.v1.ListInfraResponse")
+TargetBatch = message("failback.data.v1.TargetBatch")
+AgentBatch = message("failback.data.v1.AgentBatch")
+BatchAck = message("failback.data.v1.BatchAck")
+ChecksumRequest = message("failback.data.v1.ChecksumRequest")
+ChecksumResponse = message("failback.data.v1.ChecksumResponse")
+CODEC_LZ4 = 2
 
 # grpc.health.v1: HealthCheckRequest{} is empty; the reply's field 1 is the status (1 SERVING).
 SERVING = b"\x08\x01"
@@ -260,6 +264,126 @@ def revoked_everywhere():
               not ok and "UNAVAILABLE" in detail, detail)
 
 
+def item_of(machine):
+    rc, out = srctl("item", "show", machine, "--json")
+    assert rc == 0, out
+    return json.loads(out)
+
+
+def verify_a_new_point(machine, after_ms, what):
+    """A point of `machine` taken after `after_ms`, verified byte-exact by the lab."""
+    deadline = time.monotonic() + 60
+    point = None
+    while point is None and time.monotonic() < deadline:
+        points = [p for p in item_of(machine).get("recovery_points", [])
+                  if p.get("time_ms", 0) > after_ms]
+        if points:
+            point = max(points, key=lambda p: p.get("seq", 0))["id"]
+        else:
+            time.sleep(0.5)
+    if point is None:
+        check(what, False, "no new recovery point within 60s")
+        return
+    rc, out = srctl("item", "verify", machine, "--point", point, "--json")
+    equal = rc == 0 and json.loads(out).get("equal") is True
+    check(what, equal, "equal" if equal else out.strip()[:300])
+
+
+def stream(channel, path, request_type, messages):
+    """Opens a client stream with `messages`; returns the first reply or the error code."""
+    call = channel.stream_stream(path, request_serializer=request_type.SerializeToString,
+                                 response_deserializer=BatchAck.FromString)
+    replies = call(iter(messages), timeout=10)
+    try:
+        return next(replies), None
+    except grpc.RpcError as e:
+        return None, e
+    except StopIteration:
+        return None, None
+
+
+def data_plane_takes_only_the_assigned_sender():
+    rc, out = srctl("workload", "start", "vm1", "--rate", "1")
+    assert rc == 0, out
+    rc, out = srctl("item", "enable", "vm1")
+    assert rc == 0, out
+    item = item_of("vm1")["id"]
+    names = infra()
+    target = names["azure-target"]["address"]
+    ps = names["ps-onprem"]["address"]
+
+    # A process server of its own (enrolled with the passphrase) writing to vm1's replica.
+    code, key, cert, msg = enroll("process-server", "rogue-ps")
+    assert code == grpc.StatusCode.OK, msg
+    ch = mtls(target, "master-target", "azure-target", key, cert)
+    _, err = stream(ch, "/failback.data.v1.TargetData/Apply", TargetBatch,
+                    [TargetBatch(open={"item": item})])
+    check("a foreign process server can't write an item's replica",
+          err is not None and err.code() == grpc.StatusCode.PERMISSION_DENIED,
+          err.details() if err else "accepted")
+    try:
+        ch.unary_unary("/failback.data.v1.TargetData/BlockChecksums",
+                       request_serializer=ChecksumRequest.SerializeToString,
+                       response_deserializer=ChecksumResponse.FromString)(
+            ChecksumRequest(item=item, disk="disk0", length=4096, block_size=4096), timeout=10)
+        detail, denied = "answered", False
+    except grpc.RpcError as e:
+        detail, denied = e.details(), e.code() == grpc.StatusCode.PERMISSION_DENIED
+    check("a foreign process server can't read an item's checksums", denied, detail)
+
+    # An agent of another machine (a name that starts like vm1's) writing vm1's item.
+    code, akey, acert, msg = enroll("agent", "vm1-x")
+    assert code == grpc.StatusCode.OK, msg
+    ach = mtls(ps, "process-server", "ps-onprem", akey, acert)
+    _, err = stream(ach, "/failback.data.v1.ProcessServerData/Replicate", AgentBatch,
+                    [AgentBatch(open={"item": item})])
+    check("an agent can't write another machine's item at the process server",
+          err is not None and err.code() == grpc.StatusCode.PERMISSION_DENIED,
+          err.details() if err else "accepted")
+
+    # The real process server's certificate (its host compromised): hostile sizes are
+    # refused and the target stays up.
+    pkey = open(os.path.join(LAB, "data/ps-onprem/identity/key.pem"), "rb").read()
+    pcert = open(os.path.join(LAB, "data/ps-onprem/identity/cert.pem"), "rb").read()
+    pch = mtls(target, "master-target", "azure-target", pkey, pcert)
+    call = pch.stream_stream("/failback.data.v1.TargetData/Apply",
+                             request_serializer=TargetBatch.SerializeToString,
+                             response_deserializer=BatchAck.FromString)
+    sent = [TargetBatch(open={"item": item})]
+
+    def batches():
+        yield sent[0]
+        while len(sent) < 2:
+            time.sleep(0.01)
+        yield sent[1]
+    replies = call(batches(), timeout=10)
+    detail = "accepted"
+    try:
+        first = next(replies)
+        sent.append(TargetBatch(seq=first.seq + 1, payload=b"\x00" * 64, crc32=0,
+                                codec=CODEC_LZ4, raw_len=1 << 62))
+        for _ in replies:
+            pass
+    except grpc.RpcError as e:
+        detail = f"{e.code().name}: {e.details()}"
+    check("an LZ4 batch declaring 2^62 bytes is refused before allocating",
+          detail.startswith("INVALID_ARGUMENT") or detail.startswith("DATA_LOSS"), detail)
+    try:
+        pch.unary_unary("/failback.data.v1.TargetData/BlockChecksums",
+                        request_serializer=ChecksumRequest.SerializeToString,
+                        response_deserializer=ChecksumResponse.FromString)(
+            ChecksumRequest(item=item, disk="disk0", length=64 << 20, block_size=1), timeout=10)
+        detail = "answered"
+    except grpc.RpcError as e:
+        detail = f"{e.code().name}: {e.details()}"
+    check("a checksum request with 1-byte blocks is refused",
+          detail.startswith("INVALID_ARGUMENT"), detail)
+    ok, detail = health(pch)
+    check("the target is still up", ok, detail)
+    verify_a_new_point("vm1", int(time.time() * 1000),
+                       "replication goes on: a new point of vm1 is byte-exact")
+
+
 def lab_still_healthy():
     deadline = time.monotonic() + 20
     while True:
@@ -294,7 +418,8 @@ def secrets_unreadable_by_others():
 
 for test in [passphrase_enrolls_no_operator, case_variants_of_taken_names,
              wrong_passphrases_lock_nobody_out, idle_connections_and_the_cap,
-             revoked_everywhere, secrets_unreadable_by_others, lab_still_healthy]:
+             revoked_everywhere, data_plane_takes_only_the_assigned_sender,
+             secrets_unreadable_by_others, lab_still_healthy]:
     try:
         test()
     except Exception as e:  # a check that could not run is a failure, with why
