@@ -15,7 +15,7 @@ export FBL_NET_PREFIX FBL_CS_ENROLL_PORT FBL_CS_API_PORT FBL_LINK_CONTROL_PORT
 SRCTL=${FBL_SRCTL:-${CARGO_TARGET_DIR:-$root/target}/${FBL_PROFILE:-release}/srctl}
 
 # Everything that must show "connected" before the lab is up (as `srctl lab up` waits for).
-FBL_EXPECTED=(ps-onprem mt-onprem esx-1 azure-target ps-azure azure-compute vm1 vm2)
+FBL_EXPECTED=(vpn ps-onprem mt-onprem esx-1 azure-target ps-azure azure-compute vm1 vm2)
 
 say() { printf '%s: %s\n' "${0##*/}" "$*" >&2; }
 die() { say "$*"; exit 1; }
@@ -75,6 +75,7 @@ write_lab_dir() {
   "cs_api": "127.0.0.1:$FBL_CS_API_PORT",
   "cs_enroll": "127.0.0.1:$FBL_CS_ENROLL_PORT",
   "link_control": "127.0.0.1:$FBL_LINK_CONTROL_PORT",
+  "link_name": "vpn",
   "expected": [${expected%,}],
   "procs": [],
   "containers": "compose project $FBL_PROJECT of $deploy/compose.yaml: deploy/lab ps|logs|down"

@@ -27,16 +27,19 @@ pub enum Role {
     Host,
     /// The mobility agent of one machine.
     Agent,
+    /// The simulated site-to-site VPN (its control API serves operators).
+    VpnLink,
     Operator,
 }
 
 impl Role {
-    pub const ALL: [Role; 6] = [
+    pub const ALL: [Role; 7] = [
         Role::ConfigServer,
         Role::ProcessServer,
         Role::MasterTarget,
         Role::Host,
         Role::Agent,
+        Role::VpnLink,
         Role::Operator,
     ];
 
@@ -45,7 +48,7 @@ impl Role {
     pub fn enrolls_with_passphrase(self) -> bool {
         matches!(
             self,
-            Role::ProcessServer | Role::MasterTarget | Role::Host | Role::Agent
+            Role::ProcessServer | Role::MasterTarget | Role::Host | Role::Agent | Role::VpnLink
         )
     }
 
@@ -56,6 +59,7 @@ impl Role {
             Role::MasterTarget => "master-target",
             Role::Host => "host",
             Role::Agent => "agent",
+            Role::VpnLink => "vpn-link",
             Role::Operator => "operator",
         }
     }

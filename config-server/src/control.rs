@@ -61,6 +61,7 @@ impl Control for ControlService {
                 Role::MasterTarget,
                 Role::Host,
                 Role::Agent,
+                Role::VpnLink,
             ],
         )?;
         let fingerprint = request

@@ -9,9 +9,7 @@
 use std::sync::Arc;
 
 use failback_common::identity::{Identity, Role};
-use failback_proto::pb::control::{
-    ItemProgress, ReplicationPhase, Report, report,
-};
+use failback_proto::pb::control::{ItemProgress, ReplicationPhase, Report, report};
 
 use crate::commands;
 use crate::item::{ItemRow, ItemState, Progress, default_policy, disk_state_label, phase_label};

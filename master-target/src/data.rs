@@ -15,9 +15,7 @@ use std::time::Duration;
 
 use failback_common::component::DatastoreConfig;
 use failback_common::control::{Refusal, now_ms};
-use failback_common::identity::{
-    AllowedSender, Role, authorize, check_sender, peer_fingerprint,
-};
+use failback_common::identity::{AllowedSender, Role, authorize, check_sender, peer_fingerprint};
 use failback_proto::pb::control::{
     ComponentMessage, DiskComparison, DiskDigest, DiskInfo, Materialize, MaterializeResult,
     PlacedDisk, PointAdded, PointsPruned, PrepareReplica, Report, VerifyResult, component_message,

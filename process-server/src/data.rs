@@ -17,9 +17,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use failback_common::enroll::Backoff;
-use failback_common::identity::{
-    AllowedSender, Role, authorize, check_sender, peer_fingerprint,
-};
+use failback_common::identity::{AllowedSender, Role, authorize, check_sender, peer_fingerprint};
 use failback_common::tls::{Credentials, describe_error};
 use failback_proto::pb::data::{
     AgentBatch, BatchAck, ChecksumRequest, ChecksumResponse, Codec, StreamOpen, TargetBatch,

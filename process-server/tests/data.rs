@@ -161,7 +161,11 @@ async fn bad_batches_are_refused_and_nothing_is_cached() {
         .err()
         .expect("must be refused");
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
-    assert!(err.message().contains("assigned it to `vm7`"), "{}", err.message());
+    assert!(
+        err.message().contains("assigned it to `vm7`"),
+        "{}",
+        err.message()
+    );
     let err = open(&agent, &ps_addr, "vm7-2")
         .await
         .err()

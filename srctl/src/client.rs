@@ -63,13 +63,13 @@ pub async fn operator(dir: &Path) -> anyhow::Result<OperatorClient<Channel>> {
     Ok(OperatorClient::new(channel))
 }
 
-/// A client of the lab's vpn-link control API.
+/// A client of the lab's vpn-link control API (mutual TLS, the operator's certificate).
 pub async fn link(dir: &Path) -> anyhow::Result<LinkControlClient<Channel>> {
     let state = LabState::load(dir)?;
-    let endpoint =
-        tonic::transport::Endpoint::from_shared(format!("http://{}", state.link_control))
-            .context("bad vpn-link control address")?
-            .connect_timeout(std::time::Duration::from_secs(3));
+    let creds = operator_credentials(dir)?;
+    let endpoint = creds
+        .endpoint(&state.link_control, Role::VpnLink, &state.link_name)
+        .context("bad vpn-link control address")?;
     let channel = endpoint.connect().await.map_err(|e| {
         anyhow!(
             "vpn-link of the lab in {} is not answering at {}: {}; is the lab running? \

@@ -251,6 +251,9 @@ fn plan(dir: &Path, opts: &UpOptions) -> anyhow::Result<LabState> {
         "link",
         addr(port["vpn"]),
         json!({
+            "name": crate::labfile::LINK_NAME,
+            "data_dir": p("data/vpn"),
+            "cs": cs_for("onprem"),
             "control_listen": addr(port["vpn"]),
             "route": [
                 route("cs-enroll", "azure", "link-cs-enroll", "cs-enroll"),
@@ -357,6 +360,7 @@ fn plan(dir: &Path, opts: &UpOptions) -> anyhow::Result<LabState> {
     )?;
 
     let mut expected: Vec<String> = [
+        crate::labfile::LINK_NAME,
         "ps-onprem",
         "mt-onprem",
         "esx-1",
@@ -373,6 +377,7 @@ fn plan(dir: &Path, opts: &UpOptions) -> anyhow::Result<LabState> {
         cs_api: addr(port["cs-api"]),
         cs_enroll: addr(port["cs-enroll"]),
         link_control: addr(port["vpn"]),
+        link_name: crate::labfile::LINK_NAME.to_string(),
         expected,
         procs,
     })

@@ -33,9 +33,19 @@ pub struct LabState {
     pub cs_api: String,
     pub cs_enroll: String,
     pub link_control: String,
+    /// The vpn-link's component name (its control API is dialed as `NAME.vpn-link.failback.lab`).
+    #[serde(default = "default_link_name")]
+    pub link_name: String,
     /// Everything that must show "connected" for the lab to be up (components and machines).
     pub expected: Vec<String>,
     pub procs: Vec<Proc>,
+}
+
+/// The name `lab up` and the container lab give the vpn-link.
+pub const LINK_NAME: &str = "vpn";
+
+fn default_link_name() -> String {
+    LINK_NAME.to_string()
 }
 
 impl LabState {

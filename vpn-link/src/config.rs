@@ -7,7 +7,14 @@
 //! dialled, so a peer that starts later is not a config error.
 //!
 //! ```toml
+//! name = "vpn"                  # its identity in the lab (role vpn-link)
+//! data_dir = "vpn-data"         # its credentials
 //! control_listen = "127.0.0.1:7000"
+//! [cs]                          # as every component: where the CS is, the CA, the passphrase
+//! address = "127.0.0.1:7002"
+//! enroll_address = "127.0.0.1:7001"
+//! ca_cert = "cs-data/ca.pem"
+//! passphrase_file = "cs-data/passphrase"
 //! [[route]]
 //! name = "cs-enroll"
 //! from_site = "azure"
@@ -26,13 +33,16 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use failback_common::config::{self, ConfigError};
+use failback_common::enroll::CsSettings;
+use failback_common::identity::{Identity, Role};
+use failback_common::listener::ConnLimits;
 use serde::Deserialize;
 
 use crate::shaping::{self, Settings};
-pub use crate::site::Site;
+pub use failback_common::identity::Site;
 
 /// Environment prefix for overrides, e.g. `FBL_LINK__CONTROL_LISTEN`.
 pub const ENV_PREFIX: &str = "FBL_LINK";
@@ -41,7 +51,16 @@ pub const ENV_PREFIX: &str = "FBL_LINK";
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LinkConfig {
-    /// Where the operator-facing control gRPC API listens (plaintext: loopback by default).
+    /// The link's name in the lab: it enrolls as a component of role `vpn-link`.
+    pub name: String,
+    /// Where its credentials live.
+    pub data_dir: PathBuf,
+    /// The configuration server (as for every component).
+    pub cs: CsSettings,
+    /// Bounds of the control port's connections (`[listener]`).
+    pub listener: ConnLimits,
+    /// Where the operator-facing control gRPC API listens: mutual TLS, operator
+    /// certificates only.
     pub control_listen: String,
     /// The relayed routes, one `[[route]]` table each.
     pub route: Vec<RouteConfig>,
@@ -52,6 +71,10 @@ pub struct LinkConfig {
 impl Default for LinkConfig {
     fn default() -> Self {
         LinkConfig {
+            name: "vpn".to_string(),
+            data_dir: PathBuf::from("vpn-data"),
+            cs: CsSettings::default(),
+            listener: ConnLimits::default(),
             control_listen: "127.0.0.1:7000".to_string(),
             route: Vec::new(),
             shaping: ShapingConfig::default(),
@@ -157,8 +180,13 @@ impl Route {
 }
 
 /// The validated configuration the binary runs with.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Config {
+    /// Who the link is (role vpn-link, site onprem: it is run from on-premises).
+    pub identity: Identity,
+    pub data_dir: PathBuf,
+    pub cs: CsSettings,
+    pub listener: ConnLimits,
     pub control_listen: String,
     pub routes: Vec<Route>,
     /// The settings to start with.
@@ -212,7 +240,12 @@ impl LinkConfig {
                 connect: r.connect,
             });
         }
+        failback_common::component::validate_common(file, &self.name, &self.cs, &self.listener)?;
         Ok(Config {
+            identity: Identity::new(Role::VpnLink, Site::Onprem, self.name),
+            data_dir: self.data_dir,
+            cs: self.cs,
+            listener: self.listener,
             control_listen: self.control_listen,
             routes,
             shaping,
@@ -250,10 +283,23 @@ mod tests {
         }
     }
 
+    /// The defaults plus the `[cs]` table every component needs.
+    fn with_cs() -> LinkConfig {
+        LinkConfig {
+            cs: CsSettings {
+                address: "127.0.0.1:7002".into(),
+                enroll_address: "127.0.0.1:7001".into(),
+                ca_cert: "ca.pem".into(),
+                ..CsSettings::default()
+            },
+            ..LinkConfig::default()
+        }
+    }
+
     fn validate(routes: Vec<RouteConfig>) -> Result<Config, String> {
         LinkConfig {
             route: routes,
-            ..LinkConfig::default()
+            ..with_cs()
         }
         .validate(None)
         .map_err(|e| e.to_string())
@@ -281,7 +327,7 @@ mod tests {
                 blackhole: Some("azure-to-onprem".into()),
                 ..ShapingConfig::default()
             },
-            ..LinkConfig::default()
+            ..with_cs()
         }
         .validate(None)
         .expect("valid shaping")
@@ -295,7 +341,7 @@ mod tests {
         let bad = |s: ShapingConfig| {
             LinkConfig {
                 shaping: s,
-                ..LinkConfig::default()
+                ..with_cs()
             }
             .validate(None)
             .expect_err("must fail")

@@ -8,7 +8,6 @@
 //! - [`config`]: the TOML form, validation into [`Route`]s and [`Settings`], loading with
 //!   env overrides.
 //! - [`shaping`]: the settings, their textual and protobuf forms, the token bucket.
-//! - [`site`]: the two sites the link joins.
 //! - `state`: the up/down gate, per-connection cancellation, settings, counters and rates.
 //! - `relay`: accept loops, per-connection relays, and `pump`, the one place bytes cross
 //!   (and are shaped); the flap and rate-sampling tasks.
@@ -24,7 +23,6 @@ pub mod config;
 mod control;
 mod relay;
 pub mod shaping;
-pub mod site;
 mod state;
 
 use std::future::Future;
@@ -32,6 +30,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use failback_common::server::Secured;
 use failback_proto::pb::link::LinkStatus;
 use failback_proto::pb::link::link_control_server::LinkControlServer;
 use tokio::net::TcpListener;
@@ -116,9 +115,14 @@ impl Link {
     /// Relays every route and serves the control API (plus `grpc.health.v1`, SERVING) on
     /// `control` until `shutdown` resolves; then stops accepting, resets the relayed
     /// connections and returns once every relay task has ended.
+    ///
+    /// With `secured` (what the binary always passes) the control port speaks mutual TLS
+    /// under the listener's bounds and only operators may call `LinkControl`; without it,
+    /// plaintext and anyone: for tests that drive the link in-process.
     pub async fn serve(
         self,
         control: TcpListener,
+        secured: Option<Secured>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServeError> {
         let Link { shared, listeners } = self;
@@ -145,15 +149,26 @@ impl Link {
             handle: LinkHandle {
                 shared: Arc::clone(&shared),
             },
+            operators_only: secured.is_some(),
         };
-        let grpc = tonic::transport::Server::builder()
+        let router = failback_common::server::builder()
             .add_service(health_service)
-            .add_service(LinkControlServer::new(service))
-            .serve_with_incoming_shutdown(
+            .add_service(LinkControlServer::new(service));
+        let grpc: std::pin::Pin<
+            Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+        > = match secured {
+            Some(secured) => Box::pin(failback_common::server::serve(
+                router,
+                control,
+                secured,
+                root.clone(),
+            )),
+            None => Box::pin(router.serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(control).with_nodelay(Some(true)),
                 root.clone().cancelled_owned(),
-            );
-        let mut grpc = std::pin::pin!(grpc);
+            )),
+        };
+        let mut grpc = grpc;
 
         let result = tokio::select! {
             () = shutdown => {

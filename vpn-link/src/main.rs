@@ -1,13 +1,20 @@
 //! The `vpn-link` binary: loads the config (exit 2 if invalid), binds the control API and
-//! every route (exit 1 on failure), and relays until SIGINT or SIGTERM.
+//! every route (exit 1 on failure), enrolls with the configuration server (first start) and
+//! opens its control session, then relays and serves its control API over mutual TLS until
+//! SIGINT or SIGTERM.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
 use anyhow::Context;
 use clap::Parser;
+use failback_common::component::{advertised, hello, register};
+use failback_proto::pb::control::Hello;
 use tokio::net::TcpListener;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
 use tracing::info;
 use vpn_link::{Config, Link};
 
@@ -41,6 +48,8 @@ async fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    failback_common::tls::install_crypto_provider();
+    failback_common::listener::raise_fd_limit();
     let control = TcpListener::bind(config.control_listen.as_str())
         .await
         .with_context(|| format!("control_listen: cannot listen on {}", config.control_listen))?;
@@ -48,14 +57,29 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let link = Link::bind(config.routes.clone()).await?;
     link.handle().set_settings(config.shaping);
 
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let shutdown = async move {
-        tokio::select! {
-            _ = sigterm.recv() => info!("SIGTERM received"),
-            _ = sigint.recv() => info!("SIGINT received"),
+    let stop = CancellationToken::new();
+    tokio::spawn(failback_common::server::shutdown_on_signal(stop.clone()));
+
+    // A component like the others: enrolled once, a control session to the CS (over which
+    // it learns revocations), and its control API served over mutual TLS to operators.
+    let identity = config.identity.clone();
+    let addresses = advertised(&BTreeMap::new(), identity.site, Some(control_addr));
+    let base = hello(&identity);
+    let hello_fn = Arc::new(move || Hello {
+        addresses: addresses.clone(),
+        ..base.clone()
+    });
+    let registered = register(&identity, &config.data_dir, &config.cs, hello_fn, &stop).await?;
+    let secured = registered.secured(config.listener)?;
+    let mut commands = registered.control.commands;
+    tokio::spawn(async move {
+        while let Some(message) = commands.recv().await {
+            tracing::warn!(
+                ?message,
+                "vpn-link takes no commands from the configuration server"
+            );
         }
-    };
+    });
 
     let routes: Vec<String> = config
         .routes
@@ -75,6 +99,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .collect();
     info!(control = %control_addr, routes = ?routes, "vpn-link ready");
 
-    link.serve(control, shutdown).await?;
+    link.serve(control, Some(secured), stop.cancelled_owned())
+        .await?;
     Ok(())
 }

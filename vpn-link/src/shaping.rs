@@ -16,7 +16,7 @@ use std::time::Duration;
 use failback_proto::pb::link as pb;
 use tokio::time::Instant;
 
-use crate::site::Site;
+use failback_common::identity::Site;
 
 /// Largest latency or jitter accepted.
 pub const MAX_DELAY: Duration = Duration::from_secs(60);

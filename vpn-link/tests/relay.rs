@@ -277,7 +277,7 @@ fn binary_exits_1_naming_route_and_address_when_listen_is_taken() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("link.toml");
     let config = format!(
-        "control_listen = \"127.0.0.1:0\"\n[[route]]\nname = \"ps-data\"\nfrom_site = \"onprem\"\nlisten = \"{addr}\"\nconnect = \"127.0.0.1:1\"\n"
+        "control_listen = \"127.0.0.1:0\"\n[cs]\naddress = \"127.0.0.1:1\"\nenroll_address = \"127.0.0.1:1\"\nca_cert = \"ca.pem\"\n[[route]]\nname = \"ps-data\"\nfrom_site = \"onprem\"\nlisten = \"{addr}\"\nconnect = \"127.0.0.1:1\"\n"
     );
     std::fs::write(&path, config).expect("write config");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_vpn-link"))

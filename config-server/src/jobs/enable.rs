@@ -281,9 +281,12 @@ async fn steps(ctx: &Ctx, item_id: &str) -> Result<(), JobError> {
     let ps_address = commands::address_for(&ps, &machine.site).unwrap_or_default();
 
     ctx.step("Prepare the target", async {
-        ctx.command(&target.name, commands::prepare(&item, &machine, &ps, &policy))
-            .await
-            .map(|_| ())
+        ctx.command(
+            &target.name,
+            commands::prepare(&item, &machine, &ps, &policy),
+        )
+        .await
+        .map(|_| ())
     })
     .await?;
     ctx.step("Assign the process server", async {

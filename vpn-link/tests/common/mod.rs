@@ -61,7 +61,7 @@ pub async fn start_link(site: Site, connect: SocketAddr) -> Running {
         .expect("bind control");
     let control = control_listener.local_addr().expect("control addr");
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(link.serve(control_listener, async {
+    let task = tokio::spawn(link.serve(control_listener, None, async {
         let _ = stopped.await;
     }));
     Running {
