@@ -47,6 +47,9 @@ BatchAck = message("failback.data.v1.BatchAck")
 ChecksumRequest = message("failback.data.v1.ChecksumRequest")
 ChecksumResponse = message("failback.data.v1.ChecksumResponse")
 CODEC_LZ4 = 2
+LinkStatusRequest = message("failback.link.v1.LinkStatusRequest")
+SetUpRequest = message("failback.link.v1.SetUpRequest")
+LinkStatus = message("failback.link.v1.LinkStatus")
 
 # grpc.health.v1: HealthCheckRequest{} is empty; the reply's field 1 is the status (1 SERVING).
 SERVING = b"\x08\x01"
@@ -231,6 +234,7 @@ def revoked_everywhere():
         ("process server", names["ps-onprem"]["address"], "process-server", "ps-onprem"),
         ("master target", names["mt-onprem"]["address"], "master-target", "mt-onprem"),
         ("host", names["esx-1"]["address"], "host", "esx-1"),
+        ("vpn-link", STATE["link_control"], "vpn-link", STATE.get("link_name", "vpn")),
     ]
     for what, address, role, name in servers:
         ok, detail = health(mtls(address, role, name, key, cert))
@@ -384,6 +388,39 @@ def data_plane_takes_only_the_assigned_sender():
                        "replication goes on: a new point of vm1 is byte-exact")
 
 
+def link_control_needs_an_operator():
+    address = STATE["link_control"]
+    name = STATE.get("link_name", "vpn")
+    set_up = "/failback.link.v1.LinkControl/SetUp"
+
+    def call_on(channel):
+        try:
+            channel.unary_unary(set_up, request_serializer=SetUpRequest.SerializeToString,
+                                response_deserializer=LinkStatus.FromString)(
+                SetUpRequest(up=False), timeout=5)
+            return "took the link down"
+        except grpc.RpcError as e:
+            return f"{e.code().name}: {e.details()}"
+
+    # No credentials at all: plaintext is not spoken, TLS without a client certificate fails.
+    plain = call_on(grpc.insecure_channel(address))
+    check("the link control API refuses plaintext", plain.startswith("UNAVAILABLE"), plain)
+    anon = call_on(grpc.secure_channel(
+        address, grpc.ssl_channel_credentials(root_certificates=CA_PEM),
+        options=[("grpc.ssl_target_name_override", dns("vpn-link", name))]))
+    check("the link control API refuses a client without a certificate",
+          anon.startswith("UNAVAILABLE"), anon)
+    # A lab certificate that is not an operator's.
+    code, key, cert, msg = enroll("agent", "link-poker")
+    assert code == grpc.StatusCode.OK, msg
+    agent = call_on(mtls(address, "vpn-link", name, key, cert))
+    check("the link control API refuses a component's certificate",
+          agent.startswith("PERMISSION_DENIED"), agent)
+    rc, out = srctl("link", "status")
+    check("the link is still up and srctl (an operator) reads its status",
+          rc == 0 and "down" not in out.split("\n")[0].lower(), out.strip().split("\n")[0])
+
+
 def lab_still_healthy():
     deadline = time.monotonic() + 20
     while True:
@@ -419,6 +456,7 @@ def secrets_unreadable_by_others():
 for test in [passphrase_enrolls_no_operator, case_variants_of_taken_names,
              wrong_passphrases_lock_nobody_out, idle_connections_and_the_cap,
              revoked_everywhere, data_plane_takes_only_the_assigned_sender,
+             link_control_needs_an_operator,
              secrets_unreadable_by_others, lab_still_healthy]:
     try:
         test()
