@@ -9,6 +9,7 @@
 //! - [`listener`]: accepting TLS connections under a cap and a handshake deadline.
 //! - [`blocks`]: block digests for comparing two copies of a disk.
 //! - [`direct`]: page-cache-free (`O_DIRECT`) writes of aligned spans.
+//! - [`durable`]: state files written whole and durably (fsync, rename, directory fsync).
 //! - [`vdisk`]: a disk as stored: a raw sparse file or an overlay over a frozen, shared base.
 //! - [`fence`]: one live replication stream per item at a receiver.
 //! - [`enroll`]: one-time enrollment with the configuration server (passphrase + CSR).
@@ -21,6 +22,7 @@ pub mod component;
 pub mod config;
 pub mod control;
 pub mod direct;
+pub mod durable;
 pub mod enroll;
 pub mod fence;
 pub mod identity;

@@ -269,30 +269,13 @@ pub fn write_private(path: &Path, contents: &str) -> Result<(), CredentialsError
     write_durable(path, contents, 0o600)
 }
 
-/// Writes `path` whole or not at all, durably: a temporary file of mode `mode`, fsynced,
-/// renamed over `path`, then the directory fsynced.
+/// Writes `path` whole or not at all, durably ([`crate::durable::write`]).
 fn write_durable(path: &Path, contents: &str, mode: u32) -> Result<(), CredentialsError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.write_all(contents.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
+    crate::durable::write(path, contents.as_bytes(), mode).map_err(|source| {
+        CredentialsError::Write {
+            path: path.to_path_buf(),
+            source,
         }
-        Ok(())
-    };
-    write().map_err(|source| CredentialsError::Write {
-        path: path.to_path_buf(),
-        source,
     })
 }
 

@@ -22,11 +22,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::reports::FollowUp;
 use crate::sessions::Session;
 use crate::state::State;
 
 pub struct ControlService {
     pub state: Arc<State>,
+    /// For what a report asks the CS to start (an automatic resync).
+    pub jobs: Arc<crate::jobs::Jobs>,
 }
 
 /// Heartbeats are written to the database at most this often per component (the live one is
@@ -150,8 +153,9 @@ impl Control for ControlService {
         crate::reports::resume(state.clone(), who.clone());
 
         state.notify();
+        let jobs = self.jobs.clone();
         tokio::spawn(async move {
-            let reason = pump(&state, &who, conn_id, inbound, tx, &cancel).await;
+            let reason = pump(&state, &jobs, &who, conn_id, inbound, tx, &cancel).await;
             if state.sessions.close(&who.name, conn_id) {
                 tracing::warn!(%who, "not connected: {reason}");
                 state.notify();
@@ -164,6 +168,7 @@ impl Control for ControlService {
 /// Reads the component's messages until the stream ends; returns why it ended.
 async fn pump(
     state: &Arc<State>,
+    jobs: &Arc<crate::jobs::Jobs>,
     who: &Identity,
     conn_id: u64,
     mut inbound: Streaming<ComponentMessage>,
@@ -216,8 +221,15 @@ async fn pump(
                     state.sessions.result(&who.name, conn_id, r)
                 }
                 Some(component_message::Kind::Report(r)) => {
-                    if let Err(e) = crate::reports::on_report(state, who, r).await {
-                        tracing::error!(%who, "report: {e}");
+                    match crate::reports::on_report(state, who, r).await {
+                        Ok(FollowUp::Nothing) => {}
+                        Ok(FollowUp::Resync { item, reason }) => {
+                            let jobs = jobs.clone();
+                            tokio::spawn(async move {
+                                crate::jobs::resync::start_automatic(&jobs, &item, &reason).await
+                            });
+                        }
+                        Err(e) => tracing::error!(%who, "report: {e}"),
                     }
                 }
                 Some(component_message::Kind::Hello(_)) => {

@@ -167,6 +167,7 @@ impl ConfigServer {
             .add_service(failback_common::server::health_service())
             .add_service(ControlServer::new(control::ControlService {
                 state: state.clone(),
+                jobs: jobs.clone(),
             }))
             .add_service(OperatorServer::new(operator::OperatorService {
                 state: state.clone(),

@@ -26,22 +26,34 @@ fn takes_part(who: &Identity, item: &ItemRow) -> bool {
     }
 }
 
-pub async fn on_report(state: &Arc<State>, who: &Identity, r: Report) -> Result<(), DbError> {
+/// What a report asks of the layers above the reports (the jobs).
+#[derive(Debug, PartialEq, Eq)]
+pub enum FollowUp {
+    Nothing,
+    /// The item's replica lost acknowledged writes: resynchronise it.
+    Resync {
+        item: String,
+        reason: String,
+    },
+}
+
+pub async fn on_report(state: &Arc<State>, who: &Identity, r: Report) -> Result<FollowUp, DbError> {
     let item_id = match &r.kind {
         Some(report::Kind::Progress(p)) => p.item.clone(),
         Some(report::Kind::PointAdded(p)) => p.item.clone(),
         Some(report::Kind::PointsPruned(p)) => p.item.clone(),
+        Some(report::Kind::ReplicaDamaged(d)) => d.item.clone(),
         Some(report::Kind::PsStatus(s)) => {
             if who.role == Role::ProcessServer {
                 state.set_ps_status(&who.name, *s);
             }
-            return Ok(());
+            return Ok(FollowUp::Nothing);
         }
-        None => return Ok(()),
+        None => return Ok(FollowUp::Nothing),
     };
     let lookup = item_id.clone();
     let Some(item) = state.store.call(move |db| db.item(&lookup)).await? else {
-        return Ok(());
+        return Ok(FollowUp::Nothing);
     };
     let allowed = match &r.kind {
         Some(report::Kind::Progress(_)) => who.role == Role::Agent,
@@ -49,23 +61,40 @@ pub async fn on_report(state: &Arc<State>, who: &Identity, r: Report) -> Result<
     } && takes_part(who, &item);
     if !allowed {
         tracing::warn!(%who, item = %item.id, "dropped a report about an item it takes no part in");
-        return Ok(());
+        return Ok(FollowUp::Nothing);
     }
     match r.kind {
-        Some(report::Kind::Progress(p)) => on_progress(state, item, p).await,
+        Some(report::Kind::Progress(p)) => on_progress(state, item, p).await?,
         Some(report::Kind::PointAdded(p)) => {
             state.store.call(move |db| db.add_point(&p)).await?;
             state.notify();
-            Ok(())
         }
         Some(report::Kind::PointsPruned(p)) => {
             state
                 .store
                 .call(move |db| db.remove_points(&p.item, &p.ids))
-                .await
+                .await?;
+            state.notify();
         }
-        _ => Ok(()),
+        Some(report::Kind::ReplicaDamaged(d)) => {
+            tracing::error!(%who, item = %item.id, reason = %d.reason, "the replica lost acknowledged writes: resync required");
+            let id = item.id.clone();
+            let marked = state
+                .store
+                .call(move |db| Ok(db.transition(&id, ItemState::ResyncRequired)))
+                .await?;
+            if let Err(e) = marked {
+                tracing::warn!(item = %item.id, "not marked Resync required: {e}");
+            }
+            state.notify();
+            return Ok(FollowUp::Resync {
+                item: item.id,
+                reason: format!("the replica at {} lost writes: {}", who.name, d.reason),
+            });
+        }
+        _ => {}
     }
+    Ok(FollowUp::Nothing)
 }
 
 /// An agent's progress report: kept; the phases move the item through its states.

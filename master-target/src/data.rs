@@ -18,8 +18,8 @@ use failback_common::control::{Refusal, now_ms};
 use failback_common::identity::{AllowedSender, Role, authorize, check_sender, peer_fingerprint};
 use failback_proto::pb::control::{
     ComponentMessage, DiskComparison, DiskDigest, DiskInfo, Materialize, MaterializeResult,
-    PlacedDisk, PointAdded, PointsPruned, PrepareReplica, Report, VerifyResult, component_message,
-    report,
+    PlacedDisk, PointAdded, PointsPruned, PrepareReplica, ReplicaDamaged, Report, VerifyResult,
+    component_message, report,
 };
 use failback_proto::pb::data::{
     self as pb, BatchAck, ChecksumRequest, ChecksumResponse, Codec, TargetBatch,
@@ -183,10 +183,36 @@ impl Replicas {
             if !open_dir.exists() {
                 create_replica_dir(&open_dir, &disks, &seeds, retention.as_deref())?;
             }
-            ReplicaStore::open(&open_dir, &disks).map_err(|e| e.to_string())
+            let mut store = ReplicaStore::open(&open_dir, &disks).map_err(|e| e.to_string())?;
+            // Points read through disks that lost data: none of them can be trusted.
+            let mut dropped = Vec::new();
+            if store.damage().is_some() {
+                dropped = store.points().into_iter().map(|p| p.id).collect();
+                store.drop_points().map_err(|e| e.to_string())?;
+            }
+            Ok::<_, String>((store, dropped))
         })
         .await
         .map_err(|e| e.to_string())??;
+        let (store, ids) = store;
+        if let Some(reason) = store.damage() {
+            if !ids.is_empty() {
+                report(
+                    &self.outbox,
+                    report::Kind::PointsPruned(PointsPruned {
+                        item: p.item.clone(),
+                        ids,
+                    }),
+                );
+            }
+            report(
+                &self.outbox,
+                report::Kind::ReplicaDamaged(ReplicaDamaged {
+                    item: p.item.clone(),
+                    reason: reason.to_string(),
+                }),
+            );
+        }
         let points = store.points();
         let replica = Arc::new(ItemReplica {
             item: p.item.clone(),
@@ -535,7 +561,8 @@ fn create_replica_dir(
     }
     std::fs::rename(&staging, dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     if let Some(parent) = dir.parent() {
-        let _ = std::fs::File::open(parent).and_then(|d| d.sync_all());
+        failback_common::durable::sync_dir(parent)
+            .map_err(|e| format!("cannot sync {}: {e}", parent.display()))?;
     }
     Ok(())
 }
@@ -589,7 +616,8 @@ fn place_point(
             std::fs::rename(src, dst)
                 .map_err(|e| format!("cannot put {} in place: {e}", dst.display()))?;
             if let Some(dir) = dst.parent() {
-                let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+                failback_common::durable::sync_dir(dir)
+                    .map_err(|e| format!("cannot sync {}: {e}", dir.display()))?;
             }
             written += std::fs::metadata(dst).map(|m| m.len()).unwrap_or(0);
         } else {

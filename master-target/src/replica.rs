@@ -443,6 +443,9 @@ pub struct ReplicaStore {
     fault: Option<(FaultPoint, u64)>,
     /// Counter for scratch directory names.
     scratch: u64,
+    /// Why the disk files no longer hold what the replica acknowledged (a disk file missing or
+    /// shorter than recorded when the store opened): the item needs a resynchronisation.
+    damage: Option<String>,
     /// Exclusive flock on `DIR/LOCK` for the store's lifetime.
     _lock: Flock<File>,
 }
@@ -505,16 +508,22 @@ impl ReplicaStore {
         };
         let disks_dir = dir.join("disks");
         create_dir(&disks_dir)?;
+        // A replica that has applied batches has disk files that hold them: one missing or
+        // shorter than recorded lost acknowledged writes (fail closed: recreated, and flagged).
+        let established = dir.join("state.json").exists();
         let scratch = dir.join("tmp");
         match fs::remove_dir_all(&scratch) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_at(&scratch)(e)),
         }
-        let open_disks = disks
-            .iter()
-            .map(|spec| open_disk(&disks_dir, spec))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut open_disks = Vec::with_capacity(disks.len());
+        let mut damage = Vec::new();
+        for spec in disks {
+            let (disk, lost) = open_disk(&disks_dir, spec, established)?;
+            open_disks.push(disk);
+            damage.extend(lost);
+        }
 
         let state: StateFile = read_json(&dir.join("state.json"))?.unwrap_or_default();
         let segment_bytes = options.segment_bytes.max(1);
@@ -561,6 +570,7 @@ impl ReplicaStore {
             poisoned: None,
             fault: None,
             scratch: 0,
+            damage: (!damage.is_empty()).then(|| damage.join("; ")),
             _lock: lock,
         };
         store.recover_points()?;
@@ -574,6 +584,12 @@ impl ReplicaStore {
             "replica opened"
         );
         Ok(store)
+    }
+
+    /// Why the replica's disks lost acknowledged writes, if they did (see `open`): the
+    /// owner resynchronises the item and drops the points, which can't be read any more.
+    pub fn damage(&self) -> Option<&str> {
+        self.damage.as_deref()
     }
 
     /// Highest batch durably journaled (0 = none).
@@ -1296,15 +1312,37 @@ fn validate_specs(disks: &[DiskSpec]) -> Result<(), ReplicaError> {
 
 /// Opens `DIR/disks/ID.img` (raw or overlay), creating it raw and sparse (atomically: tmp
 /// file, then rename).
-fn open_disk(disks_dir: &Path, spec: &DiskSpec) -> Result<Disk, ReplicaError> {
+/// Opens (or creates) a replica disk; in an `established` replica, a missing disk or one
+/// shorter than recorded is recreated or extended with zeros and reported as lost data.
+fn open_disk(
+    disks_dir: &Path,
+    spec: &DiskSpec,
+    established: bool,
+) -> Result<(Disk, Option<String>), ReplicaError> {
     let path = disks_dir.join(format!("{}.img", spec.id));
-    let disk = if VDisk::exists(&path) {
+    let mut lost = None;
+    let mut disk = if VDisk::exists(&path) {
         VDisk::open(&path).map_err(io_at(&path))?
     } else {
         let disk = VDisk::create(&path, spec.size).map_err(io_at(&path))?;
-        tracing::info!(disk = %spec.id, size = spec.size, "replica disk created");
+        if established {
+            tracing::error!(disk = %spec.id, path = %path.display(), "replica disk missing: recreated empty; the item needs a resync");
+            lost = Some(format!("replica disk {} was missing", path.display()));
+        } else {
+            tracing::info!(disk = %spec.id, size = spec.size, "replica disk created");
+        }
         disk
     };
+    if established && disk.len() < spec.size {
+        tracing::error!(disk = %spec.id, path = %path.display(), size = disk.len(), expected = spec.size, "replica disk shorter than recorded: extended; the item needs a resync");
+        lost = Some(format!(
+            "replica disk {} was {} bytes, shorter than the {} recorded",
+            path.display(),
+            disk.len(),
+            spec.size
+        ));
+        disk.set_len(spec.size).map_err(io_at(&path))?;
+    }
     if disk.len() != spec.size {
         return Err(ReplicaError::DiskSizeMismatch {
             disk: spec.id.clone(),
@@ -1313,11 +1351,14 @@ fn open_disk(disks_dir: &Path, spec: &DiskSpec) -> Result<Disk, ReplicaError> {
             actual: disk.len(),
         });
     }
-    Ok(Disk {
-        spec: spec.clone(),
-        disk: disk.with_direct(),
-        path,
-    })
+    Ok((
+        Disk {
+            spec: spec.clone(),
+            disk: disk.with_direct(),
+            path,
+        },
+        lost,
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------

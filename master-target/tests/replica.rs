@@ -461,9 +461,9 @@ fn duplicates_gaps_and_rejected_batches_change_nothing() {
         Err(ReplicaError::Locked { .. })
     ));
     lab.store = None;
-    let mut resized = lab.specs.clone();
-    resized[1].size += 4096;
-    match ReplicaStore::open(&replica, &resized) {
+    let mut shrunk = lab.specs.clone();
+    shrunk[1].size -= 4096;
+    match ReplicaStore::open(&replica, &shrunk) {
         Err(ReplicaError::DiskSizeMismatch {
             disk,
             expected,
@@ -472,11 +472,30 @@ fn duplicates_gaps_and_rejected_batches_change_nothing() {
         }) => {
             assert_eq!(
                 (disk.as_str(), expected, actual),
-                ("data", (256 << 10) + 4096, 256 << 10)
+                ("data", (256 << 10) - 4096, 256 << 10)
             );
         }
         other => panic!("expected DiskSizeMismatch, got {other:?}"),
     }
+    // A disk file shorter than the spec of a replica in use lost what it held past its end:
+    // extended with zeros, and the store says the replica needs a resync.
+    let mut grown = lab.specs.clone();
+    grown[1].size += 4096;
+    let store = ReplicaStore::open(&replica, &grown).expect("opens, damaged");
+    let damage = store.damage().expect("damage reported").to_string();
+    assert!(
+        damage.contains("data.img") && damage.contains("shorter"),
+        "{damage}"
+    );
+    drop(store);
+    // So does a missing one (recreated empty).
+    fs::remove_file(replica.join("disks/os.img")).expect("remove");
+    let store = ReplicaStore::open(&replica, &grown).expect("opens, damaged");
+    let damage = store.damage().expect("damage reported").to_string();
+    assert!(
+        damage.contains("os.img") && damage.contains("missing"),
+        "{damage}"
+    );
 }
 
 #[test]

@@ -13,8 +13,6 @@
 //! (the guest is throttled) instead of dropping tracking.
 
 use std::collections::VecDeque;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -121,19 +119,35 @@ struct ActivityLog {
 }
 
 impl Capture {
-    /// Opens the machine's disks and its activity log (hot regions from before a crash stay hot).
+    /// Opens the machine's disks and its activity log (hot regions from before a crash stay
+    /// hot). Fail closed: an activity log that can't be read or parsed, or one missing while
+    /// the machine has replicated (`replication.json` exists), makes every region hot, so the
+    /// next resync compares the whole machine; a warning names the file.
     pub fn open(machine: &Machine, state_dir: &Path, cap: u64) -> std::io::Result<Arc<Capture>> {
         std::fs::create_dir_all(state_dir)?;
         let al_path = state_dir.join("activity-log.json");
-        let al: ActivityLog = std::fs::read(&al_path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+        let replicated = state_dir.join("replication.json").exists();
+        let (al, all_hot) = match std::fs::read(&al_path) {
+            Ok(bytes) => match serde_json::from_slice::<ActivityLog>(&bytes) {
+                Ok(al) => (al, false),
+                Err(e) => {
+                    tracing::warn!(file = %al_path.display(), "the activity log is corrupt ({e}): every region is hot, the whole machine is resynchronised");
+                    (ActivityLog::default(), true)
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !replicated => {
+                (ActivityLog::default(), false)
+            }
+            Err(e) => {
+                tracing::warn!(file = %al_path.display(), "the activity log can't be read ({e}): every region is hot, the whole machine is resynchronised");
+                (ActivityLog::default(), true)
+            }
+        };
         let mut disks = Vec::new();
         for d in &machine.disks {
             let disk = VDisk::open(&d.path)?;
             let regions = d.size.div_ceil(REGION) as usize;
-            let mut hot = vec![false; regions];
+            let mut hot = vec![all_hot; regions];
             for r in al.hot.get(&d.id).into_iter().flatten() {
                 if let Some(h) = hot.get_mut(*r as usize) {
                     *h = true;
@@ -539,20 +553,15 @@ fn persist_al(path: &Path, disks: &[DiskState]) -> std::io::Result<()> {
             })
             .collect(),
     };
-    let tmp = path.with_extension("tmp");
     let bytes = serde_json::to_vec(&al).map_err(std::io::Error::other)?;
-    {
-        let f = File::create(&tmp)?;
-        f.write_all_at(&bytes, 0)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
+    failback_common::durable::write(path, &bytes, 0o600)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::machine::Disk;
+    use std::fs::File;
     use std::time::{Duration, Instant};
 
     fn capture(dir: &Path) -> Arc<Capture> {

@@ -82,9 +82,8 @@ fn load(path: &Path) -> Persisted {
 }
 
 fn save(path: &Path, p: &Persisted) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec(p).map_err(std::io::Error::other)?)?;
-    std::fs::rename(&tmp, path)
+    let bytes = serde_json::to_vec(p).map_err(std::io::Error::other)?;
+    failback_common::durable::write(path, &bytes, 0o600)
 }
 
 /// Shared between the three tasks.

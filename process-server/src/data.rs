@@ -159,9 +159,7 @@ impl DataPlane {
             let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
             routes.insert(item.to_string(), route.clone());
             let bytes = serde_json::to_vec(&*routes).map_err(|e| e.to_string())?;
-            let tmp = self.routes_path.with_extension("tmp");
-            std::fs::write(&tmp, bytes)
-                .and_then(|_| std::fs::rename(&tmp, &self.routes_path))
+            failback_common::durable::write(&self.routes_path, &bytes, 0o600)
                 .map_err(|e| format!("cannot persist routes: {e}"))?;
         }
         self.ensure_forwarder(item, route);

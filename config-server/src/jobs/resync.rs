@@ -41,6 +41,58 @@ pub async fn start(jobs: &Arc<Jobs>, machine: &str) -> Result<Job, Status> {
     .await
 }
 
+/// The resynchronisation the CS starts itself when the target reports that the replica lost
+/// acknowledged writes (`reason`). Nothing starts while another job runs on the item (it is
+/// left "Resync required" for the operator), or when the item no longer replicates.
+pub async fn start_automatic(jobs: &Arc<Jobs>, item_id: &str, reason: &str) -> Option<Job> {
+    let id = item_id.to_string();
+    let found = jobs
+        .state
+        .store
+        .call(move |db| Ok((db.item(&id)?, db.running_job(&id)?)))
+        .await;
+    let (item, running) = match found {
+        Ok((Some(item), running)) => (item, running),
+        Ok((None, _)) => return None,
+        Err(e) => {
+            tracing::error!(item = %item_id, "automatic resync: {e}");
+            return None;
+        }
+    };
+    if let Some((job, name)) = running {
+        tracing::warn!(item = %item_id, job, %name, "the replica needs a resync, but a job runs on the item: left Resync required");
+        return None;
+    }
+    if !matches!(
+        item.state,
+        ItemState::Protected | ItemState::ResyncRequired | ItemState::Resyncing
+    ) {
+        tracing::warn!(item = %item_id, state = %item.state, "the replica lost writes, but the item does not replicate now: no resync");
+        return None;
+    }
+    let started = jobs
+        .start(
+            Spec {
+                name: format!("Resynchronize ({reason})"),
+                kind: JobKind::Resync,
+                item: item.id.clone(),
+                params: String::new(),
+                parent: 0,
+                cancel: CancelRule::Anytime,
+            },
+            |_, _| Ok(()),
+            move |ctx| Box::pin(run(ctx, item.id)),
+        )
+        .await;
+    match started {
+        Ok(job) => Some(job),
+        Err(e) => {
+            tracing::error!(item = %item_id, "automatic resync refused: {}", e.message());
+            None
+        }
+    }
+}
+
 /// The job's body: also what a restart resumes.
 pub async fn run(ctx: Arc<Ctx>, item_id: String) -> Result<(), JobError> {
     let id = item_id.clone();

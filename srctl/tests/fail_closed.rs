@@ -1,0 +1,121 @@
+//! Faults that used to pass silently, leaving a replica unequal to its source while the item
+//! showed Protected: each must now be detected, resynchronised by the lab itself, and end
+//! byte-exact (the lab's BLAKE3 verification of a point taken afterwards).
+//! - a replica disk deleted while the master target is down;
+//! - a corrupt activity log after kill -9 of the host (every region becomes hot).
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use serde_json::Value;
+
+/// The newest point of `machine` taken after `after_ms`, once there is one, verified equal.
+fn verify_point_after(lab: &Path, machine: &str, after_ms: i64, context: &str) {
+    let mut id = String::new();
+    eventually(
+        &format!("{context}: a point of {machine} after {after_ms}"),
+        90,
+        || {
+            let v = show(lab, machine);
+            let newest = v["recovery_points"].as_array().and_then(|a| {
+                a.iter()
+                    .filter(|p| p["time_ms"].as_i64().unwrap_or(0) > after_ms)
+                    .max_by_key(|p| p["seq"].as_u64().unwrap_or(0))
+                    .and_then(|p| p["id"].as_str().map(str::to_string))
+            });
+            match newest {
+                Some(p) => {
+                    id = p;
+                    true
+                }
+                None => false,
+            }
+        },
+    );
+    let v: Value = json(srctl(
+        lab,
+        &["item", "verify", machine, "--point", &id, "--json"],
+    ));
+    assert_eq!(v["equal"], true, "{context}: {v}");
+}
+
+fn protected_with_a_point(lab: &Path, machine: &str) {
+    eventually(&format!("{machine} Protected with a point"), 60, || {
+        let v = show(lab, machine);
+        v["state"] == "Protected"
+            && v["recovery_points"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
+    });
+}
+
+/// The jobs of the lab, newest first.
+fn jobs(lab: &Path) -> Vec<Value> {
+    json(srctl(lab, &["job", "list", "--json"]))
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_replica_disk_deleted_while_the_target_is_down_is_resynchronized() {
+    let lab_handle = Lab::up(&["--disk-size", "16MiB", "--machines", "1"]);
+    let lab = lab_handle.dir.clone();
+    ok(srctl(&lab, &["workload", "start", "vm1", "--rate", "2"]));
+    ok(srctl(&lab, &["item", "enable", "vm1"]));
+    protected_with_a_point(&lab, "vm1");
+    let item = show(&lab, "vm1")["id"].as_str().expect("id").to_string();
+
+    ok(srctl(&lab, &["lab", "kill", "azure-target"]));
+    let disk = lab.join(format!(
+        "datastores/azure-storage/replicas/{item}/disks/disk0.img"
+    ));
+    std::fs::remove_file(&disk).expect("delete the replica disk");
+    ok(srctl(&lab, &["lab", "restart", "azure-target"]));
+
+    // The CS resynchronises the item by itself, in a job that says why.
+    eventually("an automatic resync job that succeeded", 90, || {
+        jobs(&lab).iter().any(|j| {
+            j["name"].as_str().is_some_and(|n| {
+                n.starts_with("Resynchronize (the replica at azure-target lost writes")
+            }) && j["state"] == "Succeeded"
+        })
+    });
+    eventually("vm1 Protected after the resync", 60, || {
+        let v = show(&lab, "vm1");
+        v["state"] == "Protected" && v["resync_blocks_compared"].as_u64().unwrap_or(0) > 0
+    });
+    let log = std::fs::read_to_string(lab.join("logs/azure-target.log")).expect("log");
+    assert!(log.contains("replica disk missing"), "{log}");
+    verify_point_after(&lab, "vm1", now_ms(), "after the deleted replica disk");
+}
+
+#[test]
+fn a_corrupt_activity_log_after_kill_9_makes_the_whole_machine_resync() {
+    let lab_handle = Lab::up(&["--disk-size", "16MiB", "--machines", "1"]);
+    let lab = lab_handle.dir.clone();
+    ok(srctl(&lab, &["workload", "start", "vm1", "--rate", "2"]));
+    ok(srctl(&lab, &["item", "enable", "vm1"]));
+    protected_with_a_point(&lab, "vm1");
+
+    ok(srctl(&lab, &["lab", "kill", "esx-1"]));
+    let al = lab.join("data/esx-1/machines/vm1/activity-log.json");
+    assert!(al.exists(), "{} missing", al.display());
+    std::fs::write(&al, b"{\"hot\": {\"disk0\": [1, 2,").expect("corrupt the activity log");
+    ok(srctl(&lab, &["lab", "restart", "esx-1"]));
+
+    // Every region hot: the resync compares the whole disk (16 MiB: 256 checksum blocks of
+    // 64 KiB), not the few 1 MiB regions that were hot at the kill (16 blocks each).
+    eventually("a resync of the whole machine", 90, || {
+        let v = show(&lab, "vm1");
+        v["state"] == "Protected" && v["resync_blocks_compared"].as_u64().unwrap_or(0) >= 256
+    });
+    let log = std::fs::read_to_string(lab.join("logs/esx-1.log")).expect("log");
+    assert!(
+        log.contains("the activity log is corrupt") && log.contains(&al.display().to_string()),
+        "{log}"
+    );
+    verify_point_after(&lab, "vm1", now_ms(), "after the corrupt activity log");
+}
