@@ -47,6 +47,8 @@ BatchAck = message("failback.data.v1.BatchAck")
 ChecksumRequest = message("failback.data.v1.ChecksumRequest")
 ChecksumResponse = message("failback.data.v1.ChecksumResponse")
 CODEC_LZ4 = 2
+ComponentMessage = message("failback.control.v1.ComponentMessage")
+CsMessage = message("failback.control.v1.CsMessage")
 LinkStatusRequest = message("failback.link.v1.LinkStatusRequest")
 SetUpRequest = message("failback.link.v1.SetUpRequest")
 LinkStatus = message("failback.link.v1.LinkStatus")
@@ -421,6 +423,37 @@ def link_control_needs_an_operator():
           rc == 0 and "down" not in out.split("\n")[0].lower(), out.strip().split("\n")[0])
 
 
+def hostile_hello_is_refused():
+    """An enrolled agent describing its machine with a disk id or path that leaves the
+    datastore: the CS refuses the session and stores nothing."""
+    code, key, cert, msg = enroll("agent", "vm-evil")
+    assert code == grpc.StatusCode.OK, msg
+    cases = [
+        ("a disk id with `../`", {"id": "../../etc/passwd", "datastore": "ds-onprem",
+                                  "path": "/tmp/ds/vm-evil/disk0.img", "size_bytes": 4096}),
+        ("a disk path with `..`", {"id": "disk0", "datastore": "ds-onprem",
+                                   "path": "/tmp/ds/../../etc/shadow", "size_bytes": 4096}),
+        ("a relative disk path", {"id": "disk0", "datastore": "ds-onprem",
+                                  "path": "disk0.img", "size_bytes": 4096}),
+    ]
+    for what, disk in cases:
+        channel = mtls(STATE["cs_api"], "config-server", "cs", key, cert)
+        call = channel.stream_stream("/failback.control.v1.Control/Session",
+                                     request_serializer=ComponentMessage.SerializeToString,
+                                     response_deserializer=CsMessage.FromString)
+        hello = ComponentMessage(hello={
+            "name": "vm-evil", "role": "agent", "site": "onprem", "version": "0.1.0",
+            "machine": {"host": "esx-1", "power_state": "running", "disks": [disk]}})
+        try:
+            first = next(call(iter([hello]), timeout=10))
+            detail = f"accepted: {first}"
+        except grpc.RpcError as e:
+            detail = f"{e.code().name}: {e.details()}"
+        check(f"a Hello with {what} is refused", detail.startswith("INVALID_ARGUMENT"), detail)
+    disks = infra().get("vm-evil", {}).get("disks", [])
+    check("nothing of the hostile Hello is stored", not disks, f"disks: {disks}")
+
+
 def lab_still_healthy():
     deadline = time.monotonic() + 20
     while True:
@@ -456,7 +489,7 @@ def secrets_unreadable_by_others():
 for test in [passphrase_enrolls_no_operator, case_variants_of_taken_names,
              wrong_passphrases_lock_nobody_out, idle_connections_and_the_cap,
              revoked_everywhere, data_plane_takes_only_the_assigned_sender,
-             link_control_needs_an_operator,
+             link_control_needs_an_operator, hostile_hello_is_refused,
              secrets_unreadable_by_others, lab_still_healthy]:
     try:
         test()

@@ -12,6 +12,7 @@
 //! - [`durable`]: state files written whole and durably (fsync, rename, directory fsync).
 //! - [`vdisk`]: a disk as stored: a raw sparse file or an overlay over a frozen, shared base.
 //! - [`fence`]: one live replication stream per item at a receiver.
+//! - [`paths`]: paths built from what peers send stay inside their datastore or directory.
 //! - [`enroll`]: one-time enrollment with the configuration server (passphrase + CSR).
 //! - [`control`]: the self-reconnecting control stream to the configuration server.
 //! - [`server`]: serving a tonic router on an already bound listener until shutdown;
@@ -28,6 +29,7 @@ pub mod fence;
 pub mod identity;
 pub mod limits;
 pub mod listener;
+pub mod paths;
 pub mod server;
 pub mod telemetry;
 pub mod tls;

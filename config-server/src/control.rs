@@ -44,6 +44,80 @@ fn check_hello(hello: &Hello, who: &Identity) -> Result<(), Status> {
             hello.role, hello.name, hello.site
         )));
     }
+    validate_hello(hello).map_err(|e| {
+        tracing::warn!(%who, "hello refused: {e}");
+        Status::invalid_argument(format!("hello refused, nothing stored: {e}"))
+    })
+}
+
+/// Most datastores, disks, machines and snapshots one Hello may describe.
+const MAX_LISTED: usize = 1024;
+/// Longest path or free-form string accepted in a Hello.
+const MAX_TEXT: usize = 4096;
+
+/// What a component says about itself is stored and sent on to others (disk paths end up in
+/// master-target and host commands): every name is a plain name, every path absolute and
+/// without `..`, every list and string bounded. The first problem found, naming its field.
+fn validate_hello(hello: &Hello) -> Result<(), String> {
+    use failback_common::identity::validate_name;
+    use failback_common::paths::is_plain_absolute;
+    let field = |f: String, e: String| format!("{f}: {e}");
+    let text = |f: &str, s: &str| -> Result<(), String> {
+        if s.len() > MAX_TEXT {
+            Err(format!("{f}: longer than {MAX_TEXT} bytes"))
+        } else {
+            Ok(())
+        }
+    };
+    let path = |f: String, p: &str| -> Result<(), String> {
+        if p.len() > MAX_TEXT || !is_plain_absolute(p) {
+            Err(format!(
+                "{f}: `{p}` is not an absolute path without `.` or `..`"
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    let count = |f: &str, n: usize| -> Result<(), String> {
+        if n > MAX_LISTED {
+            Err(format!("{f}: more than {MAX_LISTED} entries"))
+        } else {
+            Ok(())
+        }
+    };
+    text("version", &hello.version)?;
+    count("addresses", hello.addresses.len())?;
+    for (site, address) in &hello.addresses {
+        site.parse::<failback_common::identity::Site>()
+            .map_err(|e| field(format!("addresses[{site}]"), e))?;
+        text(&format!("addresses[{site}]"), address)?;
+    }
+    count("datastores", hello.datastores.len())?;
+    for (i, ds) in hello.datastores.iter().enumerate() {
+        validate_name(&ds.name).map_err(|e| field(format!("datastores[{i}].name"), e))?;
+        path(format!("datastores[{i}].path"), &ds.path)?;
+    }
+    if let Some(m) = &hello.machine {
+        if !m.host.is_empty() {
+            validate_name(&m.host).map_err(|e| field("machine.host".into(), e))?;
+        }
+        text("machine.power_state", &m.power_state)?;
+        count("machine.disks", m.disks.len())?;
+        for (i, d) in m.disks.iter().enumerate() {
+            validate_name(&d.id).map_err(|e| field(format!("machine.disks[{i}].id"), e))?;
+            validate_name(&d.datastore)
+                .map_err(|e| field(format!("machine.disks[{i}].datastore"), e))?;
+            path(format!("machine.disks[{i}].path"), &d.path)?;
+        }
+    }
+    count("machines", hello.machines.len())?;
+    for (i, m) in hello.machines.iter().enumerate() {
+        validate_name(m).map_err(|e| field(format!("machines[{i}]"), e))?;
+    }
+    count("snapshots", hello.snapshots.len())?;
+    for (i, s) in hello.snapshots.iter().enumerate() {
+        text(&format!("snapshots[{i}]"), s)?;
+    }
     Ok(())
 }
 

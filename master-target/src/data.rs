@@ -16,6 +16,7 @@ use std::time::Duration;
 use failback_common::component::DatastoreConfig;
 use failback_common::control::{Refusal, now_ms};
 use failback_common::identity::{AllowedSender, Role, authorize, check_sender, peer_fingerprint};
+use failback_common::paths::relative_inside;
 use failback_proto::pb::control::{
     ComponentMessage, DiskComparison, DiskDigest, DiskInfo, Materialize, MaterializeResult,
     PlacedDisk, PointAdded, PointsPruned, PrepareReplica, ReplicaDamaged, Report, VerifyResult,
@@ -174,7 +175,7 @@ impl Replicas {
         let seeds = p
             .seed
             .iter()
-            .map(|s| Ok((s.id.clone(), inside(&ds.path, &s.path)?)))
+            .map(|s| Ok((s.id.clone(), relative_inside(&ds.path, &s.path)?)))
             .collect::<Result<Vec<_>, String>>()?;
         let retention = (!p.retention_drive.is_empty())
             .then(|| PathBuf::from(&p.retention_drive).join(&p.item));
@@ -279,7 +280,7 @@ impl Replicas {
             };
             let places = place
                 .iter()
-                .map(|d| Ok((d.id.clone(), inside(&ds, &d.path)?)))
+                .map(|d| Ok((d.id.clone(), relative_inside(&ds, &d.path)?)))
                 .collect::<Result<Vec<_>, String>>()?;
             return tokio::task::spawn_blocking(move || {
                 place_point(&replica, &point, &places, mode)
@@ -426,7 +427,7 @@ impl Replicas {
             .disks()
             .iter()
             .map(|d| match place.iter().find(|p| p.id == d.id) {
-                Some(p) => Ok((d.id.clone(), inside(&ds, &p.path)?)),
+                Some(p) => Ok((d.id.clone(), relative_inside(&ds, &p.path)?)),
                 None => Ok((d.id.clone(), dir.join(format!("{}.img", d.id)))),
             })
             .collect::<Result<Vec<_>, String>>()
@@ -496,22 +497,6 @@ impl Replicas {
         .await
         .map_err(|e| e.to_string())?
     }
-}
-
-/// `rel` inside the datastore root `root`: a relative path without `..`, so that a command
-/// can only name files in the datastores this target sees.
-fn inside(root: &std::path::Path, rel: &str) -> Result<PathBuf, String> {
-    let path = std::path::Path::new(rel);
-    if rel.is_empty()
-        || !path
-            .components()
-            .all(|c| matches!(c, std::path::Component::Normal(_)))
-    {
-        return Err(format!(
-            "`{rel}` is not a path inside the datastore (relative, without `..`)"
-        ));
-    }
-    Ok(root.join(path))
 }
 
 /// Creates a new replica directory atomically: disks seeded from older copies (original

@@ -323,13 +323,16 @@ async fn boot(
             b.name, config.name
         ));
     }
-    if config.datastore(&b.datastore).is_none() {
+    let Some(ds) = config.datastore(&b.datastore) else {
         return Err(format!(
             "8061: datastore `{}` is not accessible from {}",
             b.datastore, config.name
         ));
-    }
+    };
     for d in &b.disks {
+        // The disks must be files of that datastore, whatever the command says.
+        failback_common::paths::absolute_inside(&ds.path, &d.path)
+            .map_err(|e| format!("disk {}: {e}", d.id))?;
         let len = failback_common::vdisk::VDisk::open_read(std::path::Path::new(&d.path))
             .map_err(|e| format!("disk {}: {e}", d.path))?
             .len();
