@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::control::{ControlHandle, HelloFn};
 use crate::enroll::{CsSettings, EnrollError, ensure_enrolled};
 use crate::identity::{CS_NAME, Identity, Role, Site};
-use crate::tls::Credentials;
+use crate::renewal::CredentialsCell;
 
 /// A datastore a component sees: a directory (a volume in containers).
 #[derive(Debug, Clone, Deserialize)]
@@ -67,7 +67,8 @@ pub fn hello(identity: &Identity) -> Hello {
 
 /// A component that has its credentials and a running control stream.
 pub struct Registered {
-    pub credentials: Credentials,
+    /// The component's credentials, renewed over the control stream before they expire.
+    pub credentials: CredentialsCell,
     /// Revoked certificates, kept current over the control stream: what the component's
     /// listeners refuse.
     pub trust: std::sync::Arc<crate::trust::Trust>,
@@ -90,15 +91,20 @@ pub async fn register(
         })
     })?;
     let credentials = ensure_enrolled(data_dir, cs, identity, shutdown).await?;
-    let endpoint = credentials
+    let credentials = CredentialsCell::new(credentials, Some(data_dir.to_path_buf()))?;
+    // A bad address is refused now rather than retried forever.
+    credentials
         .endpoint(&cs.address, Role::ConfigServer, CS_NAME)
         .map_err(|e| EnrollError::BadAddress {
             address: cs.address.clone(),
             message: e.to_string(),
         })?;
     let trust = crate::trust::Trust::new();
-    let (control, task) =
-        crate::control::spawn(endpoint, hello, trust.clone(), shutdown.child_token());
+    let dial = crate::control::Dial {
+        cell: credentials.clone(),
+        address: cs.address.clone(),
+    };
+    let (control, task) = crate::control::spawn(dial, hello, trust.clone(), shutdown.child_token());
     Ok(Registered {
         credentials,
         trust,

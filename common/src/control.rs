@@ -5,7 +5,9 @@
 //! the CS's commands to the component and the component's reports to the CS. When the stream
 //! breaks, or the CS stops acknowledging heartbeats (a stalled link), it reconnects by itself
 //! with exponential backoff, logging why. Revocations the CS sends are applied to the
-//! component's [`Trust`] here, whatever else the component does. Whether the stream is up is published in a
+//! component's [`Trust`] here, whatever else the component does; and once less than the CS's
+//! `renew_within` remains of the certificate, a new one is asked for (fresh key, CSR) and
+//! put in the component's [`CredentialsCell`] when it arrives. Whether the stream is up is published in a
 //! `watch` channel.
 
 use std::sync::Arc;
@@ -14,7 +16,7 @@ use std::time::{Duration, Instant};
 use std::collections::{HashMap, VecDeque};
 
 use failback_proto::pb::control::{
-    CommandResult, ComponentMessage, CsMessage, ErrorCode, Heartbeat, Hello, command_result,
+    CommandResult, ComponentMessage, CsMessage, ErrorCode, Heartbeat, Hello, Renew, command_result,
     component_message, control_client::ControlClient, cs_message,
 };
 use tokio::sync::{mpsc, watch};
@@ -23,7 +25,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 
 use crate::enroll::Backoff;
-use crate::tls::describe_error;
+use crate::identity::{CS_NAME, Role};
+use crate::renewal::CredentialsCell;
+use crate::tls::{Credentials, describe_error};
 use crate::trust::Trust;
 
 /// Builds the `Hello` sent on each (re)connect.
@@ -39,10 +43,26 @@ pub struct ControlHandle {
     pub outbox: mpsc::Sender<ComponentMessage>,
 }
 
+/// Where the control stream goes: the CS's address, dialed with the credentials of the
+/// moment (they change when renewed).
+#[derive(Clone)]
+pub struct Dial {
+    pub cell: CredentialsCell,
+    pub address: String,
+}
+
+impl Dial {
+    fn endpoint(&self) -> Result<Endpoint, String> {
+        self.cell
+            .endpoint(&self.address, Role::ConfigServer, CS_NAME)
+            .map_err(|e| format!("bad configuration server address {}: {e}", self.address))
+    }
+}
+
 /// Starts the supervisor; it runs until `shutdown` is cancelled. Revocations the CS sends
 /// go to `trust` (the component's listeners consult it).
 pub fn spawn(
-    endpoint: Endpoint,
+    dial: Dial,
     hello: HelloFn,
     trust: Arc<Trust>,
     shutdown: CancellationToken,
@@ -51,7 +71,7 @@ pub fn spawn(
     let (commands_tx, commands) = mpsc::channel(256);
     let (outbox, outbox_rx) = mpsc::channel(256);
     let task = tokio::spawn(supervise(
-        endpoint,
+        dial,
         hello,
         trust,
         shutdown,
@@ -70,7 +90,7 @@ pub fn spawn(
 }
 
 async fn supervise(
-    endpoint: Endpoint,
+    dial: Dial,
     hello: HelloFn,
     trust: Arc<Trust>,
     shutdown: CancellationToken,
@@ -78,7 +98,7 @@ async fn supervise(
     commands: mpsc::Sender<CsMessage>,
     mut outbox: mpsc::Receiver<ComponentMessage>,
 ) {
-    let address = endpoint.uri().to_string();
+    let address = dial.address.clone();
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let mut ends = Ends {
         connected,
@@ -88,7 +108,7 @@ async fn supervise(
     };
     loop {
         let started = Instant::now();
-        let result = session(&endpoint, &hello, &trust, &shutdown, &mut ends).await;
+        let result = session(&dial, &hello, &trust, &shutdown, &mut ends).await;
         let _ = ends.connected.send(false);
         if shutdown.is_cancelled() {
             return;
@@ -121,7 +141,7 @@ struct Ends<'a> {
 }
 
 async fn session(
-    endpoint: &Endpoint,
+    dial: &Dial,
     hello: &HelloFn,
     trust: &Trust,
     shutdown: &CancellationToken,
@@ -133,7 +153,8 @@ async fn session(
         outbox,
         ever_connected,
     } = ends;
-    let channel = endpoint
+    let channel = dial
+        .endpoint()?
         .connect()
         .await
         .map_err(|e| format!("cannot connect: {}", describe_error(&e)))?;
@@ -171,11 +192,35 @@ async fn session(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sequence = 0u64;
     let mut last_ack = Instant::now();
+    let renew_within = i64::try_from(welcome.renew_within_ms).unwrap_or(i64::MAX);
+    // The key of a renewal asked for on this session, until its certificate arrives.
+    let mut renewing: Option<rcgen::KeyPair> = None;
     loop {
         tokio::select! {
             _ = ticker.tick() => {
                 if last_ack.elapsed() > interval * 5 {
                     return Err(format!("no heartbeat acknowledgement for {:?}", last_ack.elapsed()));
+                }
+                if renewing.is_none()
+                    && renew_within > 0
+                    && dial.cell.not_after_ms() - now_ms() < renew_within
+                {
+                    match crate::tls::new_key_and_csr(&dial.cell.identity()) {
+                        Ok((key, csr_pem)) => {
+                            tracing::info!(
+                                expires_in_s = (dial.cell.not_after_ms() - now_ms()) / 1000,
+                                "asking the configuration server to renew the certificate"
+                            );
+                            let renew = ComponentMessage {
+                                kind: Some(component_message::Kind::Renew(Renew { csr_pem })),
+                            };
+                            if tx.send(renew).await.is_err() {
+                                return Err("stream closed".into());
+                            }
+                            renewing = Some(key);
+                        }
+                        Err(e) => tracing::warn!("cannot make a key to renew the certificate: {e}"),
+                    }
                 }
                 sequence += 1;
                 let hb = Heartbeat { sequence, sent_at_ms: now_ms() };
@@ -191,6 +236,27 @@ async fn session(
                     last_ack = Instant::now();
                     let cut = trust.revoke(r.fingerprints);
                     tracing::debug!(cut, "revocations from the configuration server applied");
+                }
+                Ok(Some(CsMessage { kind: Some(cs_message::Kind::Renewed(r)) })) => {
+                    last_ack = Instant::now();
+                    let Some(key) = renewing.take() else {
+                        tracing::warn!("a renewed certificate nobody asked for: ignored");
+                        continue;
+                    };
+                    let current = dial.cell.get();
+                    let renewed = Credentials {
+                        identity: current.identity.clone(),
+                        cert_pem: r.certificate_pem,
+                        key_pem: key.serialize_pem(),
+                        ca_pem: current.ca_pem.clone(),
+                    };
+                    match dial.cell.replace(renewed) {
+                        Ok(()) => tracing::info!(
+                            valid_for_s = (dial.cell.not_after_ms() - now_ms()) / 1000,
+                            "certificate renewed"
+                        ),
+                        Err(e) => tracing::warn!("the renewed certificate is unusable: {e}; asking again"),
+                    }
                 }
                 Ok(Some(other)) => {
                     last_ack = Instant::now();

@@ -6,6 +6,7 @@
 //! - [`identity`]: roles, sites, the identity in a lab certificate, per-RPC authorization.
 //! - [`tls`]: credentials on disk, mutual-TLS server and client settings.
 //! - [`trust`]: revoked certificates and the client verifier that refuses them.
+//! - [`renewal`]: credentials that are renewed while the component runs.
 //! - [`listener`]: accepting TLS connections under a cap and a handshake deadline.
 //! - [`blocks`]: block digests for comparing two copies of a disk.
 //! - [`direct`]: page-cache-free (`O_DIRECT`) writes of aligned spans.
@@ -30,6 +31,7 @@ pub mod identity;
 pub mod limits;
 pub mod listener;
 pub mod paths;
+pub mod renewal;
 pub mod server;
 pub mod telemetry;
 pub mod tls;

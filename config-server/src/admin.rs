@@ -46,7 +46,7 @@ pub fn add_operator(config: &CsConfig, name: &str, out: &Path) -> anyhow::Result
     let store = open_store(config)?;
     let ca = crate::ca::Ca::load_or_create(&store)?;
     let identity = Identity::new(Role::Operator, Site::Onprem, name);
-    let creds = ca.issue(&identity)?;
+    let creds = ca.issue(&identity, config.operator_cert_lifetime)?;
     let fingerprint =
         failback_common::tls::fingerprint(&creds.cert_pem).map_err(anyhow::Error::msg)?;
     let enrolled = identity.clone();

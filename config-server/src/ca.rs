@@ -3,6 +3,8 @@
 //! Created on first start and kept in the database (so a backup carries it); valid three
 //! years, like ASR's CS certificate. It signs enrollment CSRs with parameters it builds
 //! itself from the enrollment request: a CSR can't ask for a role or name of its own choosing.
+//! Leaf certificates live as long as the caller says (`cert_lifetime` in the CS config;
+//! components renew theirs over the control stream).
 
 use failback_common::identity::Identity;
 use failback_common::tls::{Credentials, certificate_params, fingerprint};
@@ -25,8 +27,8 @@ pub enum CaError {
     Corrupt(String),
 }
 
-/// Certificates are valid this long (ASR: the CS certificate is valid three years).
-const VALIDITY_DAYS: i64 = 3 * 365;
+/// The CA is valid this long (ASR: the CS certificate is valid three years).
+const CA_VALIDITY: std::time::Duration = std::time::Duration::from_secs(3 * 365 * 86_400);
 
 pub struct Ca {
     cert_pem: String,
@@ -56,7 +58,7 @@ impl Ca {
         dn.push(DnType::CommonName, "Failback Lab CA");
         dn.push(DnType::OrganizationName, "Failback Lab");
         params.distinguished_name = dn;
-        set_validity(&mut params);
+        set_validity(&mut params, CA_VALIDITY);
         let cert = params.self_signed(&key)?;
         let cert_pem = cert.pem();
         let (key_pem, cert) = (key.serialize_pem(), cert_pem.clone());
@@ -75,25 +77,31 @@ impl Ca {
         &self.cert_pem
     }
 
-    /// Signs `csr_pem` (its signature is verified) for `identity`; returns the certificate
-    /// PEM and its fingerprint.
+    /// Signs `csr_pem` (its signature is verified) for `identity`, valid for `lifetime`;
+    /// returns the certificate PEM and its fingerprint.
     pub fn sign_csr(
         &self,
         csr_pem: &str,
         identity: &Identity,
+        lifetime: std::time::Duration,
     ) -> Result<(String, String), CaError> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
-        csr.params = leaf_params(identity)?;
+        csr.params = leaf_params(identity, lifetime)?;
         let cert = csr.signed_by(&self.issuer)?;
         let pem = cert.pem();
         let fp = fingerprint(&pem).map_err(CaError::Corrupt)?;
         Ok((pem, fp))
     }
 
-    /// Fresh credentials for a server identity the CS issues to itself.
-    pub fn issue(&self, identity: &Identity) -> Result<Credentials, CaError> {
+    /// Fresh credentials (key and certificate) for `identity`, valid for `lifetime`: the
+    /// CS's own, a failed-over VM's, an operator's.
+    pub fn issue(
+        &self,
+        identity: &Identity,
+        lifetime: std::time::Duration,
+    ) -> Result<Credentials, CaError> {
         let key = KeyPair::generate()?;
-        let cert = leaf_params(identity)?.signed_by(&key, &self.issuer)?;
+        let cert = leaf_params(identity, lifetime)?.signed_by(&key, &self.issuer)?;
         Ok(Credentials {
             identity: identity.clone(),
             cert_pem: cert.pem(),
@@ -103,7 +111,10 @@ impl Ca {
     }
 }
 
-fn leaf_params(identity: &Identity) -> Result<CertificateParams, rcgen::Error> {
+fn leaf_params(
+    identity: &Identity,
+    lifetime: std::time::Duration,
+) -> Result<CertificateParams, rcgen::Error> {
     let mut params = certificate_params(identity)?;
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -111,13 +122,13 @@ fn leaf_params(identity: &Identity) -> Result<CertificateParams, rcgen::Error> {
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
-    set_validity(&mut params);
+    set_validity(&mut params, lifetime);
     Ok(params)
 }
 
-fn set_validity(params: &mut CertificateParams) {
+fn set_validity(params: &mut CertificateParams, lifetime: std::time::Duration) {
     let now = OffsetDateTime::now_utc();
     // Tolerate modest clock skew between lab hosts.
     params.not_before = now - Duration::hours(1);
-    params.not_after = now + Duration::days(VALIDITY_DAYS);
+    params.not_after = now + Duration::try_from(lifetime).unwrap_or(Duration::days(365));
 }

@@ -30,6 +30,14 @@ pub struct CsConfig {
     pub enroll_failures_per_name: u32,
     /// Bounds of both listeners' connections (`[listener]`: handshake timeout, caps).
     pub listener: failback_common::listener::ConnLimits,
+    /// How long the certificates of components (and the CS's own) are valid; each renews
+    /// over its control stream once less than a third remains.
+    #[serde(with = "humantime_serde")]
+    pub cert_lifetime: Duration,
+    /// How long an operator's certificate (`config-server operator add`) is valid: operators
+    /// don't renew theirs; remove and add again.
+    #[serde(with = "humantime_serde")]
+    pub operator_cert_lifetime: Duration,
     /// How long a failed-over VM takes to boot before its agent registers (ASR: up to 15
     /// minutes; lab default a few seconds).
     #[serde(with = "humantime_serde")]
@@ -55,6 +63,8 @@ impl Default for CsConfig {
             enroll_failures_per_minute: 5,
             enroll_failures_per_name: 5,
             listener: Default::default(),
+            cert_lifetime: Duration::from_secs(365 * 86_400),
+            operator_cert_lifetime: Duration::from_secs(365 * 86_400),
             boot_delay: Duration::from_secs(2),
             master_target_disk_limit: 60,
             hold_at_step: String::new(),
@@ -84,6 +94,18 @@ impl CsConfig {
         cfg.listener
             .validate()
             .map_err(|(k, m)| ConfigError::key(file, format!("listener.{k}"), m))?;
+        for (key, value) in [
+            ("cert_lifetime", cfg.cert_lifetime),
+            ("operator_cert_lifetime", cfg.operator_cert_lifetime),
+        ] {
+            if value < Duration::from_secs(10) || value > Duration::from_secs(10 * 365 * 86_400) {
+                return Err(ConfigError::key(
+                    file,
+                    key,
+                    "must be between 10s and 10 years",
+                ));
+            }
+        }
         if cfg.enroll_failures_per_name == 0 {
             return Err(ConfigError::key(
                 file,

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use failback_common::control::now_ms;
 use failback_common::identity::{Identity, Role, authorize};
 use failback_proto::pb::control::{
-    ComponentMessage, CsMessage, HeartbeatAck, Hello, Revocations, Welcome, component_message,
-    control_server::Control, cs_message,
+    ComponentMessage, CsMessage, HeartbeatAck, Hello, Renewed, Revocations, Welcome,
+    component_message, control_server::Control, cs_message,
 };
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -48,6 +48,26 @@ fn check_hello(hello: &Hello, who: &Identity) -> Result<(), Status> {
         tracing::warn!(%who, "hello refused: {e}");
         Status::invalid_argument(format!("hello refused, nothing stored: {e}"))
     })
+}
+
+/// Signs a renewal CSR for the session's own identity (whatever the CSR names) and records
+/// the new certificate's fingerprint.
+async fn renew(state: &Arc<State>, who: &Identity, csr_pem: &str) -> Result<String, String> {
+    if csr_pem.len() > 16 << 10 {
+        return Err("CSR larger than 16 KiB".into());
+    }
+    let (pem, fingerprint) = state
+        .ca
+        .sign_csr(csr_pem, who, state.config.cert_lifetime)
+        .map_err(|e| e.to_string())?;
+    let name = who.name.clone();
+    state
+        .store
+        .call(move |db| db.set_fingerprint(&name, &fingerprint))
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!(%who, "certificate renewed");
+    Ok(pem)
 }
 
 /// Most datastores, disks, machines and snapshots one Hello may describe.
@@ -150,7 +170,10 @@ impl Control for ControlService {
             return Err(Status::unavailable("configuration server shutting down"));
         }
         let name = who.name.clone();
-        match state.store.call(move |db| db.component(&name)).await? {
+        // Any unrevoked certificate of a registered identity is its own (revoked ones never
+        // get past the handshake): one other than the recorded one is a renewal whose answer
+        // was lost, so it becomes the recorded one, and the data plane is told.
+        let changed = match state.store.call(move |db| db.component(&name)).await? {
             None => {
                 return Err(Status::permission_denied(format!(
                     "{who} is not registered with this configuration server (removed, or the CS \
@@ -158,12 +181,15 @@ impl Control for ControlService {
                      directory and enroll again"
                 )));
             }
-            Some(row) if row.cert_fingerprint != fingerprint => {
-                return Err(Status::permission_denied(format!(
-                    "the certificate of {who} was revoked or replaced; enroll again"
-                )));
-            }
-            Some(_) => {}
+            Some(row) => row.cert_fingerprint != fingerprint,
+        };
+        if changed {
+            let (name, fp) = (who.name.clone(), fingerprint.clone());
+            state
+                .store
+                .call(move |db| db.set_fingerprint(&name, &fp))
+                .await?;
+            crate::reports::reassign(state.clone(), who.clone());
         }
         let mut inbound = request.into_inner();
         let timeout = state.config.heartbeat_timeout;
@@ -198,6 +224,7 @@ impl Control for ControlService {
             kind: Some(cs_message::Kind::Welcome(Welcome {
                 heartbeat_interval_ms: state.config.heartbeat_interval.as_millis() as u32,
                 cs_version: failback_common::VERSION.to_string(),
+                renew_within_ms: (state.config.cert_lifetime / 3).as_millis() as u64,
             })),
         }))
         .await
@@ -293,6 +320,20 @@ async fn pump(
                 }
                 Some(component_message::Kind::Result(r)) => {
                     state.sessions.result(&who.name, conn_id, r)
+                }
+                Some(component_message::Kind::Renew(r)) => {
+                    match renew(state, who, &r.csr_pem).await {
+                        Ok(certificate_pem) => {
+                            let renewed = CsMessage {
+                                kind: Some(cs_message::Kind::Renewed(Renewed { certificate_pem })),
+                            };
+                            if tx.send(Ok(renewed)).await.is_err() {
+                                return "peer gone".into();
+                            }
+                            crate::reports::reassign(state.clone(), who.clone());
+                        }
+                        Err(e) => tracing::warn!(%who, "renewal refused: {e}"),
+                    }
                 }
                 Some(component_message::Kind::Report(r)) => {
                     match crate::reports::on_report(state, who, r).await {

@@ -120,7 +120,7 @@ impl Enrollment for EnrollmentService {
         let (certificate_pem, fingerprint) = self
             .state
             .ca
-            .sign_csr(&req.csr_pem, &identity)
+            .sign_csr(&req.csr_pem, &identity, self.state.config.cert_lifetime)
             .map_err(|e| {
                 Status::invalid_argument(format!("bad certificate signing request: {e}"))
             })?;

@@ -45,6 +45,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use failback_common::identity::CS_NAME;
 use failback_common::identity::{Identity, Role, Site};
+use failback_common::renewal::CredentialsCell;
 use failback_common::server::Secured;
 use failback_common::tls::write_private;
 use failback_proto::pb::control::control_server::ControlServer;
@@ -136,9 +137,15 @@ impl ConfigServer {
         jobs.recover()
             .await
             .context("recovering the jobs of the previous run")?;
-        let me = state
-            .ca
-            .issue(&Identity::new(Role::ConfigServer, Site::Onprem, CS_NAME))?;
+        // The CS's own certificate, renewed in place a third before it expires.
+        let identity = Identity::new(Role::ConfigServer, Site::Onprem, CS_NAME);
+        let lifetime = state.config.cert_lifetime;
+        let me = CredentialsCell::new(state.ca.issue(&identity, lifetime)?, None)?;
+        tokio::spawn(renew_own_certificate(
+            state.clone(),
+            me.clone(),
+            shutdown.clone(),
+        ));
         if let Ok(mut a) = state.api_address.lock() {
             *a = if state.config.advertise.is_empty() {
                 api.local_addr()?.to_string()
@@ -193,6 +200,32 @@ impl ConfigServer {
         a.context("enrollment server")?;
         b.context("API server")?;
         Ok(())
+    }
+}
+
+/// Re-issues the CS's own certificate whenever less than a third of its lifetime remains.
+async fn renew_own_certificate(state: Arc<State>, me: CredentialsCell, stop: CancellationToken) {
+    let lifetime = state.config.cert_lifetime;
+    loop {
+        let left_ms = me.not_after_ms() - failback_common::control::now_ms();
+        let wait_ms = (left_ms - (lifetime.as_millis() / 3) as i64).max(100);
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(wait_ms as u64)) => {}
+            _ = stop.cancelled() => return,
+        }
+        let identity = me.identity();
+        match state
+            .ca
+            .issue(&identity, lifetime)
+            .map_err(|e| e.to_string())
+            .and_then(|c| me.replace(c).map_err(|e| e.to_string()))
+        {
+            Ok(()) => tracing::info!("renewed the configuration server's own certificate"),
+            Err(e) => {
+                tracing::error!("cannot renew the configuration server's certificate: {e}");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
     }
 }
 

@@ -194,6 +194,46 @@ pub fn resume(state: Arc<State>, who: Identity) {
     ));
 }
 
+/// After `renewed` got a new certificate: the receivers that pin it (the process server of
+/// an agent's items, the target of a process server's) are told its new fingerprint.
+pub fn reassign(state: Arc<State>, renewed: Identity) {
+    let span = tracing::info_span!("reassign", component = %renewed);
+    tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            let items = match state.store.call(|db| db.items()).await {
+                Ok(items) => items,
+                Err(e) => {
+                    tracing::warn!("telling receivers of a renewed certificate: {e}");
+                    return;
+                }
+            };
+            for item in items.iter().filter(|i| takes_part(&renewed, i)) {
+                let receiver = match renewed.role {
+                    Role::Agent => item.process_server.clone(),
+                    Role::ProcessServer => item.target.clone(),
+                    _ => continue,
+                };
+                let row = match state.store.call(move |db| db.component(&receiver)).await {
+                    Ok(Some(row)) => row,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::warn!(item = %item.id, "{e}");
+                        continue;
+                    }
+                };
+                let (Ok(role), Ok(site)) = (row.role.parse(), row.site.parse()) else {
+                    continue;
+                };
+                let receiver = Identity::new(role, site, row.name);
+                if let Err(e) = resume_item(&state, &receiver, item).await {
+                    tracing::warn!(item = %item.id, "telling {receiver} of a renewed certificate: {e}");
+                }
+            }
+        },
+        span,
+    ));
+}
+
 async fn resume_item(state: &State, who: &Identity, item: &ItemRow) -> Result<(), tonic::Status> {
     // A failed-over item no longer replicates (its machine now runs at the target site), but
     // its replica stays open on the target: change-point, commit and failback need it. A

@@ -422,7 +422,7 @@ fn start_booted(
 struct Agent {
     name: String,
     capture: Arc<capture::Capture>,
-    credentials: failback_common::tls::Credentials,
+    credentials: failback_common::renewal::CredentialsCell,
     outbox: tokio::sync::mpsc::Sender<ComponentMessage>,
     state_dir: std::path::PathBuf,
     seed: u64,

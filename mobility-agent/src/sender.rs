@@ -19,7 +19,8 @@ use bytes::Bytes;
 use failback_common::control::now_ms;
 use failback_common::enroll::Backoff;
 use failback_common::identity::Role;
-use failback_common::tls::{Credentials, describe_error};
+use failback_common::renewal::CredentialsCell;
+use failback_common::tls::describe_error;
 use failback_proto::pb::control::{
     ComponentMessage, DiskProgress, DiskState, ItemProgress, ReplicationPhase, Report,
     component_message, report,
@@ -158,7 +159,7 @@ impl Replication {
 pub fn start(
     params: Params,
     capture: Arc<Capture>,
-    credentials: Credentials,
+    credentials: CredentialsCell,
     state_dir: &Path,
     outbox: mpsc::Sender<ComponentMessage>,
     shutdown: &CancellationToken,
@@ -215,7 +216,7 @@ pub fn start(
 
 /// Queues the initial copy, or after a crash a checksum resync of the hot regions; then
 /// serves resync requests (every allocated block) until cancelled.
-async fn copier(shared: Arc<Shared>, credentials: Credentials, cancel: CancellationToken) {
+async fn copier(shared: Arc<Shared>, credentials: CredentialsCell, cancel: CancellationToken) {
     let capture = shared.capture.clone();
     let disks = capture.disk_ids();
     let first = if shared.resync_required.load(Ordering::SeqCst) {
@@ -285,7 +286,7 @@ fn allocated(capture: &Capture) -> Vec<Vec<(u64, u64)>> {
 /// cancelled or failed.
 async fn run_copy(
     shared: &Arc<Shared>,
-    credentials: &Credentials,
+    credentials: &CredentialsCell,
     cancel: &CancellationToken,
     plan: Vec<Vec<(u64, u64)>>,
     compare: bool,
@@ -374,7 +375,7 @@ const DIGEST_BYTES: usize = failback_common::blocks::DIGEST_LEN;
 /// queues the blocks that differ, in order.
 async fn compare_chunks(
     shared: &Shared,
-    credentials: &Credentials,
+    credentials: &CredentialsCell,
     chunks: Vec<(usize, u64, u64)>,
     min_seq: u64,
     cancel: &CancellationToken,
@@ -546,7 +547,7 @@ struct InFlight {
     crc: u32,
 }
 
-async fn sender(shared: Arc<Shared>, credentials: Credentials, cancel: CancellationToken) {
+async fn sender(shared: Arc<Shared>, credentials: CredentialsCell, cancel: CancellationToken) {
     let mut inflight: VecDeque<InFlight> = VecDeque::new();
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
     loop {
@@ -712,7 +713,7 @@ fn lag_percentiles(shared: &Shared) -> (f64, f64) {
 
 async fn session(
     shared: &Arc<Shared>,
-    credentials: &Credentials,
+    credentials: &CredentialsCell,
     cancel: &CancellationToken,
     inflight: &mut VecDeque<InFlight>,
 ) -> Result<(), String> {

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use failback_common::enroll::Backoff;
 use failback_common::identity::{AllowedSender, Role, authorize, check_sender, peer_fingerprint};
-use failback_common::tls::{Credentials, describe_error};
+use failback_common::renewal::CredentialsCell;
+use failback_common::tls::describe_error;
 use failback_proto::pb::data::{
     AgentBatch, BatchAck, ChecksumRequest, ChecksumResponse, Codec, StreamOpen, TargetBatch,
     process_server_data_server::ProcessServerData, target_data_client::TargetDataClient,
@@ -96,7 +97,7 @@ fn unframe(item: &str, seq: u64, bytes: Bytes) -> Result<TargetBatch, String> {
 /// The PS's data-plane state.
 pub struct DataPlane {
     pub cache: Arc<Cache>,
-    pub credentials: Credentials,
+    pub credentials: CredentialsCell,
     routes: Mutex<HashMap<String, Route>>,
     routes_path: PathBuf,
     forwarders: Mutex<HashMap<String, (Route, CancellationToken)>>,
@@ -124,7 +125,7 @@ impl DataPlane {
 
     pub fn new(
         cache: Arc<Cache>,
-        credentials: Credentials,
+        credentials: CredentialsCell,
         data_dir: &std::path::Path,
         shutdown: CancellationToken,
     ) -> Arc<DataPlane> {

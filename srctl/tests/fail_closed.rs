@@ -181,12 +181,19 @@ fn an_fsync_error_at_the_ps_cache_or_the_target_journal_acknowledges_nothing() {
     let item = show(&lab, "vm1")["id"].as_str().expect("id").to_string();
 
     // The PS cache's disk fails its fsyncs: the PS acknowledges nothing more to the agent.
-    std::fs::write(&trigger, lab.join("data/ps-onprem/cache").display().to_string())
-        .expect("arm");
-    eventually("the PS refusing batches it could not make durable", 30, || {
-        std::fs::read_to_string(lab.join("logs/ps-onprem.log"))
-            .is_ok_and(|l| l.contains("Input/output error"))
-    });
+    std::fs::write(
+        &trigger,
+        lab.join("data/ps-onprem/cache").display().to_string(),
+    )
+    .expect("arm");
+    eventually(
+        "the PS refusing batches it could not make durable",
+        30,
+        || {
+            std::fs::read_to_string(lab.join("logs/ps-onprem.log"))
+                .is_ok_and(|l| l.contains("Input/output error"))
+        },
+    );
     let acked = stalls(&lab, "the agent's acknowledged batches to stop", |p| p.0);
     std::fs::remove_file(&trigger).expect("disarm");
     ok(srctl(&lab, &["lab", "restart", "ps-onprem"]));
@@ -204,10 +211,14 @@ fn an_fsync_error_at_the_ps_cache_or_the_target_journal_acknowledges_nothing() {
             .to_string(),
     )
     .expect("arm");
-    eventually("the target refusing batches it could not journal", 30, || {
-        std::fs::read_to_string(lab.join("logs/azure-target.log"))
-            .is_ok_and(|l| l.contains("Input/output error"))
-    });
+    eventually(
+        "the target refusing batches it could not journal",
+        30,
+        || {
+            std::fs::read_to_string(lab.join("logs/azure-target.log"))
+                .is_ok_and(|l| l.contains("Input/output error"))
+        },
+    );
     let at_target = stalls(&lab, "the target's journaled batches to stop", |p| p.1);
     let acked = progress(&lab).0;
     eventually("the PS still taking the agent's batches", 30, || {
@@ -218,5 +229,10 @@ fn an_fsync_error_at_the_ps_cache_or_the_target_journal_acknowledges_nothing() {
     eventually("the target journaling again after its restart", 60, || {
         progress(&lab).1 > at_target
     });
-    verify_point_after(&lab, "vm1", now_ms(), "after the target journal's fsync errors");
+    verify_point_after(
+        &lab,
+        "vm1",
+        now_ms(),
+        "after the target journal's fsync errors",
+    );
 }

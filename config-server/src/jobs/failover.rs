@@ -575,7 +575,7 @@ async fn execute(ctx: &Ctx, plan: &Plan) -> Result<(), JobError> {
             let identity = Identity::new(Role::Agent, *target_site, &vm);
             let creds = state
                 .ca
-                .issue(&identity)
+                .issue(&identity, state.config.cert_lifetime)
                 .map_err(|e| Status::internal(e.to_string()))?;
             let fingerprint =
                 failback_common::tls::fingerprint(&creds.cert_pem).map_err(Status::internal)?;

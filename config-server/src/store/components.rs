@@ -302,6 +302,15 @@ impl Db<'_> {
         Ok(revoked)
     }
 
+    /// Records the renewed certificate of `name` (the old one stays valid until it expires).
+    pub fn set_fingerprint(&self, name: &str, fingerprint: &str) -> Result<(), DbError> {
+        self.c.execute(
+            "UPDATE components SET cert_fingerprint = ?2 WHERE name = ?1",
+            params![name, fingerprint],
+        )?;
+        Ok(())
+    }
+
     pub fn set_power_state(&self, name: &str, power: &str) -> Result<(), DbError> {
         self.c.execute(
             "UPDATE components SET power_state = ?2 WHERE name = ?1",
