@@ -234,7 +234,7 @@ pub fn peer_fingerprint<T>(request: &tonic::Request<T>) -> Option<String> {
     let certs = request.peer_certs()?;
     certs
         .first()
-        .map(|c| crate::trust::fingerprint_der(c.as_ref()))
+        .map(|c| crate::certs::fingerprint_der(c.as_ref()))
 }
 
 /// The one certificate a receiver accepts data for an item from, as the CS assigned it

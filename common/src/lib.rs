@@ -4,6 +4,7 @@
 //! - [`component`]: start-up shared by all components: enroll, control stream, Hello.
 //! - [`config`]: layered config (defaults, TOML file, environment) with errors naming file and key.
 //! - [`identity`]: roles, sites, the identity in a lab certificate, per-RPC authorization.
+//! - [`certs`]: PEM/DER and certificate fingerprints.
 //! - [`tls`]: credentials on disk, mutual-TLS server and client settings.
 //! - [`trust`]: revoked certificates and the client verifier that refuses them.
 //! - [`renewal`]: credentials that are renewed while the component runs.
@@ -20,6 +21,7 @@
 //!   [`limits`]: the transport limits servers and clients share.
 //! - [`telemetry`]: tracing setup.
 pub mod blocks;
+pub mod certs;
 pub mod component;
 pub mod config;
 pub mod control;

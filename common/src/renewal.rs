@@ -4,7 +4,7 @@
 //! A [`CredentialsCell`] holds the current credentials. Listeners present whatever it holds
 //! at each handshake (a rustls certificate resolver), clients build their TLS from it at each
 //! connect, and [`CredentialsCell::replace`] saves renewed credentials durably before anyone
-//! uses them. The control stream ([`crate::control`]) asks the CS for a new certificate (a
+//! uses them. The control stream (module `control`) asks the CS for a new certificate (a
 //! fresh key, a CSR) once less than the CS's `renew_within` remains.
 
 use std::path::PathBuf;

@@ -10,13 +10,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SanType};
-use sha2::{Digest, Sha256};
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
+pub use crate::certs::{fingerprint, pem_to_der};
 use crate::identity::{Identity, Role, dns_name};
 use crate::trust::{RevokingVerifier, Trust};
 
@@ -223,20 +223,6 @@ impl Credentials {
 pub fn identity_of_pem(cert_pem: &str) -> Result<Identity, String> {
     let der = pem_to_der(cert_pem)?;
     Identity::from_certificate_der(&der)
-}
-
-/// The DER bytes of the first PEM block.
-pub fn pem_to_der(pem: &str) -> Result<Vec<u8>, String> {
-    match rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()).next() {
-        Some(Ok(der)) => Ok(der.as_ref().to_vec()),
-        Some(Err(e)) => Err(format!("bad PEM certificate: {e}")),
-        None => Err("no PEM certificate found".into()),
-    }
-}
-
-/// SHA-256 fingerprint (lower-case hex) of a PEM certificate: what an operator pins.
-pub fn fingerprint(cert_pem: &str) -> Result<String, String> {
-    Ok(hex::encode(Sha256::digest(pem_to_der(cert_pem)?)))
 }
 
 /// Certificate parameters the CA signs for `identity` (also used in the CSR).

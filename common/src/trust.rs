@@ -17,13 +17,9 @@ use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
-use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
-/// SHA-256 fingerprint (lower-case hex) of a DER certificate.
-pub fn fingerprint_der(der: &[u8]) -> String {
-    hex::encode(Sha256::digest(der))
-}
+pub use crate::certs::fingerprint_der;
 
 /// Revoked fingerprints and the open connections of each certificate, shared by a server's
 /// listeners and the control session that learns about revocations.
@@ -123,7 +119,7 @@ impl RevokingVerifier {
     /// A verifier requiring a client certificate that chains to `ca_pem`.
     pub fn new(ca_pem: &str, trust: Arc<Trust>) -> Result<Arc<Self>, String> {
         let mut roots = rustls::RootCertStore::empty();
-        let ca = crate::tls::pem_to_der(ca_pem)?;
+        let ca = crate::certs::pem_to_der(ca_pem)?;
         roots
             .add(CertificateDer::from(ca))
             .map_err(|e| format!("bad CA certificate: {e}"))?;
