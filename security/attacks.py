@@ -535,6 +535,33 @@ def passphrase_rotation_keeps_components_connected():
     check("every component stayed connected", not down, f"not connected: {down}")
 
 
+def a_failed_over_vm_s_old_certificate_is_refused():
+    """After a failover the machine runs at Azure with a certificate the CS issued; the one
+    its on-premises agent held is revoked: refused by the process servers and the CS."""
+    ident = os.path.join(LAB, "data/esx-1/machines/vm1/identity")
+    key = open(os.path.join(ident, "key.pem"), "rb").read()
+    cert = open(os.path.join(ident, "cert.pem"), "rb").read()
+    names = infra()
+    ps = names["ps-onprem"]["address"]
+    ok, detail = health(mtls(ps, "process-server", "ps-onprem", key, cert))
+    check("before the failover vm1's certificate is accepted", ok, detail)
+    rc, out = srctl("failover", "vm1")
+    check("vm1 fails over", rc == 0, out.strip().split("\n")[-1])
+    for what, address, role, name in [
+        ("process server ps-onprem", ps, "process-server", "ps-onprem"),
+        ("process server ps-azure", names["ps-azure"]["address"], "process-server", "ps-azure"),
+        ("CS API", STATE["cs_api"], "config-server", "cs"),
+    ]:
+        deadline = time.monotonic() + 5
+        while True:
+            ok, detail = health(mtls(address, role, name, key, cert))
+            if not ok or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        check(f"vm1's on-premises certificate is refused by the {what} after the failover",
+              not ok and "UNAVAILABLE" in detail, detail)
+
+
 def lab_still_healthy():
     deadline = time.monotonic() + 20
     while True:
@@ -572,6 +599,7 @@ for test in [passphrase_enrolls_no_operator, case_variants_of_taken_names,
              revoked_everywhere, data_plane_takes_only_the_assigned_sender,
              link_control_needs_an_operator, hostile_hello_is_refused,
              forged_results_and_reports_are_dropped, passphrase_rotation_keeps_components_connected,
+             a_failed_over_vm_s_old_certificate_is_refused,
              secrets_unreadable_by_others, lab_still_healthy]:
     try:
         test()

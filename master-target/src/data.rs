@@ -993,3 +993,61 @@ mod bounds {
         assert!(e.message().contains("more than 65536 blocks"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod paths {
+    use super::*;
+
+    /// A seed (an original-location disk the replica takes over) named through a symbolic
+    /// link that leads out of the datastore is refused, and no replica is made.
+    #[tokio::test]
+    async fn a_seed_through_a_symlink_out_of_the_datastore_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ds = dir.path().join("ds");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(ds.join("vms")).expect("mkdir");
+        std::fs::create_dir_all(&outside).expect("mkdir");
+        std::fs::write(outside.join("disk0.img"), vec![7u8; 4096]).expect("disk");
+        std::os::unix::fs::symlink(&outside, ds.join("vms/vm1")).expect("symlink");
+        let (outbox, _rx) = mpsc::channel(16);
+        let replicas = Replicas::new(
+            "mt".into(),
+            vec![DatastoreConfig {
+                name: "ds".into(),
+                path: ds.clone(),
+            }],
+            crate::FailoverDisks::Auto,
+            outbox,
+            CancellationToken::new(),
+        );
+        let disk = |path: &str| DiskInfo {
+            id: "disk0".into(),
+            datastore: "ds".into(),
+            path: path.into(),
+            size_bytes: 4096,
+        };
+        let err = replicas
+            .prepare(PrepareReplica {
+                item: "vm1-1".into(),
+                datastore: "ds".into(),
+                disks: vec![disk("")],
+                seed: vec![disk("vms/vm1/disk0.img")],
+                ..Default::default()
+            })
+            .await
+            .expect_err("a seed outside the datastore");
+        assert!(err.contains("symbolic link"), "{err}");
+        assert!(!ds.join("replicas/vm1-1").exists(), "no replica made");
+        let err = replicas
+            .prepare(PrepareReplica {
+                item: "vm1-1".into(),
+                datastore: "ds".into(),
+                disks: vec![disk("")],
+                seed: vec![disk("../outside/disk0.img")],
+                ..Default::default()
+            })
+            .await
+            .expect_err("a seed with ..");
+        assert!(err.contains("without `..`"), "{err}");
+    }
+}
