@@ -32,13 +32,6 @@ impl Cs {
 
     /// [`Cs::start`] with the `advertise` setting.
     async fn start_with(dir: &Path, enroll_port: u16, api_port: u16, advertise: &str) -> Cs {
-        failback_common::tls::install_crypto_provider();
-        let enroll = TcpListener::bind(("127.0.0.1", enroll_port))
-            .await
-            .expect("bind enroll");
-        let api = TcpListener::bind(("127.0.0.1", api_port))
-            .await
-            .expect("bind api");
         let config = CsConfig {
             data_dir: dir.to_path_buf(),
             heartbeat_interval: Duration::from_millis(200),
@@ -46,6 +39,18 @@ impl Cs {
             advertise: advertise.to_string(),
             ..CsConfig::default()
         };
+        Cs::start_config(dir, enroll_port, api_port, config).await
+    }
+
+    /// [`Cs::start`] with a config of the caller's.
+    async fn start_config(dir: &Path, enroll_port: u16, api_port: u16, config: CsConfig) -> Cs {
+        failback_common::tls::install_crypto_provider();
+        let enroll = TcpListener::bind(("127.0.0.1", enroll_port))
+            .await
+            .expect("bind enroll");
+        let api = TcpListener::bind(("127.0.0.1", api_port))
+            .await
+            .expect("bind api");
         let enroll_addr = enroll.local_addr().expect("addr").to_string();
         let api_addr = api.local_addr().expect("addr").to_string();
         let server = ConfigServer::open(config).expect("open cs");
@@ -646,5 +651,100 @@ async fn a_client_refuses_a_server_of_another_role_even_with_the_right_name() {
         .await
         .expect("dialed as an agent, the certificate verifies");
     stop.cancel();
+    cs.stop().await;
+}
+
+fn port_of(address: &str) -> u16 {
+    address
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port")
+}
+
+/// The scale the listener caps must hold (issue 14's load): a thousand machines enroll at once
+/// from one address (more handshakes than the 512 a listener lets wait: some are evicted and
+/// retried, none locked out), keep their control streams, and all reconnect after a CS restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_components_enroll_and_reconnect_from_one_address() {
+    use failback_common::control::{ControlHandle, Dial, spawn};
+    use failback_common::renewal::CredentialsCell;
+    const N: usize = 1000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = CsConfig {
+        data_dir: dir.path().to_path_buf(),
+        heartbeat_interval: Duration::from_secs(1),
+        heartbeat_timeout: Duration::from_secs(10),
+        ..CsConfig::default()
+    };
+    let cs = Cs::start_config(dir.path(), 0, 0, config.clone()).await;
+    let op = cs.operator("op");
+    let (enroll_port, api_port) = (port_of(&cs.enroll), port_of(&cs.api));
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..N {
+        let (settings, api, stop) = (cs.settings(), cs.api.clone(), stop.clone());
+        tasks.spawn(async move {
+            let id = Identity::new(Role::Agent, Site::Onprem, format!("load-{i}"));
+            let mut tries = 0;
+            let creds = loop {
+                tries += 1;
+                match enroll_once(&settings, &id).await {
+                    Ok(c) => break c,
+                    Err(EnrollError::Unreachable { .. }) if tries < 50 => {
+                        tokio::time::sleep(Duration::from_millis(20 * tries)).await;
+                    }
+                    Err(e) => panic!("{id} could not enroll after {tries} tries: {e}"),
+                }
+            };
+            let cell = CredentialsCell::new(creds, None).expect("cell");
+            let base = failback_common::component::hello(&id);
+            let (handle, _task): (ControlHandle, _) = spawn(
+                Dial { cell, address: api },
+                std::sync::Arc::new(move || base.clone()),
+                failback_common::trust::Trust::new(),
+                stop,
+            );
+            (handle, tries)
+        });
+    }
+    let mut handles = Vec::with_capacity(N);
+    let mut retried = 0;
+    while let Some(joined) = tasks.join_next().await {
+        let (handle, tries) = joined.expect("enrolled");
+        retried += usize::from(tries > 1);
+        handles.push(handle);
+    }
+    let enrolled = started.elapsed();
+    let connected = |api: String, op: Credentials| async move {
+        list(&api, &op).await.is_ok_and(|all| {
+            all.iter()
+                .filter(|c| c.name.starts_with("load-") && c.status == "connected")
+                .count()
+                == N
+        })
+    };
+    eventually("a thousand control streams", || {
+        connected(cs.api.clone(), op.clone())
+    })
+    .await;
+    let all_connected = started.elapsed();
+
+    cs.stop().await;
+    let restarted = Instant::now();
+    let cs = Cs::start_config(dir.path(), enroll_port, api_port, config).await;
+    eventually("a thousand control streams after the CS restart", || {
+        connected(cs.api.clone(), op.clone())
+    })
+    .await;
+    eprintln!(
+        "{N} components from one address: enrolled in {enrolled:?} ({retried} retried an \
+         evicted or refused handshake), all connected after {all_connected:?}, all reconnected \
+         {:?} after the CS restart",
+        restarted.elapsed()
+    );
+    stop.cancel();
+    drop(handles);
     cs.stop().await;
 }
