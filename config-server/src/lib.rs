@@ -8,7 +8,8 @@
 //! - `jobs`: the job runner and one module per kind of job (enable, disable, failover,
 //!   commit, cleanup, reprotect, resync, plan): checks that change nothing, then a body the CS
 //!   runs and tracks; what a restart resumes or fails.
-//! - `health` (item and component views), `groups` (multi-VM points), `reports` (what
+//! - `placement` (the least loaded process server when none is named), `health` (item and
+//!   component views), `groups` (multi-VM points), `reports` (what
 //!   components report; what is re-sent when one reconnects), `commands` (the commands
 //!   built from an item's rows).
 //! - `state` (shared state, notifications), `sessions` (control streams, commands and
@@ -34,6 +35,7 @@ mod health;
 mod item;
 mod jobs;
 mod operator;
+mod placement;
 mod reports;
 mod sessions;
 mod state;

@@ -243,8 +243,7 @@ where
         );
     }
     let opts = lab::UpOptions {
-        machines: 1,
-        disk_size,
+        topology: crate::topology::Topology::generated(1, 1, disk_size),
         timeout: Duration::from_secs(60),
         env,
     };

@@ -86,8 +86,7 @@ pub async fn run(bandwidth: u64, size: u64, progress: bool) -> anyhow::Result<Li
     lab::up(
         &dir,
         &lab::UpOptions {
-            machines: 2,
-            disk_size: size,
+            topology: crate::topology::Topology::generated(2, 1, size),
             timeout: Duration::from_secs(60),
             ..Default::default()
         },

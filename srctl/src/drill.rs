@@ -236,8 +236,7 @@ pub async fn run(opts: DrillOptions) -> anyhow::Result<DrillReport> {
             pb.set_message(format!("starting a lab in {}", dir.display()));
         }
         let up_options = lab::UpOptions {
-            machines: opts.machines,
-            disk_size: opts.disk_size,
+            topology: crate::topology::Topology::generated(opts.machines, 1, opts.disk_size),
             timeout: Duration::from_secs(60),
             env,
         };

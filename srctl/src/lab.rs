@@ -1,12 +1,14 @@
-//! The local lab: the default two-site topology of DESIGN.md as separate OS processes on
-//! loopback, all state under one directory.
+//! The local lab: a topology ([`crate::topology`]; the default two-site shape of DESIGN.md
+//! unless a file says otherwise) as separate OS processes on loopback, all state under one
+//! directory.
 //!
 //! # Directory layout
 //! ```text
 //! DIR/lab.json            what runs where (ports, pids, configs, logs); read by every srctl command
 //! DIR/config/NAME.toml    each component's config
 //! DIR/data/NAME/          each component's data directory (identity, state); cs: CA, passphrase, cs.db
-//! DIR/datastores/ds-onprem, DIR/datastores/azure-storage
+//! DIR/topology.toml      the topology the lab was made from (`lab graph --lab DIR` draws it)
+//! DIR/datastores/NAME/    each datastore of the topology
 //! DIR/logs/NAME.log       one log per component
 //! DIR/operator/           the operator credentials srctl uses
 //! ```
@@ -27,12 +29,14 @@ use serde_json::json;
 use crate::client::{OPERATOR_NAME, operator_credentials};
 
 pub use crate::labfile::{LabState, Proc};
+use crate::topology::{Topology, datastore_dir, settings_json};
+use failback_common::identity::Site;
 
 /// Options of `lab up`.
 #[derive(Debug, Clone)]
 pub struct UpOptions {
-    pub machines: usize,
-    pub disk_size: u64,
+    /// What to start (a file of `-t`, or the generated default).
+    pub topology: Topology,
     pub timeout: Duration,
     /// Environment for every component process (config overrides such as
     /// `FBL_PS__CACHE_CAPACITY=32MiB`).
@@ -42,8 +46,7 @@ pub struct UpOptions {
 impl Default for UpOptions {
     fn default() -> Self {
         UpOptions {
-            machines: 2,
-            disk_size: 64 << 20,
+            topology: Topology::generated(2, 1, 64 << 20),
             timeout: Duration::from_secs(60),
             env: BTreeMap::new(),
         }
@@ -153,54 +156,71 @@ fn write_toml(path: &Path, value: serde_json::Value) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// Writes configs for the default topology and returns the lab state (nothing started).
-fn plan(dir: &Path, opts: &UpOptions) -> anyhow::Result<LabState> {
-    for sub in [
-        "config",
-        "data",
-        "logs",
-        "datastores/ds-onprem",
-        "datastores/azure-storage",
-    ] {
+/// Writes the configs of `topology` and returns the lab state (nothing started).
+fn plan(dir: &Path, topology: &Topology, opts: &UpOptions) -> anyhow::Result<LabState> {
+    for sub in ["config", "data", "logs"] {
         std::fs::create_dir_all(dir.join(sub))?;
+    }
+    for ds in topology.datastores() {
+        std::fs::create_dir_all(datastore_dir(dir, &ds))?;
     }
     let dir = std::fs::canonicalize(dir)?;
     let p = |s: &str| dir.join(s);
-    let mut port = BTreeMap::new();
-    for name in [
-        "cs-enroll",
-        "cs-api",
-        "vpn",
-        "ps-onprem",
-        "mt-onprem",
-        "esx-1",
-        "azure-target",
-        "ps-azure",
-        "azure-compute",
-        "link-cs-enroll",
-        "link-cs-api",
-        "link-mt-onprem",
-        "link-ps-onprem",
-        "link-azure-target",
-    ] {
-        let p = free_port(&port, &dir)?;
-        port.insert(name, p);
+    let (onprem, azure) = match (topology.site(Site::Onprem), topology.site(Site::Azure)) {
+        (Some(o), Some(a)) => (o, a),
+        _ => bail!("the topology needs both sites"),
+    };
+    let cs_name = topology.config_server().to_string();
+    // Ports: the CS's two, the link's control port, one per component, and one per route of
+    // the link (named `link-NAME`): the CS and onprem's process servers and master targets
+    // are reached from Azure through it, Azure's targets from onprem.
+    let mut wanted: Vec<String> = vec!["cs-enroll".into(), "cs-api".into(), "vpn".into()];
+    let mut from_azure: Vec<String> = Vec::new();
+    let mut from_onprem: Vec<String> = Vec::new();
+    for site in [onprem, azure] {
+        wanted.extend(site.process_servers.iter().map(|ps| ps.name().to_string()));
+        wanted.extend(site.master_targets.iter().map(|m| m.name.clone()));
+        wanted.extend(site.hosts.iter().map(|h| h.name.clone()));
     }
-    let cs_for = |site: &str| {
-        let (api, enroll) = if site == "onprem" {
-            (port["cs-api"], port["cs-enroll"])
-        } else {
-            (port["link-cs-api"], port["link-cs-enroll"])
+    from_azure.extend(
+        onprem
+            .process_servers
+            .iter()
+            .map(|ps| ps.name().to_string()),
+    );
+    from_azure.extend(onprem.master_targets.iter().map(|m| m.name.clone()));
+    from_onprem.extend(azure.master_targets.iter().map(|m| m.name.clone()));
+    for name in ["cs-enroll", "cs-api"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(from_azure.iter().cloned())
+        .chain(from_onprem.iter().cloned())
+    {
+        wanted.push(format!("link-{name}"));
+    }
+    let mut port: BTreeMap<&str, u16> = BTreeMap::new();
+    for name in &wanted {
+        let free = free_port(&port, &dir)?;
+        port.insert(name.as_str(), free);
+    }
+    let cs_for = |site: Site| {
+        let (api, enroll) = match site {
+            Site::Onprem => (port["cs-api"], port["cs-enroll"]),
+            Site::Azure => (port["link-cs-api"], port["link-cs-enroll"]),
         };
         json!({
             "address": addr(api),
             "enroll_address": addr(enroll),
-            "ca_cert": p("data/cs/ca.pem"),
-            "passphrase_file": p("data/cs/passphrase"),
+            "ca_cert": p(&format!("data/{cs_name}/ca.pem")),
+            "passphrase_file": p(&format!("data/{cs_name}/passphrase")),
         })
     };
-    let ds_onprem = json!({"name": "ds-onprem", "path": p("datastores/ds-onprem")});
-    let ds_azure = json!({"name": "azure-storage", "path": p("datastores/azure-storage")});
+    let datastores = |names: &[String]| -> serde_json::Value {
+        names
+            .iter()
+            .map(|n| json!({"name": n, "path": datastore_dir(&dir, n)}))
+            .collect()
+    };
 
     let mut procs = Vec::new();
     let mut add = |name: &str,
@@ -233,145 +253,125 @@ fn plan(dir: &Path, opts: &UpOptions) -> anyhow::Result<LabState> {
     };
 
     add(
-        "cs",
+        &cs_name,
         "config-server",
         "onprem",
         addr(port["cs-api"]),
         json!({
-            "data_dir": p("data/cs"),
+            "data_dir": p(&format!("data/{cs_name}")),
             "enroll_listen": addr(port["cs-enroll"]),
             "api_listen": addr(port["cs-api"]),
         }),
         true,
     )?;
-    let route = |name: &str, from: &str, listen: &str, connect: &str| json!({"name": name, "from_site": from, "listen": addr(port[listen]), "connect": addr(port[connect])});
-    add(
-        "vpn",
-        "vpn-link",
-        "link",
-        addr(port["vpn"]),
-        json!({
-            "name": crate::labfile::LINK_NAME,
-            "data_dir": p("data/vpn"),
-            "cs": cs_for("onprem"),
-            "control_listen": addr(port["vpn"]),
-            "route": [
-                route("cs-enroll", "azure", "link-cs-enroll", "cs-enroll"),
-                route("cs-api", "azure", "link-cs-api", "cs-api"),
-                route("mt-onprem", "azure", "link-mt-onprem", "mt-onprem"),
-                route("ps-onprem", "azure", "link-ps-onprem", "ps-onprem"),
-                route("azure-target", "onprem", "link-azure-target", "azure-target"),
-            ],
-        }),
-        false,
-    )?;
-    let component = |name: &str, site: &str, adv: serde_json::Value| {
-        json!({
+    let route = |name: &str, from: Site, listen: &str, connect: &str| json!({"name": name, "from_site": from.as_str(), "listen": addr(port[listen]), "connect": addr(port[connect])});
+    let mut routes = vec![
+        route("cs-enroll", Site::Azure, "link-cs-enroll", "cs-enroll"),
+        route("cs-api", Site::Azure, "link-cs-api", "cs-api"),
+    ];
+    for name in &from_azure {
+        routes.push(route(name, Site::Azure, &format!("link-{name}"), name));
+    }
+    for name in &from_onprem {
+        routes.push(route(name, Site::Onprem, &format!("link-{name}"), name));
+    }
+    let mut vpn = json!({
+        "name": crate::labfile::LINK_NAME,
+        "data_dir": p("data/vpn"),
+        "cs": cs_for(Site::Onprem),
+        "control_listen": addr(port["vpn"]),
+        "route": routes,
+    });
+    if !topology.link.is_empty() {
+        vpn["shaping"] = serde_json::to_value(&topology.link)?;
+    }
+    add("vpn", "vpn-link", "link", addr(port["vpn"]), vpn, false)?;
+    // A component's config: identity, data, port, the addresses it is dialed at (its own
+    // site's, and the link's for the other site where there is a route), its settings.
+    let component = |name: &str, site: Site, settings: &toml::Table| -> serde_json::Value {
+        let mut advertise = serde_json::Map::new();
+        advertise.insert(site.as_str().into(), json!(addr(port[name])));
+        let link = format!("link-{name}");
+        if let Some(via) = port.get(link.as_str()) {
+            advertise.insert(site.other().as_str().into(), json!(addr(*via)));
+        }
+        let mut cfg = json!({
             "name": name,
-            "site": site,
+            "site": site.as_str(),
             "data_dir": p(&format!("data/{name}")),
             "listen": addr(port[name]),
-            "advertise": adv,
+            "advertise": advertise,
             "cs": cs_for(site),
-        })
+        });
+        for (k, v) in settings_json(settings) {
+            cfg[k] = v;
+        }
+        cfg
     };
-    add(
-        "ps-onprem",
-        "process-server",
-        "onprem",
-        addr(port["ps-onprem"]),
-        component(
-            "ps-onprem",
-            "onprem",
-            json!({
-                "onprem": addr(port["ps-onprem"]), "azure": addr(port["link-ps-onprem"]),
-            }),
-        ),
-        false,
-    )?;
-    let mut mt = component(
-        "mt-onprem",
-        "onprem",
-        json!({
-            "onprem": addr(port["mt-onprem"]), "azure": addr(port["link-mt-onprem"]),
-        }),
-    );
-    mt["datastore"] = json!([ds_onprem.clone()]);
-    add(
-        "mt-onprem",
-        "master-target",
-        "onprem",
-        addr(port["mt-onprem"]),
-        mt,
-        false,
-    )?;
-    let mut esx = component("esx-1", "onprem", json!({}));
-    esx["datastore"] = json!([ds_onprem]);
-    esx["machine"] = (1..=opts.machines)
-        .map(|i| json!({"name": format!("vm{i}"), "datastore": "ds-onprem", "disk": [{"id": "disk0", "size": opts.disk_size}]}))
-        .collect();
-    add(
-        "esx-1",
-        "mobility-agent",
-        "onprem",
-        addr(port["esx-1"]),
-        esx,
-        false,
-    )?;
-    let mut at = component(
-        "azure-target",
-        "azure",
-        json!({
-            "azure": addr(port["azure-target"]), "onprem": addr(port["link-azure-target"]),
-        }),
-    );
-    at["datastore"] = json!([ds_azure.clone()]);
-    add(
-        "azure-target",
-        "master-target",
-        "azure",
-        addr(port["azure-target"]),
-        at,
-        false,
-    )?;
-    add(
-        "ps-azure",
-        "process-server",
-        "azure",
-        addr(port["ps-azure"]),
-        component(
-            "ps-azure",
-            "azure",
-            json!({
-                "azure": addr(port["ps-azure"]),
-            }),
-        ),
-        false,
-    )?;
-    let mut compute = component("azure-compute", "azure", json!({}));
-    compute["datastore"] = json!([ds_azure]);
-    add(
-        "azure-compute",
-        "mobility-agent",
-        "azure",
-        addr(port["azure-compute"]),
-        compute,
-        false,
-    )?;
-
-    let mut expected: Vec<String> = [
-        crate::labfile::LINK_NAME,
-        "ps-onprem",
-        "mt-onprem",
-        "esx-1",
-        "azure-target",
-        "ps-azure",
-        "azure-compute",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    expected.extend((1..=opts.machines).map(|i| format!("vm{i}")));
+    let mut expected = vec![crate::labfile::LINK_NAME.to_string()];
+    for site in [onprem, azure] {
+        for ps in &site.process_servers {
+            let cfg = component(ps.name(), site.name, &ps.settings());
+            add(
+                ps.name(),
+                "process-server",
+                site.name.as_str(),
+                addr(port[ps.name()]),
+                cfg,
+                false,
+            )?;
+            expected.push(ps.name().to_string());
+        }
+        for mt in &site.master_targets {
+            let mut cfg = component(&mt.name, site.name, &mt.settings);
+            cfg["datastore"] = datastores(&mt.datastores);
+            add(
+                &mt.name,
+                "master-target",
+                site.name.as_str(),
+                addr(port[mt.name.as_str()]),
+                cfg,
+                false,
+            )?;
+            expected.push(mt.name.clone());
+        }
+        for host in &site.hosts {
+            let mut cfg = component(&host.name, site.name, &host.settings);
+            if let Some(o) = cfg["advertise"].as_object_mut() {
+                o.retain(|k, _| k == site.name.as_str());
+            }
+            cfg["datastore"] = datastores(&host.datastores);
+            cfg["machine"] = host
+                .machines
+                .iter()
+                .map(|m| {
+                    let mut machine = json!({
+                        "name": m.name,
+                        "datastore": host.datastores[0],
+                        "disk": m.disks.iter().enumerate()
+                            .map(|(i, size)| json!({"id": format!("disk{i}"), "size": size.as_u64()}))
+                            .collect::<Vec<_>>(),
+                    });
+                    for (k, v) in settings_json(&m.settings) {
+                        machine[k] = v;
+                    }
+                    machine
+                })
+                .collect();
+            add(
+                &host.name,
+                "mobility-agent",
+                site.name.as_str(),
+                addr(port[host.name.as_str()]),
+                cfg,
+                false,
+            )?;
+            expected.push(host.name.clone());
+        }
+    }
+    expected.extend(topology.machines());
+    std::fs::write(p("topology.toml"), toml::to_string_pretty(topology)?)
+        .with_context(|| format!("cannot write {}", p("topology.toml").display()))?;
     Ok(LabState {
         dir: dir.clone(),
         cs_api: addr(port["cs-api"]),
@@ -513,7 +513,7 @@ pub async fn up(dir: &Path, opts: &UpOptions) -> anyhow::Result<LabState> {
         Err(_) => {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
-            plan(dir, opts)?
+            plan(dir, &opts.topology, opts)?
         }
     };
     let bins = bin_dir()?;

@@ -1,9 +1,9 @@
 //! `srctl`: the operator's command line and the local lab runner.
 //!
 //! # Layout
-//! - [`lab`]: `lab up|down|status`: the default two-site topology as OS processes on
-//!   loopback, its directory layout (one config, data dir and log per component);
-//!   [`labfile`]: `lab.json`, what runs where.
+//! - [`lab`]: `lab up|down|status`: a topology as OS processes on loopback, its directory
+//!   layout (one config, data dir and log per component); [`labfile`]: `lab.json`, what runs
+//!   where; [`topology`]: topology files, their checks and their Mermaid drawing.
 //! - [`bench`]: benchmarks with a baseline measured in the same run; [`bench_link`]: link use
 //!   under a bandwidth cap.
 //! - [`client`]: finding a lab (`--lab DIR` or `FAILBACK_LAB`) and dialing its CS as the
@@ -27,6 +27,7 @@ pub mod link;
 pub mod plan;
 pub mod scenario;
 pub mod stages;
+pub mod topology;
 
 /// A size like `64MiB`, `1GiB`, `512KiB` or a plain number of bytes.
 pub fn parse_size(s: &str) -> anyhow::Result<u64> {

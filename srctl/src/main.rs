@@ -429,10 +429,17 @@ enum LabCmd {
     Up {
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// Machines on esx-1 (vm1..vmN).
+        /// Start the topology this TOML file describes (see deploy/topologies/); without it,
+        /// the default shape with --machines and --hosts.
+        #[arg(short = 't', long = "topology", conflicts_with_all = ["machines", "hosts", "disk_size"])]
+        topology: Option<PathBuf>,
+        /// Machines vm1..vmN, spread over the hosts (default shape only).
         #[arg(long, default_value_t = 2)]
         machines: usize,
-        /// Size of each machine's disk, e.g. 64MiB.
+        /// ESX hosts esx-1..esx-H on-premises (default shape only).
+        #[arg(long, default_value_t = 1)]
+        hosts: usize,
+        /// Size of each machine's disk, e.g. 64MiB (default shape only).
         #[arg(long, default_value = "64MiB")]
         disk_size: String,
         /// How master targets make failover disks: a copy where the filesystem reflinks and an
@@ -442,6 +449,12 @@ enum LabCmd {
         /// How long to wait for every component to register.
         #[arg(long, default_value = "60s")]
         timeout: humantime::Duration,
+    },
+    /// Print a topology as a Mermaid diagram: sites, components, machines, the link, who
+    /// sends to whom (the running lab's, or a file's with -t).
+    Graph {
+        #[arg(short = 't', long = "topology")]
+        topology: Option<PathBuf>,
     },
     /// Show the lab's processes and their registration status.
     Status {
@@ -540,17 +553,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
+        Cmd::Lab(LabCmd::Graph { topology }) => {
+            let topology = match topology {
+                Some(file) => srctl::topology::Topology::load(&file)?,
+                None => {
+                    let dir = srctl::client::lab_dir(lab_flag)?;
+                    srctl::topology::Topology::load(&dir.join("topology.toml"))?
+                }
+            };
+            print!("{}", topology.mermaid());
+        }
         Cmd::Lab(LabCmd::Up {
             dir,
+            topology,
             machines,
+            hosts,
             disk_size,
             failover_disks,
             timeout,
         }) => {
             let dir = srctl::client::lab_dir(dir.or(lab_flag))?;
+            let topology = match topology {
+                Some(file) => srctl::topology::Topology::load(&file)?,
+                None => {
+                    srctl::topology::Topology::generated(machines, hosts, parse_size(&disk_size)?)
+                }
+            };
             let opts = lab::UpOptions {
-                machines,
-                disk_size: parse_size(&disk_size)?,
+                topology,
                 timeout: timeout.into(),
                 env: [("FBL_MT__FAILOVER_DISKS".to_string(), failover_disks)].into(),
             };

@@ -102,7 +102,8 @@ pub struct ShapingConfig {
 
 impl ShapingConfig {
     /// Parses every key present; the error is `(key, message)`.
-    fn validate(&self) -> Result<Settings, (&'static str, String)> {
+    /// The settings these keys describe; the first bad key and why otherwise.
+    pub fn validate(&self) -> Result<Settings, (&'static str, String)> {
         fn field<T>(
             key: &'static str,
             value: &Option<String>,

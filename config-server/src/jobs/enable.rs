@@ -26,7 +26,7 @@ pub async fn start(jobs: &Arc<Jobs>, req: EnableItemRequest) -> Result<Job, Stat
     } else {
         req.policy.clone()
     };
-    let (machine, existing, policy, components) = state
+    let (machine, existing, policy, components, items) = state
         .store
         .call(move |db| {
             Ok((
@@ -34,6 +34,7 @@ pub async fn start(jobs: &Arc<Jobs>, req: EnableItemRequest) -> Result<Job, Stat
                 db.item_of_machine(&name)?,
                 db.policy(&policy_name)?,
                 db.list()?,
+                db.items()?,
             ))
         })
         .await?;
@@ -76,12 +77,14 @@ pub async fn start(jobs: &Arc<Jobs>, req: EnableItemRequest) -> Result<Job, Stat
     };
     let site = machine.site.clone();
     let ps_name = if req.process_server.is_empty() {
-        if site == "onprem" {
-            "ps-onprem"
-        } else {
-            "ps-azure"
-        }
-        .to_string()
+        crate::placement::least_loaded_ps(state, &components, &items, &site)
+            .map(|ps| ps.name.clone())
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "no process server of {site} is connected and healthy (ASR 806); start one \
+                     or name one with --process-server"
+                ))
+            })?
     } else {
         req.process_server.clone()
     };

@@ -163,12 +163,19 @@ fn check(state: &State, f: &Facts, req: &ReprotectRequest) -> Result<Plan, Statu
         "azure"
     };
 
-    let ps_name = match (req.process_server.as_str(), source_site.as_str()) {
-        ("", "azure") => "ps-azure",
-        ("", _) => "ps-onprem",
-        (name, _) => name,
+    let ps_name = match req.process_server.as_str() {
+        "" => crate::placement::least_loaded_ps(state, &f.components, &f.items, &source_site)
+            .map(|ps| ps.name.clone())
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "806: no process server in {source_site} is connected and healthy: deploy one \
+                     (ASR: a process server in Azure for failback) or name one with \
+                     --process-server"
+                ))
+            })?,
+        name => name.to_string(),
     };
-    let ps = f.role(ps_name, "process-server", "process server")?;
+    let ps = f.role(&ps_name, "process-server", "process server")?;
     if !state.connected(&ps.name) {
         return Err(Status::failed_precondition(format!(
             "806: process server `{}` is not connected (no heartbeat); start it or choose another \
@@ -183,12 +190,22 @@ fn check(state: &State, f: &Facts, req: &ReprotectRequest) -> Result<Plan, Statu
         ))
     })?;
 
-    let mt_name = match (req.master_target.as_str(), target_site) {
-        ("", "onprem") => "mt-onprem",
-        ("", _) => "azure-target",
-        (name, _) => name,
+    let mt_name = match req.master_target.as_str() {
+        "" => crate::placement::default_master_target(
+            state,
+            &f.components,
+            target_site,
+            &old.placement.home_datastore,
+        )
+        .map(|mt| mt.name.clone())
+        .ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "no master target in {target_site}: deploy one, then reprotect"
+            ))
+        })?,
+        name => name.to_string(),
     };
-    let mt = f.role(mt_name, "master-target", "master target")?;
+    let mt = f.role(&mt_name, "master-target", "master target")?;
     if mt.site != target_site {
         return Err(Status::invalid_argument(format!(
             "master target `{}` is in {}, but `{}` replicates to {target_site}",

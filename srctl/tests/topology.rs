@@ -1,0 +1,136 @@
+//! Topology files: the documented example (two ESX hosts, machines with several disks, two
+//! process servers, a Windows and a Linux master target) comes up as processes, is drawn by
+//! `lab graph`, spreads its items over both process servers, and drills every machine
+//! byte-exact; bad files are refused before anything starts, naming the file and the key.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use serde_json::Value;
+
+const EXAMPLE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../deploy/topologies/two-hosts.toml"
+);
+
+fn lab_up_t(dir: &Path, file: &str) -> std::process::Output {
+    Command::new(SRCTL)
+        .args(["lab", "up", "--dir"])
+        .arg(dir)
+        .args(["-t", file])
+        .env_remove("FAILBACK_LAB")
+        .output()
+        .expect("srctl")
+}
+
+/// Stops the lab in its directory when dropped (a failed assertion included).
+struct Down(std::path::PathBuf);
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        let _ = srctl(&self.0, &["lab", "down"]);
+    }
+}
+
+#[test]
+fn the_documented_example_comes_up_and_drills_every_machine_byte_exact() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("lab");
+    ok(lab_up_t(&dir, EXAMPLE));
+    let _down = Down(dir.clone());
+
+    let graph = ok(srctl(&dir, &["lab", "graph"]));
+    for name in ["sql1", "web2", "ps-2", "mt-lin", "azure-target", "vpn-link"] {
+        assert!(graph.contains(name), "{name} missing from\n{graph}");
+    }
+    assert!(graph.starts_with("flowchart LR"), "{graph}");
+
+    let out = Command::new(SRCTL)
+        .args(["--lab"])
+        .arg(&dir)
+        .args(["drill", "--machines", "4", "--rate", "1", "--json"])
+        .output()
+        .expect("drill");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    assert!(
+        out.status.success() && report["ok"] == true,
+        "drill failed: {report:#}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let drilled = report["machines"].as_array().map(Vec::len).unwrap_or(0);
+    assert_eq!(drilled, 4, "every machine drilled: {report:#}");
+
+    // Enable chose the least loaded process server each time: both carried items.
+    let items = json(srctl(&dir, &["item", "list", "--json"]));
+    let used: std::collections::BTreeSet<&str> = items
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|i| i["process_server"].as_str())
+        .collect();
+    assert!(
+        used.contains("ps-1") && used.contains("ps-2"),
+        "enable spread the items: {used:?}"
+    );
+}
+
+#[test]
+fn bad_topology_files_are_refused_before_anything_starts() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let example = std::fs::read_to_string(EXAMPLE).expect("example");
+    let cases = [
+        (
+            example.replace(
+                "{ name = \"web1\", os = \"linux\", disks = [\"32MiB\"] }",
+                "{ name = \"web1\", os = \"linux\", disks = [] }",
+            ),
+            "site[0].hosts[1].machines[0].disks",
+        ),
+        (
+            example.replace("\"ps-1\", \"ps-2\"", "\"ps-1\", \"PS-1\""),
+            "site[0].process_servers[1]",
+        ),
+        (
+            example.replace(
+                "hosts = [{ name = \"azure-compute\", datastores = [\"azure-storage\"] }]",
+                "hosts = [{ name = \"azure-compute\", datastores = [\"azure-other\"] }]",
+            ),
+            "site[1].hosts[0].datastores",
+        ),
+        (
+            example.replace("latency = \"20ms\"", "latency = \"20ms\"\nwhatever = 1"),
+            "whatever",
+        ),
+    ];
+    for (i, (text, key)) in cases.iter().enumerate() {
+        let file = tmp.path().join(format!("bad-{i}.toml"));
+        std::fs::write(&file, text).expect("write");
+        let dir = tmp.path().join(format!("lab-{i}"));
+        let out = lab_up_t(&dir, file.to_str().expect("utf-8"));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "case {i} must be refused");
+        assert!(
+            err.contains(&file.display().to_string()) && err.contains(key),
+            "case {i}: {err}"
+        );
+        assert!(
+            !dir.join("lab.json").exists(),
+            "case {i}: nothing may start"
+        );
+    }
+    // A topology file and the default shape's flags together: refused.
+    let out = Command::new(SRCTL)
+        .args(["lab", "up", "--dir"])
+        .arg(tmp.path().join("lab-flags"))
+        .args(["-t", EXAMPLE, "--machines", "3"])
+        .output()
+        .expect("srctl");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("cannot be used with"),
+        "{err}"
+    );
+}
