@@ -118,6 +118,8 @@ fn replication_is_byte_exact_and_survives_kill_9_of_each_hop() {
 
     // The agent isn't installed (not connected): enabling vm2 is refused.
     ok(srctl(&lab, &["lab", "kill", "esx-1"]));
+    // Once the CS has seen the agent go (its stream broke, or its heartbeats stopped).
+    wait_component(&lab, "vm2", "onprem", "not connected");
     let e = fails(srctl(&lab, &["item", "enable", "vm2"]));
     assert!(e.contains("the agent isn't installed"), "{e}");
     let items: Value =
