@@ -14,6 +14,7 @@
 //! - [`durable`]: state files written whole and durably (fsync, rename, directory fsync).
 //! - [`vdisk`]: a disk as stored: a raw sparse file or an overlay over a frozen, shared base.
 //! - [`fence`]: one live replication stream per item at a receiver.
+//! - [`os`]: a machine's or master target's operating system.
 //! - [`paths`]: paths built from what peers send stay inside their datastore or directory.
 //! - [`enroll`]: one-time enrollment with the configuration server (passphrase + CSR).
 //! - [`control`]: the self-reconnecting control stream to the configuration server.
@@ -32,6 +33,7 @@ pub mod fence;
 pub mod identity;
 pub mod limits;
 pub mod listener;
+pub mod os;
 pub mod paths;
 pub mod renewal;
 pub mod server;

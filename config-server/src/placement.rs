@@ -2,7 +2,8 @@
 //! machine's site, the connected one (not in critical health) that carries the fewest active
 //! items (`items` holds the active ones), as ASR's scale-out process servers share the load;
 //! ties go to the first name. And the master target a reprotect writes to: one of the
-//! target site that sees the machine's original datastore, connected ones first.
+//! target site and the machine's OS that sees the machine's original datastore, connected
+//! ones first.
 
 use failback_proto::pb::control::Health;
 
@@ -32,19 +33,22 @@ pub fn least_loaded_ps<'a>(
         })
 }
 
-/// The master target of `site` a reprotect writes to when none is named: one that sees
-/// `datastore` (the original location), connected ones first, then by name.
+/// The master target of `site` a reprotect writes to when none is named: one of the
+/// machine's OS, then one that sees `datastore` (the original location), connected ones
+/// first, then by name.
 pub fn default_master_target<'a>(
     state: &State,
     components: &'a [ComponentRow],
     site: &str,
     datastore: &str,
+    os: Option<failback_common::os::Os>,
 ) -> Option<&'a ComponentRow> {
     components
         .iter()
         .filter(|c| c.role == "master-target" && c.site == site)
         .min_by_key(|c| {
             (
+                os.is_some() && c.os.is_some() && c.os != os,
                 !c.datastores.iter().any(|d| d.name == datastore),
                 !state.connected(&c.name),
                 c.name.clone(),

@@ -47,6 +47,9 @@ pub struct MtConfig {
     pub datastore: Vec<DatastoreConfig>,
     /// How a failover creates a VM's disks from the replica (`failover_disks`).
     pub failover_disks: FailoverDisks,
+    /// The master target's operating system: it fails back machines of the same. Unset for
+    /// Azure's target storage, which takes any machine.
+    pub os: Option<failback_common::os::Os>,
 }
 
 /// How the disks of a failed-over (or test) VM are made from the replica.
@@ -102,6 +105,7 @@ impl Default for MtConfig {
             listener: Default::default(),
             datastore: Vec::new(),
             failover_disks: FailoverDisks::Auto,
+            os: Default::default(),
         }
     }
 }
@@ -133,10 +137,14 @@ pub async fn run(
     let base = hello(&identity);
     let datastores = config.datastore.clone();
     let snapshots_dir = config.data_dir.join("snapshots");
+    let os = config
+        .os
+        .map_or(failback_proto::pb::control::Os::Unspecified, |o| o.to_pb()) as i32;
     let hello_fn = Arc::new(move || Hello {
         addresses: addresses.clone(),
         datastores: datastores.iter().map(DatastoreConfig::describe).collect(),
         snapshots: snapshots(&snapshots_dir),
+        os,
         ..base.clone()
     });
     let registered = register(&identity, &config.data_dir, &config.cs, hello_fn, &shutdown).await?;

@@ -571,6 +571,7 @@ mod tests {
             .expect("disk");
         let machine = Machine {
             name: "vm1".into(),
+            os: Default::default(),
             disks: vec![Disk {
                 id: "d0".into(),
                 datastore: "ds".into(),

@@ -56,6 +56,9 @@ pub struct AgentConfig {
 pub struct MachineConfig {
     pub name: String,
     pub datastore: String,
+    /// Its operating system (reprotect needs a master target of the same).
+    #[serde(default)]
+    pub os: failback_common::os::Os,
     #[serde(default)]
     pub disk: Vec<DiskConfig>,
 }

@@ -123,8 +123,10 @@ async fn start_machine(
         power_state: "running".into(),
         disks: m.disks.iter().map(|d| d.describe()).collect(),
     };
+    let os = m.os.to_pb() as i32;
     let hello_fn = Arc::new(move || Hello {
         machine: Some(info.clone()),
+        os,
         ..base.clone()
     });
     let data_dir = config.data_dir.join("machines").join(&m.name);
@@ -163,6 +165,9 @@ struct Booted {
     disks: Vec<(String, String, u64)>,
     network: String,
     boot_delay_ms: u64,
+    /// The machine's OS (older host.json files: Windows).
+    #[serde(default)]
+    os: failback_common::os::Os,
 }
 
 /// What the host changed at runtime, persisted in DATA_DIR/host.json: configured machines
@@ -343,6 +348,7 @@ async fn boot(
             ));
         }
     }
+    let os = failback_common::os::Os::from_pb(b.os()).unwrap_or_default();
     let identity = Identity::new(Role::Agent, config.site, &b.name);
     let data_dir = config.data_dir.join("machines").join(&b.name);
     let _ = std::fs::remove_dir_all(&data_dir);
@@ -364,6 +370,7 @@ async fn boot(
             .collect(),
         network: b.network.clone(),
         boot_delay_ms: b.boot_delay_ms,
+        os,
     };
     let mut saved = HostState::load(&config.data_dir).map_err(|e| e.to_string())?;
     saved.booted.retain(|x| x.name != b.name);
@@ -400,6 +407,7 @@ fn start_booted(
     );
     let m = machine::Machine {
         name: b.name.clone(),
+        os: b.os,
         disks,
         resized: false,
     };

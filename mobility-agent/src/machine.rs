@@ -29,6 +29,7 @@ impl Disk {
 
 pub struct Machine {
     pub name: String,
+    pub os: failback_common::os::Os,
     pub disks: Vec<Disk>,
     /// A disk grew since the last start: tracking is lost, a full resync is needed.
     pub resized: bool,
@@ -92,6 +93,7 @@ impl Machine {
         }
         Ok(Machine {
             name: config.name.clone(),
+            os: config.os,
             disks,
             resized,
         })

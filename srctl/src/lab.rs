@@ -325,6 +325,9 @@ fn plan(dir: &Path, topology: &Topology, opts: &UpOptions) -> anyhow::Result<Lab
         for mt in &site.master_targets {
             let mut cfg = component(&mt.name, site.name, &mt.settings);
             cfg["datastore"] = datastores(&mt.datastores);
+            if mt.role == crate::topology::TargetRole::MasterTarget {
+                cfg["os"] = json!(mt.os.as_str());
+            }
             add(
                 &mt.name,
                 "master-target",
@@ -347,6 +350,7 @@ fn plan(dir: &Path, topology: &Topology, opts: &UpOptions) -> anyhow::Result<Lab
                 .map(|m| {
                     let mut machine = json!({
                         "name": m.name,
+                        "os": m.os.as_str(),
                         "datastore": host.datastores[0],
                         "disk": m.disks.iter().enumerate()
                             .map(|(i, size)| json!({"id": format!("disk{i}"), "size": size.as_u64()}))

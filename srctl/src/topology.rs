@@ -28,22 +28,7 @@ use failback_common::identity::{Site, validate_name};
 use serde::{Deserialize, Serialize};
 
 /// A machine's or a master target's operating system (reprotect pairs them).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Os {
-    #[default]
-    Windows,
-    Linux,
-}
-
-impl Os {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Os::Windows => "windows",
-            Os::Linux => "linux",
-        }
-    }
-}
+pub use failback_common::os::Os;
 
 /// What a master target is for: a VM-backed master target, or Azure's target storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

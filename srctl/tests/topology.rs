@@ -75,6 +75,42 @@ fn the_documented_example_comes_up_and_drills_every_machine_byte_exact() {
         used.contains("ps-1") && used.contains("ps-2"),
         "enable spread the items: {used:?}"
     );
+
+    // A Linux machine fails back through a Linux master target: the Windows one is refused,
+    // with the OS named first, and nothing changes; without a choice the Linux one is taken.
+    ok(srctl(&dir, &["failover", "web1"]));
+    ok(srctl(&dir, &["commit", "web1"]));
+    wait_component(&dir, "web1", "azure", "connected");
+    let before = show(&dir, "web1");
+    let jobs = json(srctl(&dir, &["job", "list", "--json"]))
+        .as_array()
+        .map(Vec::len);
+    let e = fails(srctl(
+        &dir,
+        &[
+            "reprotect",
+            "web1",
+            "--master-target",
+            "mt-win",
+            "--datastore",
+            "ds-a",
+        ],
+    ));
+    assert!(
+        e.contains("runs Linux, but master target `mt-win` runs Windows"),
+        "{e}"
+    );
+    assert_eq!(show(&dir, "web1")["id"], before["id"], "no new item");
+    assert_eq!(show(&dir, "web1")["state"], "Failover committed");
+    assert_eq!(
+        json(srctl(&dir, &["job", "list", "--json"]))
+            .as_array()
+            .map(Vec::len),
+        jobs,
+        "a refused reprotect starts no job"
+    );
+    ok(srctl(&dir, &["reprotect", "web1"]));
+    assert_eq!(show(&dir, "web1")["target"], "mt-lin");
 }
 
 #[test]

@@ -590,9 +590,18 @@ async fn execute(ctx: &Ctx, plan: &Plan) -> Result<(), JobError> {
             state.sessions.drop_session(&vm);
             // A re-run after an interrupted failover finds the VM already there: replace it.
             remove_vm(ctx, &host.name, &vm, false).await?;
+            // The VM keeps the machine's OS (it reports it when it registers).
+            let source = item.machine.clone();
+            let os = state
+                .store
+                .call(move |db| db.component(&source))
+                .await?
+                .and_then(|c| c.os)
+                .unwrap_or_default();
             ctx.command(
                 &host.name,
                 command::Kind::Boot(BootMachine {
+                    os: os.to_pb() as i32,
                     name: vm.clone(),
                     datastore: item.datastore.clone(),
                     disks: made

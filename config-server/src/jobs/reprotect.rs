@@ -196,6 +196,7 @@ fn check(state: &State, f: &Facts, req: &ReprotectRequest) -> Result<Plan, Statu
             &f.components,
             target_site,
             &old.placement.home_datastore,
+            machine.os,
         )
         .map(|mt| mt.name.clone())
         .ok_or_else(|| {
@@ -210,6 +211,21 @@ fn check(state: &State, f: &Facts, req: &ReprotectRequest) -> Result<Plan, Statu
         return Err(Status::invalid_argument(format!(
             "master target `{}` is in {}, but `{}` replicates to {target_site}",
             mt.name, mt.site, machine.name
+        )));
+    }
+    if let (Some(machine_os), Some(mt_os)) = (machine.os, mt.os)
+        && machine_os != mt_os
+    {
+        return Err(Status::failed_precondition(format!(
+            "`{}` runs {}, but master target `{}` runs {}: a {} machine fails back through a {} \
+             master target; choose one with --master-target (or set one up, as for large or \
+             Linux failbacks)",
+            machine.name,
+            machine_os.title(),
+            mt.name,
+            mt_os.title(),
+            machine_os.title(),
+            machine_os.title()
         )));
     }
     if !state.connected(&mt.name) {

@@ -3,6 +3,7 @@
 //! settings table (CA, passphrase, counters).
 
 use failback_common::identity::Identity;
+use failback_common::os::Os;
 use failback_proto::pb::control::Hello;
 use rusqlite::{OptionalExtension, params};
 
@@ -21,6 +22,8 @@ pub struct ComponentRow {
     pub host: String,
     pub power_state: String,
     pub last_heartbeat_ms: i64,
+    /// What a machine or a master target reported (`None`: nothing, or another role).
+    pub os: Option<Os>,
     pub datastores: Vec<DatastoreRow>,
     pub machines: Vec<String>,
     pub disks: Vec<DiskRow>,
@@ -153,10 +156,19 @@ impl Db<'_> {
             .as_ref()
             .map(|m| (m.host.clone(), m.power_state.clone()))
             .unwrap_or_default();
+        let os = Os::from_pb(hello.os()).map(Os::as_str).unwrap_or("");
         tx.execute(
             "UPDATE components SET version = ?2, addresses = ?3, host = ?4, power_state = ?5,
-                 last_heartbeat_ms = ?6 WHERE name = ?1",
-            params![hello.name, hello.version, addresses, host, power, now_ms],
+                 last_heartbeat_ms = ?6, os = ?7 WHERE name = ?1",
+            params![
+                hello.name,
+                hello.version,
+                addresses,
+                host,
+                power,
+                now_ms,
+                os
+            ],
         )?;
         tx.execute("DELETE FROM datastores WHERE component = ?1", [&hello.name])?;
         for ds in &hello.datastores {
@@ -206,7 +218,7 @@ impl Db<'_> {
         let conn = self.c;
         let mut stmt = conn.prepare_cached(
             "SELECT name, role, site, cert_fingerprint, enrolled_at_ms, version, addresses, host,
-                    power_state, last_heartbeat_ms
+                    power_state, last_heartbeat_ms, os
              FROM components WHERE ?1 IS NULL OR name = ?1 ORDER BY site DESC, role, name",
         )?;
         let mut rows: Vec<ComponentRow> = stmt
@@ -223,6 +235,7 @@ impl Db<'_> {
                     host: r.get(7)?,
                     power_state: r.get(8)?,
                     last_heartbeat_ms: r.get(9)?,
+                    os: Os::parse(&r.get::<_, String>(10)?),
                     ..Default::default()
                 })
             })?

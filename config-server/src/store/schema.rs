@@ -11,7 +11,7 @@ use rusqlite::Connection;
 use super::DbError;
 
 /// The schema version this code writes.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Version 1: the schema of the first releases (created `IF NOT EXISTS`, so it is also how an
 /// unversioned database is brought to version 1).
@@ -140,6 +140,11 @@ CREATE TABLE IF NOT EXISTS revoked (
 );
 "#;
 
+/// Version 4: the operating system machines and master targets report (reprotect pairs them).
+const V4: &str = r#"
+ALTER TABLE components ADD COLUMN os TEXT NOT NULL DEFAULT '';
+"#;
+
 /// Brings the database to [`SCHEMA_VERSION`].
 pub fn migrate(conn: &mut Connection) -> Result<(), DbError> {
     let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
@@ -165,6 +170,9 @@ pub fn migrate(conn: &mut Connection) -> Result<(), DbError> {
     }
     if found < 3 {
         tx.execute_batch(V3)?;
+    }
+    if found < 4 {
+        tx.execute_batch(V4)?;
     }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()?;
