@@ -388,6 +388,11 @@ def data_plane_takes_only_the_assigned_sender():
     check("the target is still up", ok, detail)
     verify_a_new_point("vm1", int(time.time() * 1000),
                        "replication goes on: a new point of vm1 is byte-exact")
+    # An operator can't strand the item either: what it uses can't be removed.
+    for name in ["ps-onprem", "azure-target", "vm1"]:
+        rc, out = srctl("infra", "remove", name)
+        check(f"`infra remove {name}` is refused while vm1's item uses it",
+              rc != 0 and "in use by" in out and name in infra(), out.strip())
 
 
 def link_control_needs_an_operator():

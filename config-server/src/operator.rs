@@ -697,6 +697,25 @@ impl Operator for OperatorService {
     ) -> Result<Response<RemoveComponentResponse>, Status> {
         let who = authorize(&request, "Operator.RemoveComponent", &[Role::Operator])?;
         let name = request.into_inner().name;
+        // A process server, master target or machine that active items use stays: removing
+        // it would strand them.
+        let n = name.clone();
+        let users: Vec<String> = self
+            .state
+            .store
+            .call(move |db| db.items())
+            .await?
+            .into_iter()
+            .filter(|i| i.process_server == n || i.target == n || i.machine == n)
+            .map(|i| i.id)
+            .collect();
+        if !users.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "`{name}` is in use by {}: disable their replication (`srctl item disable \
+                 MACHINE`) or move them elsewhere (reprotect through another component) first",
+                users.join(", ")
+            )));
+        }
         let n = name.clone();
         let Some(fingerprint) = self
             .state
