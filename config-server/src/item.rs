@@ -225,6 +225,7 @@ labels! {
         Resync => "resync",
         Plan => "plan",
         PlanReprotect => "plan-reprotect",
+        Deploy => "deploy",
     }
 }
 

@@ -13,13 +13,13 @@ use failback_proto::pb::control::{
 };
 use failback_proto::pb::operator::{
     CancelJobRequest, Component, DatastoreRow, DeleteMachineRequest, DeleteMachineResponse,
-    DeletePlanResponse, DiskRow, DiskVerification, EnableItemRequest, FailoverRequest, ItemRequest,
-    Job, JobRequest, ListInfraRequest, ListInfraResponse, ListItemsRequest, ListItemsResponse,
-    ListJobsRequest, ListJobsResponse, ListPlansRequest, ListPlansResponse, ListPoliciesRequest,
-    ListPoliciesResponse, Plan, PlanAction, PlanFailoverRequest, PlanMember, PlanReprotectRequest,
-    PlanReprotectResponse, PlanRequest, Policy, RemoveComponentRequest, RemoveComponentResponse,
-    ReprotectRequest, ResyncRequest, VerifyRequest, VerifyResponse, WorkloadRequest,
-    WorkloadResponse, operator_server::Operator,
+    DeletePlanResponse, DeployComponentRequest, DiskRow, DiskVerification, EnableItemRequest,
+    FailoverRequest, ItemRequest, Job, JobRequest, ListInfraRequest, ListInfraResponse,
+    ListItemsRequest, ListItemsResponse, ListJobsRequest, ListJobsResponse, ListPlansRequest,
+    ListPlansResponse, ListPoliciesRequest, ListPoliciesResponse, Plan, PlanAction,
+    PlanFailoverRequest, PlanMember, PlanReprotectRequest, PlanReprotectResponse, PlanRequest,
+    Policy, RemoveComponentRequest, RemoveComponentResponse, ReprotectRequest, ResyncRequest,
+    VerifyRequest, VerifyResponse, WorkloadRequest, WorkloadResponse, operator_server::Operator,
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -688,6 +688,16 @@ impl Operator for OperatorService {
         authorize(&request, "Operator.PlanFailover", &[Role::Operator])?;
         Ok(Response::new(
             jobs::plan::start(&self.jobs, request.into_inner()).await?,
+        ))
+    }
+
+    async fn deploy_component(
+        &self,
+        request: Request<DeployComponentRequest>,
+    ) -> Result<Response<Job>, Status> {
+        authorize(&request, "Operator.DeployComponent", &[Role::Operator])?;
+        Ok(Response::new(
+            jobs::deploy::start(&self.jobs, request.into_inner()).await?,
         ))
     }
 

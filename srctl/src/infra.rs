@@ -1,6 +1,9 @@
-//! `srctl infra list|remove`: the CS inventory, as a table or JSON.
+//! `srctl infra list|remove|add`: the CS inventory, as a table or JSON; components removed
+//! or deployed at runtime.
 
-use failback_proto::pb::operator::{Component, ListInfraRequest, RemoveComponentRequest};
+use failback_proto::pb::operator::{
+    Component, DeployComponentRequest, DeployRole, Job, ListInfraRequest, RemoveComponentRequest,
+};
 use serde_json::json;
 
 use crate::client::status_message;
@@ -133,4 +136,18 @@ pub async fn remove(dir: &std::path::Path, name: &str) -> anyhow::Result<()> {
         .await
         .map_err(|s| anyhow::anyhow!("{}", status_message(&s)))?;
     Ok(())
+}
+
+/// Starts the "Deploy process server" job for `name` in `site`.
+pub async fn deploy(dir: &std::path::Path, name: &str, site: &str) -> anyhow::Result<Job> {
+    let mut client = crate::client::operator(dir).await?;
+    Ok(client
+        .deploy_component(DeployComponentRequest {
+            name: name.to_string(),
+            role: DeployRole::ProcessServer as i32,
+            site: site.to_string(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", status_message(&s)))?
+        .into_inner())
 }

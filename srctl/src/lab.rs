@@ -762,6 +762,115 @@ async fn wait_dead(pid: Option<u32>, within: Duration) -> bool {
     true
 }
 
+/// Adds a process server `name` in `site` to the local lab in `dir` and starts it: its config
+/// (the CS as its site reaches it, copied from a component of that site), a port, its place
+/// in `lab.json` and `topology.toml`. For a lab whose components run elsewhere (containers),
+/// nothing is started here: say so.
+pub async fn add_process_server(dir: &Path, name: &str, site: &str) -> anyhow::Result<()> {
+    let mut state = LabState::load(dir)?;
+    if state.procs.is_empty() {
+        bail!(
+            "the components of the lab in {} run elsewhere (containers): start `{name}` there; \
+             the deploy job waits for it",
+            dir.display()
+        );
+    }
+    if state.procs.iter().any(|p| p.name == name) {
+        bail!("the lab already runs a component named `{name}`");
+    }
+    let site_enum: Site = site.parse().map_err(|e: String| anyhow!(e))?;
+    // The CS as this site reaches it: what another component of the site is configured with.
+    let peer = state
+        .procs
+        .iter()
+        .find(|p| p.site == site && p.binary != "config-server")
+        .ok_or_else(|| anyhow!("the lab has no component in {site} to take the CS address from"))?;
+    let peer_config: toml::Table = toml::from_str(
+        &std::fs::read_to_string(&peer.config)
+            .with_context(|| format!("cannot read {}", peer.config.display()))?,
+    )?;
+    let cs = peer_config
+        .get("cs")
+        .cloned()
+        .ok_or_else(|| anyhow!("{} has no [cs] table", peer.config.display()))?;
+    let dir = state.dir.clone();
+    let taken: BTreeMap<&str, u16> = BTreeMap::new();
+    let port = free_port(&taken, &dir)?;
+    let config = dir.join(format!("config/{name}.toml"));
+    write_toml(
+        &config,
+        json!({
+            "name": name,
+            "site": site,
+            "data_dir": dir.join(format!("data/{name}")),
+            "listen": addr(port),
+            "advertise": { site: addr(port) },
+            "cs": serde_json::to_value(&cs)?,
+        }),
+    )?;
+    let env = state
+        .procs
+        .first()
+        .map(|p| p.env.clone())
+        .unwrap_or_default();
+    let proc = Proc {
+        name: name.to_string(),
+        binary: "process-server".into(),
+        site: site.to_string(),
+        args: vec!["--config".into(), config.display().to_string()],
+        config,
+        log: dir.join(format!("logs/{name}.log")),
+        listen: addr(port),
+        pid: None,
+        env,
+    };
+    let pid = spawn(&bin_dir()?, &proc)?;
+    state.procs.push(Proc {
+        pid: Some(pid),
+        ..proc
+    });
+    state.expected.push(name.to_string());
+    state.save()?;
+    // The topology the lab was made from gains it (lab graph, and a later `lab up`).
+    let topology_file = dir.join("topology.toml");
+    if let Ok(mut topology) = Topology::load(&topology_file) {
+        if let Some(s) = topology.site.iter_mut().find(|s| s.name == site_enum) {
+            s.process_servers
+                .push(crate::topology::ProcessServer::Name(name.to_string()));
+        }
+        std::fs::write(&topology_file, toml::to_string_pretty(&topology)?)?;
+    }
+    Ok(())
+}
+
+/// After `infra remove NAME`: stops its process if the local lab runs it and forgets it
+/// (`lab.json`, `topology.toml`). Whether there was one.
+pub async fn forget_component(dir: &Path, name: &str) -> anyhow::Result<bool> {
+    let Ok(mut state) = LabState::load(dir) else {
+        return Ok(false);
+    };
+    let Some(idx) = state.procs.iter().position(|p| p.name == name) else {
+        return Ok(false);
+    };
+    if state.procs[idx].pid.is_some_and(alive) {
+        control_proc(dir, name, ProcAction::Kill).await?;
+        state = LabState::load(dir)?;
+    }
+    state.procs.retain(|p| p.name != name);
+    state.expected.retain(|n| n != name);
+    state.save()?;
+    let topology_file = state.dir.join("topology.toml");
+    if let Ok(mut topology) = Topology::load(&topology_file) {
+        for s in &mut topology.site {
+            s.process_servers.retain(|p| p.name() != name);
+            s.master_targets.retain(|m| m.name != name);
+            s.hosts.retain(|h| h.name != name);
+        }
+        std::fs::write(&topology_file, toml::to_string_pretty(&topology)?)?;
+    }
+    Ok(true)
+}
+
 #[cfg(test)]
 mod port_claims {
     use super::*;

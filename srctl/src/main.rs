@@ -483,8 +483,25 @@ enum InfraCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Remove a component from the CS: its certificate is no longer accepted.
+    /// Remove a component from the CS: its certificate is revoked everywhere (refused while
+    /// items use it); in the local lab its process is stopped too.
     Remove { name: String },
+    /// Deploy a component at runtime ("Deploy process server" job): in the local lab srctl
+    /// starts it; the job ends when it has enrolled and registered.
+    Add {
+        #[command(subcommand)]
+        what: AddCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum AddCmd {
+    /// A process server, e.g. a second one in Azure for failback.
+    ProcessServer {
+        name: String,
+        #[arg(long, value_parser = ["onprem", "azure"])]
+        site: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -628,7 +645,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Infra(InfraCmd::Remove { name }) => {
             let dir = srctl::client::lab_dir(lab_flag)?;
             infra::remove(&dir, &name).await?;
-            println!("removed {name}; it must enroll again to reconnect");
+            if lab::forget_component(&dir, &name).await? {
+                println!("removed {name}: its certificate is revoked, its process stopped");
+            } else {
+                println!(
+                    "removed {name}: its certificate is revoked; it must enroll again to reconnect"
+                );
+            }
+        }
+        Cmd::Infra(InfraCmd::Add {
+            what: AddCmd::ProcessServer { name, site },
+        }) => {
+            let dir = srctl::client::lab_dir(lab_flag)?;
+            let job = infra::deploy(&dir, &name, &site).await?;
+            lab::add_process_server(&dir, &name, &site).await?;
+            follow(&dir, job, no_wait, false).await?;
         }
         Cmd::Item(cmd) => {
             let dir = srctl::client::lab_dir(lab_flag)?;

@@ -20,10 +20,11 @@
 //! # Layout
 //! One module per kind of job, each with its checks (run by the operator handler, changing
 //! nothing) and its body: [`enable`], [`disable`], [`failover`] (every kind, change point
-//! included), [`commit`], [`cleanup`], [`reprotect`], [`resync`], [`plan`].
+//! included), [`commit`], [`cleanup`], [`reprotect`], [`resync`], [`plan`], [`deploy`].
 
 pub mod cleanup;
 pub mod commit;
+pub mod deploy;
 pub mod disable;
 pub mod enable;
 pub mod failover;
@@ -433,6 +434,10 @@ async fn resume_body(state: &Arc<State>, kind: JobKind, job: &JobRow) -> Option<
             let p: plan::ReprotectParams = serde_json::from_str(&params).ok()?;
             Box::new(move |ctx| Box::pin(plan::run_reprotect(ctx, p)))
         }
+        JobKind::Deploy => {
+            let p: deploy::Params = serde_json::from_str(&params).ok()?;
+            Box::new(move |ctx| Box::pin(deploy::run(ctx, p)))
+        }
         JobKind::Failover | JobKind::Plan => return None,
     };
     let _ = state;
@@ -458,6 +463,7 @@ async fn abandon(state: &Arc<State>, id: i64, kind: JobKind, reason: &str) -> Re
         // Idempotent kinds: running them again completes them; a plan's members are jobs
         // of their own.
         JobKind::Disable
+        | JobKind::Deploy
         | JobKind::Resync
         | JobKind::Commit
         | JobKind::CleanupTest
