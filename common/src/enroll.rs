@@ -158,7 +158,14 @@ pub async fn enroll_once(
                 ca_pem: r.ca_certificate_pem,
             })
         }
-        Err(status) if matches!(status.code(), Code::Unavailable | Code::Unknown) => {
+        // The connection failed or was cut (a listener at its bounds evicts a handshake it
+        // could not finish in time, which the caller sees as a cancelled call): try again.
+        Err(status)
+            if matches!(
+                status.code(),
+                Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+            ) =>
+        {
             Err(EnrollError::Unreachable {
                 address,
                 message: status.message().to_string(),
