@@ -508,8 +508,9 @@ impl ReplicaStore {
         };
         let disks_dir = dir.join("disks");
         create_dir(&disks_dir)?;
-        // A replica that has applied batches has disk files that hold them: one missing or
-        // shorter than recorded lost acknowledged writes (fail closed: recreated, and flagged).
+        // A replica opened before (its `state.json` is written when it is first opened) has
+        // disk files that hold what it acknowledged: one missing or shorter than recorded lost
+        // writes (fail closed: recreated, and flagged).
         let established = dir.join("state.json").exists();
         let scratch = dir.join("tmp");
         match fs::remove_dir_all(&scratch) {
@@ -525,7 +526,19 @@ impl ReplicaStore {
             damage.extend(lost);
         }
 
-        let state: StateFile = read_json(&dir.join("state.json"))?.unwrap_or_default();
+        let state: StateFile = match read_json(&dir.join("state.json"))? {
+            Some(state) => state,
+            None => {
+                // A new replica: from now on its disk files are expected, so one that goes
+                // missing later is lost data, not a new replica (see `established`).
+                let fresh = StateFile {
+                    version: FILE_VERSION,
+                    applied_seq: 0,
+                };
+                write_json_atomic(&dir.join("state.json"), &fresh)?;
+                fresh
+            }
+        };
         let segment_bytes = options.segment_bytes.max(1);
         let redo = SegmentLog::open(
             dir.join("journal"),
