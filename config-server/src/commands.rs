@@ -83,6 +83,13 @@ pub fn prepare(
         seed: seed_of(item, machine),
         retention_drive: String::new(),
         sender: Some(peer(ps)),
+        // Before its first copy completes, an item's replica may not exist yet.
+        existing: !matches!(
+            item.state,
+            crate::item::ItemState::Enabling
+                | crate::item::ItemState::InitialReplication
+                | crate::item::ItemState::Reprotecting
+        ),
     })
 }
 

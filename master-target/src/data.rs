@@ -180,11 +180,20 @@ impl Replicas {
         let retention = (!p.retention_drive.is_empty())
             .then(|| PathBuf::from(&p.retention_drive).join(&p.item));
         let open_dir = dir.clone();
+        let expected = p.existing;
         let store = tokio::task::spawn_blocking(move || {
+            let mut lost = None;
             if !open_dir.exists() {
+                if expected {
+                    tracing::error!(dir = %open_dir.display(), "the replica's directory is gone: made anew; the item needs a resync");
+                    lost = Some(format!("replica directory {} was missing", open_dir.display()));
+                }
                 create_replica_dir(&open_dir, &disks, &seeds, retention.as_deref())?;
             }
             let mut store = ReplicaStore::open(&open_dir, &disks).map_err(|e| e.to_string())?;
+            if let Some(reason) = lost {
+                store.lost_everything(reason);
+            }
             // Points read through disks that lost data: none of them can be trusted.
             let mut dropped = Vec::new();
             if store.damage().is_some() {

@@ -446,6 +446,8 @@ pub struct ReplicaStore {
     /// Why the disk files no longer hold what the replica acknowledged (a disk file missing or
     /// shorter than recorded when the store opened): the item needs a resynchronisation.
     damage: Option<String>,
+    /// Set by [`ReplicaStore::lost_everything`]: the next batch sets where the sequence is.
+    rebase: bool,
     /// Exclusive flock on `DIR/LOCK` for the store's lifetime.
     _lock: Flock<File>,
 }
@@ -584,6 +586,7 @@ impl ReplicaStore {
             fault: None,
             scratch: 0,
             damage: (!damage.is_empty()).then(|| damage.join("; ")),
+            rebase: false,
             _lock: lock,
         };
         store.recover_points()?;
@@ -603,6 +606,14 @@ impl ReplicaStore {
     /// owner resynchronises the item and drops the points, which can't be read any more.
     pub fn damage(&self) -> Option<&str> {
         self.damage.as_deref()
+    }
+
+    /// A replica made anew because the one the item had is gone (`reason`): damaged, and the
+    /// next batch, whatever its number, continues the item's stream here (the sender can't
+    /// go back to batch 1; the resync the owner starts fills in the disks).
+    pub fn lost_everything(&mut self, reason: String) {
+        self.damage = Some(reason);
+        self.rebase = self.last_seq == 0;
     }
 
     /// Highest batch durably journaled (0 = none).
@@ -645,6 +656,20 @@ impl ReplicaStore {
         self.check_poisoned()?;
         if seq <= self.last_seq {
             return Ok(AppendOutcome::Duplicate);
+        }
+        if std::mem::take(&mut self.rebase) && seq > self.last_seq + 1 {
+            // Nothing before `seq` is here or can come: recorded as applied (empty).
+            write_json_atomic(
+                &self.dir.join("state.json"),
+                &StateFile {
+                    version: FILE_VERSION,
+                    applied_seq: seq - 1,
+                },
+            )?;
+            self.applied_seq = seq - 1;
+            self.last_seq = seq - 1;
+            self.in_place_through = seq - 1;
+            tracing::warn!(dir = %self.dir.display(), from = seq, "a replica made anew takes the stream from batch {seq}");
         }
         let expected = self.last_seq + 1;
         if seq != expected {

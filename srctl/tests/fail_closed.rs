@@ -1,7 +1,7 @@
 //! Faults that used to pass silently, leaving a replica unequal to its source while the item
 //! showed Protected: each must now be detected, resynchronised by the lab itself, and end
 //! byte-exact (the lab's BLAKE3 verification of a point taken afterwards).
-//! - a replica disk deleted while the master target is down;
+//! - a replica disk, or the whole replica, deleted while the master target is down;
 //! - a corrupt activity log after kill -9 of the host (every region becomes hot);
 //! - fsync errors at the PS cache and at the target journal (an LD_PRELOAD shim makes them
 //!   fail with EIO): nothing is acknowledged past them, and after a restart the replica ends
@@ -93,6 +93,31 @@ fn a_replica_disk_deleted_while_the_target_is_down_is_resynchronized() {
     let log = std::fs::read_to_string(lab.join("logs/azure-target.log")).expect("log");
     assert!(log.contains("replica disk missing"), "{log}");
     verify_point_after(&lab, "vm1", now_ms(), "after the deleted replica disk");
+
+    // The whole replica gone: the CS knows it existed, so the target makes it anew, takes
+    // the stream where it is, and reports lost data rather than waiting for batch 1.
+    let resyncs = |lab: &Path| {
+        jobs(lab)
+            .iter()
+            .filter(|j| {
+                j["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("Resynchronize (the replica at azure-target"))
+                    && j["state"] == "Succeeded"
+            })
+            .count()
+    };
+    let done = resyncs(&lab);
+    ok(srctl(&lab, &["lab", "kill", "azure-target"]));
+    std::fs::remove_dir_all(lab.join(format!("datastores/azure-storage/replicas/{item}")))
+        .expect("delete the replica");
+    ok(srctl(&lab, &["lab", "restart", "azure-target"]));
+    eventually("a second automatic resync that succeeded", 90, || {
+        resyncs(&lab) > done
+    });
+    let log = std::fs::read_to_string(lab.join("logs/azure-target.log")).expect("log");
+    assert!(log.contains("the replica's directory is gone"), "{log}");
+    verify_point_after(&lab, "vm1", now_ms(), "after the deleted replica directory");
 }
 
 #[test]
