@@ -79,13 +79,30 @@ fn a_replica_disk_deleted_while_the_target_is_down_is_resynchronized() {
     ok(srctl(&lab, &["lab", "restart", "azure-target"]));
 
     // The CS resynchronises the item by itself, in a job that says why.
-    eventually("an automatic resync job that succeeded", 90, || {
-        jobs(&lab).iter().any(|j| {
-            j["name"].as_str().is_some_and(|n| {
-                n.starts_with("Resynchronize (the replica at azure-target lost writes")
-            }) && j["state"] == "Succeeded"
-        })
-    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    while !jobs(&lab).iter().any(|j| {
+        j["name"].as_str().is_some_and(|n| {
+            n.starts_with("Resynchronize (the replica at azure-target lost writes")
+        }) && j["state"] == "Succeeded"
+    }) {
+        if std::time::Instant::now() > deadline {
+            let tail = |name: &str| {
+                let log = std::fs::read_to_string(lab.join(format!("logs/{name}.log")))
+                    .unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                lines[lines.len().saturating_sub(25)..].join("\n")
+            };
+            panic!(
+                "no automatic resync succeeded within 90 s\njobs: {:#?}\nitem: {}\n\
+                 azure-target.log:\n{}\ncs.log:\n{}",
+                jobs(&lab),
+                show(&lab, "vm1"),
+                tail("azure-target"),
+                tail("cs")
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
     eventually("vm1 Protected after the resync", 60, || {
         let v = show(&lab, "vm1");
         v["state"] == "Protected" && v["resync_blocks_compared"].as_u64().unwrap_or(0) > 0

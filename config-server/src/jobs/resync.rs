@@ -42,27 +42,40 @@ pub async fn start(jobs: &Arc<Jobs>, machine: &str) -> Result<Job, Status> {
 }
 
 /// The resynchronisation the CS starts itself when the target reports that the replica lost
-/// acknowledged writes (`reason`). Nothing starts while another job runs on the item (it is
-/// left "Resync required" for the operator), or when the item no longer replicates.
+/// acknowledged writes (`reason`). A job running on the item (an enable finishing, say) is
+/// waited for first, up to [`WAIT_FOR_RUNNING`]; nothing starts when the item no longer
+/// replicates (it stays "Resync required" for the operator).
 pub async fn start_automatic(jobs: &Arc<Jobs>, item_id: &str, reason: &str) -> Option<Job> {
+    let state = &jobs.state;
     let id = item_id.to_string();
-    let found = jobs
-        .state
-        .store
-        .call(move |db| Ok((db.item(&id)?, db.running_job(&id)?)))
+    let found = state
+        .wait_for(WAIT_FOR_RUNNING, || {
+            let id = id.clone();
+            async move {
+                match state
+                    .store
+                    .call(move |db| Ok((db.item(&id)?, db.running_job(&id)?)))
+                    .await
+                {
+                    Ok((item, None)) => Some(Ok(item)),
+                    Ok((_, Some(_))) => None,
+                    Err(e) => Some(Err(e)),
+                }
+            }
+        })
         .await;
-    let (item, running) = match found {
-        Ok((Some(item), running)) => (item, running),
-        Ok((None, _)) => return None,
-        Err(e) => {
+    let item = match found {
+        Some(Ok(Some(item))) => item,
+        Some(Ok(None)) => return None,
+        Some(Err(e)) => {
             tracing::error!(item = %item_id, "automatic resync: {e}");
             return None;
         }
+        None => {
+            tracing::warn!(item = %item_id, "the replica needs a resync, but a job kept running on the item: left Resync required");
+            return None;
+        }
     };
-    if let Some((job, name)) = running {
-        tracing::warn!(item = %item_id, job, %name, "the replica needs a resync, but a job runs on the item: left Resync required");
-        return None;
-    }
     if !matches!(
         item.state,
         ItemState::Protected | ItemState::ResyncRequired | ItemState::Resyncing
@@ -92,6 +105,9 @@ pub async fn start_automatic(jobs: &Arc<Jobs>, item_id: &str, reason: &str) -> O
         }
     }
 }
+
+/// How long an automatic resync waits for a job already running on the item.
+const WAIT_FOR_RUNNING: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// The job's body: also what a restart resumes.
 pub async fn run(ctx: Arc<Ctx>, item_id: String) -> Result<(), JobError> {
