@@ -125,6 +125,17 @@ def health(channel):
         return False, f"{e.code().name}: {e.details()}"
 
 
+def refused_within(seconds, address, role, name, key, cert):
+    """Health checks with this certificate until one is refused or `seconds` pass: the last
+    (ok, detail)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        ok, detail = health(mtls(address, role, name, key, cert))
+        if not ok or time.monotonic() > deadline:
+            return ok, detail
+        time.sleep(0.1)
+
+
 # --- the checks --------------------------------------------------------------------------------
 def passphrase_enrolls_no_operator():
     code, _, _, msg = enroll("operator", "intruder-op")
@@ -260,12 +271,7 @@ def revoked_everywhere():
     check("an open stream of the revoked certificate is cut", bool(ended) and first == SERVING,
           f"{ended} {time.monotonic() - removed:.1f}s after removal")
     for what, address, role, name in servers:
-        deadline = time.monotonic() + 5
-        while True:
-            ok, detail = health(mtls(address, role, name, key, cert))
-            if not ok or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+        ok, detail = refused_within(5, address, role, name, key, cert)
         check(f"the revoked certificate is refused by the {what}",
               not ok and "UNAVAILABLE" in detail, detail)
 
@@ -557,12 +563,7 @@ def a_failed_over_vm_s_old_certificate_is_refused():
         ("process server ps-azure", names["ps-azure"]["address"], "process-server", "ps-azure"),
         ("CS API", STATE["cs_api"], "config-server", "cs"),
     ]:
-        deadline = time.monotonic() + 5
-        while True:
-            ok, detail = health(mtls(address, role, name, key, cert))
-            if not ok or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+        ok, detail = refused_within(5, address, role, name, key, cert)
         check(f"vm1's on-premises certificate is refused by the {what} after the failover",
               not ok and "UNAVAILABLE" in detail, detail)
 

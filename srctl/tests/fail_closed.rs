@@ -14,46 +14,6 @@ use std::path::Path;
 use common::*;
 use serde_json::Value;
 
-/// The newest point of `machine` taken after `after_ms`, once there is one, verified equal.
-fn verify_point_after(lab: &Path, machine: &str, after_ms: i64, context: &str) {
-    let mut id = String::new();
-    eventually(
-        &format!("{context}: a point of {machine} after {after_ms}"),
-        90,
-        || {
-            let v = show(lab, machine);
-            let newest = v["recovery_points"].as_array().and_then(|a| {
-                a.iter()
-                    .filter(|p| p["time_ms"].as_i64().unwrap_or(0) > after_ms)
-                    .max_by_key(|p| p["seq"].as_u64().unwrap_or(0))
-                    .and_then(|p| p["id"].as_str().map(str::to_string))
-            });
-            match newest {
-                Some(p) => {
-                    id = p;
-                    true
-                }
-                None => false,
-            }
-        },
-    );
-    let v: Value = json(srctl(
-        lab,
-        &["item", "verify", machine, "--point", &id, "--json"],
-    ));
-    assert_eq!(v["equal"], true, "{context}: {v}");
-}
-
-fn protected_with_a_point(lab: &Path, machine: &str) {
-    eventually(&format!("{machine} Protected with a point"), 60, || {
-        let v = show(lab, machine);
-        v["state"] == "Protected"
-            && v["recovery_points"]
-                .as_array()
-                .is_some_and(|a| !a.is_empty())
-    });
-}
-
 /// The jobs of the lab, newest first.
 fn jobs(lab: &Path) -> Vec<Value> {
     json(srctl(lab, &["job", "list", "--json"]))

@@ -54,16 +54,6 @@ fn verify_equal(lab: &Path, machine: &str, what: &str) {
     assert_eq!(v["equal"], true, "{what}: {v}");
 }
 
-fn protected_with_a_point(lab: &Path, machine: &str) {
-    eventually(&format!("{machine} Protected with a point"), 60, || {
-        let v = show(lab, machine);
-        v["state"] == "Protected"
-            && v["recovery_points"]
-                .as_array()
-                .is_some_and(|a| !a.is_empty())
-    });
-}
-
 #[test]
 fn a_failover_goes_on_when_srctl_is_killed_and_can_be_watched_from_another_shell() {
     let lab_handle = Lab::up_with_env(

@@ -116,27 +116,7 @@ fn certificates_renew_before_they_expire_and_an_expired_one_is_refused() {
 
     // A point taken after the renewals verifies byte-exact (the data plane took the new
     // certificates: each receiver was told the renewed fingerprint).
-    let mut id = String::new();
-    eventually("a point after the renewals", 60, || {
-        let v = show(&lab, "vm1");
-        match v["recovery_points"].as_array().and_then(|a| {
-            a.iter()
-                .filter(|p| p["time_ms"].as_i64().unwrap_or(0) > before)
-                .max_by_key(|p| p["seq"].as_u64().unwrap_or(0))
-                .and_then(|p| p["id"].as_str().map(str::to_string))
-        }) {
-            Some(p) => {
-                id = p;
-                true
-            }
-            None => false,
-        }
-    });
-    let v: Value = json(srctl(
-        &lab,
-        &["item", "verify", "vm1", "--point", &id, "--json"],
-    ));
-    assert_eq!(v["equal"], true, "{v}");
+    verify_point_after(&lab, "vm1", before, "after the renewals");
 
     // The hand-enrolled certificate was never renewed: expired now, and refused at every try.
     // The client usually reads the server's `certificate expired` alert; now and then the

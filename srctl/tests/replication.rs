@@ -11,38 +11,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-/// The newest point of `machine` taken after `after_ms` (source clock), if any.
-fn point_after(v: &Value, after_ms: i64) -> Option<String> {
-    v["recovery_points"]
-        .as_array()?
-        .iter()
-        .filter(|p| p["time_ms"].as_i64().unwrap_or(0) > after_ms)
-        .max_by_key(|p| p["seq"].as_u64().unwrap_or(0))
-        .and_then(|p| p["id"].as_str().map(str::to_string))
-}
-
-/// Waits for a point taken after `after_ms` and verifies it byte-exact.
-fn verify_point_after(lab: &Path, machine: &str, after_ms: i64, context: &str) {
-    let mut id = String::new();
-    eventually(
-        &format!("a recovery point of {machine} taken after {after_ms}"),
-        60,
-        || match point_after(&show(lab, machine), after_ms) {
-            Some(p) => {
-                id = p;
-                true
-            }
-            None => false,
-        },
-    );
-    let out = ok(srctl(
-        lab,
-        &["item", "verify", machine, "--point", &id, "--json"],
-    ));
-    let v: Value = serde_json::from_str(&out).expect("json");
-    assert_eq!(v["equal"], true, "{context}: {v}");
-}
-
 #[test]
 fn replication_is_byte_exact_and_survives_kill_9_of_each_hop() {
     let lab_handle = Lab::up(&["--disk-size", "32MiB"]);

@@ -26,17 +26,22 @@ pub async fn start(jobs: &Arc<Jobs>, machine: &str) -> Result<Job, Status> {
             item.state
         )));
     }
+    launch(jobs, "Resynchronize".into(), item.id).await
+}
+
+/// Starts the resync job named `name` on `item`.
+async fn launch(jobs: &Arc<Jobs>, name: String, item: String) -> Result<Job, Status> {
     jobs.start(
         Spec {
-            name: "Resynchronize".into(),
+            name,
             kind: JobKind::Resync,
-            item: item.id.clone(),
+            item: item.clone(),
             params: String::new(),
             parent: 0,
             cancel: CancelRule::Anytime,
         },
         |_, _| Ok(()),
-        move |ctx| Box::pin(run(ctx, item.id)),
+        move |ctx| Box::pin(run(ctx, item)),
     )
     .await
 }
@@ -83,20 +88,7 @@ pub async fn start_automatic(jobs: &Arc<Jobs>, item_id: &str, reason: &str) -> O
         tracing::warn!(item = %item_id, state = %item.state, "the replica lost writes, but the item does not replicate now: no resync");
         return None;
     }
-    let started = jobs
-        .start(
-            Spec {
-                name: format!("Resynchronize ({reason})"),
-                kind: JobKind::Resync,
-                item: item.id.clone(),
-                params: String::new(),
-                parent: 0,
-                cancel: CancelRule::Anytime,
-            },
-            |_, _| Ok(()),
-            move |ctx| Box::pin(run(ctx, item.id)),
-        )
-        .await;
+    let started = launch(jobs, format!("Resynchronize ({reason})"), item.id).await;
     match started {
         Ok(job) => Some(job),
         Err(e) => {

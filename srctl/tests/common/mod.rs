@@ -148,3 +148,45 @@ impl Drop for Lab {
         let _ = srctl(&self.dir, &["lab", "down"]);
     }
 }
+
+/// Waits until `machine` is Protected and has a recovery point.
+pub fn protected_with_a_point(lab: &Path, machine: &str) {
+    eventually(&format!("{machine} Protected with a point"), 60, || {
+        let v = show(lab, machine);
+        v["state"] == "Protected"
+            && v["recovery_points"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
+    });
+}
+
+/// The newest point in `item` (an `item show --json`) taken after `after_ms`, if any.
+pub fn point_after(item: &Value, after_ms: i64) -> Option<String> {
+    item["recovery_points"]
+        .as_array()?
+        .iter()
+        .filter(|p| p["time_ms"].as_i64().unwrap_or(0) > after_ms)
+        .max_by_key(|p| p["seq"].as_u64().unwrap_or(0))
+        .and_then(|p| p["id"].as_str().map(str::to_string))
+}
+
+/// Waits for a point of `machine` taken after `after_ms` and verifies it byte-exact.
+pub fn verify_point_after(lab: &Path, machine: &str, after_ms: i64, context: &str) {
+    let mut id = String::new();
+    eventually(
+        &format!("{context}: a recovery point of {machine} taken after {after_ms}"),
+        90,
+        || match point_after(&show(lab, machine), after_ms) {
+            Some(p) => {
+                id = p;
+                true
+            }
+            None => false,
+        },
+    );
+    let v = json(srctl(
+        lab,
+        &["item", "verify", machine, "--point", &id, "--json"],
+    ));
+    assert_eq!(v["equal"], true, "{context}: {v}");
+}
