@@ -419,8 +419,8 @@ fn fault_line(f: &FaultReport) -> String {
 }
 
 /// The progress (0..1) of `stage`'s work for the drilled machines: the initial
-/// synchronisation of the items for enabling and reprotecting, the failover jobs' steps
-/// otherwise. None until the stage's job began.
+/// synchronisation of the items for enabling and reprotecting (None until replication of one
+/// of them started), the failover jobs' steps otherwise (None until the stage's job began).
 async fn stage_progress(
     dir: &Path,
     machines: &[String],
@@ -444,9 +444,24 @@ async fn stage_progress(
     let n = machines.len().max(1) as f64;
     Some(match stage {
         "enable-replication" | "reprotect-to-onprem" | "reprotect-to-azure" => {
-            items
+            // The synchronisation's progress exists once replication started: before that a
+            // fault hits the job's setup (and a drill retries it), not the replication.
+            let replicating: Vec<&Item> = items
                 .iter()
-                .filter(|i| ours.iter().any(|j| j.item == i.id))
+                .filter(|i| {
+                    ours.iter().any(|j| {
+                        j.item == i.id
+                            && j.steps
+                                .iter()
+                                .any(|s| s.name == "Start replication" && s.state == "Succeeded")
+                    })
+                })
+                .collect();
+            if replicating.is_empty() {
+                return None;
+            }
+            replicating
+                .iter()
                 .map(|i| {
                     if i.state == "Protected" {
                         1.0
