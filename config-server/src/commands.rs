@@ -55,6 +55,7 @@ pub fn route(item: &ItemRow, target: &str, address: &str, machine: &ComponentRow
         target: target.to_string(),
         target_address: address.to_string(),
         source: Some(peer(machine)),
+        start_after: 0,
     })
 }
 
@@ -113,6 +114,7 @@ pub fn start(item: &ItemRow, ps: &str, ps_address: &str, policy: &Policy) -> com
         },
         verify_tags: true,
         compare_initial: item.placement.seeded,
+        batches_lost: false,
     })
 }
 

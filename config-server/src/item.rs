@@ -226,6 +226,7 @@ labels! {
         Plan => "plan",
         PlanReprotect => "plan-reprotect",
         Deploy => "deploy",
+        SwitchPs => "switch-ps",
     }
 }
 

@@ -19,7 +19,8 @@ use failback_proto::pb::operator::{
     ListPlansResponse, ListPoliciesRequest, ListPoliciesResponse, Plan, PlanAction,
     PlanFailoverRequest, PlanMember, PlanReprotectRequest, PlanReprotectResponse, PlanRequest,
     Policy, RemoveComponentRequest, RemoveComponentResponse, ReprotectRequest, ResyncRequest,
-    VerifyRequest, VerifyResponse, WorkloadRequest, WorkloadResponse, operator_server::Operator,
+    SwitchPsRequest, VerifyRequest, VerifyResponse, WorkloadRequest, WorkloadResponse,
+    operator_server::Operator,
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -437,6 +438,16 @@ impl Operator for OperatorService {
         authorize(&request, "Operator.Resync", &[Role::Operator])?;
         Ok(Response::new(
             jobs::resync::start(&self.jobs, &request.into_inner().machine).await?,
+        ))
+    }
+
+    async fn switch_process_server(
+        &self,
+        request: Request<SwitchPsRequest>,
+    ) -> Result<Response<Job>, Status> {
+        authorize(&request, "Operator.SwitchProcessServer", &[Role::Operator])?;
+        Ok(Response::new(
+            jobs::switch_ps::start(&self.jobs, request.into_inner()).await?,
         ))
     }
 

@@ -9,7 +9,9 @@
 use std::sync::Arc;
 
 use failback_common::identity::{Identity, Role};
-use failback_proto::pb::control::{ItemProgress, ReplicationPhase, Report, report};
+use failback_proto::pb::control::{
+    ItemProgress, RemoveRoute, ReplicationPhase, Report, command, report,
+};
 
 use crate::commands;
 use crate::item::{ItemRow, ItemState, Progress, default_policy, disk_state_label, phase_label};
@@ -189,9 +191,42 @@ pub fn resume(state: Arc<State>, who: Identity) {
                     tracing::warn!(item = %item.id, "resuming replication: {e}");
                 }
             }
+            if who.role == Role::ProcessServer {
+                forget_stale_routes(&state, &who.name).await;
+            }
         },
         span,
     ));
+}
+
+/// A process server that was down when items were switched away from it forgets them: its
+/// routes go, and with them what its cache held (the items replicate elsewhere now).
+async fn forget_stale_routes(state: &State, ps: &str) {
+    let name = ps.to_string();
+    let stale = match state.store.call(move |db| db.stale_routes(&name)).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("stale routes of {ps}: {e}");
+            return;
+        }
+    };
+    for item in stale {
+        let remove = command::Kind::RemoveRoute(RemoveRoute { item: item.clone() });
+        match state.sessions.command(ps, remove).await {
+            Ok(_) => {
+                tracing::info!(%item, "{ps} forgot the item it no longer serves (switched away while it was down)");
+                let (name, id) = (ps.to_string(), item.clone());
+                if let Err(e) = state
+                    .store
+                    .call(move |db| db.remove_stale_route(&name, &id))
+                    .await
+                {
+                    tracing::warn!(%item, "{e}");
+                }
+            }
+            Err(e) => tracing::warn!(%item, "telling {ps} to forget the item: {e}"),
+        }
+    }
 }
 
 /// After `renewed` got a new certificate: the receivers that pin it (the process server of

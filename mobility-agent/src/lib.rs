@@ -482,6 +482,15 @@ impl Agent {
                 {
                     return Ok(String::new());
                 }
+                if let Some(r) = self
+                    .replication
+                    .as_mut()
+                    .filter(|r| r.only_ps_differs(&params))
+                {
+                    tracing::info!(machine = %self.name, item = %params.item, from = %r.params.process_server, to = %params.process_server, "switching process server");
+                    r.switch_ps(params.process_server, params.ps_address, s.batches_lost);
+                    return Ok(String::new());
+                }
                 if let Some(old) = self.replication.take() {
                     old.stop();
                 }

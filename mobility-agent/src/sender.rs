@@ -87,9 +87,19 @@ fn save(path: &Path, p: &Persisted) -> std::io::Result<()> {
     failback_common::durable::write(path, &bytes, 0o600)
 }
 
+/// The process server the item replicates to now: a name and an address.
+#[derive(Debug, Clone, PartialEq)]
+struct PsEndpoint {
+    name: String,
+    address: String,
+}
+
 /// Shared between the three tasks.
 struct Shared {
     params: Params,
+    /// Changed in place by "Switch process server": the open stream ends and the next one
+    /// goes to the new process server, with the batches in flight resent there.
+    ps: tokio::sync::watch::Sender<PsEndpoint>,
     capture: Arc<Capture>,
     state_path: PathBuf,
     persisted: std::sync::Mutex<Persisted>,
@@ -105,6 +115,9 @@ struct Shared {
     connected_once: AtomicBool,
     /// Tracking was lost (the PS lost its cache): a full resync is queued.
     resync_required: AtomicBool,
+    /// Switched away from a process server that was down: the next session resyncs as after
+    /// a lost cache, whatever the new process server holds.
+    batches_lost: AtomicBool,
     /// Asks the copier for a checksum resync of every allocated block.
     resync_requests: tokio::sync::Notify,
     resync_bytes: AtomicU64,
@@ -134,6 +147,38 @@ pub struct Replication {
 impl Replication {
     pub fn stop(&self) {
         self.cancel.cancel();
+    }
+
+    /// Whether `params` differ from this replication's only in the process server.
+    pub fn only_ps_differs(&self, params: &Params) -> bool {
+        let mut same = params.clone();
+        same.process_server = self.params.process_server.clone();
+        same.ps_address = self.params.ps_address.clone();
+        same == self.params
+    }
+
+    /// "Switch process server": replication goes on to `process_server` at `ps_address`
+    /// without starting over. The open stream ends; the next one opens there, and what the
+    /// old one had not acknowledged is sent again (the CS had the old process server forward
+    /// everything it held, so the new one continues after it; if it could not, the new one
+    /// holds less than was acknowledged and a checksum resync follows, as after a lost cache).
+    /// With `batches_lost` (the old process server was down) the item reports "Resync
+    /// required" from now on, and the first session with the new one starts the resync.
+    pub fn switch_ps(&mut self, process_server: String, ps_address: String, batches_lost: bool) {
+        if batches_lost {
+            let s = &self.shared;
+            s.batches_lost.store(true, Ordering::SeqCst);
+            s.consistent.store(false, Ordering::SeqCst);
+            s.resyncing.store(true, Ordering::SeqCst);
+            s.resync_required.store(true, Ordering::SeqCst);
+            s.report_now.notify_one();
+        }
+        self.params.process_server = process_server.clone();
+        self.params.ps_address = ps_address.clone();
+        self.shared.ps.send_replace(PsEndpoint {
+            name: process_server,
+            address: ps_address,
+        });
     }
 
     /// Starts a checksum resync of every allocated block (refused while one runs or while
@@ -179,6 +224,10 @@ pub fn start(
     let acked = persisted.acked_seq;
     let disks = capture.disk_ids().len();
     let shared = Arc::new(Shared {
+        ps: tokio::sync::watch::Sender::new(PsEndpoint {
+            name: params.process_server.clone(),
+            address: params.ps_address.clone(),
+        }),
         params: params.clone(),
         capture: capture.clone(),
         state_path,
@@ -189,6 +238,7 @@ pub fn start(
         resyncing: AtomicBool::new(resync),
         connected_once: AtomicBool::new(false),
         resync_required: AtomicBool::new(forced),
+        batches_lost: AtomicBool::new(false),
         resync_requests: tokio::sync::Notify::new(),
         resync_bytes: AtomicU64::new(0),
         resync_blocks: AtomicU64::new(0),
@@ -382,8 +432,9 @@ async fn compare_chunks(
 ) -> Result<(), String> {
     use futures::StreamExt;
     let p = &shared.params;
+    let ps = shared.ps.borrow().clone();
     let channel = credentials
-        .endpoint(&p.ps_address, Role::ProcessServer, &p.process_server)
+        .endpoint(&ps.address, Role::ProcessServer, &ps.name)
         .map_err(|e| e.to_string())?
         .connect_lazy();
     let client = ProcessServerDataClient::new(channel)
@@ -550,11 +601,28 @@ struct InFlight {
 async fn sender(shared: Arc<Shared>, credentials: CredentialsCell, cancel: CancellationToken) {
     let mut inflight: VecDeque<InFlight> = VecDeque::new();
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
+    let mut switched = shared.ps.subscribe();
     loop {
         let started = Instant::now();
-        let result = session(&shared, &credentials, &cancel, &mut inflight).await;
+        let ps = switched.borrow_and_update().clone();
+        // A switch ends the session wherever it is (a dead process server may take long to
+        // refuse a connection); batches in flight stay queued for the next one.
+        let result = tokio::select! {
+            r = session(&shared, &credentials, &cancel, &mut inflight) => r,
+            _ = switched.changed() => Ok(()),
+        };
         if cancel.is_cancelled() {
             return;
+        }
+        if *shared.ps.borrow() != ps {
+            tracing::info!(
+                item = %shared.params.item,
+                "switched from {} to {}: continuing there",
+                ps.name,
+                shared.ps.borrow().name
+            );
+            backoff.reset();
+            continue;
         }
         let _ = shared.ps_down_since_ms.compare_exchange(
             0,
@@ -569,12 +637,13 @@ async fn sender(shared: Arc<Shared>, credentials: CredentialsCell, cancel: Cance
         tracing::warn!(
             item = %shared.params.item,
             "replication stream to {} at {}: {}; reconnecting in {wait:?}",
-            shared.params.process_server,
-            shared.params.ps_address,
+            ps.name,
+            ps.address,
             result.err().unwrap_or_else(|| "closed".into())
         );
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
+            _ = switched.changed() => {}
             _ = cancel.cancelled() => return,
         }
     }
@@ -639,8 +708,9 @@ async fn cache_lost(
 ) -> Result<(), String> {
     tracing::warn!(
         item = %shared.params.item,
-        "{} holds batch {ps_seq} but had acknowledged {acked}: its cache was lost; resync required",
-        shared.params.process_server
+        "{} holds batch {ps_seq} but {acked} had been acknowledged: batches were lost (its \
+         cache, or a process server switched away from while down); resync required",
+        shared.ps.borrow().name
     );
     shared.consistent.store(false, Ordering::SeqCst);
     shared.resyncing.store(true, Ordering::SeqCst);
@@ -718,8 +788,9 @@ async fn session(
     inflight: &mut VecDeque<InFlight>,
 ) -> Result<(), String> {
     let p = &shared.params;
+    let ps = shared.ps.borrow().clone();
     let channel = credentials
-        .endpoint(&p.ps_address, Role::ProcessServer, &p.process_server)
+        .endpoint(&ps.address, Role::ProcessServer, &ps.name)
         .map_err(|e| e.to_string())?
         .connect()
         .await
@@ -747,7 +818,7 @@ async fn session(
         .map_err(|s| s.message().to_string())?
         .ok_or("stream closed before the first acknowledgement")?;
     let acked_before = shared.persisted.lock().map(|p| p.acked_seq).unwrap_or(0);
-    if first.seq < acked_before {
+    if first.seq < acked_before || shared.batches_lost.swap(false, Ordering::SeqCst) {
         // Numbering continues after what the PS and the target still have.
         cache_lost(shared, &mut client, inflight, first.seq, acked_before).await?;
     } else {

@@ -453,6 +453,30 @@ impl Cache {
         }
     }
 
+    /// An item that moves here from another process server which forwarded everything up to
+    /// `seq` ("Switch process server"): if this cache holds nothing of it after `seq`, it
+    /// continues after `seq`, recorded durably (so a restart does not make the agent think the
+    /// cache was lost). Returns whether the position moved; an item already past `seq` is left
+    /// as it is.
+    pub fn start_after(&self, item: &str, seq: u64) -> Result<bool, CacheError> {
+        validate_item(item)?;
+        loop {
+            let handle = self.get_or_create(item);
+            let mut st = lock(&handle);
+            if st.dropped {
+                continue;
+            }
+            if seq == 0 || st.last_seq >= seq {
+                return Ok(false);
+            }
+            self.ensure_dir(&mut st)?;
+            // Whatever an earlier stint here left is older than `seq`: the target has it.
+            self.release_locked(&mut st, seq)?;
+            write_state(&st.dir, seq, true)?;
+            return Ok(true);
+        }
+    }
+
     /// Highest sequence of `item` the target acknowledged; 0 if none or unknown.
     pub fn released_seq(&self, item: &str) -> u64 {
         self.with_item(item, |st| st.released).unwrap_or(0)
@@ -1246,6 +1270,36 @@ mod tests {
         }
         cache.release("vm1", count as u64).expect("release");
         assert_eq!(cache.hot_used.load(Ordering::SeqCst), 0);
+    }
+
+    /// An item switched here continues after the batch the old process server forwarded,
+    /// also after a restart; one already past it is left alone.
+    #[test]
+    fn a_switched_item_continues_after_the_drained_batch_across_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let cache = Cache::open(dir.path(), 1 << 30).expect("open");
+            assert!(cache.start_after("vm1-1", 41).expect("start"));
+            assert_eq!(cache.last_seq("vm1-1"), 41);
+            assert!(!cache.start_after("vm1-1", 7).expect("older"), "never back");
+        }
+        let cache = Cache::open(dir.path(), 1 << 30).expect("reopen");
+        assert_eq!(cache.last_seq("vm1-1"), 41, "durable");
+        let gap = cache.append("vm1-1", 43, Bytes::from_static(b"x"));
+        assert!(
+            matches!(gap, Err(CacheError::OutOfOrder { expected: 42, .. })),
+            "{gap:?}"
+        );
+        assert_eq!(
+            cache
+                .append("vm1-1", 42, Bytes::from_static(b"x"))
+                .expect("append"),
+            AppendOutcome::Appended
+        );
+        assert_eq!(
+            cache.read_after("vm1-1", 0, 1 << 20).expect("read").len(),
+            1
+        );
     }
 
     #[test]

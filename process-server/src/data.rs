@@ -40,6 +40,10 @@ pub struct Route {
     /// The machine's agent: the one certificate whose batches this PS takes for the item.
     #[serde(default)]
     pub source: AllowedSender,
+    /// The item is moving to another process server: its agent's batches are refused, what
+    /// the cache holds is still forwarded (kept across restarts until the route is removed).
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// Most bytes in flight to a target.
@@ -153,18 +157,76 @@ impl DataPlane {
         dp
     }
 
-    /// Records (and persists) a route and starts or redirects the item's forwarder.
-    pub fn set_route(self: &Arc<Self>, item: &str, route: Route) -> Result<(), String> {
+    /// Records (and persists) a route and starts or redirects the item's forwarder. A route
+    /// set again keeps draining if it was. `start_after` (non-zero after a switch from a
+    /// process server that drained the item) is where an item this cache holds nothing of
+    /// continues.
+    pub fn set_route(
+        self: &Arc<Self>,
+        item: &str,
+        mut route: Route,
+        start_after: u64,
+    ) -> Result<(), String> {
+        failback_common::identity::validate_name(item)?;
+        if start_after > 0
+            && self
+                .cache
+                .start_after(item, start_after)
+                .map_err(|e| format!("cannot continue {item} after batch {start_after}: {e}"))?
+        {
+            tracing::info!(%item, "continues after batch {start_after}, which the previous process server forwarded");
+        }
+        let route = {
+            let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+            route.draining = routes.get(item).is_some_and(|r| r.draining);
+            routes.insert(item.to_string(), route.clone());
+            self.persist_routes(&routes)?;
+            route
+        };
+        self.ensure_forwarder(item, route);
+        Ok(())
+    }
+
+    fn persist_routes(&self, routes: &HashMap<String, Route>) -> Result<(), String> {
+        let bytes = serde_json::to_vec(routes).map_err(|e| e.to_string())?;
+        failback_common::durable::write(&self.routes_path, &bytes, 0o600)
+            .map_err(|e| format!("cannot persist routes: {e}"))
+    }
+
+    /// Whether the item's agent may no longer send here.
+    fn draining(&self, item: &str) -> bool {
+        self.routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(item)
+            .is_some_and(|r| r.draining)
+    }
+
+    /// "Switch process server", on the process server the item leaves: from now on no batch
+    /// of the item is taken (the open stream is fenced off, new ones are refused), and what
+    /// the cache holds goes on to the target. Returns (highest batch held, highest batch the
+    /// target acknowledged); drained once they are equal. `resume` takes batches again.
+    pub async fn drain(&self, item: &str, resume: bool) -> Result<(u64, u64), String> {
         failback_common::identity::validate_name(item)?;
         {
             let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
-            routes.insert(item.to_string(), route.clone());
-            let bytes = serde_json::to_vec(&*routes).map_err(|e| e.to_string())?;
-            failback_common::durable::write(&self.routes_path, &bytes, 0o600)
-                .map_err(|e| format!("cannot persist routes: {e}"))?;
+            let Some(route) = routes.get_mut(item) else {
+                return Err(format!(
+                    "this process server has no route for item `{item}`"
+                ));
+            };
+            if route.draining == resume {
+                route.draining = !resume;
+                self.persist_routes(&routes)?;
+                tracing::info!(%item, "{}", if resume { "taking the agent's batches again" } else { "draining: the agent's batches are refused, the cache is forwarded" });
+            }
         }
-        self.ensure_forwarder(item, route);
-        Ok(())
+        if !resume {
+            // Waits for an append in progress; every later one sees the flag under this lock.
+            let ticket = self.fence.open(item).await;
+            drop(ticket.lock().await);
+        }
+        Ok((self.cache.last_seq(item), self.cache.released_seq(item)))
     }
 
     /// Forgets the item's route, stops its forwarder and drops what the cache holds for it
@@ -182,11 +244,7 @@ impl DataPlane {
         {
             let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
             if routes.remove(item).is_some() {
-                let bytes = serde_json::to_vec(&*routes).map_err(|e| e.to_string())?;
-                let tmp = self.routes_path.with_extension("tmp");
-                std::fs::write(&tmp, bytes)
-                    .and_then(|_| std::fs::rename(&tmp, &self.routes_path))
-                    .map_err(|e| format!("cannot persist routes: {e}"))?;
+                self.persist_routes(&routes)?;
             }
         }
         self.cache
@@ -381,6 +439,9 @@ impl ProcessServerData for DataService {
         let ticket = dp.fence.open(&item).await;
         let last = {
             let _guard = ticket.lock().await;
+            if dp.draining(&item) {
+                return Err(moving_away(&item));
+            }
             dp.cache.last_seq(&item)
         };
         let target_seq = dp.target_acked.borrow().get(&item).copied().unwrap_or(0);
@@ -468,6 +529,14 @@ impl ProcessServerData for DataService {
     }
 }
 
+/// The refusal while an item moves to another process server.
+fn moving_away(item: &str) -> Status {
+    Status::unavailable(format!(
+        "item {item} is moving to another process server (switch process server): this one \
+         takes no more of its batches; the agent is told where to send them"
+    ))
+}
+
 async fn receive(
     dp: &DataPlane,
     item: &str,
@@ -512,6 +581,9 @@ async fn receive(
                 "a newer replication stream of {item} took over; this one is closed"
             )));
         };
+        if dp.draining(item) {
+            return Err(moving_away(item));
+        }
         let outcome = tokio::task::spawn_blocking(move || cache.append(&it, seq, framed))
             .await
             .map_err(|e| Status::internal(e.to_string()))?;

@@ -21,7 +21,8 @@ use failback_common::config::ConfigError;
 use failback_common::enroll::CsSettings;
 use failback_common::identity::{Identity, Role, Site};
 use failback_proto::pb::control::{
-    ComponentMessage, CsMessage, Hello, PsStatus, Report, command, component_message, report,
+    ComponentMessage, CsMessage, DrainResult, Hello, PsStatus, Report, command, command_result,
+    component_message, report,
 };
 use failback_proto::pb::data::process_server_data_server::ProcessServerDataServer;
 use serde::Deserialize;
@@ -135,16 +136,28 @@ async fn handle_commands(
                             target: r.target,
                             address: r.target_address,
                             source: r.source.map(Into::into).unwrap_or_default(),
+                            draining: false,
                         },
+                        r.start_after,
                     )
+                    .map(|()| None)
                 }
                 Some(command::Kind::RemoveRoute(r)) => {
                     tracing::info!(item = %r.item, "route removed");
-                    dp.remove_route(&r.item)
+                    dp.remove_route(&r.item).map(|()| None)
+                }
+                Some(command::Kind::DrainRoute(r)) => {
+                    dp.drain(&r.item, r.resume)
+                        .await
+                        .map(|(last_seq, forwarded_seq)| {
+                            Some(command_result::Detail::Drain(DrainResult {
+                                last_seq,
+                                forwarded_seq,
+                            }))
+                        })
                 }
                 _ => Err("a process server doesn't take this command".to_string()),
             }
-            .map(|()| None)
             .map_err(Into::into)
         };
         if !failback_common::control::answer(&outbox, &mut answered, cmd.id, run).await {

@@ -74,6 +74,19 @@ pub async fn resync(dir: &Path, machine: &str) -> anyhow::Result<Job> {
         .into_inner())
 }
 
+/// `item switch-ps`: the "Switch process server" job.
+pub async fn switch_ps(dir: &Path, machine: &str, process_server: &str) -> anyhow::Result<Job> {
+    Ok(operator(dir)
+        .await?
+        .switch_process_server(failback_proto::pb::operator::SwitchPsRequest {
+            machine: machine.to_string(),
+            process_server: process_server.to_string(),
+        })
+        .await
+        .map_err(err)?
+        .into_inner())
+}
+
 pub async fn workload(dir: &Path, req: WorkloadRequest) -> anyhow::Result<()> {
     operator(dir).await?.workload(req).await.map_err(err)?;
     Ok(())

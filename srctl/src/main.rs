@@ -356,6 +356,14 @@ enum ItemCmd {
     },
     /// Resynchronize: compare block checksums with the replica, send only what differs.
     Resync { machine: String },
+    /// Switch process server: move a protected item to another process server of its site.
+    /// The old one forwards what it holds first, so nothing is resent; if it is down, what it
+    /// had not forwarded is lost and the item resynchronizes by checksums (and says so).
+    SwitchPs {
+        machine: String,
+        #[arg(long = "process-server", value_name = "NAME")]
+        process_server: String,
+    },
     /// Disable replication: the item is removed from the agent, the process server and the
     /// target, then from the configuration server.
     Disable { machine: String },
@@ -684,6 +692,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 ItemCmd::Resync { machine } => {
                     let job = item::resync(&dir, &machine).await?;
+                    follow_item(&dir, job, &machine, no_wait).await?;
+                }
+                ItemCmd::SwitchPs {
+                    machine,
+                    process_server,
+                } => {
+                    let job = item::switch_ps(&dir, &machine, &process_server).await?;
                     follow_item(&dir, job, &machine, no_wait).await?;
                 }
                 ItemCmd::Disable { machine } => {

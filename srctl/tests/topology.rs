@@ -170,3 +170,145 @@ fn bad_topology_files_are_refused_before_anything_starts() {
         "{err}"
     );
 }
+
+/// The newest job named `name`, as `job list --json` shows it.
+fn newest_job(dir: &Path, name: &str) -> Value {
+    json(srctl(dir, &["job", "list", "--json"]))
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .filter(|j| j["name"] == name)
+        .max_by_key(|j| j["id"].as_i64().unwrap_or(0))
+        .cloned()
+        .unwrap_or_else(|| panic!("no job `{name}`"))
+}
+
+fn step_names(job: &Value) -> Vec<String> {
+    job["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .filter_map(|s| s["name"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// The items a process server holds routes for (its `routes.json`).
+fn routes_of(dir: &Path, ps: &str) -> Value {
+    std::fs::read(dir.join("data").join(ps).join("routes.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(Value::Null)
+}
+
+#[test]
+fn an_item_moves_between_process_servers_byte_exact_and_away_from_a_dead_one_with_a_resync() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("lab");
+    ok(lab_up_t(&dir, EXAMPLE));
+    let _down = Down(dir.clone());
+    ok(srctl(&dir, &["workload", "start", "sql1", "--rate", "2"]));
+    ok(srctl(
+        &dir,
+        &["item", "enable", "sql1", "--process-server", "ps-1"],
+    ));
+    protected_with_a_point(&dir, "sql1");
+    let item = show(&dir, "sql1")["id"].as_str().expect("id").to_string();
+    assert!(routes_of(&dir, "ps-1").get(&item).is_some());
+
+    // Refused, nothing changed: the same process server, one of the other site, none.
+    let e = fails(srctl(
+        &dir,
+        &["item", "switch-ps", "sql1", "--process-server", "ps-1"],
+    ));
+    assert!(e.contains("already replicates through `ps-1`"), "{e}");
+    let e = fails(srctl(
+        &dir,
+        &["item", "switch-ps", "sql1", "--process-server", "ps-azure"],
+    ));
+    assert!(
+        e.contains("switch to a process server of the same site"),
+        "{e}"
+    );
+    let e = fails(srctl(
+        &dir,
+        &["item", "switch-ps", "sql1", "--process-server", "ps-9"],
+    ));
+    assert!(e.contains("no process server named `ps-9`"), "{e}");
+    assert_eq!(show(&dir, "sql1")["process_server"], "ps-1");
+
+    // Healthy: ps-1 forwards what it holds, ps-2 continues after it; writes go on throughout,
+    // no resync, and the replica equals the source at a point taken after the switch.
+    let switched_at = now_ms();
+    ok(srctl(
+        &dir,
+        &["item", "switch-ps", "sql1", "--process-server", "ps-2"],
+    ));
+    let v = show(&dir, "sql1");
+    assert_eq!(v["process_server"], "ps-2", "{v}");
+    assert_eq!(v["state"], "Protected", "{v}");
+    let job = newest_job(&dir, "Switch process server");
+    assert_eq!(job["state"], "Succeeded", "{job}");
+    assert_eq!(
+        step_names(&job),
+        [
+            "Check prerequisites",
+            "Drain ps-1",
+            "Switch to ps-2",
+            "Release ps-1"
+        ],
+        "{job}"
+    );
+    verify_point_after(&dir, "sql1", switched_at, "after the switch to ps-2");
+    let agent_log = std::fs::read_to_string(dir.join("logs/esx-a.log")).unwrap_or_default();
+    assert!(
+        !agent_log.contains("resync required"),
+        "a drained switch needs no resync:\n{agent_log}"
+    );
+    assert!(
+        routes_of(&dir, "ps-1").get(&item).is_none(),
+        "ps-1 forgot the item: {}",
+        routes_of(&dir, "ps-1")
+    );
+    assert!(routes_of(&dir, "ps-2").get(&item).is_some());
+
+    // ps-2 dies: the switch back to ps-1 goes on without it; what it had not forwarded is
+    // lost, so the item resynchronizes by checksums, and the job says so.
+    ok(srctl(&dir, &["lab", "kill", "ps-2"]));
+    eventually("ps-2 not connected", 30, || {
+        infra(&dir, "ps-2")["status"] != "connected"
+    });
+    let switched_at = now_ms();
+    ok(srctl(
+        &dir,
+        &["item", "switch-ps", "sql1", "--process-server", "ps-1"],
+    ));
+    let v = show(&dir, "sql1");
+    assert_eq!(v["process_server"], "ps-1", "{v}");
+    assert_eq!(v["state"], "Protected", "{v}");
+    let job = newest_job(&dir, "Switch process server");
+    let steps = step_names(&job);
+    assert!(
+        !steps.iter().any(|s| s.starts_with("Drain"))
+            && steps.iter().any(|s| s.starts_with("Resynchronization")),
+        "{job}"
+    );
+    let agent_log = std::fs::read_to_string(dir.join("logs/esx-a.log")).unwrap_or_default();
+    assert!(
+        agent_log.contains("batches were lost"),
+        "the agent resynced:\n{agent_log}"
+    );
+    verify_point_after(
+        &dir,
+        "sql1",
+        switched_at,
+        "after the switch away from dead ps-2",
+    );
+
+    // ps-2 comes back holding a stale route: the CS has it forget the item.
+    ok(srctl(&dir, &["lab", "restart", "ps-2"]));
+    wait_component(&dir, "ps-2", "onprem", "connected");
+    eventually("ps-2 forgets the item", 30, || {
+        routes_of(&dir, "ps-2").get(&item).is_none()
+    });
+    verify_point_after(&dir, "sql1", now_ms(), "after ps-2 came back");
+}

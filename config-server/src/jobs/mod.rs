@@ -20,7 +20,8 @@
 //! # Layout
 //! One module per kind of job, each with its checks (run by the operator handler, changing
 //! nothing) and its body: [`enable`], [`disable`], [`failover`] (every kind, change point
-//! included), [`commit`], [`cleanup`], [`reprotect`], [`resync`], [`plan`], [`deploy`].
+//! included), [`commit`], [`cleanup`], [`reprotect`], [`resync`], [`plan`], [`deploy`],
+//! [`switch_ps`].
 
 pub mod cleanup;
 pub mod commit;
@@ -31,6 +32,7 @@ pub mod failover;
 pub mod plan;
 pub mod reprotect;
 pub mod resync;
+pub mod switch_ps;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -438,6 +440,10 @@ async fn resume_body(state: &Arc<State>, kind: JobKind, job: &JobRow) -> Option<
             let p: deploy::Params = serde_json::from_str(&params).ok()?;
             Box::new(move |ctx| Box::pin(deploy::run(ctx, p)))
         }
+        JobKind::SwitchPs => {
+            let p: switch_ps::Params = serde_json::from_str(&params).ok()?;
+            Box::new(move |ctx| Box::pin(switch_ps::run(ctx, p)))
+        }
         JobKind::Failover | JobKind::Plan => return None,
     };
     let _ = state;
@@ -468,7 +474,8 @@ async fn abandon(state: &Arc<State>, id: i64, kind: JobKind, reason: &str) -> Re
         | JobKind::Commit
         | JobKind::CleanupTest
         | JobKind::Plan
-        | JobKind::PlanReprotect => Ok(()),
+        | JobKind::PlanReprotect
+        | JobKind::SwitchPs => Ok(()),
     }
 }
 
@@ -659,5 +666,6 @@ fn command_name(kind: &command::Kind) -> &'static str {
         HoldWrites(_) => "hold",
         ReleaseWrites(_) => "release",
         RemoveRoute(_) => "remove-route",
+        DrainRoute(_) => "drain",
     }
 }

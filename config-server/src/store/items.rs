@@ -204,6 +204,42 @@ impl Db<'_> {
         Ok(())
     }
 
+    /// Moves an item to another process server ("Switch process server").
+    pub fn set_item_process_server(&self, id: &str, ps: &str) -> Result<(), DbError> {
+        self.c.execute(
+            "UPDATE items SET process_server = ?2 WHERE id = ?1",
+            params![id, ps],
+        )?;
+        Ok(())
+    }
+
+    /// Records that `ps` still holds a route for `item` it no longer serves (it was down when
+    /// the item was switched away from it).
+    pub fn add_stale_route(&self, ps: &str, item: &str) -> Result<(), DbError> {
+        self.c.execute(
+            "INSERT OR IGNORE INTO stale_routes(process_server, item) VALUES (?1, ?2)",
+            params![ps, item],
+        )?;
+        Ok(())
+    }
+
+    /// The items `ps` holds stale routes for.
+    pub fn stale_routes(&self, ps: &str) -> Result<Vec<String>, DbError> {
+        let mut stmt = self
+            .c
+            .prepare("SELECT item FROM stale_routes WHERE process_server = ?1 ORDER BY item")?;
+        let rows = stmt.query_map([ps], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn remove_stale_route(&self, ps: &str, item: &str) -> Result<(), DbError> {
+        self.c.execute(
+            "DELETE FROM stale_routes WHERE process_server = ?1 AND item = ?2",
+            params![ps, item],
+        )?;
+        Ok(())
+    }
+
     pub fn set_placement(&self, id: &str, placement: &Placement) -> Result<(), DbError> {
         self.c.execute(
             "UPDATE items SET placement = ?2 WHERE id = ?1",

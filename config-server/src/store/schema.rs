@@ -11,7 +11,7 @@ use rusqlite::Connection;
 use super::DbError;
 
 /// The schema version this code writes.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// Version 1: the schema of the first releases (created `IF NOT EXISTS`, so it is also how an
 /// unversioned database is brought to version 1).
@@ -145,6 +145,16 @@ const V4: &str = r#"
 ALTER TABLE components ADD COLUMN os TEXT NOT NULL DEFAULT '';
 "#;
 
+/// Version 5: routes a process server still holds for items switched away from it while it
+/// was down ("Switch process server"), removed when it connects again.
+const V5: &str = r#"
+CREATE TABLE IF NOT EXISTS stale_routes (
+    process_server TEXT NOT NULL,
+    item           TEXT NOT NULL,
+    PRIMARY KEY (process_server, item)
+);
+"#;
+
 /// Brings the database to [`SCHEMA_VERSION`].
 pub fn migrate(conn: &mut Connection) -> Result<(), DbError> {
     let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
@@ -173,6 +183,9 @@ pub fn migrate(conn: &mut Connection) -> Result<(), DbError> {
     }
     if found < 4 {
         tx.execute_batch(V4)?;
+    }
+    if found < 5 {
+        tx.execute_batch(V5)?;
     }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()?;
