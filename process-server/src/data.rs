@@ -41,7 +41,11 @@ pub struct Route {
     #[serde(default)]
     pub source: AllowedSender,
     /// The item is moving to another process server: its agent's batches are refused, what
-    /// the cache holds is still forwarded (kept across restarts until the route is removed).
+    /// the cache holds is still forwarded. Kept across restarts; a route set again (the CS
+    /// re-sends routes on reconnect, or a switch was given up) takes batches again. Should
+    /// that happen after the drain was reported, the agent's next process server holds less
+    /// than the agent was acknowledged, which the agent treats as a lost cache (a resync):
+    /// never a silent loss.
     #[serde(default)]
     pub draining: bool,
 }
@@ -157,14 +161,14 @@ impl DataPlane {
         dp
     }
 
-    /// Records (and persists) a route and starts or redirects the item's forwarder. A route
-    /// set again keeps draining if it was. `start_after` (non-zero after a switch from a
+    /// Records (and persists) a route and starts or redirects the item's forwarder (ending a
+    /// drain). `start_after` (non-zero after a switch from a
     /// process server that drained the item) is where an item this cache holds nothing of
     /// continues.
     pub fn set_route(
         self: &Arc<Self>,
         item: &str,
-        mut route: Route,
+        route: Route,
         start_after: u64,
     ) -> Result<(), String> {
         failback_common::identity::validate_name(item)?;
@@ -176,13 +180,11 @@ impl DataPlane {
         {
             tracing::info!(%item, "continues after batch {start_after}, which the previous process server forwarded");
         }
-        let route = {
+        {
             let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
-            route.draining = routes.get(item).is_some_and(|r| r.draining);
             routes.insert(item.to_string(), route.clone());
             self.persist_routes(&routes)?;
-            route
-        };
+        }
         self.ensure_forwarder(item, route);
         Ok(())
     }
