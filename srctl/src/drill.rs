@@ -48,7 +48,10 @@ const LAG_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct DrillOptions {
+    /// Machines of the lab the drill starts.
     pub machines: usize,
+    /// With a running lab: only these machines (empty: every on-premises machine).
+    pub only: Vec<String>,
     pub disk_size: u64,
     /// Use this running lab instead of starting one in a temporary directory.
     pub lab: Option<PathBuf>,
@@ -64,6 +67,7 @@ impl Default for DrillOptions {
     fn default() -> Self {
         DrillOptions {
             machines: 2,
+            only: Vec::new(),
             disk_size: 64 << 20,
             lab: None,
             rate_mb_s: 2.0,
@@ -255,7 +259,7 @@ pub async fn run(opts: DrillOptions) -> anyhow::Result<DrillReport> {
             opts.disk_size,
         )
     } else {
-        onprem_machines(&dir, opts.machines).await?
+        onprem_machines(&dir, &opts.only).await?
     };
     let mut drill = Drill {
         dir: dir.clone(),
@@ -370,16 +374,36 @@ pub async fn run(opts: DrillOptions) -> anyhow::Result<DrillReport> {
     Ok(report)
 }
 
-/// The machines on the lab's on-premises host(s), at most `n`, and the size of the first
-/// one's disks.
-async fn onprem_machines(dir: &Path, n: usize) -> anyhow::Result<(Vec<String>, u64)> {
+/// The machines on the lab's on-premises host(s) (those of `only`, if given), and the size of
+/// the first one's disks.
+async fn onprem_machines(dir: &Path, only: &[String]) -> anyhow::Result<(Vec<String>, u64)> {
     let all = infra::list(dir).await?;
     let mut agents: Vec<_> = all
         .iter()
         .filter(|c| c.role == "agent" && c.site == "onprem" && c.status == "connected")
         .collect();
     agents.sort_by(|a, b| a.name.cmp(&b.name));
-    agents.truncate(n);
+    let missing: Vec<&str> = only
+        .iter()
+        .filter(|m| !agents.iter().any(|a| &a.name == *m))
+        .map(String::as_str)
+        .collect();
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "--only: {} {} not a connected on-premises machine of the lab in {}; it has: {}",
+            missing.join(", "),
+            if missing.len() == 1 { "is" } else { "are" },
+            dir.display(),
+            agents
+                .iter()
+                .map(|a| a.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    if !only.is_empty() {
+        agents.retain(|a| only.contains(&a.name));
+    }
     if agents.is_empty() {
         anyhow::bail!(
             "the lab in {} has no connected on-premises machine to drill",

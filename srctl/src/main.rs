@@ -108,9 +108,13 @@ struct FailoverArgs {
 
 #[derive(clap::Args)]
 struct DrillArgs {
-    /// Machines to drill (a new lab gets this many).
-    #[arg(long, default_value_t = 2)]
-    machines: usize,
+    /// Machines of the lab the drill starts (vm1..vmN; default 2). With --lab every
+    /// on-premises machine of that lab is drilled, or those --only names.
+    #[arg(long)]
+    machines: Option<usize>,
+    /// With --lab: drill only these machines (comma-separated, e.g. sql1,web2).
+    #[arg(long, value_delimiter = ',', value_name = "MACHINES")]
+    only: Vec<String>,
     /// Disk size of each machine in a new lab.
     #[arg(long, default_value = "64MiB")]
     disk_size: String,
@@ -564,8 +568,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .as_ref()
                 .map(|s| s.drill.clone())
                 .unwrap_or_default();
+            if lab_flag.is_some() && a.machines.is_some() {
+                anyhow::bail!(
+                    "--machines sizes the lab a drill starts; with --lab (or FAILBACK_LAB) every \
+                     on-premises machine of that lab is drilled: pick some with --only a,b"
+                );
+            }
+            if lab_flag.is_none() && !a.only.is_empty() {
+                anyhow::bail!(
+                    "--only picks machines of a running lab (--lab DIR); the lab a drill starts \
+                     has vm1..vmN (--machines N)"
+                );
+            }
             let report = srctl::drill::run(srctl::drill::DrillOptions {
-                machines: settings.machines.unwrap_or(a.machines),
+                machines: a.machines.or(settings.machines).unwrap_or(2),
+                only: a.only,
                 disk_size: parse_size(settings.disk_size.as_deref().unwrap_or(&a.disk_size))?,
                 lab: lab_flag,
                 rate_mb_s: settings.rate.unwrap_or(a.rate),

@@ -48,10 +48,27 @@ fn the_documented_example_comes_up_and_drills_every_machine_byte_exact() {
     }
     assert!(graph.starts_with("flowchart LR"), "{graph}");
 
+    // On a running lab the drill takes every machine (or --only's); --machines sizes a new lab.
+    let e = fails(srctl(&dir, &["drill", "--only", "sql1,nope"]));
+    assert!(
+        e.contains("--only: nope is not a connected on-premises machine")
+            && e.contains("app1, sql1, web1, web2"),
+        "{e}"
+    );
+    let e = fails(srctl(&dir, &["drill", "--machines", "2"]));
+    assert!(e.contains("--machines sizes the lab a drill starts"), "{e}");
+    assert_eq!(
+        json(srctl(&dir, &["item", "list", "--json"]))
+            .as_array()
+            .map(Vec::len),
+        Some(0),
+        "a refused drill changes nothing"
+    );
+
     let out = Command::new(SRCTL)
         .args(["--lab"])
         .arg(&dir)
-        .args(["drill", "--machines", "4", "--rate", "1", "--json"])
+        .args(["drill", "--rate", "1", "--json"])
         .output()
         .expect("drill");
     let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
