@@ -9,6 +9,7 @@
 //! - [`trust`]: revoked certificates and the client verifier that refuses them.
 //! - [`renewal`]: credentials that are renewed while the component runs.
 //! - [`listener`]: accepting TLS connections under a cap and a handshake deadline.
+//! - [`metrics`]: the process's Prometheus registry and its bounded `/metrics` endpoint.
 //! - [`blocks`]: block digests for comparing two copies of a disk.
 //! - [`direct`]: page-cache-free (`O_DIRECT`) writes of aligned spans.
 //! - [`durable`]: state files written whole and durably (fsync, rename, directory fsync).
@@ -33,6 +34,7 @@ pub mod fence;
 pub mod identity;
 pub mod limits;
 pub mod listener;
+pub mod metrics;
 pub mod os;
 pub mod paths;
 pub mod renewal;

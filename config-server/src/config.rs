@@ -49,6 +49,8 @@ pub struct CsConfig {
     pub hold_at_step: String,
     /// Test hook: a job's task panics at a step whose name starts with this. Empty: off.
     pub panic_at_step: String,
+    /// Prometheus metrics at `http://ADDRESS/metrics` (empty: none).
+    pub metrics_listen: String,
 }
 
 impl Default for CsConfig {
@@ -68,6 +70,7 @@ impl Default for CsConfig {
             boot_delay: Duration::from_secs(2),
             master_target_disk_limit: 60,
             hold_at_step: String::new(),
+            metrics_listen: String::new(),
             panic_at_step: String::new(),
         }
     }

@@ -208,6 +208,10 @@ pub enum Level {
     Critical,
 }
 
+impl Level {
+    pub const ALL: [Level; 3] = [Level::Healthy, Level::Warning, Level::Critical];
+}
+
 impl std::fmt::Display for Level {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {

@@ -12,6 +12,8 @@
 //!   component views), `groups` (multi-VM points), `reports` (what
 //!   components report; what is re-sent when one reconnects), `commands` (the commands
 //!   built from an item's rows).
+//! - `metrics` (the `flab_cs_*` and `flab_item_*` series of the `/metrics` endpoint, read
+//!   through `health` and the store).
 //! - `state` (shared state, notifications), `sessions` (control streams, commands and
 //!   their results), `ca`, [`config`].
 //! - [`admin`]: what runs on the CS host beside the server (operator credentials,
@@ -22,7 +24,8 @@
 //! # Ports
 //! Two listeners: the enrollment port (server-authenticated TLS, only `Enroll`: a component
 //! has no certificate yet) and the API port (mutual TLS, client certificate required: control
-//! streams and the operator API). The CS never dials anyone.
+//! streams and the operator API). The CS never dials anyone. With `metrics_listen`, a third
+//! serves Prometheus metrics (plain HTTP, loopback in the local lab).
 
 mod admin;
 mod ca;
@@ -34,6 +37,7 @@ mod groups;
 mod health;
 mod item;
 mod jobs;
+mod metrics;
 mod operator;
 mod placement;
 mod reports;
@@ -188,6 +192,14 @@ impl ConfigServer {
             "configuration server ready"
         );
         tokio::spawn(groups::tagger(state.clone(), shutdown.clone()));
+        let registry = failback_common::metrics::Metrics::new();
+        let refresh = metrics::register(&registry);
+        metrics::register_sessions(&registry, state.clone());
+        failback_common::metrics::start(Some(&state.config.metrics_listen), &registry, &shutdown)
+            .await?;
+        if !state.config.metrics_listen.is_empty() {
+            tokio::spawn(refresh.run(state.clone(), shutdown.clone()));
+        }
         let stopping = state.stopping.clone();
         let watch = shutdown.clone();
         tokio::spawn(async move {

@@ -48,6 +48,8 @@ pub struct Sessions {
     next_command: AtomicU64,
     /// Bumped whenever a session opens or closes (waiters for a component to connect).
     changed: watch::Sender<u64>,
+    /// Control streams that ended (closed, or replaced by a reconnect) since start.
+    pub drops: AtomicU64,
 }
 
 impl Default for Sessions {
@@ -61,6 +63,7 @@ impl Default for Sessions {
             next_conn: AtomicU64::new(1),
             next_command: AtomicU64::new(start),
             changed: watch::channel(0).0,
+            drops: AtomicU64::new(0),
         }
     }
 }
@@ -68,6 +71,14 @@ impl Default for Sessions {
 impl Sessions {
     pub fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The components with a control stream open now, with their last heartbeat (Unix ms).
+    pub fn heartbeats(&self) -> Vec<(String, i64)> {
+        self.lock()
+            .iter()
+            .map(|(n, s)| (n.clone(), s.last_heartbeat_ms))
+            .collect()
     }
 
     /// Whether `name` has a control stream open now.
@@ -85,6 +96,7 @@ impl Sessions {
         let had = replaced.is_some();
         if let Some(old) = replaced {
             old.cancel.cancel();
+            self.drops.fetch_add(1, Ordering::Relaxed);
         }
         self.changed.send_modify(|v| *v += 1);
         had
@@ -96,6 +108,7 @@ impl Sessions {
         if live.get(name).is_some_and(|s| s.conn_id == conn_id) {
             live.remove(name);
             drop(live);
+            self.drops.fetch_add(1, Ordering::Relaxed);
             self.changed.send_modify(|v| *v += 1);
             true
         } else {

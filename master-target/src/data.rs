@@ -43,6 +43,8 @@ pub struct ItemReplica {
     apply: Notify,
     /// Stops the applier (the replica is removed).
     stop: CancellationToken,
+    /// When each batch not yet applied was journaled (the apply lag).
+    pub journaled_at: Mutex<std::collections::VecDeque<(u64, std::time::Instant)>>,
 }
 
 impl ItemReplica {
@@ -101,6 +103,16 @@ impl Replicas {
             outbox,
             shutdown,
         })
+    }
+
+    /// Every open replica.
+    pub fn all(&self) -> Vec<Arc<ItemReplica>> {
+        self.items
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub fn get(&self, item: &str) -> Option<Arc<ItemReplica>> {
@@ -231,6 +243,7 @@ impl Replicas {
             retention_ms: std::sync::atomic::AtomicU64::new(p.retention_ms),
             apply: Notify::new(),
             stop: self.shutdown.child_token(),
+            journaled_at: Mutex::default(),
         });
         self.items
             .lock()
@@ -873,6 +886,13 @@ impl TargetData for TargetService {
                             .map_err(replica_status)?;
                     drop(guard);
                     if outcome == AppendOutcome::Appended {
+                        if let Ok(mut j) = replica.journaled_at.lock() {
+                            j.push_back((seq, std::time::Instant::now()));
+                            // Bounded whatever happens to the applier.
+                            while j.len() > 100_000 {
+                                j.pop_front();
+                            }
+                        }
                         replica.apply.notify_one();
                         for id in tags {
                             let point = replica.store().point(&id);

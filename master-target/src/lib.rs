@@ -10,8 +10,10 @@
 //! - [`replica`]: the durable replica store of one item (journal, disks, undo log, points).
 //! - [`data`]: the `TargetData` service, the applier, verification.
 //! - [`retention`]: which recovery points to keep (ASR's pruning rules).
+//! - [`metrics`]: the `flab_mt_*` series of the `/metrics` endpoint.
 
 pub mod data;
+pub mod metrics;
 pub mod replica;
 pub mod retention;
 
@@ -50,6 +52,8 @@ pub struct MtConfig {
     /// The master target's operating system: it fails back machines of the same. Unset for
     /// Azure's target storage, which takes any machine.
     pub os: Option<failback_common::os::Os>,
+    /// Prometheus metrics at `http://ADDRESS/metrics` (empty: none).
+    pub metrics_listen: String,
 }
 
 /// How the disks of a failed-over (or test) VM are made from the replica.
@@ -106,6 +110,7 @@ impl Default for MtConfig {
             datastore: Vec::new(),
             failover_disks: FailoverDisks::Auto,
             os: Default::default(),
+            metrics_listen: String::new(),
         }
     }
 }
@@ -156,6 +161,9 @@ pub async fn run(
         registered.control.outbox.clone(),
         shutdown.clone(),
     );
+    let registry = failback_common::metrics::Metrics::new();
+    metrics::register(&registry, replicas.clone());
+    failback_common::metrics::start(Some(&config.metrics_listen), &registry, &shutdown).await?;
     tokio::spawn(handle_commands(
         replicas.clone(),
         registered.control.commands,

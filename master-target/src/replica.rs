@@ -636,6 +636,16 @@ impl ReplicaStore {
         self.redo.bytes() + self.undo.bytes()
     }
 
+    /// Bytes of the redo journal (batches journaled, kept while a point needs them).
+    pub fn redo_bytes(&self) -> u64 {
+        self.redo.bytes()
+    }
+
+    /// Bytes of the undo log (before-images that take the disks back to a point).
+    pub fn undo_bytes(&self) -> u64 {
+        self.undo.bytes()
+    }
+
     /// Recovery points, oldest first.
     pub fn points(&self) -> Vec<RecoveryPoint> {
         self.points.clone()

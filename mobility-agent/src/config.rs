@@ -49,6 +49,8 @@ pub struct AgentConfig {
     /// Most bytes a machine's replication log plus unacknowledged batches may hold before
     /// the workload is throttled.
     pub replication_buffer: ByteSize,
+    /// Prometheus metrics at `http://ADDRESS/metrics` (empty: none).
+    pub metrics_listen: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -83,6 +85,7 @@ impl Default for AgentConfig {
             datastore: Vec::new(),
             machine: Vec::new(),
             replication_buffer: ByteSize::mib(256),
+            metrics_listen: String::new(),
         }
     }
 }

@@ -12,10 +12,12 @@
 //! - [`capture`]: the write path: activity log, replication log, tags.
 //! - [`sender`]: replication to the process server (initial copy, delta, resync of hot regions).
 //! - [`workload`]: the workload generator standing in for the guest OS.
+//! - [`metrics`]: the per-item series of the host's `/metrics` endpoint.
 
 pub mod capture;
 pub mod config;
 pub mod machine;
+pub mod metrics;
 pub mod sender;
 pub mod workload;
 
@@ -75,6 +77,9 @@ pub async fn run(
     });
     let host = register(&identity, &config.data_dir, &config.cs, hello_fn, &shutdown).await?;
     let secured = host.secured(config.listener)?;
+    let registry = failback_common::metrics::Metrics::new();
+    let host_metrics = metrics::HostMetrics::register(&registry);
+    failback_common::metrics::start(Some(&config.metrics_listen), &registry, &shutdown).await?;
 
     let mut running = Running::default();
     let mut count = 0;
@@ -85,12 +90,12 @@ pub async fn run(
         let stop = shutdown.child_token();
         let disks = m.disks.iter().map(|d| d.path.clone()).collect();
         running.insert(m.name.clone(), (stop.clone(), disks));
-        start_machine(m, &config, index as u64 + 1, stop).await?;
+        start_machine(m, &config, index as u64 + 1, stop, &host_metrics).await?;
         count += 1;
     }
     // VMs booted here before a restart (failed-over machines) come back up.
     for b in &saved.booted {
-        if let Err(e) = start_booted(&config, &mut running, b, &shutdown) {
+        if let Err(e) = start_booted(&config, &mut running, b, &shutdown, &host_metrics) {
             tracing::error!(machine = %b.name, "cannot restart the booted machine: {e}");
         }
     }
@@ -101,6 +106,7 @@ pub async fn run(
         host.control.commands,
         host.control.outbox,
         shutdown.clone(),
+        host_metrics,
     ));
 
     let router =
@@ -115,6 +121,7 @@ async fn start_machine(
     config: &AgentConfig,
     seed: u64,
     stop: CancellationToken,
+    metrics: &Arc<metrics::HostMetrics>,
 ) -> anyhow::Result<()> {
     let id = Identity::new(Role::Agent, config.site, &m.name);
     let base = hello(&id);
@@ -148,6 +155,7 @@ async fn start_machine(
         shutdown: stop,
         replication: None,
         workload: None,
+        metrics: metrics.clone(),
     };
     tokio::spawn(agent.run(registered.control.commands));
     Ok(())
@@ -213,12 +221,13 @@ async fn host_commands(
     mut commands: tokio::sync::mpsc::Receiver<failback_proto::pb::control::CsMessage>,
     outbox: tokio::sync::mpsc::Sender<ComponentMessage>,
     shutdown: CancellationToken,
+    metrics: Arc<metrics::HostMetrics>,
 ) {
     let mut answered = failback_common::control::Answered::default();
     while let Some(cmd) = failback_common::control::next_command(&mut commands).await {
         let run = || async {
             match cmd.kind {
-                Some(command::Kind::Boot(b)) => boot(&config, &mut running, b, &shutdown)
+                Some(command::Kind::Boot(b)) => boot(&config, &mut running, b, &shutdown, &metrics)
                     .await
                     .map(|_| ())
                     .map_err(Refusal::from),
@@ -320,6 +329,7 @@ async fn boot(
     running: &mut Running,
     b: failback_proto::pb::control::BootMachine,
     shutdown: &CancellationToken,
+    metrics: &Arc<metrics::HostMetrics>,
 ) -> Result<String, String> {
     failback_common::identity::validate_name(&b.name)?;
     if running.contains_key(&b.name) {
@@ -378,7 +388,7 @@ async fn boot(
     saved.deleted.retain(|n| n != &b.name);
     saved.off.retain(|n| n != &b.name);
     saved.save(&config.data_dir)?;
-    start_booted(config, running, &booted, shutdown)?;
+    start_booted(config, running, &booted, shutdown, metrics)?;
     Ok(String::new())
 }
 
@@ -389,6 +399,7 @@ fn start_booted(
     running: &mut Running,
     b: &Booted,
     shutdown: &CancellationToken,
+    metrics: &Arc<metrics::HostMetrics>,
 ) -> Result<(), String> {
     let disks: Vec<machine::Disk> = b
         .disks
@@ -412,6 +423,7 @@ fn start_booted(
         resized: false,
     };
     let config = config.clone();
+    let metrics = metrics.clone();
     let delay = std::time::Duration::from_millis(b.boot_delay_ms);
     tracing::info!(machine = %b.name, network = %b.network, "booting; agent registers in {delay:?}");
     tokio::spawn(async move {
@@ -419,7 +431,7 @@ fn start_booted(
             _ = tokio::time::sleep(delay) => {}
             _ = stop.cancelled() => return,
         }
-        if let Err(e) = start_machine(m, &config, 7, stop).await {
+        if let Err(e) = start_machine(m, &config, 7, stop, &metrics).await {
             tracing::error!("cannot start the booted machine: {e:#}");
         }
     });
@@ -437,6 +449,7 @@ struct Agent {
     shutdown: CancellationToken,
     replication: Option<sender::Replication>,
     workload: Option<workload::Workload>,
+    metrics: Arc<metrics::HostMetrics>,
 }
 
 impl Agent {
@@ -495,9 +508,11 @@ impl Agent {
                     old.stop();
                 }
                 tracing::info!(machine = %self.name, item = %params.item, ps = %params.process_server, "replicating");
+                let item_metrics = self.metrics.item(&params.item, &self.name);
                 self.replication = Some(
                     sender::start(
                         params,
+                        item_metrics,
                         self.capture.clone(),
                         self.credentials.clone(),
                         &self.state_dir,

@@ -97,6 +97,8 @@ struct PsEndpoint {
 /// Shared between the three tasks.
 struct Shared {
     params: Params,
+    /// The item's series on the host's metrics endpoint.
+    metrics: crate::metrics::ItemMetrics,
     /// Changed in place by "Switch process server": the open stream ends and the next one
     /// goes to the new process server, with the batches in flight resent there.
     ps: tokio::sync::watch::Sender<PsEndpoint>,
@@ -147,6 +149,7 @@ pub struct Replication {
 impl Replication {
     pub fn stop(&self) {
         self.cancel.cancel();
+        self.shared.metrics.forget();
     }
 
     /// Whether `params` differ from this replication's only in the process server.
@@ -203,6 +206,7 @@ impl Replication {
 /// Starts replicating `capture` per `params`.
 pub fn start(
     params: Params,
+    metrics: crate::metrics::ItemMetrics,
     capture: Arc<Capture>,
     credentials: CredentialsCell,
     state_dir: &Path,
@@ -229,6 +233,7 @@ pub fn start(
             address: params.ps_address.clone(),
         }),
         params: params.clone(),
+        metrics,
         capture: capture.clone(),
         state_path,
         persisted: std::sync::Mutex::new(persisted),
@@ -657,6 +662,7 @@ fn on_ack(
 ) -> Result<(), String> {
     while inflight.front().is_some_and(|f| f.seq <= seq) {
         let Some(f) = inflight.pop_front() else { break };
+        shared.metrics.replicated.inc_by(f.bytes);
         if let Ok(mut w) = shared.awaiting_target.lock() {
             w.push_back((f.seq, f.captured));
         }
@@ -752,6 +758,7 @@ fn record_target(shared: &Shared, target_seq: u64) {
     };
     while waiting.front().is_some_and(|(s, _)| *s <= target_seq) {
         if let Some((_, captured)) = waiting.pop_front() {
+            shared.metrics.lag.observe((now - captured).as_secs_f64());
             lag.push_back((now, now - captured));
         }
     }
@@ -928,6 +935,17 @@ async fn reporter(
             .lock()
             .map(|p| p.clone())
             .unwrap_or_default();
+        // Out of sync: what was captured but not yet acknowledged, and, until the replica is
+        // consistent, what the copy or resync still has to go through.
+        let copying: u64 = if consistent {
+            0
+        } else {
+            progress.iter().map(|(t, d)| t.saturating_sub(*d)).sum()
+        };
+        shared
+            .metrics
+            .outofsync
+            .set((shared.capture.buffered() + copying) as f64);
         let disks = ids
             .iter()
             .zip(progress.iter())

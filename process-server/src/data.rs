@@ -116,6 +116,12 @@ pub struct DataPlane {
     /// Bytes the targets acknowledged since start (the upload rate behind the estimate of
     /// how long the cache takes to drain).
     pub uploaded_bytes: std::sync::atomic::AtomicU64,
+    /// Payload bytes agents sent, and what the cache stored of them (compressed): the
+    /// compression ratio.
+    pub received_bytes: std::sync::atomic::AtomicU64,
+    pub stored_bytes: std::sync::atomic::AtomicU64,
+    /// The last estimate of how long the backlog takes to upload (seconds, f64 bits).
+    pub upload_estimate_s: std::sync::atomic::AtomicU64,
     /// Connections to targets for checksum requests, by (target, address).
     checksum_channels: Mutex<HashMap<(String, String), tonic::transport::Channel>>,
     shutdown: CancellationToken,
@@ -151,6 +157,9 @@ impl DataPlane {
             fence: Default::default(),
             target_acked: tokio::sync::watch::Sender::new(HashMap::new()),
             uploaded_bytes: Default::default(),
+            received_bytes: Default::default(),
+            stored_bytes: Default::default(),
+            upload_estimate_s: Default::default(),
             checksum_channels: Mutex::new(HashMap::new()),
             shutdown,
         });
@@ -576,6 +585,7 @@ async fn receive(
             )));
         }
         let framed = Bytes::from(frame(&batch.payload, batch.crc32));
+        let (raw_len, stored_len) = (batch.payload.len() as u64, framed.len() as u64);
         let cache = dp.cache.clone();
         let it = item.to_string();
         let Some(guard) = ticket.lock().await else {
@@ -591,7 +601,12 @@ async fn receive(
             .map_err(|e| Status::internal(e.to_string()))?;
         drop(guard);
         match outcome {
-            Ok(AppendOutcome::Appended | AppendOutcome::Duplicate) => {}
+            Ok(AppendOutcome::Appended) => {
+                use std::sync::atomic::Ordering::Relaxed;
+                dp.received_bytes.fetch_add(raw_len, Relaxed);
+                dp.stored_bytes.fetch_add(stored_len, Relaxed);
+            }
+            Ok(AppendOutcome::Duplicate) => {}
             Err(e @ CacheError::OutOfOrder { .. }) => {
                 return Err(Status::invalid_argument(e.to_string()));
             }

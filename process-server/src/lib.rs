@@ -8,9 +8,11 @@
 //! # Layout
 //! - [`cache`]: the durable segmented disk cache.
 //! - [`data`]: the agents' replication streams in, forwarding to targets out.
+//! - [`metrics`]: the `flab_ps_*` series of the `/metrics` endpoint.
 
 pub mod cache;
 pub mod data;
+pub mod metrics;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -47,6 +49,8 @@ pub struct PsConfig {
     pub listener: failback_common::listener::ConnLimits,
     /// Disk cache capacity (ASR recommends 600 GB; the lab default is small).
     pub cache_capacity: bytesize::ByteSize,
+    /// Prometheus metrics at `http://ADDRESS/metrics` (empty: none).
+    pub metrics_listen: String,
 }
 
 impl Default for PsConfig {
@@ -60,6 +64,7 @@ impl Default for PsConfig {
             cs: CsSettings::default(),
             listener: Default::default(),
             cache_capacity: bytesize::ByteSize::gib(2),
+            metrics_listen: String::new(),
         }
     }
 }
@@ -97,6 +102,9 @@ pub async fn run(
         &config.data_dir,
         shutdown.clone(),
     );
+    let registry = failback_common::metrics::Metrics::new();
+    metrics::register(&registry, dp.clone());
+    failback_common::metrics::start(Some(&config.metrics_listen), &registry, &shutdown).await?;
     tokio::spawn(handle_commands(
         dp.clone(),
         registered.control.commands,
@@ -192,6 +200,10 @@ async fn report_status(
             uploads.pop_front();
         }
         let upload_estimate_s = upload_estimate(&uploads, dp.backlog_bytes());
+        dp.upload_estimate_s.store(
+            upload_estimate_s.to_bits(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let (health, throttled) = dp.cache.health();
         let _ = outbox.try_send(ComponentMessage {
             kind: Some(component_message::Kind::Report(Report {

@@ -198,6 +198,17 @@ fn plan(dir: &Path, topology: &Topology, opts: &UpOptions) -> anyhow::Result<Lab
     {
         wanted.push(format!("link-{name}"));
     }
+    // Every process serves its metrics on a port of its own.
+    let processes: Vec<String> = [cs_name.clone(), "vpn".to_string()]
+        .into_iter()
+        .chain(
+            wanted
+                .iter()
+                .filter(|n| !n.starts_with("cs-") && !n.starts_with("link-") && *n != "vpn")
+                .cloned(),
+        )
+        .collect();
+    wanted.extend(processes.iter().map(|n| format!("metrics-{n}")));
     let mut port: BTreeMap<&str, u16> = BTreeMap::new();
     for name in &wanted {
         let free = free_port(&port, &dir)?;
@@ -231,6 +242,9 @@ fn plan(dir: &Path, topology: &Topology, opts: &UpOptions) -> anyhow::Result<Lab
                    run: bool|
      -> anyhow::Result<()> {
         let config = p(&format!("config/{name}.toml"));
+        let metrics = addr(port[format!("metrics-{name}").as_str()]);
+        let mut cfg = cfg;
+        cfg["metrics_listen"] = json!(metrics);
         write_toml(&config, cfg)?;
         let mut args = Vec::new();
         if run {
@@ -248,6 +262,7 @@ fn plan(dir: &Path, topology: &Topology, opts: &UpOptions) -> anyhow::Result<Lab
             listen,
             pid: None,
             env: opts.env.clone(),
+            metrics,
         });
         Ok(())
     };
@@ -667,8 +682,8 @@ pub async fn down(dir: &Path) -> anyhow::Result<usize> {
 /// Prints what runs where.
 pub fn print_procs(state: &LabState) {
     println!(
-        "{:<14} {:<15} {:<7} {:<22} {:>8}  LOG",
-        "NAME", "BINARY", "SITE", "LISTEN", "PID"
+        "{:<14} {:<15} {:<7} {:<22} {:<22} {:>8}  LOG",
+        "NAME", "BINARY", "SITE", "LISTEN", "METRICS", "PID"
     );
     for p in &state.procs {
         let pid = match p.pid {
@@ -677,11 +692,16 @@ pub fn print_procs(state: &LabState) {
             None => "stopped".into(),
         };
         println!(
-            "{:<14} {:<15} {:<7} {:<22} {:>8}  {}",
+            "{:<14} {:<15} {:<7} {:<22} {:<22} {:>8}  {}",
             p.name,
             p.binary,
             p.site,
             p.listen,
+            if p.metrics.is_empty() {
+                "-"
+            } else {
+                &p.metrics
+            },
             pid,
             p.log.display()
         );
@@ -796,6 +816,7 @@ pub async fn add_process_server(dir: &Path, name: &str, site: &str) -> anyhow::R
     let dir = state.dir.clone();
     let taken: BTreeMap<&str, u16> = BTreeMap::new();
     let port = free_port(&taken, &dir)?;
+    let metrics_port = free_port(&BTreeMap::from([("listen", port)]), &dir)?;
     let config = dir.join(format!("config/{name}.toml"));
     write_toml(
         &config,
@@ -806,6 +827,7 @@ pub async fn add_process_server(dir: &Path, name: &str, site: &str) -> anyhow::R
             "listen": addr(port),
             "advertise": { site: addr(port) },
             "cs": serde_json::to_value(&cs)?,
+            "metrics_listen": addr(metrics_port),
         }),
     )?;
     let env = state
@@ -823,6 +845,7 @@ pub async fn add_process_server(dir: &Path, name: &str, site: &str) -> anyhow::R
         listen: addr(port),
         pid: None,
         env,
+        metrics: addr(metrics_port),
     };
     let pid = spawn(&bin_dir()?, &proc)?;
     state.procs.push(Proc {

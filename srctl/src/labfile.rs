@@ -23,6 +23,9 @@ pub struct Proc {
     /// Extra environment (e.g. `FBL_PS__CACHE_CAPACITY`), kept for restarts.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Where its Prometheus metrics are served (`http://ADDRESS/metrics`); empty: nowhere.
+    #[serde(default)]
+    pub metrics: String,
 }
 
 /// `DIR/lab.json`.

@@ -66,6 +66,8 @@ pub struct LinkConfig {
     pub route: Vec<RouteConfig>,
     /// Shaping and faults in effect from the start (the optional `[shaping]` table).
     pub shaping: ShapingConfig,
+    /// Prometheus metrics at `http://ADDRESS/metrics` (empty: none).
+    pub metrics_listen: String,
 }
 
 impl Default for LinkConfig {
@@ -78,6 +80,7 @@ impl Default for LinkConfig {
             control_listen: "127.0.0.1:7000".to_string(),
             route: Vec::new(),
             shaping: ShapingConfig::default(),
+            metrics_listen: String::new(),
         }
     }
 }
@@ -192,6 +195,8 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// The settings to start with.
     pub shaping: Settings,
+    /// Where Prometheus metrics are served (empty: nowhere).
+    pub metrics_listen: String,
 }
 
 /// Loads defaults, `file` and `FBL_LINK__*` environment overrides, then validates.
@@ -205,6 +210,9 @@ impl LinkConfig {
     pub fn validate(self, file: Option<&Path>) -> Result<Config, ConfigError> {
         let err = |key: String, message: String| ConfigError::key(file, key, message);
         check_addr(&self.control_listen).map_err(|m| err("control_listen".into(), m))?;
+        if !self.metrics_listen.is_empty() {
+            check_addr(&self.metrics_listen).map_err(|m| err("metrics_listen".into(), m))?;
+        }
         let shaping = self
             .shaping
             .validate()
@@ -250,6 +258,7 @@ impl LinkConfig {
             control_listen: self.control_listen,
             routes,
             shaping,
+            metrics_listen: self.metrics_listen,
         })
     }
 }

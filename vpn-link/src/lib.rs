@@ -12,6 +12,7 @@
 //! - `relay`: accept loops, per-connection relays, and `pump`, the one place bytes cross
 //!   (and are shaped); the flap and rate-sampling tasks.
 //! - `control`: the `failback.link.v1.LinkControl` gRPC service.
+//! - [`metrics`]: the `flab_link_*` series of the `/metrics` endpoint.
 //!
 //! # Use
 //! [`Link::bind`] binds every route listener (port 0 for an ephemeral port; read it back
@@ -21,6 +22,7 @@
 
 pub mod config;
 mod control;
+pub mod metrics;
 mod relay;
 pub mod shaping;
 mod state;

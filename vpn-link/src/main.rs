@@ -97,6 +97,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
             )
         })
         .collect();
+    let registry = failback_common::metrics::Metrics::new();
+    vpn_link::metrics::register(&registry, link.handle());
+    failback_common::metrics::start(Some(&config.metrics_listen), &registry, &stop).await?;
     info!(control = %control_addr, routes = ?routes, "vpn-link ready");
 
     link.serve(control, Some(secured), stop.cancelled_owned())

@@ -171,6 +171,17 @@ impl Db<'_> {
     }
 
     /// Every job (`parent` 0), or the jobs a plan job started.
+    /// How many jobs are in each state (by its label).
+    pub fn job_counts(&self) -> Result<Vec<(String, u64)>, DbError> {
+        let mut stmt = self
+            .c
+            .prepare_cached("SELECT state, COUNT(*) FROM jobs GROUP BY state")?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
     pub fn jobs(&self, parent: i64) -> Result<Vec<JobRow>, DbError> {
         let mut stmt = self.c.prepare_cached(&format!(
             "SELECT {JOB_COLUMNS} FROM jobs WHERE ?1 = 0 OR parent = ?1 ORDER BY id"

@@ -1,0 +1,136 @@
+//! The configuration server's Prometheus series: per item (labels `item`, `machine`) its
+//! RPO, state and health as the operator API shows them; the components connected, the
+//! heartbeat age of each, the control streams that ended, and the jobs per state.
+//!
+//! What needs the database is refreshed once a second by [`Refresh::run`] (a scrape never
+//! waits for the store); what lives in memory (sessions) is read at scrape time.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use failback_common::metrics::prometheus::{Gauge, GaugeVec, IntCounter, Opts};
+use failback_common::metrics::{Metrics, set_state};
+use tokio_util::sync::CancellationToken;
+
+use crate::health::Level;
+use crate::item::{ItemState, JobState};
+use crate::state::State;
+
+fn vec(m: &Metrics, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    m.register(GaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("{e}")))
+}
+
+/// The series refreshed from the database.
+pub struct Refresh {
+    rpo: GaugeVec,
+    state: GaugeVec,
+    health: GaugeVec,
+    jobs: GaugeVec,
+}
+
+/// Registers the CS's series on `m`; the returned [`Refresh`] keeps the database ones current.
+pub fn register(m: &Metrics) -> Refresh {
+    Refresh {
+        rpo: vec(
+            m,
+            "flab_item_rpo_seconds",
+            "Seconds since the item's latest recovery point (its creation before the first).",
+            &["item", "machine"],
+        ),
+        state: vec(
+            m,
+            "flab_item_state",
+            "1 for the item's state, 0 for the others.",
+            &["item", "machine", "state"],
+        ),
+        health: vec(
+            m,
+            "flab_item_health",
+            "1 for the item's replication health (ASR's levels), 0 for the others.",
+            &["item", "machine", "health"],
+        ),
+        jobs: vec(m, "flab_cs_jobs", "Jobs per state.", &["state"]),
+    }
+}
+
+impl Refresh {
+    /// Refreshes the database series every second until `shutdown`.
+    pub async fn run(self, state: Arc<State>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            if let Err(e) = self.refresh(&state).await {
+                tracing::warn!("refreshing metrics: {e}");
+            }
+        }
+    }
+
+    async fn refresh(&self, state: &State) -> Result<(), crate::store::DbError> {
+        let items = crate::health::views(state, None).await?;
+        let counts = state.store.call(|db| db.job_counts()).await?;
+        let states: Vec<&str> = ItemState::ALL.iter().map(|s| s.as_str()).collect();
+        let levels: Vec<String> = Level::ALL.iter().map(|l| l.to_string()).collect();
+        let levels: Vec<&str> = levels.iter().map(String::as_str).collect();
+        self.rpo.reset();
+        self.state.reset();
+        self.health.reset();
+        for i in &items {
+            let key = [i.id.as_str(), i.machine.as_str()];
+            self.rpo.with_label_values(&key).set(i.rpo_seconds);
+            set_state(&self.state, &key, &states, &i.state);
+            set_state(&self.health, &key, &levels, &i.health);
+        }
+        for s in JobState::ALL {
+            let n = counts
+                .iter()
+                .find(|(label, _)| label == s.as_str())
+                .map_or(0, |(_, n)| *n);
+            self.jobs.with_label_values(&[s.as_str()]).set(n as f64);
+        }
+        Ok(())
+    }
+}
+
+/// The series read from the sessions at scrape time.
+pub fn register_sessions(m: &Metrics, state: Arc<State>) {
+    let connected = m.register(
+        Gauge::new(
+            "flab_cs_components_connected",
+            "Components (and machines' agents) with a control stream open.",
+        )
+        .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let drops = m.register(
+        IntCounter::new(
+            "flab_cs_control_stream_drops_total",
+            "Control streams that ended (closed, or replaced by a reconnect) since the CS started.",
+        )
+        .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let age = vec(
+        m,
+        "flab_cs_heartbeat_age_seconds",
+        "Seconds since the last heartbeat of each connected component.",
+        &["component"],
+    );
+    m.on_scrape(move || {
+        let beats = state.sessions.heartbeats();
+        connected.set(beats.len() as f64);
+        let n = state.sessions.drops.load(Relaxed);
+        drops.inc_by(n.saturating_sub(drops.get()));
+        let now = failback_common::control::now_ms();
+        age.reset();
+        for (name, at) in beats {
+            let secs = if at > 0 {
+                (now - at).max(0) as f64 / 1000.0
+            } else {
+                0.0
+            };
+            age.with_label_values(&[name.as_str()]).set(secs);
+        }
+    });
+}
