@@ -246,6 +246,7 @@ where
         topology: crate::topology::Topology::generated(1, 1, disk_size),
         timeout: Duration::from_secs(60),
         env,
+        prometheus: false,
     };
     let result = match lab::up(&dir, &opts).await {
         Ok(_) => body(dir.clone()).await,

@@ -243,6 +243,7 @@ pub async fn run(opts: DrillOptions) -> anyhow::Result<DrillReport> {
             topology: crate::topology::Topology::generated(opts.machines, 1, opts.disk_size),
             timeout: Duration::from_secs(60),
             env,
+            prometheus: false,
         };
         let up = lab::up(&dir, &up_options);
         tokio::select! {

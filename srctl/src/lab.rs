@@ -41,6 +41,8 @@ pub struct UpOptions {
     /// Environment for every component process (config overrides such as
     /// `FBL_PS__CACHE_CAPACITY=32MiB`).
     pub env: BTreeMap<String, String>,
+    /// Also start a Prometheus server scraping every process ([`crate::prom`]).
+    pub prometheus: bool,
 }
 
 impl Default for UpOptions {
@@ -49,6 +51,7 @@ impl Default for UpOptions {
             topology: Topology::generated(2, 1, 64 << 20),
             timeout: Duration::from_secs(60),
             env: BTreeMap::new(),
+            prometheus: false,
         }
     }
 }
@@ -57,7 +60,7 @@ impl Default for UpOptions {
 /// no outgoing connection of another process can take it between now and the component's bind,
 /// and claimed for the lab in `dir` (see [`claim_port`]), so that two labs started at once
 /// never pick the same one.
-fn free_port(taken: &BTreeMap<&str, u16>, dir: &Path) -> anyhow::Result<u16> {
+pub(crate) fn free_port(taken: &BTreeMap<&str, u16>, dir: &Path) -> anyhow::Result<u16> {
     let (low, _) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| {
@@ -263,6 +266,7 @@ fn plan(dir: &Path, topology: &Topology, opts: &UpOptions) -> anyhow::Result<Lab
             pid: None,
             env: opts.env.clone(),
             metrics,
+            system: false,
         });
         Ok(())
     };
@@ -437,7 +441,11 @@ fn add_operator(bin_dir: &Path, cs_config: &Path, out: &Path) -> anyhow::Result<
 
 fn spawn(bin_dir: &Path, proc: &Proc) -> anyhow::Result<u32> {
     use std::os::unix::process::CommandExt;
-    let bin = bin_dir.join(&proc.binary);
+    let bin = if proc.system {
+        PathBuf::from(&proc.binary)
+    } else {
+        bin_dir.join(&proc.binary)
+    };
     if !bin.exists() {
         bail!(
             "component binary `{}` not found in {}; build the workspace first (`cargo build --release`) \
@@ -535,6 +543,13 @@ pub async fn up(dir: &Path, opts: &UpOptions) -> anyhow::Result<LabState> {
             plan(dir, &opts.topology, opts)?
         }
     };
+    // The lab's Prometheus: asked for now, or part of this lab since an earlier start.
+    if opts.prometheus && !state.procs.iter().any(|p| p.name == crate::prom::NAME) {
+        let port = free_port(&BTreeMap::new(), &state.dir)?;
+        let proc = crate::prom::plan(&state, &addr(port))?;
+        state.procs.push(proc);
+        state.save()?;
+    }
     let bins = bin_dir()?;
     let result = start_all(&mut state, &bins, opts.timeout).await;
     if let Err(e) = result {
@@ -588,9 +603,9 @@ async fn start_all(state: &mut LabState, bins: &Path, timeout: Duration) -> anyh
             .ok_or_else(|| anyhow!("lab has no config-server"))?;
         add_operator(bins, &cs.config, &dir.join("operator"))?;
     }
-    // 4. Everything else, all at once.
+    // 4. Everything else, all at once (the lab's Prometheus once they are up).
     for i in 0..state.procs.len() {
-        if state.procs[i].pid.is_none() {
+        if state.procs[i].pid.is_none() && !state.procs[i].system {
             state.procs[i].pid = Some(spawn(bins, &state.procs[i])?);
         }
     }
@@ -612,7 +627,7 @@ async fn start_all(state: &mut LabState, bins: &Path, timeout: Duration) -> anyh
                 .cloned()
                 .collect();
             if missing.is_empty() {
-                return Ok(());
+                return start_system(state, bins, deadline).await;
             }
         }
         if let Some(dead) = state
@@ -636,6 +651,30 @@ async fn start_all(state: &mut LabState, bins: &Path, timeout: Duration) -> anyh
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Starts the lab's system processes (its Prometheus) and waits until they are ready.
+async fn start_system(state: &mut LabState, bins: &Path, deadline: Instant) -> anyhow::Result<()> {
+    for i in 0..state.procs.len() {
+        if !state.procs[i].system || state.procs[i].pid.is_some() {
+            continue;
+        }
+        crate::prom::write_targets(state)?;
+        state.procs[i].pid = Some(spawn(bins, &state.procs[i])?);
+        state.save()?;
+        let listen = state.procs[i].listen.clone();
+        let within = deadline.saturating_duration_since(Instant::now());
+        if let Err(e) = crate::prom::wait_ready(&listen, within.max(Duration::from_secs(10))).await
+        {
+            let p = &state.procs[i];
+            bail!(
+                "{e}; last lines of {}:\n{}",
+                p.log.display(),
+                log_tail(&p.log, 15)
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Stops every process of the lab: SIGTERM, then SIGKILL after `grace`. Returns how many ran.
@@ -704,6 +743,13 @@ pub fn print_procs(state: &LabState) {
             },
             pid,
             p.log.display()
+        );
+    }
+    if let Some(p) = state.procs.iter().find(|p| p.name == crate::prom::NAME) {
+        println!(
+            "\nprometheus: http://{} (scrapes every process each second; data in {})",
+            p.listen,
+            state.dir.join("prometheus/data").display()
         );
     }
 }
@@ -846,6 +892,7 @@ pub async fn add_process_server(dir: &Path, name: &str, site: &str) -> anyhow::R
         pid: None,
         env,
         metrics: addr(metrics_port),
+        system: false,
     };
     let pid = spawn(&bin_dir()?, &proc)?;
     state.procs.push(Proc {
@@ -854,6 +901,7 @@ pub async fn add_process_server(dir: &Path, name: &str, site: &str) -> anyhow::R
     });
     state.expected.push(name.to_string());
     state.save()?;
+    crate::prom::write_targets(&state)?;
     // The topology the lab was made from gains it (lab graph, and a later `lab up`).
     let topology_file = dir.join("topology.toml");
     if let Ok(mut topology) = Topology::load(&topology_file) {
@@ -882,6 +930,7 @@ pub async fn forget_component(dir: &Path, name: &str) -> anyhow::Result<bool> {
     state.procs.retain(|p| p.name != name);
     state.expected.retain(|n| n != name);
     state.save()?;
+    crate::prom::write_targets(&state)?;
     let topology_file = state.dir.join("topology.toml");
     if let Ok(mut topology) = Topology::load(&topology_file) {
         for s in &mut topology.site {

@@ -26,6 +26,10 @@ pub struct Proc {
     /// Where its Prometheus metrics are served (`http://ADDRESS/metrics`); empty: nowhere.
     #[serde(default)]
     pub metrics: String,
+    /// A system program (`binary` is its path), not one of the lab's binaries: the lab's
+    /// Prometheus server.
+    #[serde(default)]
+    pub system: bool,
 }
 
 /// `DIR/lab.json`.

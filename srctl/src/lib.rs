@@ -14,6 +14,7 @@
 //! - [`plan`]: recovery plans, their members and actions.
 //! - [`drill`]: `drill`: the four stages ([`stages`]) with checks and a report.
 //! - [`scenario`]: fault scenarios for `drill --scenario`.
+//! - [`prom`]: the lab's own Prometheus server (`lab up --prometheus`).
 
 pub mod bench;
 pub mod bench_link;
@@ -25,6 +26,7 @@ pub mod lab;
 pub mod labfile;
 pub mod link;
 pub mod plan;
+pub mod prom;
 pub mod scenario;
 pub mod stages;
 pub mod topology;

@@ -461,6 +461,10 @@ enum LabCmd {
         /// How long to wait for every component to register.
         #[arg(long, default_value = "60s")]
         timeout: humantime::Duration,
+        /// Also start a Prometheus server (Debian's `prometheus`) scraping every process of
+        /// the lab every second, its data in DIR/prometheus.
+        #[arg(long)]
+        prometheus: bool,
     },
     /// Print a topology as a Mermaid diagram: sites, components, machines, the link, who
     /// sends to whom (the running lab's, or a file's with -t).
@@ -613,6 +617,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             disk_size,
             failover_disks,
             timeout,
+            prometheus,
         }) => {
             let dir = srctl::client::lab_dir(dir.or(lab_flag))?;
             let topology = match topology {
@@ -625,6 +630,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 topology,
                 timeout: timeout.into(),
                 env: [("FBL_MT__FAILOVER_DISKS".to_string(), failover_disks)].into(),
+                prometheus,
             };
             let state = lab::up(&dir, &opts).await?;
             println!(

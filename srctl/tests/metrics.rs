@@ -1,6 +1,9 @@
 //! Prometheus metrics: every process of a lab serves `/metrics` on the address `lab.json`
 //! records, Debian's `promtool check metrics` accepts each of them, each carries the names
 //! its kind of component must, and a replicating item's series move as replication goes on.
+//! The lab's own Prometheus (`lab up --prometheus`, Debian's server) scrapes them all, and
+//! every panel query of the shipped Grafana dashboard runs against it (asked through
+//! `promtool query`, not our code).
 
 mod common;
 
@@ -244,4 +247,95 @@ fn every_process_serves_metrics_promtool_accepts_and_an_items_series_move() {
     s.read_to_string(&mut out).expect("read");
     assert!(out.starts_with("HTTP/1.1 404"), "{out}");
     assert!(scrape(cs_metrics).contains("flab_cs_components_connected"));
+}
+
+/// `promtool query instant` against the lab's Prometheus: the result vector as JSON.
+fn query(prometheus: &str, expr: &str) -> Vec<Value> {
+    let out = Command::new("promtool")
+        .args(["query", "instant", "-o", "json"])
+        .arg(format!("http://{prometheus}"))
+        .arg(expr)
+        .output()
+        .expect("promtool");
+    assert!(
+        out.status.success(),
+        "query `{expr}` failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+}
+
+/// `lab up --prometheus`: Debian's Prometheus scrapes every process (those added at runtime
+/// too), sees every protected item's RPO, and answers every query of the shipped dashboard.
+#[test]
+fn the_labs_prometheus_scrapes_every_process_and_the_dashboards_queries_run() {
+    let lab = Lab::up(&["--machines", "2", "--disk-size", "8MiB", "--prometheus"]);
+    let dir = &lab.dir;
+    let status = ok(srctl(dir, &["lab", "status"]));
+    let endpoints = endpoints(dir);
+    let prometheus = endpoints["prometheus"].1.clone();
+    assert!(
+        status.contains(&format!("prometheus: http://{prometheus}")),
+        "{status}"
+    );
+    for vm in ["vm1", "vm2"] {
+        ok(srctl(dir, &["item", "enable", vm]));
+    }
+    // Every process is a healthy target, and every protected item has its RPO series.
+    eventually("every process scraped", 60, || {
+        let up = query(&prometheus, "up == 1");
+        endpoints.keys().all(|name| {
+            up.iter()
+                .any(|s| s["metric"]["component"].as_str() == Some(name.as_str()))
+        })
+    });
+    eventually("an RPO series per protected item", 60, || {
+        let rpo = query(&prometheus, "flab_item_rpo_seconds");
+        ["vm1", "vm2"].iter().all(|vm| {
+            rpo.iter()
+                .any(|s| s["metric"]["machine"].as_str() == Some(*vm))
+        })
+    });
+
+    // The dashboard is import-ready (a datasource input, panels with queries), and each of
+    // its queries runs.
+    let dashboard: Value = serde_json::from_slice(
+        &std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/grafana/failback-lab.json"
+        ))
+        .expect("deploy/grafana/failback-lab.json"),
+    )
+    .expect("the dashboard is JSON");
+    assert_eq!(dashboard["__inputs"][0]["pluginId"], "prometheus");
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_string))
+        .collect();
+    assert!(exprs.len() >= 20, "{exprs:?}");
+    for expr in &exprs {
+        query(&prometheus, expr);
+    }
+    // A component added at runtime is scraped too.
+    ok(srctl(
+        dir,
+        &[
+            "infra",
+            "add",
+            "process-server",
+            "ps-azure-2",
+            "--site",
+            "azure",
+        ],
+    ));
+    eventually("ps-azure-2 scraped", 60, || {
+        query(&prometheus, "up{component=\"ps-azure-2\"} == 1").len() == 1
+    });
 }
