@@ -61,6 +61,8 @@ pub struct DrillOptions {
     pub progress: bool,
     /// Faults to inject.
     pub scenario: Option<Scenario>,
+    /// Write the HTML report with plots here.
+    pub report: Option<PathBuf>,
 }
 
 impl Default for DrillOptions {
@@ -73,6 +75,7 @@ impl Default for DrillOptions {
             rate_mb_s: 2.0,
             progress: false,
             scenario: None,
+            report: None,
         }
     }
 }
@@ -81,6 +84,8 @@ impl Default for DrillOptions {
 pub struct StageReport {
     pub name: String,
     pub ok: bool,
+    /// When it began, in seconds since the drill began.
+    pub started_at_s: f64,
     pub seconds: f64,
     /// Bytes that crossed vpn-link (both ways) during the stage.
     pub link_bytes: u64,
@@ -214,6 +219,11 @@ pub async fn run(opts: DrillOptions) -> anyhow::Result<DrillReport> {
     if opts.machines == 0 {
         anyhow::bail!("--machines must be at least 1");
     }
+    // A report that can't be written is known before anything starts.
+    if let Some(path) = &opts.report {
+        std::fs::write(path, "")
+            .map_err(|e| anyhow::anyhow!("cannot write the report to {}: {e}", path.display()))?;
+    }
     let started = Instant::now();
     let (dir, own) = match &opts.lab {
         Some(dir) => (dir.clone(), false),
@@ -274,6 +284,10 @@ pub async fn run(opts: DrillOptions) -> anyhow::Result<DrillReport> {
     };
     let clock = Arc::new(Clock::default());
     let done = tokio_util::sync::CancellationToken::new();
+    let sampler = opts
+        .report
+        .is_some()
+        .then(|| crate::timeline::start(dir.clone(), machines.clone(), started, done.clone()));
     let fault_tasks: Vec<_> = opts
         .scenario
         .iter()
@@ -296,6 +310,7 @@ pub async fn run(opts: DrillOptions) -> anyhow::Result<DrillReport> {
             stages.push(StageReport {
                 name: name.into(),
                 ok: false,
+                started_at_s: started.elapsed().as_secs_f64(),
                 seconds: 0.0,
                 link_bytes: 0,
                 error: "not run: an earlier stage failed".into(),
@@ -320,6 +335,7 @@ pub async fn run(opts: DrillOptions) -> anyhow::Result<DrillReport> {
         let report = StageReport {
             name: name.into(),
             ok: result.is_ok(),
+            started_at_s: t0.duration_since(started).as_secs_f64(),
             seconds: t0.elapsed().as_secs_f64(),
             link_bytes: link_total(&dir).await.saturating_sub(link0),
             error: result
@@ -350,6 +366,10 @@ pub async fn run(opts: DrillOptions) -> anyhow::Result<DrillReport> {
     if let Some(pb) = &drill.bar {
         pb.finish_and_clear();
     }
+    let timeline = match sampler {
+        Some(t) => t.await.unwrap_or_default(),
+        None => Default::default(),
+    };
     let mut lag = std::collections::BTreeMap::new();
     lag.insert("forward".into(), LagSamples::summary(&drill.lag.forward));
     lag.insert("reverse".into(), LagSamples::summary(&drill.lag.reverse));
@@ -366,6 +386,11 @@ pub async fn run(opts: DrillOptions) -> anyhow::Result<DrillReport> {
         scenario: opts.scenario.as_ref().map(|s| s.name.clone()),
         faults,
     };
+    if let Some(path) = &opts.report
+        && let Err(e) = std::fs::write(path, crate::report_html::render(&report, &timeline))
+    {
+        eprintln!("srctl: cannot write the report to {}: {e}", path.display());
+    }
     if own {
         let _ = lab::down(&dir).await;
         if report.ok {

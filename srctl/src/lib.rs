@@ -14,6 +14,8 @@
 //! - [`plan`]: recovery plans, their members and actions.
 //! - [`drill`]: `drill`: the four stages ([`stages`]) with checks and a report.
 //! - [`scenario`]: fault scenarios for `drill --scenario`.
+//! - [`timeline`]: what a drill samples each second; [`report_html`]: the drill's HTML
+//!   report with its plots.
 //! - [`prom`]: the lab's own Prometheus server (`lab up --prometheus`).
 
 pub mod bench;
@@ -27,8 +29,10 @@ pub mod labfile;
 pub mod link;
 pub mod plan;
 pub mod prom;
+pub mod report_html;
 pub mod scenario;
 pub mod stages;
+pub mod timeline;
 pub mod topology;
 
 /// A size like `64MiB`, `1GiB`, `512KiB` or a plain number of bytes.

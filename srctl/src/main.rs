@@ -124,6 +124,10 @@ struct DrillArgs {
     /// Inject the faults of this scenario (TOML; see deploy/scenarios/).
     #[arg(long)]
     scenario: Option<PathBuf>,
+    /// Also write a self-contained HTML report with plots over the run (RPO, lag, link,
+    /// caches; stages and faults as bands).
+    #[arg(long, value_name = "FILE.html")]
+    report: Option<PathBuf>,
     #[arg(long)]
     json: bool,
 }
@@ -592,6 +596,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 rate_mb_s: settings.rate.unwrap_or(a.rate),
                 progress: !a.json && std::io::stdout().is_terminal(),
                 scenario,
+                report: a.report,
             })
             .await?;
             srctl::drill::print(&report, a.json)?;
