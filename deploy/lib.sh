@@ -1,12 +1,17 @@
 # Shared by deploy/lab and deploy/topology-test (sourced, not run).
 #
-# The container lab is the compose project ${FBL_PROJECT:-failback-lab} of deploy/compose.yaml;
-# containers are named fbl-NAME after the lab's component names (fbl-cs, fbl-vpn,
-# fbl-ps-azure, ...), networks fbl-onprem and fbl-azure.
+# The container lab is the compose project ${FBL_PROJECT:-failback-lab} of the compose file in
+# ${FBL_COMPOSE_DIR:-deploy} (deploy/compose.yaml, the rendering of the default topology, or
+# what `srctl lab render -t FILE --out DIR` wrote); containers are named fbl-NAME after the
+# lab's component names (fbl-cs, fbl-vpn, fbl-ps-azure, ...), networks fbl-onprem and
+# fbl-azure. The rendering's services.env names the components (FBL_EXPECTED, FBL_AZURE_PS...).
 
 deploy=${deploy:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}
 root=$(dirname "$deploy")
 FBL_PROJECT=${FBL_PROJECT:-failback-lab}
+FBL_COMPOSE_DIR=${FBL_COMPOSE_DIR:-$deploy}
+# shellcheck source=deploy/services.env
+source "$FBL_COMPOSE_DIR/services.env"
 FBL_NET_PREFIX=${FBL_NET_PREFIX:-10.213}
 FBL_CS_ENROLL_PORT=${FBL_CS_ENROLL_PORT:-17001}
 FBL_CS_API_PORT=${FBL_CS_API_PORT:-17002}
@@ -14,8 +19,6 @@ FBL_LINK_CONTROL_PORT=${FBL_LINK_CONTROL_PORT:-17000}
 export FBL_NET_PREFIX FBL_CS_ENROLL_PORT FBL_CS_API_PORT FBL_LINK_CONTROL_PORT
 SRCTL=${FBL_SRCTL:-${CARGO_TARGET_DIR:-$root/target}/${FBL_PROFILE:-release}/srctl}
 
-# Everything that must show "connected" before the lab is up (as `srctl lab up` waits for).
-FBL_EXPECTED=(vpn ps-onprem mt-onprem esx-1 azure-target ps-azure azure-compute vm1 vm2)
 
 say() { printf '%s: %s\n' "${0##*/}" "$*" >&2; }
 die() { say "$*"; exit 1; }
@@ -31,7 +34,7 @@ compose() {
             die "neither \`docker compose\` nor docker-compose is installed"
         fi
     fi
-    $_fbl_compose -p "$FBL_PROJECT" -f "$deploy/compose.yaml" "$@"
+    $_fbl_compose -p "$FBL_PROJECT" -f "$FBL_COMPOSE_DIR/compose.yaml" "$@"
 }
 
 srctl() { "$SRCTL" --lab "$FBL_LAB_DIR" "$@"; }
@@ -47,7 +50,7 @@ write_lab_dir() {
     dir=$(cd "$dir" && pwd)
     local tmp
     tmp=$(mktemp -d)
-    docker cp fbl-cs:/data/ca.pem "$tmp/ca.pem" >/dev/null
+    docker cp "fbl-$FBL_CS:/data/ca.pem" "$tmp/ca.pem" >/dev/null
     if ! cmp -s "$tmp/ca.pem" "$dir/data/cs/ca.pem" 2>/dev/null; then
         # Another lab's operator certificate is worthless against this CA.
         rm -rf "$dir/operator"
@@ -58,12 +61,12 @@ write_lab_dir() {
         # A name of its own per lab directory: a removed directory's operator stays revocable.
         local name
         name="srctl-$(date +%s)-$$"
-        docker exec fbl-cs config-server operator add "$name" \
-            --out "/data/operators/$name" --config /config/cs.toml >/dev/null
+        docker exec "fbl-$FBL_CS" config-server operator add "$name" \
+            --out "/data/operators/$name" --config "/config/$FBL_CS.toml" >/dev/null
         rm -rf "$dir/operator"
         mkdir -p "$dir/operator"
         chmod 700 "$dir/operator"
-        docker cp "fbl-cs:/data/operators/$name/identity" "$dir/operator/identity" >/dev/null
+        docker cp "fbl-$FBL_CS:/data/operators/$name/identity" "$dir/operator/identity" >/dev/null
         chmod 700 "$dir/operator/identity"
         chmod 600 "$dir/operator/identity/key.pem"
     fi
@@ -78,7 +81,7 @@ write_lab_dir() {
   "link_name": "vpn",
   "expected": [${expected%,}],
   "procs": [],
-  "containers": "compose project $FBL_PROJECT of $deploy/compose.yaml: deploy/lab ps|logs|down"
+  "containers": "compose project $FBL_PROJECT of $FBL_COMPOSE_DIR/compose.yaml: deploy/lab ps|logs|down"
 }
 EOF
     mv "$dir/lab.json.tmp" "$dir/lab.json"

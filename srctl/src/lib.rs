@@ -17,6 +17,7 @@
 //! - [`timeline`]: what a drill samples each second; [`report_html`]: the drill's HTML
 //!   report with its plots.
 //! - [`prom`]: the lab's own Prometheus server (`lab up --prometheus`).
+//! - [`render`]: `lab render`: a topology as a compose file with its configs.
 
 pub mod bench;
 pub mod bench_link;
@@ -29,6 +30,7 @@ pub mod labfile;
 pub mod link;
 pub mod plan;
 pub mod prom;
+pub mod render;
 pub mod report_html;
 pub mod scenario;
 pub mod stages;

@@ -476,6 +476,16 @@ enum LabCmd {
         #[arg(short = 't', long = "topology")]
         topology: Option<PathBuf>,
     },
+    /// Write a topology (the default one without -t) as containers: DIR/compose.yaml, one
+    /// config per component in DIR/config/, and DIR/services.env (names for deploy/'s scripts).
+    Render {
+        #[arg(short = 't', long = "topology")]
+        topology: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "compose")]
+        to: srctl::render::Target,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
     /// Show the lab's processes and their registration status.
     Status {
         #[arg(long)]
@@ -603,6 +613,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if !report.ok {
                 std::process::exit(1);
             }
+        }
+        Cmd::Lab(LabCmd::Render { topology, to, out }) => {
+            let topology = match topology {
+                Some(file) => srctl::topology::Topology::load(&file)?,
+                None => srctl::topology::Topology::generated(2, 1, 64 << 20),
+            };
+            let rendered = srctl::render::render(&topology, to)?;
+            srctl::render::write(&rendered, &out)?;
+            println!(
+                "rendered `{}` into {}: compose.yaml, {} configs",
+                topology.name,
+                out.display(),
+                rendered.configs.len()
+            );
         }
         Cmd::Lab(LabCmd::Graph { topology }) => {
             let topology = match topology {
