@@ -9,6 +9,7 @@
 //! fbl-helper probe-h2c ADDR...     every ADDR answers the HTTP/2 preface with SETTINGS
 //! fbl-helper publish-trust FROM TO [--timeout SECS]
 //!                                  wait for FROM/ca.pem and FROM/passphrase, copy them to TO
+//! fbl-helper own UID DIR...        make each DIR (not what it holds) owned by UID:UID
 //! ```
 //!
 //! `probe-tls` is the healthcheck of the mutual-TLS components. A plain TCP connect is not
@@ -19,6 +20,10 @@
 //! `grpc.health.v1.Health/Check`: that needs a client certificate from the lab CA.
 //!
 //! `probe-h2c` is the healthcheck of vpn-link's plaintext control API.
+//!
+//! `own` runs once as root before the components: Docker creates a new volume's root owned by
+//! root unless the image has the mount point, and a topology's datastores are named by the
+//! user, so their volumes are handed to the lab's user this way.
 //!
 //! `publish-trust` is the bootstrap: the configuration server keeps its CA and passphrase in
 //! its own data volume (with the database and the CA key); the other components get only the
@@ -55,10 +60,17 @@ fn main() {
                 )
             })
         }
+        Some("own") if args.len() > 2 => match args[1].parse::<u32>() {
+            Ok(uid) => args[2..].iter().try_for_each(|d| {
+                std::os::unix::fs::chown(d, Some(uid), Some(uid))
+                    .map_err(|e| format!("cannot give {d} to uid {uid}: {e}"))
+            }),
+            Err(_) => Err(format!("`{}` is not a uid", args[1])),
+        },
         _ => {
             eprintln!(
                 "usage: fbl-helper probe-tls ADDR... | probe-h2c ADDR... | \
-                 publish-trust FROM_DIR TO_DIR [--timeout SECS]"
+                 publish-trust FROM_DIR TO_DIR [--timeout SECS] | own UID DIR..."
             );
             std::process::exit(2);
         }

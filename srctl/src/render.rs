@@ -29,6 +29,9 @@ pub enum Target {
     Compose,
 }
 
+/// The user the image runs the lab's processes as (`deploy/build-images`).
+pub const LAB_UID: u32 = 10001;
+
 /// The CS's enrollment and API ports, and vpn-link's control port, in every container.
 pub const CS_ENROLL_PORT: u16 = 7001;
 pub const CS_API_PORT: u16 = 7002;
@@ -406,8 +409,8 @@ fn compose(t: &Topology, cs_name: &str, services: &[Service]) -> String {
     y.push_str(
         "x-component: &component\n  image: ${FBL_IMAGE:-failback-lab:latest}\n  environment:\n    RUST_LOG: ${RUST_LOG:-info}\n  restart: \"no\"\n  stop_grace_period: 10s\n\n\
          x-health: &health\n  interval: 1s\n  timeout: 3s\n  retries: 180\n\n\
-         x-onprem-deps: &onprem-deps\n  trust:\n    condition: service_completed_successfully\n\n\
-         x-azure-deps: &azure-deps\n  trust:\n    condition: service_completed_successfully\n  vpn:\n    condition: service_healthy\n\n\
+         x-onprem-deps: &onprem-deps\n  trust:\n    condition: service_completed_successfully\n  datastores:\n    condition: service_completed_successfully\n\n\
+         x-azure-deps: &azure-deps\n  trust:\n    condition: service_completed_successfully\n  datastores:\n    condition: service_completed_successfully\n  vpn:\n    condition: service_healthy\n\n\
          services:\n",
     );
     let _ = write!(
@@ -428,6 +431,23 @@ fn compose(t: &Topology, cs_name: &str, services: &[Service]) -> String {
          command: [\"fbl-helper\", \"publish-trust\", \"/cs\", \"/trust\"]\n    network_mode: none\n    \
          volumes:\n      - {cs_name}-data:/cs:ro\n      - trust:/trust\n    \
          depends_on:\n      {cs_name}:\n        condition: service_healthy\n\n"
+    );
+    let ds: Vec<String> = t.datastores().into_iter().collect();
+    let _ = write!(
+        y,
+        "  # One-shot: hands the datastore volumes to the lab's user (uid {LAB_UID}). Docker creates a\n  \
+         # new volume's root owned by root unless the image has the mount point, and datastores are\n  \
+         # named by the topology.\n  \
+         datastores:\n    <<: *component\n    container_name: fbl-datastores\n    user: \"0:0\"\n    \
+         command: [\"fbl-helper\", \"own\", \"{LAB_UID}\"{paths}]\n    network_mode: none\n    volumes:\n{mounts}\n",
+        paths = ds
+            .iter()
+            .map(|d| format!(", \"/datastores/{d}\""))
+            .collect::<String>(),
+        mounts = ds
+            .iter()
+            .map(|d| format!("      - {d}:/datastores/{d}\n"))
+            .collect::<String>(),
     );
     let _ = write!(
         y,
