@@ -39,6 +39,9 @@ compose() {
 
 srctl() { "$SRCTL" --lab "$FBL_LAB_DIR" "$@"; }
 
+# The container of component $1 (deploy/swarm overrides it: Swarm names tasks itself).
+container() { echo "fbl-$1"; }
+
 # Writes the directory srctl uses for the running container lab (what `srctl lab up` writes
 # for a local one): lab.json with the published addresses of the CS and of vpn-link's control
 # API, the CA certificate in data/cs/, and (first time only) the operator's credentials in
@@ -50,7 +53,9 @@ write_lab_dir() {
     dir=$(cd "$dir" && pwd)
     local tmp
     tmp=$(mktemp -d)
-    docker cp "fbl-$FBL_CS:/data/ca.pem" "$tmp/ca.pem" >/dev/null
+    local cs
+    cs=$(container "$FBL_CS")
+    docker cp "$cs:/data/ca.pem" "$tmp/ca.pem" >/dev/null
     if ! cmp -s "$tmp/ca.pem" "$dir/data/cs/ca.pem" 2>/dev/null; then
         # Another lab's operator certificate is worthless against this CA.
         rm -rf "$dir/operator"
@@ -61,12 +66,12 @@ write_lab_dir() {
         # A name of its own per lab directory: a removed directory's operator stays revocable.
         local name
         name="srctl-$(date +%s)-$$"
-        docker exec "fbl-$FBL_CS" config-server operator add "$name" \
+        docker exec "$cs" config-server operator add "$name" \
             --out "/data/operators/$name" --config "/config/$FBL_CS.toml" >/dev/null
         rm -rf "$dir/operator"
         mkdir -p "$dir/operator"
         chmod 700 "$dir/operator"
-        docker cp "fbl-$FBL_CS:/data/operators/$name/identity" "$dir/operator/identity" >/dev/null
+        docker cp "$cs:/data/operators/$name/identity" "$dir/operator/identity" >/dev/null
         chmod 700 "$dir/operator/identity"
         chmod 600 "$dir/operator/identity/key.pem"
     fi
@@ -81,7 +86,7 @@ write_lab_dir() {
   "link_name": "vpn",
   "expected": [${expected%,}],
   "procs": [],
-  "containers": "compose project $FBL_PROJECT of $FBL_COMPOSE_DIR/compose.yaml: deploy/lab ps|logs|down"
+  "containers": "${FBL_CONTAINERS:-compose project $FBL_PROJECT of $FBL_COMPOSE_DIR/compose.yaml: deploy/lab ps|logs|down}"
 }
 EOF
     mv "$dir/lab.json.tmp" "$dir/lab.json"

@@ -17,7 +17,8 @@
 //! - [`timeline`]: what a drill samples each second; [`report_html`]: the drill's HTML
 //!   report with its plots.
 //! - [`prom`]: the lab's own Prometheus server (`lab up --prometheus`).
-//! - [`render`]: `lab render`: a topology as a compose file with its configs.
+//! - [`render`]: `lab render`: a topology as a compose file with its configs; [`stack`]: as
+//!   Docker Swarm stack files.
 
 pub mod bench;
 pub mod bench_link;
@@ -33,6 +34,7 @@ pub mod prom;
 pub mod render;
 pub mod report_html;
 pub mod scenario;
+pub mod stack;
 pub mod stages;
 pub mod timeline;
 pub mod topology;

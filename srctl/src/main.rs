@@ -622,9 +622,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let rendered = srctl::render::render(&topology, to)?;
             srctl::render::write(&rendered, &out)?;
             println!(
-                "rendered `{}` into {}: compose.yaml, {} configs",
+                "rendered `{}` into {}: {}, {} configs, services.env",
                 topology.name,
                 out.display(),
+                match to {
+                    srctl::render::Target::Compose => "compose.yaml",
+                    srctl::render::Target::Stack => "stack-cs.yaml and stack.yaml",
+                },
                 rendered.configs.len()
             );
         }

@@ -27,6 +27,9 @@ use crate::topology::{Os, TargetRole, Topology, settings_json};
 pub enum Target {
     /// A docker compose file (`docker compose up`, docker-compose v1 too).
     Compose,
+    /// Docker Swarm stack files (`docker stack deploy`) for one node per site or more:
+    /// `stack-cs.yaml` (the CS alone, deployed first) and `stack.yaml` (everything).
+    Stack,
 }
 
 /// The user the image runs the lab's processes as (`deploy/build-images`).
@@ -51,7 +54,10 @@ struct Service {
 /// A topology rendered: the compose file, each component's config, and the names the
 /// scripts of `deploy/` need (sourced by bash as `services.env`).
 pub struct Rendered {
+    /// `compose.yaml`, or for a stack `stack.yaml`.
     pub compose: String,
+    /// For a stack: `stack-cs.yaml`, the CS alone (deployed first, so that the CA exists).
+    pub stack_cs: Option<String>,
     pub configs: BTreeMap<String, String>,
     pub services_env: String,
 }
@@ -221,7 +227,6 @@ fn toml_text(header: &str, config: serde_json::Value) -> anyhow::Result<String> 
 
 /// Renders `t` for `target`.
 pub fn render(t: &Topology, target: Target) -> anyhow::Result<Rendered> {
-    let Target::Compose = target;
     let services = services(t)?;
     let generated = format!(
         "# Rendered from topology `{}` by `srctl lab render`; edit the topology, not this file.\n",
@@ -287,11 +292,38 @@ pub fn render(t: &Topology, target: Target) -> anyhow::Result<Rendered> {
             toml_text(&format!("{generated}# {}\n", s.comment), s.config.clone())?,
         );
     }
+    let (compose, stack_cs) = match target {
+        Target::Compose => (compose(t, &cs_name, &services), None),
+        Target::Stack => (
+            crate::stack::stack(t, &cs_name, &services_of(&services), false),
+            Some(crate::stack::stack(
+                t,
+                &cs_name,
+                &services_of(&services),
+                true,
+            )),
+        ),
+    };
     Ok(Rendered {
-        compose: compose(t, &cs_name, &services),
+        compose,
+        stack_cs,
         configs,
         services_env: services_env(t, &cs_name, &services),
     })
+}
+
+/// The components as the stack renderer sees them.
+fn services_of(services: &[Service]) -> Vec<crate::stack::Component> {
+    services
+        .iter()
+        .map(|s| crate::stack::Component {
+            name: s.name.clone(),
+            binary: s.binary,
+            site: s.site,
+            port: s.port,
+            datastores: s.datastores.clone(),
+        })
+        .collect()
 }
 
 /// `services.env`: what `deploy/lib.sh` and `deploy/topology-test` need to know of the
@@ -505,7 +537,8 @@ fn compose(t: &Topology, cs_name: &str, services: &[Service]) -> String {
     y
 }
 
-/// Writes `DIR/compose.yaml`, `DIR/config/NAME.toml` and `DIR/services.env`.
+/// Writes `DIR/compose.yaml` (or `DIR/stack.yaml` and `DIR/stack-cs.yaml`),
+/// `DIR/config/NAME.toml` and `DIR/services.env`.
 pub fn write(r: &Rendered, dir: &Path) -> anyhow::Result<()> {
     let config = dir.join("config");
     std::fs::create_dir_all(&config)
@@ -513,7 +546,13 @@ pub fn write(r: &Rendered, dir: &Path) -> anyhow::Result<()> {
     let put = |path: &Path, text: &str| {
         std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
     };
-    put(&dir.join("compose.yaml"), &r.compose)?;
+    match &r.stack_cs {
+        None => put(&dir.join("compose.yaml"), &r.compose)?,
+        Some(cs) => {
+            put(&dir.join("stack.yaml"), &r.compose)?;
+            put(&dir.join("stack-cs.yaml"), cs)?;
+        }
+    }
     for (name, text) in &r.configs {
         put(&config.join(format!("{name}.toml")), text)?;
     }

@@ -2,7 +2,8 @@
 //! exactly the rendering of the default topology, and the documented two-host example renders
 //! to a compose file that docker-compose accepts (when installed), with one service per
 //! component, each host and master target mounting exactly the datastores it sees, and only
-//! vpn-link on both networks.
+//! vpn-link on both networks; and to Swarm stack files `docker stack config` accepts, placed
+//! by site, resolved by DNS round robin, ports in host mode, trust from a config and a secret.
 
 mod common;
 
@@ -188,5 +189,84 @@ fn the_two_host_example_renders_to_a_valid_compose_file() {
         None => eprintln!(
             "SKIP: docker-compose is not installed; the rendered file was not checked by it"
         ),
+    }
+}
+
+#[test]
+fn the_two_host_example_renders_to_swarm_stack_files() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let example = format!("{DEPLOY}/topologies/two-hosts.toml");
+    let o = Command::new(SRCTL)
+        .args(["lab", "render", "--to", "stack", "-t", &example, "--out"])
+        .arg(tmp.path())
+        .output()
+        .expect("srctl");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let y = parsed(&tmp.path().join("stack.yaml"));
+    let services = y["services"].as_object().expect("services");
+    for (name, s) in services {
+        assert!(
+            s.get("container_name").is_none() && s.get("depends_on").is_none(),
+            "{name}: Swarm ignores these"
+        );
+        assert_eq!(
+            s["deploy"]["endpoint_mode"], "dnsrr",
+            "{name}: no IPVS here"
+        );
+        let placement = s["deploy"]["placement"]["constraints"][0]
+            .as_str()
+            .unwrap_or_default();
+        let site = if [
+            "ps-azure",
+            "azure-target",
+            "azure-compute",
+            "datastores-azure",
+        ]
+        .contains(&name.as_str())
+        {
+            "azure"
+        } else {
+            "onprem"
+        };
+        assert!(
+            placement.contains(&format!("node.labels.site == {site}")),
+            "{name}: placed by its site's label: {placement}"
+        );
+    }
+    for p in services["cs"]["ports"].as_array().expect("ports") {
+        assert_eq!(p["mode"], "host", "no ingress mesh: {p}");
+    }
+    let secrets = services["ps-2"]["secrets"].as_array().expect("secrets");
+    assert_eq!(secrets[0]["target"], "/trust/passphrase");
+    assert_eq!(y["secrets"]["fbl-passphrase"]["external"], true);
+    // The CS alone first: the CA must exist before trust can be published.
+    let cs = parsed(&tmp.path().join("stack-cs.yaml"));
+    assert_eq!(
+        cs["services"]
+            .as_object()
+            .map(|s| s.keys().cloned().collect::<Vec<_>>()),
+        Some(vec!["cs".to_string()])
+    );
+    let docker = Command::new("docker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if docker {
+        for f in ["stack.yaml", "stack-cs.yaml"] {
+            let out = Command::new("docker")
+                .args(["stack", "config", "-c", f])
+                .current_dir(tmp.path())
+                .output()
+                .expect("docker");
+            assert!(
+                out.status.success(),
+                "docker stack config refuses {f}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    } else {
+        eprintln!(
+            "SKIP: no docker client; the stack files were not checked by `docker stack config`"
+        );
     }
 }
