@@ -86,7 +86,8 @@ write_lab_dir() {
   "link_name": "vpn",
   "expected": [${expected%,}],
   "procs": [],
-  "containers": "${FBL_CONTAINERS:-compose project $FBL_PROJECT of $FBL_COMPOSE_DIR/compose.yaml: deploy/lab ps|logs|down}"
+  "containers": "${FBL_CONTAINERS:-compose project $FBL_PROJECT of $FBL_COMPOSE_DIR/compose.yaml: deploy/lab ps|logs|down}",
+  "start_command": "${FBL_START_COMMAND:-deploy/lab add}"
 }
 EOF
     mv "$dir/lab.json.tmp" "$dir/lab.json"

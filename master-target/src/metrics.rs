@@ -1,7 +1,8 @@
 //! The master target's Prometheus series, per item (label `item`): journal and undo bytes,
 //! recovery points held, and the apply lag (how long the oldest journaled batch not yet in
 //! the replica disks has waited). Read at scrape time; a replica whose store is busy (an apply
-//! or a materialize holding it) keeps its last values rather than stalling the scrape.
+//! or a materialize holding it) keeps its last values rather than stalling the scrape (only
+//! one never read before is waited for).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -42,8 +43,15 @@ pub fn register(m: &Metrics, replicas: Arc<Replicas>) {
         let open = replicas.all();
         last.retain(|item, _| open.iter().any(|r| &r.item == item));
         for r in open {
-            let Ok(store) = r.store.try_lock() else {
-                continue;
+            // Busy (an apply or a materialize holds it): the last values stand; a replica
+            // never read yet is waited for, so that its series exist from the first scrape.
+            let store = match r.store.try_lock() {
+                Ok(s) => s,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) if !last.contains_key(&r.item) => {
+                    r.store.lock().unwrap_or_else(|p| p.into_inner())
+                }
+                Err(std::sync::TryLockError::WouldBlock) => continue,
             };
             let values = [
                 store.redo_bytes() as f64,

@@ -267,6 +267,7 @@ fn plan(dir: &Path, topology: &Topology, opts: &UpOptions) -> anyhow::Result<Lab
             env: opts.env.clone(),
             metrics,
             system: false,
+            deferred: false,
         });
         Ok(())
     };
@@ -328,6 +329,7 @@ fn plan(dir: &Path, topology: &Topology, opts: &UpOptions) -> anyhow::Result<Lab
         cfg
     };
     let mut expected = vec![crate::labfile::LINK_NAME.to_string()];
+    let mut deferred: Vec<String> = Vec::new();
     for site in [onprem, azure] {
         for ps in &site.process_servers {
             let cfg = component(ps.name(), site.name, &ps.settings());
@@ -339,7 +341,11 @@ fn plan(dir: &Path, topology: &Topology, opts: &UpOptions) -> anyhow::Result<Lab
                 cfg,
                 false,
             )?;
-            expected.push(ps.name().to_string());
+            if ps.starts() {
+                expected.push(ps.name().to_string());
+            } else {
+                deferred.push(ps.name().to_string());
+            }
         }
         for mt in &site.master_targets {
             let mut cfg = component(&mt.name, site.name, &mt.settings);
@@ -395,6 +401,9 @@ fn plan(dir: &Path, topology: &Topology, opts: &UpOptions) -> anyhow::Result<Lab
     expected.extend(topology.machines());
     std::fs::write(p("topology.toml"), toml::to_string_pretty(topology)?)
         .with_context(|| format!("cannot write {}", p("topology.toml").display()))?;
+    for p in procs.iter_mut().filter(|p| deferred.contains(&p.name)) {
+        p.deferred = true;
+    }
     Ok(LabState {
         dir: dir.clone(),
         cs_api: addr(port["cs-api"]),
@@ -403,6 +412,8 @@ fn plan(dir: &Path, topology: &Topology, opts: &UpOptions) -> anyhow::Result<Lab
         link_name: crate::labfile::LINK_NAME.to_string(),
         expected,
         procs,
+        containers: String::new(),
+        start_command: String::new(),
     })
 }
 
@@ -605,7 +616,7 @@ async fn start_all(state: &mut LabState, bins: &Path, timeout: Duration) -> anyh
     }
     // 4. Everything else, all at once (the lab's Prometheus once they are up).
     for i in 0..state.procs.len() {
-        if state.procs[i].pid.is_none() && !state.procs[i].system {
+        if state.procs[i].pid.is_none() && !state.procs[i].system && !state.procs[i].deferred {
             state.procs[i].pid = Some(spawn(bins, &state.procs[i])?);
         }
     }
@@ -832,14 +843,44 @@ async fn wait_dead(pid: Option<u32>, within: Duration) -> bool {
 /// (the CS as its site reaches it, copied from a component of that site), a port, its place
 /// in `lab.json` and `topology.toml`. For a lab whose components run elsewhere (containers),
 /// nothing is started here: say so.
-pub async fn add_process_server(dir: &Path, name: &str, site: &str) -> anyhow::Result<()> {
+/// Returns, for a lab whose components run in containers, how to start it there (the deploy
+/// job waits until it has registered).
+pub async fn add_process_server(
+    dir: &Path,
+    name: &str,
+    site: &str,
+) -> anyhow::Result<Option<String>> {
     let mut state = LabState::load(dir)?;
     if state.procs.is_empty() {
-        bail!(
-            "the components of the lab in {} run elsewhere (containers): start `{name}` there; \
-             the deploy job waits for it",
-            dir.display()
-        );
+        let how = if state.start_command.is_empty() {
+            "start it where the lab's components run".to_string()
+        } else {
+            format!("start it with `{} {name}`", state.start_command)
+        };
+        return Ok(Some(format!(
+            "the components of this lab run in containers ({}): {how}; the Deploy job waits \
+             until it has registered",
+            if state.containers.is_empty() {
+                "not started by srctl"
+            } else {
+                &state.containers
+            }
+        )));
+    }
+    // One the topology declared for later: started now, as it was planned.
+    if let Some(i) = state.procs.iter().position(|p| p.name == name && p.deferred) {
+        if state.procs[i].site != site {
+            bail!(
+                "the topology declares `{name}` in {}, not {site}",
+                state.procs[i].site
+            );
+        }
+        state.procs[i].deferred = false;
+        state.procs[i].pid = Some(spawn(&bin_dir()?, &state.procs[i])?);
+        state.expected.push(name.to_string());
+        state.save()?;
+        crate::prom::write_targets(&state)?;
+        return Ok(None);
     }
     if state.procs.iter().any(|p| p.name == name) {
         bail!("the lab already runs a component named `{name}`");
@@ -893,6 +934,7 @@ pub async fn add_process_server(dir: &Path, name: &str, site: &str) -> anyhow::R
         env,
         metrics: addr(metrics_port),
         system: false,
+        deferred: false,
     };
     let pid = spawn(&bin_dir()?, &proc)?;
     state.procs.push(Proc {
@@ -911,7 +953,7 @@ pub async fn add_process_server(dir: &Path, name: &str, site: &str) -> anyhow::R
         }
         std::fs::write(&topology_file, toml::to_string_pretty(&topology)?)?;
     }
-    Ok(())
+    Ok(None)
 }
 
 /// After `infra remove NAME`: stops its process if the local lab runs it and forgets it

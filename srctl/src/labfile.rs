@@ -30,6 +30,10 @@ pub struct Proc {
     /// Prometheus server.
     #[serde(default)]
     pub system: bool,
+    /// Declared by the topology but started only by `infra add` (a process server deployed
+    /// later).
+    #[serde(default)]
+    pub deferred: bool,
 }
 
 /// `DIR/lab.json`.
@@ -46,6 +50,12 @@ pub struct LabState {
     /// Everything that must show "connected" for the lab to be up (components and machines).
     pub expected: Vec<String>,
     pub procs: Vec<Proc>,
+    /// A lab whose components run in containers (written by `deploy/`): how they are run, and
+    /// how one of them is started (`deploy/lab add NAME`, `deploy/swarm add NAME`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub containers: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub start_command: String,
 }
 
 /// The name `lab up` and the container lab give the vpn-link.

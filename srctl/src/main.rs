@@ -722,7 +722,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }) => {
             let dir = srctl::client::lab_dir(lab_flag)?;
             let job = infra::deploy(&dir, &name, &site).await?;
-            lab::add_process_server(&dir, &name, &site).await?;
+            if let Some(how) = lab::add_process_server(&dir, &name, &site).await? {
+                eprintln!("{how}");
+            }
             follow(&dir, job, no_wait, false).await?;
         }
         Cmd::Item(cmd) => {

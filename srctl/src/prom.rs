@@ -76,6 +76,7 @@ pub fn plan(state: &LabState, listen: &str) -> anyhow::Result<Proc> {
         env: Default::default(),
         metrics: listen.to_string(),
         system: true,
+        deferred: false,
     })
 }
 
@@ -92,7 +93,7 @@ fn write_targets_in(state: &LabState, dir: &Path) -> anyhow::Result<()> {
     let targets: Vec<serde_json::Value> = state
         .procs
         .iter()
-        .filter(|p| !p.metrics.is_empty())
+        .filter(|p| !p.metrics.is_empty() && !p.deferred)
         .map(|p| {
             json!({
                 "targets": [p.metrics],

@@ -49,6 +49,8 @@ struct Service {
     datastores: Vec<String>,
     config: serde_json::Value,
     comment: String,
+    /// Declared for later (`start = false`): defined, not started.
+    later: bool,
 }
 
 /// A topology rendered: the compose file, each component's config, and the names the
@@ -136,6 +138,7 @@ fn services(t: &Topology) -> anyhow::Result<Vec<Service>> {
                         port: p,
                         datastores: Vec::new(),
                         config,
+                        later: !ps.starts(),
                         comment: match site.name {
                             Site::Onprem => "Process server of forward replication: agents -> here -> vpn -> the Azure target. Reached from Azure through vpn-link.".into(),
                             Site::Azure => "Process server in Azure: carries failback replication (reprotect from Azure) across vpn-link.".into(),
@@ -158,6 +161,7 @@ fn services(t: &Topology) -> anyhow::Result<Vec<Service>> {
                         port: p,
                         datastores: mt.datastores.clone(),
                         config,
+                        later: false,
                         comment: match mt.role {
                             TargetRole::Target => "Azure's target storage: replicas of on-premises machines (reached from on-premises through vpn-link).".into(),
                             TargetRole::MasterTarget => format!(
@@ -201,6 +205,7 @@ fn services(t: &Topology) -> anyhow::Result<Vec<Service>> {
                 port: p,
                 datastores: host.datastores.clone(),
                 config,
+                later: false,
                 comment: if machines.is_empty() {
                     format!(
                         "Host in {}: runs the VMs failed over or booted here (datastores {}).",
@@ -322,6 +327,7 @@ fn services_of(services: &[Service]) -> Vec<crate::stack::Component> {
             site: s.site,
             port: s.port,
             datastores: s.datastores.clone(),
+            later: s.later,
         })
         .collect()
 }
@@ -348,8 +354,9 @@ fn services_env(t: &Topology, cs_name: &str, services: &[Service]) -> String {
             .unwrap_or_default()
     };
     let mut expected = vec![crate::labfile::LINK_NAME.to_string()];
-    expected.extend(services.iter().map(|s| s.name.clone()));
+    expected.extend(services.iter().filter(|s| !s.later).map(|s| s.name.clone()));
     expected.extend(t.machines());
+    let later: Vec<&Service> = services.iter().filter(|s| s.later).collect();
     let mut e = format!(
         "# Rendered from topology `{}` by `srctl lab render`; sourced by deploy/lib.sh.\n",
         t.name
@@ -383,6 +390,20 @@ fn services_env(t: &Topology, cs_name: &str, services: &[Service]) -> String {
         e,
         "FBL_AZURE_TARGET={}",
         first(Site::Azure, "master-target", Some(true))
+    );
+    let _ = writeln!(
+        e,
+        "# Declared for later (started by `srctl infra add process-server NAME --site SITE`)."
+    );
+    let _ = writeln!(
+        e,
+        "FBL_LATER=({})",
+        later.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(" ")
+    );
+    let _ = writeln!(
+        e,
+        "FBL_LATER_SITES=({})",
+        later.iter().map(|s| s.site.as_str()).collect::<Vec<_>>().join(" ")
     );
     let _ = writeln!(e, "# Each component's port inside its container.");
     let _ = writeln!(e, "declare -A FBL_PORT=(");
@@ -505,9 +526,15 @@ fn compose(t: &Topology, cs_name: &str, services: &[Service]) -> String {
             "      - ./config/{n}.toml:/config/{n}.toml:ro",
             n = s.name
         );
+        let later = if s.later {
+            "    # Deployed later: `srctl infra add process-server NAME` and `deploy/lab add NAME`.\n    \
+             profiles: [later]\n"
+        } else {
+            ""
+        };
         let _ = write!(
             y,
-            "  {n}:\n    <<: *component\n    container_name: fbl-{n}\n    hostname: {n}\n    \
+            "  {n}:\n    <<: *component\n    container_name: fbl-{n}\n    hostname: {n}\n{later}    \
              command: [\"{b}\", \"--config\", \"/config/{n}.toml\"]\n    volumes:\n{volumes}    \
              networks: [{site}]\n    depends_on: *{site}-deps\n    healthcheck:\n      <<: *health\n      \
              test: [\"CMD\", \"fbl-helper\", \"probe-tls\", \"127.0.0.1:{p}\"]\n\n",

@@ -32,6 +32,8 @@ pub struct Component {
     pub site: Site,
     pub port: u16,
     pub datastores: Vec<String>,
+    /// Declared for later: scaled to zero until `deploy/swarm add NAME`.
+    pub later: bool,
 }
 
 fn constraint(site: Site) -> String {
@@ -41,9 +43,9 @@ fn constraint(site: Site) -> String {
     }
 }
 
-fn deploy(site: Site, restart: &str) -> String {
+fn deploy(site: Site, restart: &str, replicas: u32) -> String {
     format!(
-        "    deploy:\n      endpoint_mode: dnsrr\n      placement:\n        constraints: [\"{}\"]\n      \
+        "    deploy:\n      replicas: {replicas}\n      endpoint_mode: dnsrr\n      placement:\n        constraints: [\"{}\"]\n      \
          restart_policy:\n        condition: {restart}\n        delay: 2s\n",
         constraint(site)
     )
@@ -105,7 +107,7 @@ pub fn stack(t: &Topology, cs_name: &str, components: &[Component], cs_only: boo
          networks:\n      onprem:\n        aliases: [cs]\n    ports:\n      # The host's srctl: enrollment of the operator, then the operator API.\n      \
          - target: {CS_ENROLL_PORT}\n        published: ${{FBL_CS_ENROLL_PORT:-17001}}\n        mode: host\n      \
          - target: {CS_API_PORT}\n        published: ${{FBL_CS_API_PORT:-17002}}\n        mode: host\n{}{}\n",
-        deploy(Site::Onprem, "any"),
+        deploy(Site::Onprem, "any", 1),
         health(&format!(
             "\"127.0.0.1:{CS_ENROLL_PORT}\", \"127.0.0.1:{CS_API_PORT}\""
         )),
@@ -138,7 +140,7 @@ pub fn stack(t: &Topology, cs_name: &str, components: &[Component], cs_only: boo
                     .iter()
                     .map(|d| format!("      - {d}:/datastores/{d}\n"))
                     .collect::<String>(),
-                deploy = deploy(site, "on-failure"),
+                deploy = deploy(site, "on-failure", 1),
             );
         }
         let _ = write!(
@@ -151,7 +153,7 @@ pub fn stack(t: &Topology, cs_name: &str, components: &[Component], cs_only: boo
              ports:\n      - target: {LINK_CONTROL_PORT}\n        published: ${{FBL_LINK_CONTROL_PORT:-17000}}\n        mode: host\n{}{}\n",
             trust(),
             secret(),
-            deploy(Site::Onprem, "any"),
+            deploy(Site::Onprem, "any", 1),
             health(&format!("\"127.0.0.1:{LINK_CONTROL_PORT}\"")),
         );
         for c in components {
@@ -170,7 +172,7 @@ pub fn stack(t: &Topology, cs_name: &str, components: &[Component], cs_only: boo
                 site = c.site.as_str(),
                 trust = trust(),
                 secret = secret(),
-                deploy = deploy(c.site, "any"),
+                deploy = deploy(c.site, "any", if c.later { 0 } else { 1 }),
                 health = health(&format!("\"127.0.0.1:{}\"", c.port)),
             );
         }

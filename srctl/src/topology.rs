@@ -39,7 +39,9 @@ pub enum TargetRole {
     Target,
 }
 
-/// A process server: a name, or a name with settings.
+/// A process server: a name, or a name with settings. `start = false` declares one deployed
+/// later, as seed 004's Azure process server for failback: defined (its config written, its
+/// container scaled to zero) but started only by `srctl infra add process-server NAME`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum ProcessServer {
@@ -48,7 +50,17 @@ pub enum ProcessServer {
         name: String,
         #[serde(default)]
         settings: toml::Table,
+        #[serde(default = "yes", skip_serializing_if = "is_true")]
+        start: bool,
     },
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 impl ProcessServer {
@@ -62,6 +74,14 @@ impl ProcessServer {
         match self {
             ProcessServer::Name(_) => toml::Table::new(),
             ProcessServer::Full { settings, .. } => settings.clone(),
+        }
+    }
+
+    /// Whether the lab starts it (false: deployed later with `infra add`).
+    pub fn starts(&self) -> bool {
+        match self {
+            ProcessServer::Name(_) => true,
+            ProcessServer::Full { start, .. } => *start,
         }
     }
 }
@@ -206,7 +226,14 @@ impl Topology {
                 SiteSpec {
                     name: Site::Azure,
                     config_server: None,
-                    process_servers: vec![ProcessServer::Name("ps-azure".into())],
+                    process_servers: vec![
+                        ProcessServer::Name("ps-azure".into()),
+                        ProcessServer::Full {
+                            name: "ps-azure-2".into(),
+                            settings: toml::Table::new(),
+                            start: false,
+                        },
+                    ],
                     master_targets: vec![MasterTarget {
                         name: "azure-target".into(),
                         os: Os::Windows,
@@ -453,7 +480,8 @@ impl Topology {
             }
             for ps in &site.process_servers {
                 let n = ps.name();
-                let _ = writeln!(out, "    {}[\"{n}<br/>process server\"]", id(n));
+                let later = if ps.starts() { "" } else { "<br/>(deployed later)" };
+                let _ = writeln!(out, "    {}[\"{n}<br/>process server{later}\"]", id(n));
             }
             for mt in &site.master_targets {
                 let what = match mt.role {

@@ -70,6 +70,7 @@ fn endpoints(dir: &Path) -> BTreeMap<String, (String, String)> {
         .as_array()
         .expect("procs")
         .iter()
+        .filter(|p| p["deferred"] != true)
         .map(|p| {
             let s = |k: &str| p[k].as_str().expect(k).to_string();
             (s("name"), (s("binary"), s("metrics")))
