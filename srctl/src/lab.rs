@@ -868,7 +868,11 @@ pub async fn add_process_server(
         )));
     }
     // One the topology declared for later: started now, as it was planned.
-    if let Some(i) = state.procs.iter().position(|p| p.name == name && p.deferred) {
+    if let Some(i) = state
+        .procs
+        .iter()
+        .position(|p| p.name == name && p.deferred)
+    {
         if state.procs[i].site != site {
             bail!(
                 "the topology declares `{name}` in {}, not {site}",

@@ -17,6 +17,7 @@
 //! - [`timeline`]: what a drill samples each second; [`report_html`]: the drill's HTML
 //!   report with its plots.
 //! - [`prom`]: the lab's own Prometheus server (`lab up --prometheus`).
+//! - [`portal`]: `srctl portal`, the read-only live web portal.
 //! - [`render`]: `lab render`: a topology as a compose file with its configs; [`stack`]: as
 //!   Docker Swarm stack files.
 
@@ -30,6 +31,7 @@ pub mod lab;
 pub mod labfile;
 pub mod link;
 pub mod plan;
+pub mod portal;
 pub mod prom;
 pub mod render;
 pub mod report_html;

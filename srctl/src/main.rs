@@ -31,6 +31,15 @@ enum Cmd {
     /// The local multi-process lab.
     #[command(subcommand)]
     Lab(LabCmd),
+    /// A read-only web portal of the lab (items, jobs, infrastructure, topology, the link),
+    /// live, on loopback; prints its URL with a token (also in DIR/operator/portal.url).
+    Portal {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+        /// Allow a non-loopback --listen address (anyone with the URL can read the lab).
+        #[arg(long)]
+        allow_remote: bool,
+    },
     /// Registered components, hosts, machines and datastores.
     #[command(subcommand)]
     Infra(InfraCmd),
@@ -574,6 +583,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let lab_flag = cli.lab;
     let no_wait = cli.no_wait;
     match cli.command {
+        Cmd::Portal {
+            listen,
+            allow_remote,
+        } => {
+            let dir = srctl::client::lab_dir(lab_flag)?;
+            let stop = tokio_util::sync::CancellationToken::new();
+            tokio::spawn(failback_common::server::shutdown_on_signal(stop.clone()));
+            let portal = srctl::portal::start(&dir, &listen, allow_remote, stop.clone()).await?;
+            println!("portal: {}", portal.url);
+            println!(
+                "(the URL is also in {}; Ctrl-C stops the portal)",
+                portal.url_file.display()
+            );
+            stop.cancelled().await;
+        }
         Cmd::Drill(a) => {
             use std::io::IsTerminal;
             // A scenario is checked before anything starts; its [drill] settings win.

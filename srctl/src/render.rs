@@ -398,12 +398,20 @@ fn services_env(t: &Topology, cs_name: &str, services: &[Service]) -> String {
     let _ = writeln!(
         e,
         "FBL_LATER=({})",
-        later.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(" ")
+        later
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     let _ = writeln!(
         e,
         "FBL_LATER_SITES=({})",
-        later.iter().map(|s| s.site.as_str()).collect::<Vec<_>>().join(" ")
+        later
+            .iter()
+            .map(|s| s.site.as_str())
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     let _ = writeln!(e, "# Each component's port inside its container.");
     let _ = writeln!(e, "declare -A FBL_PORT=(");

@@ -480,7 +480,11 @@ impl Topology {
             }
             for ps in &site.process_servers {
                 let n = ps.name();
-                let later = if ps.starts() { "" } else { "<br/>(deployed later)" };
+                let later = if ps.starts() {
+                    ""
+                } else {
+                    "<br/>(deployed later)"
+                };
                 let _ = writeln!(out, "    {}[\"{n}<br/>process server{later}\"]", id(n));
             }
             for mt in &site.master_targets {

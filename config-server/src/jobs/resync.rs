@@ -4,12 +4,12 @@
 
 use std::sync::Arc;
 
-use failback_proto::pb::control::{Resync, command};
+use failback_proto::pb::control::{ReplicationPhase, Resync, command};
 use failback_proto::pb::operator::Job;
 use tonic::Status;
 
 use super::{CancelRule, Ctx, JobError, Jobs, Spec, enable::wait_protected};
-use crate::item::{ItemState, JobKind};
+use crate::item::{ItemState, JobKind, phase_label};
 
 /// `item resync MACHINE`.
 pub async fn start(jobs: &Arc<Jobs>, machine: &str) -> Result<Job, Status> {
@@ -111,13 +111,32 @@ pub async fn run(ctx: Arc<Ctx>, item_id: String) -> Result<(), JobError> {
         .await?
         .ok_or_else(|| Status::not_found(format!("item {item_id} is gone")))?;
     ctx.step("Compare checksums and send what differs", async {
-        ctx.command(
-            &item.machine,
-            command::Kind::Resync(Resync {
-                item: item.id.clone(),
-            }),
-        )
-        .await?;
+        let asked = ctx
+            .command(
+                &item.machine,
+                command::Kind::Resync(Resync {
+                    item: item.id.clone(),
+                }),
+            )
+            .await;
+        // The agent may already be resynchronising by itself (it found its process server
+        // holding less than it had acknowledged): that resync is the one to wait for.
+        let resyncing = || {
+            ctx.state
+                .live_progress(&item.id)
+                .is_some_and(|p| {
+                    [ReplicationPhase::Resync, ReplicationPhase::ResyncRequired]
+                        .iter()
+                        .any(|r| p.phase == phase_label(*r))
+                })
+        };
+        match asked {
+            Ok(_) => {}
+            Err(e) if resyncing() => {
+                tracing::info!(item = %item.id, "the agent is resynchronizing already ({}): waiting for it", e.message());
+            }
+            Err(e) => return Err(e),
+        }
         // The agent reports the resync from its answer on (reports sent before it came
         // first on the same stream), so the next consistent report ends it.
         let id = item.id.clone();
