@@ -119,6 +119,9 @@ pub struct DrillReport {
     pub scenario: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub faults: Vec<FaultReport>,
+    /// What was sampled each second (with `--report`), for the HTML report's plots.
+    #[serde(skip)]
+    pub timeline: crate::timeline::Timeline,
 }
 
 /// Lag samples (p50, p99) per direction.
@@ -385,12 +388,8 @@ pub async fn run(opts: DrillOptions) -> anyhow::Result<DrillReport> {
         seconds: started.elapsed().as_secs_f64(),
         scenario: opts.scenario.as_ref().map(|s| s.name.clone()),
         faults,
+        timeline,
     };
-    if let Some(path) = &opts.report
-        && let Err(e) = std::fs::write(path, crate::report_html::render(&report, &timeline))
-    {
-        eprintln!("srctl: cannot write the report to {}: {e}", path.display());
-    }
     if own {
         let _ = lab::down(&dir).await;
         if report.ok {

@@ -19,11 +19,12 @@
 //! - [`prom`]: the lab's own Prometheus server (`lab up --prometheus`).
 //! - [`portal`]: `srctl portal`, the read-only live web portal.
 //! - [`render`]: `lab render`: a topology as a compose file with its configs; [`stack`]: as
-//!   Docker Swarm stack files.
+//!   Docker Swarm stack files; [`containers`]: what the two share.
 
 pub mod bench;
 pub mod bench_link;
 pub mod client;
+pub mod containers;
 pub mod drill;
 pub mod infra;
 pub mod item;

@@ -630,9 +630,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 rate_mb_s: settings.rate.unwrap_or(a.rate),
                 progress: !a.json && std::io::stdout().is_terminal(),
                 scenario,
-                report: a.report,
+                report: a.report.clone(),
             })
             .await?;
+            if let Some(path) = &a.report
+                && let Err(e) =
+                    std::fs::write(path, srctl::report_html::render(&report, &report.timeline))
+            {
+                eprintln!("srctl: cannot write the report to {}: {e}", path.display());
+            }
             srctl::drill::print(&report, a.json)?;
             if !report.ok {
                 std::process::exit(1);

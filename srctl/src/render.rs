@@ -32,13 +32,7 @@ pub enum Target {
     Stack,
 }
 
-/// The user the image runs the lab's processes as (`deploy/build-images`).
-pub const LAB_UID: u32 = 10001;
-
-/// The CS's enrollment and API ports, and vpn-link's control port, in every container.
-pub const CS_ENROLL_PORT: u16 = 7001;
-pub const CS_API_PORT: u16 = 7002;
-pub const LINK_CONTROL_PORT: u16 = 7000;
+pub use crate::containers::{CS_API_PORT, CS_ENROLL_PORT, LAB_UID, LINK_CONTROL_PORT};
 
 /// A component as a container.
 struct Service {
@@ -318,10 +312,10 @@ pub fn render(t: &Topology, target: Target) -> anyhow::Result<Rendered> {
 }
 
 /// The components as the stack renderer sees them.
-fn services_of(services: &[Service]) -> Vec<crate::stack::Component> {
+fn services_of(services: &[Service]) -> Vec<crate::containers::Component> {
     services
         .iter()
-        .map(|s| crate::stack::Component {
+        .map(|s| crate::containers::Component {
             name: s.name.clone(),
             binary: s.binary,
             site: s.site,

@@ -1,6 +1,6 @@
 //! `lab render --to stack`: a topology as Docker Swarm stack files, for running each site on
 //! a machine of its own (`docker stack deploy`). What differs from the compose file
-//! ([`crate::render`]), as Swarm needs:
+//! (`lab render --to compose`), as Swarm needs:
 //!
 //! - Placement by node label: on-premises services run on nodes labelled `site=onprem`, Azure's
 //!   on `site=azure` (`FBL_SWARM_ONPREM_PLACEMENT` and `FBL_SWARM_AZURE_PLACEMENT` replace the
@@ -22,19 +22,9 @@ use std::fmt::Write as _;
 
 use failback_common::identity::Site;
 
-use crate::render::{CS_API_PORT, CS_ENROLL_PORT, LAB_UID, LINK_CONTROL_PORT};
+pub use crate::containers::Component;
+use crate::containers::{CS_API_PORT, CS_ENROLL_PORT, LAB_UID, LINK_CONTROL_PORT};
 use crate::topology::Topology;
-
-/// A component as the stack places it.
-pub struct Component {
-    pub name: String,
-    pub binary: &'static str,
-    pub site: Site,
-    pub port: u16,
-    pub datastores: Vec<String>,
-    /// Declared for later: scaled to zero until `deploy/swarm add NAME`.
-    pub later: bool,
-}
 
 fn constraint(site: Site) -> String {
     match site {
