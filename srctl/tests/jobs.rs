@@ -168,8 +168,14 @@ fn a_restart_or_cancel_during_the_in_place_write_leaves_the_vm_inconsistent_and_
     );
     assert_eq!(show(&lab, "vm1")["state"], inconsistent);
 
-    // Run again, held at phase 2 once more, and cancelled there: inconsistent again.
+    // Run again, held at phase 2 once more, and cancelled there: inconsistent again. The CS
+    // restarted: components reconnect in any order, and the failback needs these.
     wait_component(&lab, "vm1", "azure", "connected");
+    for c in ["mt-onprem", "esx-1", "ps-azure"] {
+        eventually(&format!("{c} connected again"), 60, || {
+            infra(&lab, c)["status"] == "connected"
+        });
+    }
     ok(srctl(&lab, &["failover", "vm1", "--no-wait"]));
     let id = held_job(&lab, "Failover", "Complete failover");
     let e = fails(srctl(&lab, &["job", "cancel", &id]));
@@ -216,7 +222,19 @@ fn a_panicking_job_fails_with_a_reason_and_disable_removes_an_item_everywhere() 
     eventually("the CS back", 30, || {
         srctl(&lab, &["job", "list", "--json"]).status.success()
     });
-    wait_component(&lab, "vm1", "onprem", "connected");
+    // Components reconnect to the restarted CS in any order; enable needs these.
+    for c in ["vm1", "ps-onprem", "azure-target"] {
+        wait_component(
+            &lab,
+            c,
+            if c == "azure-target" {
+                "azure"
+            } else {
+                "onprem"
+            },
+            "connected",
+        );
+    }
     ok(srctl(&lab, &["workload", "start", "vm1", "--rate", "1"]));
     ok(srctl(&lab, &["item", "enable", "vm1"]));
     protected_with_a_point(&lab, "vm1");
