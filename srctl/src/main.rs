@@ -591,11 +591,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let stop = tokio_util::sync::CancellationToken::new();
             tokio::spawn(failback_common::server::shutdown_on_signal(stop.clone()));
             let portal = srctl::portal::start(&dir, &listen, allow_remote, stop.clone()).await?;
-            println!("portal: {}", portal.url);
-            println!(
+            // The portal serves on whether or not anyone still reads its output (`| head -1`).
+            use std::io::Write as _;
+            let mut out = std::io::stdout();
+            let _ = writeln!(out, "portal: {}", portal.url);
+            let _ = writeln!(
+                out,
                 "(the URL is also in {}; Ctrl-C stops the portal)",
                 portal.url_file.display()
             );
+            let _ = out.flush();
             stop.cancelled().await;
         }
         Cmd::Drill(a) => {

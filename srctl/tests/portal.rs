@@ -29,14 +29,34 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// The status line of a plain GET.
+/// The status line of a plain GET (tried again if the connection is reset before any answer
+/// arrived, as a loaded machine can make it).
 fn status_of(base: &str, path: &str) -> String {
     let addr = base.trim_start_matches("http://");
-    let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    out.lines().next().unwrap_or_default().to_string()
+    let mut last = String::new();
+    for _ in 0..5 {
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("write");
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        let read = loop {
+            match s.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(e) => break Err(e),
+            }
+        };
+        if !out.is_empty() {
+            return String::from_utf8_lossy(&out)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string();
+        }
+        last = format!("{read:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("GET {path}: no answer: {last}")
 }
 
 async fn text_of(client: &fantoccini::Client, id: &str) -> String {
@@ -96,9 +116,9 @@ async fn the_portal_shows_the_lab_live_in_a_real_browser() {
     let out = portal.stdout.take().expect("stdout");
     let _portal = Killed(portal);
     let mut line = String::new();
-    BufReader::new(out)
-        .read_line(&mut line)
-        .expect("the portal's URL");
+    // Kept open while the portal runs: it writes a second line.
+    let mut out = BufReader::new(out);
+    out.read_line(&mut line).expect("the portal's URL");
     let url = line
         .trim()
         .strip_prefix("portal: ")
