@@ -805,7 +805,13 @@ pub async fn control_proc(dir: &Path, name: &str, action: ProcAction) -> anyhow:
     match action {
         ProcAction::Kill => {
             signal(Signal::SIGKILL)?;
-            wait_dead(running, Duration::from_secs(5)).await;
+            // A process in uninterruptible I/O (an fsync on a busy disk) dies only when it
+            // leaves it: until then it still holds its port, and a restart would fail to bind.
+            if !wait_dead(running, KILL_WAIT).await {
+                bail!(
+                    "{name} was sent SIGKILL but is still running after {KILL_WAIT:?} (stuck in I/O?)"
+                );
+            }
         }
         ProcAction::Pause => signal(Signal::SIGSTOP)?,
         ProcAction::Resume => signal(Signal::SIGCONT)?,
@@ -815,10 +821,27 @@ pub async fn control_proc(dir: &Path, name: &str, action: ProcAction) -> anyhow:
                 let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
                 if !wait_dead(Some(pid), Duration::from_secs(10)).await {
                     let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-                    wait_dead(Some(pid), Duration::from_secs(5)).await;
+                    if !wait_dead(Some(pid), KILL_WAIT).await {
+                        bail!(
+                            "{name} (pid {pid}) is still running {KILL_WAIT:?} after SIGKILL: not \
+                             starting a second one"
+                        );
+                    }
                 }
             }
-            state.procs[idx].pid = Some(spawn(&bin_dir()?, &state.procs[idx])?);
+            let pid = spawn(&bin_dir()?, &state.procs[idx])?;
+            state.procs[idx].pid = Some(pid);
+            state.save()?;
+            // One that cannot start (its port taken, a bad config) exits at once: say so here.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if !alive(pid) {
+                let p = &state.procs[idx];
+                bail!(
+                    "{name} exited right after it was started; last lines of {}:\n{}",
+                    p.log.display(),
+                    log_tail(&p.log, 10)
+                );
+            }
         }
     }
     if action == ProcAction::Kill {
@@ -826,6 +849,9 @@ pub async fn control_proc(dir: &Path, name: &str, action: ProcAction) -> anyhow:
     }
     state.save()
 }
+
+/// How long a SIGKILLed component may take to die.
+const KILL_WAIT: Duration = Duration::from_secs(30);
 
 async fn wait_dead(pid: Option<u32>, within: Duration) -> bool {
     let Some(pid) = pid else { return true };
