@@ -714,8 +714,9 @@ async fn cache_lost(
 ) -> Result<(), String> {
     tracing::warn!(
         item = %shared.params.item,
-        "{} holds batch {ps_seq} but {acked} had been acknowledged: batches were lost (its \
-         cache, or a process server switched away from while down); resync required",
+        "{} holds batch {ps_seq} but {acked} had been acknowledged: its cache was lost; resync \
+         required (batches acknowledged but not forwarded are gone: a lost cache, or a switch \
+         away from a process server that was down)",
         shared.ps.borrow().name
     );
     shared.consistent.store(false, Ordering::SeqCst);

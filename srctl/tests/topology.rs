@@ -311,7 +311,7 @@ fn an_item_moves_between_process_servers_byte_exact_and_away_from_a_dead_one_wit
     );
     let agent_log = std::fs::read_to_string(dir.join("logs/esx-a.log")).unwrap_or_default();
     assert!(
-        agent_log.contains("batches were lost"),
+        agent_log.contains("its cache was lost; resync required"),
         "the agent resynced:\n{agent_log}"
     );
     verify_point_after(
