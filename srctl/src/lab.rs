@@ -417,9 +417,22 @@ fn plan(dir: &Path, topology: &Topology, opts: &UpOptions) -> anyhow::Result<Lab
     })
 }
 
-/// Whether `pid` is a live (not zombie) process.
+/// Whether `pid` is a live process: some thread of it is neither a zombie nor dead.
 pub fn alive(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+    // A killed process's main thread can be a zombie while another thread still finishes an
+    // uninterruptible write: its files (its listening port) stay open until the last thread
+    // is gone. So any live thread counts.
+    match std::fs::read_dir(format!("/proc/{pid}/task")) {
+        Ok(tasks) => tasks
+            .filter_map(Result::ok)
+            .any(|t| running_state(&t.path().join("stat"))),
+        Err(_) => running_state(std::path::Path::new(&format!("/proc/{pid}/stat"))),
+    }
+}
+
+/// Whether the `stat` file at `path` shows a task that is neither a zombie nor dead.
+fn running_state(path: &Path) -> bool {
+    let Ok(stat) = std::fs::read_to_string(path) else {
         return false;
     };
     // Field 3, after the parenthesised command name.
