@@ -5,7 +5,7 @@
 use failback_proto::pb::control::{
     DiskInfo, Peer, PrepareReplica, SetRoute, StartReplication, command,
 };
-use failback_proto::pb::operator::Policy;
+use failback_proto::pb::operator::{Policy, Verification};
 
 use crate::item::{Direction, ItemRow, Placement};
 use crate::store::ComponentRow;
@@ -112,7 +112,7 @@ pub fn start(item: &ItemRow, ps: &str, ps_address: &str, policy: &Policy) -> com
         } else {
             policy.app_interval_s * 1000
         },
-        verify_tags: true,
+        verify_tags: policy.verification != Verification::Off as i32,
         compare_initial: item.placement.seeded,
         batches_lost: false,
     })

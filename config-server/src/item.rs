@@ -12,7 +12,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use failback_proto::pb::control::{DiskInfo, DiskState, ReplicationPhase};
-use failback_proto::pb::operator::{FailoverKind, Policy, SyncMode};
+use failback_proto::pb::operator::{FailoverKind, Policy, SyncMode, Verification};
 use serde::{Deserialize, Serialize};
 
 /// Defines a closed set of labels: `Display` and `FromStr` over the exact text, and `ALL`.
@@ -387,6 +387,7 @@ pub fn default_policy() -> Policy {
         crash_interval_s: 5,
         app_interval_s: 30,
         failback_of: String::new(),
+        verification: Verification::Digests as i32,
     }
 }
 
@@ -399,6 +400,7 @@ pub fn failback_twin(p: &Policy) -> Policy {
         crash_interval_s: p.crash_interval_s,
         app_interval_s: 60 * 60,
         failback_of: p.name.clone(),
+        verification: p.verification,
     }
 }
 

@@ -19,8 +19,8 @@ use failback_proto::pb::operator::{
     ListPlansResponse, ListPoliciesRequest, ListPoliciesResponse, Plan, PlanAction,
     PlanFailoverRequest, PlanMember, PlanReprotectRequest, PlanReprotectResponse, PlanRequest,
     Policy, RemoveComponentRequest, RemoveComponentResponse, ReprotectRequest, ResyncRequest,
-    SwitchPsRequest, VerifyRequest, VerifyResponse, WorkloadRequest, WorkloadResponse,
-    operator_server::Operator,
+    SwitchPsRequest, Verification, VerifyRequest, VerifyResponse, WorkloadRequest,
+    WorkloadResponse, operator_server::Operator,
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -38,8 +38,19 @@ pub struct OperatorService {
     pub jobs: Arc<Jobs>,
 }
 
-fn validate_policy(p: &Policy) -> Result<(), Status> {
+/// Checks a policy an operator sent and fills in what an older client leaves unspecified.
+fn validate_policy(p: &mut Policy) -> Result<(), Status> {
     failback_common::identity::validate_name(&p.name).map_err(Status::invalid_argument)?;
+    match Verification::try_from(p.verification) {
+        Ok(Verification::Unspecified) => p.verification = Verification::Digests as i32,
+        Ok(_) => {}
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "unknown verification mode {}; use digests or off",
+                p.verification
+            )));
+        }
+    }
     if p.crash_interval_s == 0 {
         return Err(Status::invalid_argument(
             "crash_interval_s must be at least 1 second",
@@ -246,7 +257,7 @@ impl Operator for OperatorService {
         authorize(&request, "Operator.CreatePolicy", &[Role::Operator])?;
         let mut p = request.into_inner();
         p.failback_of.clear();
-        validate_policy(&p)?;
+        validate_policy(&mut p)?;
         if p.name.ends_with("-failback") {
             return Err(Status::invalid_argument(
                 "names ending in -failback are reserved for the failback policies ASR creates automatically",
@@ -296,7 +307,7 @@ impl Operator for OperatorService {
             )));
         }
         p.failback_of.clear();
-        validate_policy(&p)?;
+        validate_policy(&mut p)?;
         let policy = p.clone();
         self.state
             .store

@@ -489,7 +489,9 @@ impl Replicas {
             })?;
             if p.digests.is_empty() {
                 return Err(Refusal::from(format!(
-                    "point `{point}` carries no source digests (taken without verification mode)"
+                    "point `{point}` carries no source digests: the item's policy has \
+                     verification off (`srctl policy update POLICY --verification digests`; \
+                     points carry them once the item's replication restarts)"
                 )));
             }
             let got = store

@@ -243,7 +243,8 @@ where
         );
     }
     let opts = lab::UpOptions {
-        topology: crate::topology::Topology::generated(1, 1, disk_size),
+        topology: crate::topology::Topology::generated(1, 1, disk_size)
+            .map_err(anyhow::Error::msg)?,
         timeout: Duration::from_secs(60),
         env,
         prometheus: false,
@@ -559,6 +560,7 @@ pub async fn failover(
                 crash_interval_s: 2,
                 app_interval_s: 0,
                 failback_of: String::new(),
+                verification: failback_proto::pb::operator::Verification::Digests as i32,
             },
             false,
         )

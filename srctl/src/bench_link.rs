@@ -86,7 +86,8 @@ pub async fn run(bandwidth: u64, size: u64, progress: bool) -> anyhow::Result<Li
     lab::up(
         &dir,
         &lab::UpOptions {
-            topology: crate::topology::Topology::generated(2, 1, size),
+            topology: crate::topology::Topology::generated(2, 1, size)
+                .map_err(anyhow::Error::msg)?,
             timeout: Duration::from_secs(60),
             ..Default::default()
         },

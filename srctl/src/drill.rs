@@ -253,7 +253,8 @@ pub async fn run(opts: DrillOptions) -> anyhow::Result<DrillReport> {
             pb.set_message(format!("starting a lab in {}", dir.display()));
         }
         let up_options = lab::UpOptions {
-            topology: crate::topology::Topology::generated(opts.machines, 1, opts.disk_size),
+            topology: crate::topology::Topology::generated(opts.machines, 1, opts.disk_size)
+                .map_err(anyhow::Error::msg)?,
             timeout: Duration::from_secs(60),
             env,
             prometheus: false,

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use failback_proto::pb::operator::{
     EnableItemRequest, FailoverRequest, Item, ItemRequest, Job, JobRequest, ListItemsRequest,
-    ListPoliciesRequest, Policy, VerifyRequest, VerifyResponse, WorkloadRequest,
+    ListPoliciesRequest, Policy, Verification, VerifyRequest, VerifyResponse, WorkloadRequest,
 };
 use serde_json::json;
 
@@ -240,6 +240,14 @@ pub fn print_show(i: &Item, as_json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A policy's verification mode as the user types it (`--verification`).
+pub fn verification_label(v: i32) -> &'static str {
+    match Verification::try_from(v) {
+        Ok(Verification::Off) => "off",
+        _ => "digests",
+    }
+}
+
 pub fn print_policies(ps: &[Policy], as_json: bool) -> anyhow::Result<()> {
     if as_json {
         let v: Vec<_> = ps
@@ -248,18 +256,19 @@ pub fn print_policies(ps: &[Policy], as_json: bool) -> anyhow::Result<()> {
                 "name": p.name, "rpo_threshold_s": p.rpo_threshold_s, "retention_s": p.retention_s,
                 "crash_interval_s": p.crash_interval_s, "app_interval_s": p.app_interval_s,
                 "failback_of": p.failback_of,
+                "verification": verification_label(p.verification),
             }))
             .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     println!(
-        "{:<20} {:>10} {:>10} {:>10} {:>10}  NOTE",
-        "NAME", "RPO ALERT", "RETENTION", "CRASH", "APP"
+        "{:<20} {:>10} {:>10} {:>10} {:>10} {:<8}  NOTE",
+        "NAME", "RPO ALERT", "RETENTION", "CRASH", "APP", "VERIFY"
     );
     for p in ps {
         println!(
-            "{:<20} {:>9}s {:>9}s {:>9}s {:>10}  {}",
+            "{:<20} {:>9}s {:>9}s {:>9}s {:>10} {:<8}  {}",
             p.name,
             p.rpo_threshold_s,
             p.retention_s,
@@ -269,6 +278,7 @@ pub fn print_policies(ps: &[Policy], as_json: bool) -> anyhow::Result<()> {
             } else {
                 format!("{}s", p.app_interval_s)
             },
+            verification_label(p.verification),
             if p.failback_of.is_empty() {
                 String::new()
             } else {

@@ -48,7 +48,7 @@ pub struct UpOptions {
 impl Default for UpOptions {
     fn default() -> Self {
         UpOptions {
-            topology: Topology::generated(2, 1, 64 << 20),
+            topology: Topology::generated(2, 1, 64 << 20).expect("the default shape is valid"),
             timeout: Duration::from_secs(60),
             env: BTreeMap::new(),
             prometheus: false,
@@ -539,6 +539,42 @@ where
 
 /// Starts the lab in `dir` (a new one, or the stopped one already there) and waits until
 /// every component and machine has registered.
+/// Refuses, before anything starts, a lab whose disks and their replicas would not fit on the
+/// filesystem `dir` is on (every datastore of a local lab is a directory of it): each source
+/// disk is provisioned in full, and its replica as much again.
+fn check_capacity(dir: &Path, topology: &Topology) -> anyhow::Result<()> {
+    let disks: Vec<u64> = topology
+        .site
+        .iter()
+        .flat_map(|s| &s.hosts)
+        .flat_map(|h| &h.machines)
+        .flat_map(|m| m.disks.iter().map(|d| d.as_u64()))
+        .collect();
+    let provisioned: u64 = disks.iter().sum();
+    let needed = provisioned.saturating_mul(2);
+    // The nearest existing ancestor: the lab directory itself is created later.
+    let existing = dir
+        .ancestors()
+        .find(|a| a.exists())
+        .unwrap_or_else(|| Path::new("."));
+    let st = nix::sys::statvfs::statvfs(existing)
+        .with_context(|| format!("cannot read the free space of {}", existing.display()))?;
+    let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+    if needed > free {
+        bail!(
+            "{} disks of {} in all need {} with their replicas, and the filesystem of {} has {} \
+             free: use fewer machines (--machines), disks (--disks-per-machine) or smaller ones \
+             (--disk-size), or another --dir",
+            disks.len(),
+            bytesize::ByteSize::b(provisioned),
+            bytesize::ByteSize::b(needed),
+            existing.display(),
+            bytesize::ByteSize::b(free)
+        );
+    }
+    Ok(())
+}
+
 pub async fn up(dir: &Path, opts: &UpOptions) -> anyhow::Result<LabState> {
     let mut state = match LabState::load(dir) {
         Ok(existing) => {
@@ -562,6 +598,7 @@ pub async fn up(dir: &Path, opts: &UpOptions) -> anyhow::Result<LabState> {
             existing
         }
         Err(_) => {
+            check_capacity(dir, &opts.topology)?;
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
             plan(dir, &opts.topology, opts)?

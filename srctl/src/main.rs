@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use failback_proto::pb::operator::{
-    EnableItemRequest, FailoverKind, Policy, SyncMode, WorkloadRequest,
+    EnableItemRequest, FailoverKind, Policy, SyncMode, Verification, WorkloadRequest,
 };
 use srctl::{infra, item, lab, link, parse_size, plan};
 
@@ -423,6 +423,17 @@ struct PolicyArgs {
     /// 0s = no app-consistent points.
     #[arg(long, default_value = "30s")]
     app_interval: humantime::Duration,
+    /// digests: every point records the source disks' BLAKE3 (`item verify` proves it; the
+    /// machine's writes wait while its disks are hashed). off: no digests, for scale. Takes
+    /// effect when an item's replication (re)starts.
+    #[arg(long, value_enum, default_value_t = VerificationArg::Digests)]
+    verification: VerificationArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum VerificationArg {
+    Digests,
+    Off,
 }
 
 #[derive(Subcommand)]
@@ -456,7 +467,7 @@ enum LabCmd {
         dir: Option<PathBuf>,
         /// Start the topology this TOML file describes (see deploy/topologies/); without it,
         /// the default shape with --machines and --hosts.
-        #[arg(short = 't', long = "topology", conflicts_with_all = ["machines", "hosts", "disk_size"])]
+        #[arg(short = 't', long = "topology", conflicts_with_all = ["machines", "hosts", "disks_per_machine", "disk_size"])]
         topology: Option<PathBuf>,
         /// Machines vm1..vmN, spread over the hosts (default shape only).
         #[arg(long, default_value_t = 2)]
@@ -464,6 +475,9 @@ enum LabCmd {
         /// ESX hosts esx-1..esx-H on-premises (default shape only).
         #[arg(long, default_value_t = 1)]
         hosts: usize,
+        /// Disks of each machine, disk0..diskD-1 (default shape only).
+        #[arg(long, default_value_t = 1)]
+        disks_per_machine: usize,
         /// Size of each machine's disk, e.g. 64MiB (default shape only).
         #[arg(long, default_value = "64MiB")]
         disk_size: String,
@@ -652,7 +666,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Lab(LabCmd::Render { topology, to, out }) => {
             let topology = match topology {
                 Some(file) => srctl::topology::Topology::load(&file)?,
-                None => srctl::topology::Topology::generated(2, 1, 64 << 20),
+                None => srctl::topology::Topology::generated(2, 1, 64 << 20)
+                    .expect("the default shape is valid"),
             };
             let rendered = srctl::render::render(&topology, to)?;
             srctl::render::write(&rendered, &out)?;
@@ -682,6 +697,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             topology,
             machines,
             hosts,
+            disks_per_machine,
             disk_size,
             failover_disks,
             timeout,
@@ -690,9 +706,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let dir = srctl::client::lab_dir(dir.or(lab_flag))?;
             let topology = match topology {
                 Some(file) => srctl::topology::Topology::load(&file)?,
-                None => {
-                    srctl::topology::Topology::generated(machines, hosts, parse_size(&disk_size)?)
-                }
+                None => srctl::topology::Topology::sized(
+                    machines,
+                    hosts,
+                    disks_per_machine,
+                    parse_size(&disk_size)?,
+                )
+                .map_err(anyhow::Error::msg)?,
             };
             let opts = lab::UpOptions {
                 topology,
@@ -1320,6 +1340,10 @@ fn policy_of(a: PolicyArgs) -> Policy {
         crash_interval_s: secs(a.crash_interval),
         app_interval_s: secs(a.app_interval),
         failback_of: String::new(),
+        verification: match a.verification {
+            VerificationArg::Digests => Verification::Digests,
+            VerificationArg::Off => Verification::Off,
+        } as i32,
     }
 }
 

@@ -156,6 +156,9 @@ pub struct TopologyError {
     pub message: String,
 }
 
+/// Disks a machine may have: a VMware VM's limit, and what ASR's master target takes per VM.
+pub const MAX_DISKS_PER_MACHINE: usize = 60;
+
 impl Topology {
     /// Reads and checks `path`.
     pub fn load(path: &Path) -> Result<Topology, TopologyError> {
@@ -188,7 +191,42 @@ impl Topology {
 
     /// The default shape with `machines` machines spread over `hosts` hosts (esx-1..esx-H,
     /// vm1..vmN round robin), one disk of `disk_size` each: today's lab for one host.
-    pub fn generated(machines: usize, hosts: usize, disk_size: u64) -> Topology {
+    pub fn generated(machines: usize, hosts: usize, disk_size: u64) -> Result<Topology, String> {
+        Topology::sized(machines, hosts, 1, disk_size)
+    }
+
+    /// The default shape with `machines` machines spread over `hosts` hosts (esx-1..esx-H,
+    /// vm1..vmN round robin), each with `disks` disks of `disk_size`. A shape that can't be
+    /// run is an error naming the option (`--machines`, `--hosts`, `--disks-per-machine`,
+    /// `--disk-size`) and what to use instead.
+    pub fn sized(
+        machines: usize,
+        hosts: usize,
+        disks: usize,
+        disk_size: u64,
+    ) -> Result<Topology, String> {
+        if machines == 0 {
+            return Err(
+                "--machines must be at least 1: a lab without machines has nothing to \
+                        replicate"
+                    .into(),
+            );
+        }
+        if hosts == 0 {
+            return Err("--hosts must be at least 1: machines run on hosts".into());
+        }
+        if disks == 0 || disks > MAX_DISKS_PER_MACHINE {
+            return Err(format!(
+                "--disks-per-machine must be 1 to {MAX_DISKS_PER_MACHINE} (a VM's disks on \
+                 VMware, and what a master target can take per VM), not {disks}"
+            ));
+        }
+        if disk_size == 0 || !disk_size.is_multiple_of(4096) {
+            return Err(format!(
+                "--disk-size must be a positive whole number of 4 KiB blocks, not {disk_size} \
+                 bytes (e.g. 16MiB)"
+            ));
+        }
         let hosts = hosts.max(1);
         let mut onprem_hosts: Vec<Host> = (1..=hosts)
             .map(|h| Host {
@@ -202,11 +240,11 @@ impl Topology {
             onprem_hosts[(i - 1) % hosts].machines.push(Machine {
                 name: format!("vm{i}"),
                 os: Os::Windows,
-                disks: vec![bytesize::ByteSize::b(disk_size)],
+                disks: vec![bytesize::ByteSize::b(disk_size); disks],
                 settings: toml::Table::new(),
             });
         }
-        Topology {
+        let topology = Topology {
             name: "default".into(),
             link: toml::Table::new(),
             site: vec![
@@ -249,7 +287,11 @@ impl Topology {
                     }],
                 },
             ],
-        }
+        };
+        topology
+            .check()
+            .map_err(|(key, message)| format!("{key}: {message}"))?;
+        Ok(topology)
     }
 
     /// The site `site`, if the topology has it.
@@ -381,6 +423,17 @@ impl Topology {
                         return err(
                             mk("disks"),
                             format!("machine `{}` has no disk: give at least one size", m.name),
+                        );
+                    }
+                    if m.disks.len() > MAX_DISKS_PER_MACHINE {
+                        return err(
+                            mk("disks"),
+                            format!(
+                                "machine `{}` has {} disks; a VM has at most \
+                                 {MAX_DISKS_PER_MACHINE} (VMware, and a master target's limit)",
+                                m.name,
+                                m.disks.len()
+                            ),
                         );
                     }
                     for (d, size) in m.disks.iter().enumerate() {
@@ -581,7 +634,7 @@ mod tests {
     fn the_default_file_is_the_generated_default() {
         let file = include_str!("../../deploy/topologies/default.toml");
         let t = Topology::parse(file, "default.toml").expect("valid");
-        let g = Topology::generated(2, 1, 64 << 20);
+        let g = Topology::generated(2, 1, 64 << 20).expect("valid");
         assert_eq!(t.machines(), g.machines());
         assert_eq!(t.datastores(), g.datastores());
         assert_eq!(t.mermaid(), g.mermaid());

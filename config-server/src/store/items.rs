@@ -4,7 +4,7 @@
 //! and applies [`ItemState::transition`] in the same transaction.
 
 use failback_proto::pb::control::PointAdded;
-use failback_proto::pb::operator::{Point, Policy};
+use failback_proto::pb::operator::{Point, Policy, Verification};
 use rusqlite::{OptionalExtension, params};
 
 use super::{Db, DbError};
@@ -47,7 +47,26 @@ fn policy_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Policy> {
         crash_interval_s: r.get::<_, i64>(3)? as u64,
         app_interval_s: r.get::<_, i64>(4)? as u64,
         failback_of: r.get(5)?,
+        verification: verification_from_label(&r.get::<_, String>(6)?)
+            .ok_or_else(|| bad_label(6, "unknown verification mode".into()))?
+            as i32,
     })
+}
+
+/// How a verification mode is stored.
+fn verification_label(v: i32) -> &'static str {
+    match Verification::try_from(v) {
+        Ok(Verification::Off) => "off",
+        _ => "digests",
+    }
+}
+
+fn verification_from_label(s: &str) -> Option<Verification> {
+    match s {
+        "digests" => Some(Verification::Digests),
+        "off" => Some(Verification::Off),
+        _ => None,
+    }
 }
 
 const ITEM_COLUMNS: &str = "id, machine, direction, state, process_server, target, datastore, policy, \
@@ -85,7 +104,8 @@ fn item_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ItemRow> {
 impl Db<'_> {
     pub fn policies(&self) -> Result<Vec<Policy>, DbError> {
         let mut stmt = self.c.prepare_cached(
-            "SELECT name, rpo_threshold_s, retention_s, crash_interval_s, app_interval_s, failback_of
+            "SELECT name, rpo_threshold_s, retention_s, crash_interval_s, app_interval_s, failback_of,
+                    verification
              FROM policies ORDER BY name",
         )?;
         let rows = stmt
@@ -102,18 +122,21 @@ impl Db<'_> {
     pub fn put_policy_with_twin(&self, p: &Policy) -> Result<(), DbError> {
         for p in [p.clone(), failback_twin(p)] {
             self.c.execute(
-                "INSERT INTO policies(name, rpo_threshold_s, retention_s, crash_interval_s, app_interval_s, failback_of)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                "INSERT INTO policies(name, rpo_threshold_s, retention_s, crash_interval_s, app_interval_s, failback_of,
+                                      verification)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                  ON CONFLICT(name) DO UPDATE SET rpo_threshold_s = excluded.rpo_threshold_s,
                    retention_s = excluded.retention_s, crash_interval_s = excluded.crash_interval_s,
-                   app_interval_s = excluded.app_interval_s, failback_of = excluded.failback_of",
+                   app_interval_s = excluded.app_interval_s, failback_of = excluded.failback_of,
+                   verification = excluded.verification",
                 params![
                     p.name,
                     p.rpo_threshold_s as i64,
                     p.retention_s as i64,
                     p.crash_interval_s as i64,
                     p.app_interval_s as i64,
-                    p.failback_of
+                    p.failback_of,
+                    verification_label(p.verification)
                 ],
             )?;
         }

@@ -11,7 +11,7 @@ use rusqlite::Connection;
 use super::DbError;
 
 /// The schema version this code writes.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// Version 1: the schema of the first releases (created `IF NOT EXISTS`, so it is also how an
 /// unversioned database is brought to version 1).
@@ -155,6 +155,12 @@ CREATE TABLE IF NOT EXISTS stale_routes (
 );
 "#;
 
+/// Version 6: a policy's verification mode (`digests` or `off`); existing policies keep
+/// recording digests, as they did.
+const V6: &str = r#"
+ALTER TABLE policies ADD COLUMN verification TEXT NOT NULL DEFAULT 'digests';
+"#;
+
 /// Brings the database to [`SCHEMA_VERSION`].
 pub fn migrate(conn: &mut Connection) -> Result<(), DbError> {
     let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
@@ -186,6 +192,9 @@ pub fn migrate(conn: &mut Connection) -> Result<(), DbError> {
     }
     if found < 5 {
         tx.execute_batch(V5)?;
+    }
+    if found < 6 {
+        tx.execute_batch(V6)?;
     }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()?;
