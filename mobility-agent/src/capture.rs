@@ -82,6 +82,8 @@ struct Inner {
     off: bool,
     /// Writes held for the multi-VM point of this id until the deadline (or its tag).
     held: Option<(String, std::time::Instant)>,
+    /// Regions touched only by entries up to this one have been cooled.
+    cooled_through: u64,
     al_path: PathBuf,
 }
 
@@ -110,6 +112,8 @@ pub struct Capture {
     released: Notify,
     /// Most bytes the log and in-flight batches may hold before writers wait.
     pub cap: u64,
+    /// Cancelled when the machine powers off (its NBD exports close).
+    running: tokio_util::sync::CancellationToken,
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -170,12 +174,14 @@ impl Capture {
                 logging: false,
                 off: false,
                 held: None,
+                cooled_through: 0,
                 al_path,
             }),
             data_ready: Notify::new(),
             space_freed: Notify::new(),
             released: Notify::new(),
             cap,
+            running: tokio_util::sync::CancellationToken::new(),
         }))
     }
 
@@ -393,11 +399,27 @@ impl Capture {
         (!out.is_empty()).then_some((out, last, oldest))
     }
 
-    /// The process server acknowledged everything up to log entry `entry` (`bytes` of it):
-    /// free the buffer and clear regions no unacknowledged entry touches.
-    pub fn acked(&self, entry: u64, bytes: u64) -> std::io::Result<()> {
+    /// The process server acknowledged `bytes` of buffered records: free the buffer. Regions
+    /// stay hot until [`Capture::cool`].
+    pub fn acked(&self, bytes: u64) {
         let mut g = self.lock();
         g.buffered = g.buffered.saturating_sub(bytes);
+        drop(g);
+        self.space_freed.notify_waiters();
+    }
+
+    /// Everything up to log entry `entry` is acknowledged, and the sequence that says so is
+    /// durable in the sender's state: clear the regions no later entry touches and persist the
+    /// activity log if any cooled. The sender calls this at most every few hundred
+    /// milliseconds, not per acknowledgement: a region that stays hot a little longer only
+    /// means a little more is sent again after a crash, while a durable write per
+    /// acknowledgement cost two fsyncs per batch per machine.
+    pub fn cool(&self, entry: u64) -> std::io::Result<()> {
+        let mut g = self.lock();
+        if entry <= g.cooled_through {
+            return Ok(());
+        }
+        g.cooled_through = entry;
         let mut cleared = false;
         for d in &mut g.disks {
             for r in 0..d.hot.len() {
@@ -412,8 +434,6 @@ impl Capture {
             let inner = &*g;
             persist_al(&inner.al_path, &inner.disks)?;
         }
-        drop(g);
-        self.space_freed.notify_waiters();
         Ok(())
     }
 
@@ -499,9 +519,46 @@ impl Capture {
             .collect())
     }
 
-    /// Powers the machine off: every later write is refused.
+    /// Powers the machine off: every later write is refused, its exports close.
     pub fn power_off(&self) {
         self.lock().off = true;
+        self.running.cancel();
+    }
+
+    /// Cancelled once the machine is powered off.
+    pub fn running(&self) -> tokio_util::sync::CancellationToken {
+        self.running.clone()
+    }
+
+    /// `len` bytes of disk `disk` at `offset` as the guest sees them (overlay-aware). Read
+    /// under the write lock: never half of a write.
+    pub fn read(&self, disk: usize, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        let g = self.lock();
+        let d = g
+            .disks
+            .get(disk)
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no such disk"))?;
+        let end = offset.checked_add(len as u64).filter(|e| *e <= d.size);
+        if end.is_none() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "read of {len} bytes at {offset} beyond the end of disk {} ({} bytes)",
+                    d.id, d.size
+                ),
+            ));
+        }
+        d.disk.read_vec(offset, len)
+    }
+
+    /// Makes every completed write to disk `disk` durable (fdatasync).
+    pub fn sync(&self, disk: usize) -> std::io::Result<()> {
+        let g = self.lock();
+        let d = g
+            .disks
+            .get(disk)
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no such disk"))?;
+        d.disk.sync_data()
     }
 
     /// Forgets `bytes` of buffered records without cooling any region (they are superseded
@@ -631,6 +688,65 @@ mod tests {
             .collect();
         assert_eq!(log, vec![true, true, false], "tag, tag, then the write");
         assert_eq!(tags(&c), vec!["crash-1", "mvc-1"]);
+    }
+
+    /// An acknowledgement frees the buffer but cools nothing; `cool` clears exactly the regions
+    /// no later entry touches, and the activity log on disk says so (what a restart resends).
+    #[tokio::test]
+    async fn regions_cool_only_when_told_and_only_up_to_the_entry() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("d0.img");
+        File::create(&path)
+            .and_then(|f| f.set_len(4 * REGION))
+            .expect("disk");
+        let machine = Machine {
+            name: "vm1".into(),
+            os: Default::default(),
+            disks: vec![Disk {
+                id: "d0".into(),
+                datastore: "ds".into(),
+                path,
+                size: 4 * REGION,
+            }],
+            resized: false,
+        };
+        let state = dir.path().join("state");
+        let c = Capture::open(&machine, &state, 64 << 20).expect("open");
+        c.set_logging(true);
+        c.write(0, 0, Bytes::from_static(b"a"))
+            .await
+            .expect("write");
+        c.write(0, 2 * REGION, Bytes::from_static(b"b"))
+            .await
+            .expect("write");
+        let first = c.last_entry_id() - 1;
+        let on_disk = || -> Vec<u64> {
+            let al: ActivityLog = serde_json::from_slice(
+                &std::fs::read(state.join("activity-log.json")).expect("al"),
+            )
+            .expect("parse");
+            al.hot.get("d0").cloned().unwrap_or_default()
+        };
+        assert_eq!(on_disk(), vec![0, 2], "both regions hot before the writes");
+        let buffered = c.buffered();
+        c.acked(buffered);
+        assert_eq!(c.buffered(), 0);
+        assert_eq!(
+            c.hot_regions().len(),
+            2,
+            "an acknowledgement alone cools nothing"
+        );
+        c.cool(first).expect("cool");
+        assert_eq!(
+            c.hot_regions(),
+            vec![(0, 2 * REGION, REGION)],
+            "only the region of the first write cooled"
+        );
+        assert_eq!(on_disk(), vec![2]);
+        // A reopened capture (a restart) resends exactly what is still hot.
+        drop(c);
+        let c = Capture::open(&machine, &state, 64 << 20).expect("reopen");
+        assert_eq!(c.hot_regions(), vec![(0, 2 * REGION, REGION)]);
     }
 
     /// An abandoned point releases the writes; a hold nobody ends expires by itself.

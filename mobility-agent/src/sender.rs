@@ -131,8 +131,12 @@ struct Shared {
     awaiting_target: std::sync::Mutex<VecDeque<(u64, Instant)>>,
     /// Capture -> target-journal lag samples of the last 10 s: (when, lag).
     lag: std::sync::Mutex<VecDeque<(Instant, Duration)>>,
+    /// Highest seq the PS acknowledged (in memory; `persisted` has it within
+    /// [`PERSIST_ACKED_EVERY`]), and the last log entry it covers.
     acked_seq: AtomicU64,
     acked_entry: AtomicU64,
+    /// When `acked_seq` was last made durable.
+    acked_saved_at: std::sync::Mutex<Instant>,
     /// Since when (Unix ms) no replication stream to the PS is up; 0 while one is.
     ps_down_since_ms: std::sync::atomic::AtomicI64,
     /// Wakes the reporter early (a phase changed).
@@ -253,6 +257,7 @@ pub fn start(
         lag: std::sync::Mutex::new(VecDeque::new()),
         acked_seq: AtomicU64::new(acked),
         acked_entry: AtomicU64::new(0),
+        acked_saved_at: std::sync::Mutex::new(Instant::now() - PERSIST_ACKED_EVERY),
         ps_down_since_ms: std::sync::atomic::AtomicI64::new(now_ms()),
         report_now: tokio::sync::Notify::new(),
     });
@@ -667,19 +672,11 @@ fn on_ack(
             w.push_back((f.seq, f.captured));
         }
         shared.acked_entry.store(f.last_entry, Ordering::SeqCst);
-        shared
-            .capture
-            .acked(f.last_entry, f.bytes)
-            .map_err(|e| format!("activity log: {e}"))?;
+        shared.capture.acked(f.bytes);
     }
     record_target(shared, target_seq);
-    if shared.acked_seq.fetch_max(seq, Ordering::SeqCst) < seq
-        && let Ok(mut p) = shared.persisted.lock()
-    {
-        p.acked_seq = p.acked_seq.max(seq);
-        save(&shared.state_path, &p)
-            .map_err(|e| format!("cannot persist replication state: {e}"))?;
-    }
+    shared.acked_seq.fetch_max(seq, Ordering::SeqCst);
+    persist_acked(shared, false)?;
     let end = shared.copy_end_entry.load(Ordering::SeqCst);
     if end != 0
         && !shared.consistent.load(Ordering::SeqCst)
@@ -700,6 +697,38 @@ fn on_ack(
         tracing::info!(item = %shared.params.item, "replica consistent: delta replication");
     }
     Ok(())
+}
+
+/// How often at most the acknowledged sequence is made durable (and regions cooled).
+const PERSIST_ACKED_EVERY: Duration = Duration::from_millis(500);
+
+/// Makes the acknowledged sequence durable, then cools the regions it covers, at most every
+/// [`PERSIST_ACKED_EVERY`] unless `now`. In that order: a region is never cold on disk
+/// while the sequence that acknowledged it is not (after a restart, the agent tells a lost
+/// cache from the persisted sequence, and resends what is still hot).
+fn persist_acked(shared: &Shared, now: bool) -> Result<(), String> {
+    let seq = shared.acked_seq.load(Ordering::SeqCst);
+    let entry = shared.acked_entry.load(Ordering::SeqCst);
+    let Ok(mut p) = shared.persisted.lock() else {
+        return Err("replication state lock poisoned".into());
+    };
+    if p.acked_seq < seq {
+        let Ok(mut saved_at) = shared.acked_saved_at.lock() else {
+            return Err("replication state lock poisoned".into());
+        };
+        if !now && saved_at.elapsed() < PERSIST_ACKED_EVERY {
+            return Ok(());
+        }
+        p.acked_seq = seq;
+        save(&shared.state_path, &p)
+            .map_err(|e| format!("cannot persist replication state: {e}"))?;
+        *saved_at = Instant::now();
+    }
+    drop(p);
+    shared
+        .capture
+        .cool(entry)
+        .map_err(|e| format!("activity log: {e}"))
 }
 
 /// The PS holds less than it acknowledged: its cache was lost, and with it batches whose
@@ -825,7 +854,8 @@ async fn session(
         .await
         .map_err(|s| s.message().to_string())?
         .ok_or("stream closed before the first acknowledgement")?;
-    let acked_before = shared.persisted.lock().map(|p| p.acked_seq).unwrap_or(0);
+    // What any PS acknowledged (in memory: the persisted copy may be a moment behind).
+    let acked_before = shared.acked_seq.load(Ordering::SeqCst);
     if first.seq < acked_before || shared.batches_lost.swap(false, Ordering::SeqCst) {
         // Numbering continues after what the PS and the target still have.
         cache_lost(shared, &mut client, inflight, first.seq, acked_before).await?;
@@ -835,10 +865,7 @@ async fn session(
     }
     shared.connected_once.store(true, Ordering::SeqCst);
     shared.ps_down_since_ms.store(0, Ordering::SeqCst);
-    let mut next_seq = {
-        let persisted = shared.persisted.lock().map_err(|_| "poisoned")?;
-        persisted.acked_seq.max(first.seq) + 1
-    };
+    let mut next_seq = shared.acked_seq.load(Ordering::SeqCst).max(first.seq) + 1;
     if let Some(f) = inflight.front() {
         next_seq = next_seq.min(f.seq);
     }
@@ -853,6 +880,9 @@ async fn session(
         .map_err(|_| "stream closed")?;
         next_seq = f.seq + 1;
     }
+    // Makes the last acknowledgements durable once they stop coming.
+    let mut persist_tick = tokio::time::interval(PERSIST_ACKED_EVERY);
+    persist_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let window_full =
             inflight.iter().map(|f| f.payload.len() as u64).sum::<u64>() >= WINDOW_BYTES;
@@ -889,6 +919,7 @@ async fn session(
                 Ok(None) => return Err("process server closed the stream".into()),
                 Err(s) => return Err(format!("{}: {}", s.code(), s.message())),
             },
+            _ = persist_tick.tick() => persist_acked(shared, true)?,
             _ = cancel.cancelled() => return Ok(()),
         }
     }

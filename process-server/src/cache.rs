@@ -26,7 +26,9 @@
 //! An append writes the whole frame and `fdatasync`s the segment before returning; creating a
 //! segment (or an item directory) also fsyncs the parent directory. A release records the
 //! released sequence first (so a restart of the PS never resends released batches) and deletes
-//! segments afterwards; segments left behind by a crash in between are deleted on open. The
+//! segments afterwards (all but a last one under [`KEEP_RELEASED_BELOW`] that ends at the
+//! released sequence, which takes the next frames); segments left behind by a crash in
+//! between are deleted on open. The
 //! record is fsynced (file and directory) only when the release deletes a segment, about once
 //! per segment rather than once per acknowledgement: until then the frames are still on disk,
 //! so losing the record to a power cut only means resending batches the target already holds,
@@ -75,6 +77,9 @@ use tokio::sync::Notify;
 pub const DEFAULT_SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
 /// Bytes of a frame header: magic, len, crc32, seq.
 pub const FRAME_HEADER_BYTES: u64 = 20;
+/// A fully released segment still being written is kept (appends continue in it) while it
+/// is smaller than this; a larger one is deleted, giving its space back.
+pub const KEEP_RELEASED_BELOW: u64 = 1024 * 1024;
 /// Free fraction below which cache health is Warning (ASR: < 30 % free).
 pub const WARNING_FREE: f64 = 0.30;
 /// Free fraction below which cache health is Critical (ASR: < 25 % free).
@@ -807,8 +812,24 @@ impl Cache {
             return Ok(());
         }
         self.ensure_dir(st)?;
-        let deletes = st.segments.values().any(|s| s.last_seq <= seq);
-        write_state(&st.dir, seq, deletes)?;
+        // Every fully released segment goes, except a small last one that ends exactly at
+        // `seq`: appends continue in it (a forwarder that keeps up releases the segment being
+        // written after every batch, and deleting it each time cost a create, an unlink and
+        // three fsyncs per batch). A release past its end (a switch, a duplicate) deletes it,
+        // so that the next frame starts a segment named by its own sequence.
+        let last = st.segments.last_key_value().map(|(k, _)| *k);
+        let doomed: Vec<u64> = st
+            .segments
+            .iter()
+            .filter(|(k, s)| {
+                let kept = Some(**k) == last
+                    && s.last_seq == seq
+                    && s.size < KEEP_RELEASED_BELOW.min(self.segment_bytes);
+                s.last_seq <= seq && !kept
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        write_state(&st.dir, seq, !doomed.is_empty())?;
         st.released = seq;
         st.last_seq = st.last_seq.max(seq);
         let keep = match seq.checked_add(1) {
@@ -819,12 +840,6 @@ impl Cache {
         st.pending -= gone.values().map(|l| u64::from(l.len)).sum::<u64>();
         self.drop_hot(st, seq);
 
-        let doomed: Vec<u64> = st
-            .segments
-            .iter()
-            .filter(|(_, s)| s.last_seq <= seq)
-            .map(|(k, _)| *k)
-            .collect();
         let mut freed = 0u64;
         let mut failure = None;
         for start in doomed {

@@ -111,8 +111,11 @@ pub struct DataPlane {
     forwarders: Mutex<HashMap<String, (Route, CancellationToken)>>,
     /// One live agent stream per item.
     fence: failback_common::fence::Fence,
-    /// Highest seq per item the target acknowledged (sent on to agents for end-to-end lag).
-    target_acked: tokio::sync::watch::Sender<HashMap<String, u64>>,
+    /// Highest seq per item the target acknowledged (sent on to agents for end-to-end lag),
+    /// one watch per item: an acknowledgement wakes that item's agent stream only (one watch
+    /// over all items woke every stream on every item's acknowledgement, and each sent its
+    /// agent an acknowledgement that said nothing new: N² messages at N items).
+    target_acked: Mutex<HashMap<String, tokio::sync::watch::Sender<u64>>>,
     /// Bytes the targets acknowledged since start (the upload rate behind the estimate of
     /// how long the cache takes to drain).
     pub uploaded_bytes: std::sync::atomic::AtomicU64,
@@ -155,7 +158,7 @@ impl DataPlane {
             routes_path,
             forwarders: Mutex::new(HashMap::new()),
             fence: Default::default(),
-            target_acked: tokio::sync::watch::Sender::new(HashMap::new()),
+            target_acked: Mutex::new(HashMap::new()),
             uploaded_bytes: Default::default(),
             received_bytes: Default::default(),
             stored_bytes: Default::default(),
@@ -252,6 +255,10 @@ impl DataPlane {
         {
             fw.cancel();
         }
+        self.target_acked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(item);
         {
             let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
             if routes.remove(item).is_some() {
@@ -261,6 +268,16 @@ impl DataPlane {
         self.cache
             .drop_item(item)
             .map_err(|e| format!("cannot drop the cached batches of {item}: {e}"))
+    }
+
+    /// The watch of the highest batch of `item` its target acknowledged.
+    fn target_watch(&self, item: &str) -> tokio::sync::watch::Sender<u64> {
+        self.target_acked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(item.to_string())
+            .or_insert_with(|| tokio::sync::watch::Sender::new(0))
+            .clone()
     }
 
     fn route(&self, item: &str) -> Option<Route> {
@@ -359,9 +376,8 @@ async fn forward_session(
         }
     };
     release(first.seq).await?;
-    dp.target_acked.send_modify(|m| {
-        m.insert(item.to_string(), first.seq);
-    });
+    let target_acked = dp.target_watch(item);
+    target_acked.send_replace(first.seq);
     let mut sent = first.seq.max(dp.cache.released_seq(item));
     let mut acked = sent;
     let mut in_flight: std::collections::VecDeque<(u64, u64)> = Default::default();
@@ -392,7 +408,9 @@ async fn forward_session(
         }
         tokio::select! {
             _ = wake, if window < FORWARD_WINDOW => {}
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            // A safety net only: an append stores a permit in the notifier, so none is
+            // missed. (At 200 ms, 200 idle forwarders read their caches 1,000 times a second.)
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             ack = acks.message() => match ack {
                 Ok(Some(a)) => {
                     while let Some((_, len)) = in_flight.front().copied().filter(|(s, _)| *s <= a.seq) {
@@ -402,9 +420,7 @@ async fn forward_session(
                     }
                     if a.seq > acked {
                         acked = a.seq;
-                        dp.target_acked.send_modify(|m| {
-                            m.insert(item.to_string(), acked);
-                        });
+                        target_acked.send_replace(acked);
                         release(acked).await?;
                     }
                 }
@@ -455,7 +471,7 @@ impl ProcessServerData for DataService {
             }
             dp.cache.last_seq(&item)
         };
-        let target_seq = dp.target_acked.borrow().get(&item).copied().unwrap_or(0);
+        let target_seq = *dp.target_watch(&item).borrow();
         tx.send(Ok(BatchAck {
             seq: last,
             target_seq,
@@ -555,10 +571,8 @@ async fn receive(
     inbound: &mut Streaming<AgentBatch>,
     tx: &mpsc::Sender<Result<BatchAck, Status>>,
 ) -> Result<(), Status> {
-    let mut targets = dp.target_acked.subscribe();
-    let target_seq = |t: &tokio::sync::watch::Receiver<HashMap<String, u64>>| {
-        t.borrow().get(item).copied().unwrap_or(0)
-    };
+    let mut targets = dp.target_watch(item).subscribe();
+    let target_seq = |t: &tokio::sync::watch::Receiver<u64>| *t.borrow();
     let mut last_appended = dp.cache.last_seq(item);
     loop {
         let batch = tokio::select! {

@@ -122,8 +122,11 @@ fn round_trip_across_segments_and_release_frees_files() {
     cache.release("vm1", 20).expect("older release");
     assert_eq!(cache.released_seq("vm1"), 31);
     cache.release("vm1", 50).expect("release all");
-    assert!(segments(dir.path(), "vm1").is_empty());
-    assert_eq!(cache.used_bytes(), 0);
+    // The last segment, small and ending at the release, stays for the next appends.
+    let left = segments(dir.path(), "vm1");
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].ends_with("00000000000000000049.seg"), "{left:?}");
+    assert_eq!(cache.used_bytes(), 2 * frame(100));
     assert_eq!(cache.pending_bytes("vm1"), 0);
     assert_eq!(cache.last_seq("vm1"), 50);
     assert_eq!(
@@ -175,9 +178,9 @@ fn durable_across_reopen() {
         assert_payloads(&rest);
         assert_eq!(cache.pending_bytes("item-0001"), 15 * 100);
         append_all(&cache, "item-0001", 41..=41);
-        // Everything released: no segment left, the sequence survives in the state file.
+        // Everything released: only the small last segment is left, for the next appends.
         cache.release("item-0001", 41).expect("release all");
-        assert!(segments(dir.path(), "item-0001").is_empty());
+        assert_eq!(segments(dir.path(), "item-0001").len(), 1);
     }
     let cache = Cache::open_with(dir.path(), MIB, 1000).expect("reopen");
     assert_eq!(cache.last_seq("item-0001"), 41);
@@ -513,4 +516,58 @@ async fn notifier_wakes_a_waiting_task_on_append() {
     tokio::time::timeout(Duration::from_secs(5), cache.notifier("vm1").notified())
         .await
         .expect("permit left by the append");
+}
+
+/// A forwarder that keeps up releases the segment being written after every batch: it stays
+/// and takes the next frames (no file created and deleted per batch) until it outgrows
+/// KEEP_RELEASED_BELOW; a release past its end (a switch of process server, batches the
+/// target already had) deletes it, so the next frame starts a segment named by its sequence
+/// and a reopen finds every frame in order.
+#[test]
+fn a_released_segment_being_written_is_kept_until_it_outgrows_the_limit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = Cache::open_with(dir.path(), 64 * MIB, 16 * MIB).expect("open");
+    let big = Bytes::from(vec![7u8; 300 * 1024]);
+    let mut files = Vec::new();
+    for seq in 1..=6u64 {
+        assert_eq!(
+            cache.append("vm1", seq, big.clone()).expect("append"),
+            AppendOutcome::Appended
+        );
+        cache.release("vm1", seq).expect("release");
+        files.push(segments(dir.path(), "vm1"));
+    }
+    // 300 KiB frames: the segment is kept after 1, 2 and 3 frames (< 1 MiB), deleted after
+    // the 4th; the 5th frame starts segment 5.
+    assert_eq!(files[0].len(), 1);
+    assert!(
+        files[2][0].ends_with("00000000000000000001.seg"),
+        "{files:?}"
+    );
+    assert!(files[3].is_empty(), "{files:?}");
+    assert!(
+        files[4][0].ends_with("00000000000000000005.seg"),
+        "{files:?}"
+    );
+    assert_eq!(cache.pending_bytes("vm1"), 0);
+
+    // A release beyond the last frame: the kept segment goes, the next frame starts its own.
+    cache.release("vm1", 9).expect("release ahead");
+    assert!(segments(dir.path(), "vm1").is_empty());
+    assert!(matches!(
+        cache.append("vm1", 9, big.clone()).expect("dup"),
+        AppendOutcome::Duplicate
+    ));
+    cache.append("vm1", 10, big.clone()).expect("append");
+    let left = segments(dir.path(), "vm1");
+    assert!(left[0].ends_with("00000000000000000010.seg"), "{left:?}");
+    drop(cache);
+
+    let cache = Cache::open_with(dir.path(), 64 * MIB, 16 * MIB).expect("reopen");
+    assert!(cache.truncations().is_empty(), "{:?}", cache.truncations());
+    assert_eq!((cache.last_seq("vm1"), cache.released_seq("vm1")), (10, 9));
+    assert_eq!(
+        seqs(&cache.read_after("vm1", 0, usize::MAX).expect("read")),
+        vec![10]
+    );
 }
