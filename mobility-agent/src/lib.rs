@@ -12,10 +12,12 @@
 //! - [`capture`]: the write path: activity log, replication log, tags.
 //! - [`sender`]: replication to the process server (initial copy, delta, resync of hot regions).
 //! - [`workload`]: the workload generator standing in for the guest OS.
+//! - [`export`]: the machine's disks over NBD, for real guest software.
 //! - [`metrics`]: the per-item series of the host's `/metrics` endpoint.
 
 pub mod capture;
 pub mod config;
+pub mod export;
 pub mod machine;
 pub mod metrics;
 pub mod sender;
@@ -143,6 +145,13 @@ async fn start_machine(
             data_dir.join(sender::RESYNC_REQUIRED_FILE),
             b"disk resized\n",
         )?;
+    }
+    // A machine runs without exports rather than not at all (the error names the fix).
+    match export::start(&config.data_dir, &m.name, capture.clone(), &stop) {
+        Ok(socket) => {
+            tracing::info!(machine = %m.name, socket = %socket.display(), "disks exported over NBD")
+        }
+        Err(e) => tracing::error!(machine = %m.name, "no NBD exports: {e:#}"),
     }
     let registered = register(&id, &data_dir, &config.cs, hello_fn, &stop).await?;
     let agent = Agent {

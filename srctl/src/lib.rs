@@ -41,6 +41,7 @@ pub mod stack;
 pub mod stages;
 pub mod timeline;
 pub mod topology;
+pub mod vm;
 
 /// A size like `64MiB`, `1GiB`, `512KiB` or a plain number of bytes.
 pub fn parse_size(s: &str) -> anyhow::Result<u64> {

@@ -267,6 +267,25 @@ enum VmCmd {
         #[arg(long)]
         host: String,
     },
+    /// Where a running machine's disks are served over NBD: one URI per disk, for nbdinfo,
+    /// nbdcopy, nbdfuse, qemu-img or fio's nbd engine. Writes through them are replicated
+    /// like any guest write.
+    Export {
+        machine: String,
+        /// Only this disk.
+        #[arg(long)]
+        disk: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Makes a running machine's disk the file DIR/disk (nbdfuse, from Debian's libnbd-bin),
+    /// e.g. to mkfs it and mount it with fuse2fs. Detach with `fusermount3 -u DIR`.
+    Attach {
+        machine: String,
+        #[arg(long)]
+        disk: String,
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -996,6 +1015,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let dir = srctl::client::lab_dir(lab_flag)?;
             let job = item::reprotect(&dir, a.opts.request(&a.machine)).await?;
             follow(&dir, job, no_wait, a.opts.json).await?;
+        }
+        Cmd::Vm(VmCmd::Export {
+            machine,
+            disk,
+            json,
+        }) => {
+            let dir = srctl::client::lab_dir(lab_flag)?;
+            let exports = srctl::vm::exports(&dir, &machine, disk.as_deref()).await?;
+            srctl::vm::print(&exports, json)?;
+        }
+        Cmd::Vm(VmCmd::Attach {
+            machine,
+            disk,
+            dir: mount,
+        }) => {
+            let dir = srctl::client::lab_dir(lab_flag)?;
+            let exports = srctl::vm::exports(&dir, &machine, Some(&disk)).await?;
+            let (file, pid) = srctl::vm::attach(&exports[0], &mount)?;
+            println!(
+                "{machine}'s disk {disk} is {} (nbdfuse, pid {pid}); detach with `fusermount3 -u {}`",
+                file.display(),
+                mount.display()
+            );
         }
         Cmd::Vm(VmCmd::Delete { machine, host }) => {
             let dir = srctl::client::lab_dir(lab_flag)?;
