@@ -30,6 +30,7 @@ async fn group_point(state: &State, group: &str, members: &[ItemRow], id: &str, 
                 item: m.id.clone(),
                 id: id.to_string(),
                 max_ms: GROUP_HOLD.as_millis() as u32,
+                app_consistent: kind == "multi-vm-app",
             }),
         );
         async move {

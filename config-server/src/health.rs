@@ -134,6 +134,16 @@ fn view(
             format!("78022: no heartbeat from master target {}", item.target),
         );
     }
+    if !progress.app_consistency_error.is_empty() {
+        // ASR: a failing pre script makes the point crash-consistent and raises a warning.
+        health.raise(
+            Level::Warning,
+            format!(
+                "78144: the last app-consistent point of {} is crash-consistent: {}",
+                item.machine, progress.app_consistency_error
+            ),
+        );
+    }
     if item.state == ItemState::Protected && rpo_ms as u64 > policy.rpo_threshold_s * 1000 {
         health.raise(
             // Twice over the threshold is critical.

@@ -334,6 +334,9 @@ pub struct Progress {
     pub lag_p99_ms: f64,
     #[serde(default)]
     pub ps_down_since_ms: i64,
+    /// Why the last app-consistent point became crash-consistent; empty when it did not.
+    #[serde(default)]
+    pub app_consistency_error: String,
 }
 
 impl Progress {

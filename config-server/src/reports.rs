@@ -123,6 +123,7 @@ async fn on_progress(state: &Arc<State>, item: ItemRow, p: ItemProgress) -> Resu
         lag_p50_ms: p.lag_p50_ms,
         lag_p99_ms: p.lag_p99_ms,
         ps_down_since_ms: p.ps_down_since_ms,
+        app_consistency_error: p.app_consistency_error.clone(),
     };
     use ItemState::*;
     let next = match (phase, item.state) {

@@ -17,6 +17,8 @@
 //! name = "vm1"
 //! datastore = "ds-onprem"
 //! disk = [{ id = "disk0", size = "64 MiB" }]
+//! [app_scripts.vm1]
+//! pre = "sqlite3 /mnt/vm1/app.db 'PRAGMA wal_checkpoint(TRUNCATE)'"
 //! ```
 
 use std::collections::{BTreeMap, HashSet};
@@ -51,6 +53,9 @@ pub struct AgentConfig {
     pub replication_buffer: ByteSize,
     /// Prometheus metrics at `http://ADDRESS/metrics` (empty: none).
     pub metrics_listen: String,
+    /// Pre and post scripts around app-consistent points, by machine name (any machine that
+    /// runs here, configured or booted: [`crate::scripts`]).
+    pub app_scripts: BTreeMap<String, crate::scripts::AppScripts>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -86,6 +91,7 @@ impl Default for AgentConfig {
             machine: Vec::new(),
             replication_buffer: ByteSize::mib(256),
             metrics_listen: String::new(),
+            app_scripts: BTreeMap::new(),
         }
     }
 }
@@ -143,6 +149,15 @@ impl AgentConfig {
                         format!("must be a positive multiple of {BLOCK_SIZE} bytes"),
                     ));
                 }
+            }
+        }
+        for (name, scripts) in &self.app_scripts {
+            validate_name(name).map_err(|e| key(format!("app_scripts.{name}"), e))?;
+            if scripts.timeout.is_zero() {
+                return Err(key(
+                    format!("app_scripts.{name}.timeout"),
+                    "must be positive (e.g. \"30s\")".into(),
+                ));
             }
         }
         Ok(())

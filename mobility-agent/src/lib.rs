@@ -13,6 +13,7 @@
 //! - [`sender`]: replication to the process server (initial copy, delta, resync of hot regions).
 //! - [`workload`]: the workload generator standing in for the guest OS.
 //! - [`export`]: the machine's disks over NBD, for real guest software.
+//! - [`scripts`]: pre and post scripts around app-consistent points.
 //! - [`metrics`]: the per-item series of the host's `/metrics` endpoint.
 
 pub mod capture;
@@ -20,6 +21,7 @@ pub mod config;
 pub mod export;
 pub mod machine;
 pub mod metrics;
+pub mod scripts;
 pub mod sender;
 pub mod workload;
 
@@ -165,6 +167,7 @@ async fn start_machine(
         replication: None,
         workload: None,
         metrics: metrics.clone(),
+        scripts: config.app_scripts.get(&m.name).cloned(),
     };
     tokio::spawn(agent.run(registered.control.commands));
     Ok(())
@@ -459,6 +462,8 @@ struct Agent {
     replication: Option<sender::Replication>,
     workload: Option<workload::Workload>,
     metrics: Arc<metrics::HostMetrics>,
+    /// Pre and post scripts around app-consistent points (the host's `[app_scripts.NAME]`).
+    scripts: Option<scripts::AppScripts>,
 }
 
 impl Agent {
@@ -496,6 +501,8 @@ impl Agent {
                         .then(|| std::time::Duration::from_millis(s.app_interval_ms)),
                     verify_tags: s.verify_tags,
                     compare_initial: s.compare_initial,
+                    machine: self.name.clone(),
+                    scripts: self.scripts.clone(),
                 };
                 if self
                     .replication
@@ -605,11 +612,17 @@ impl Agent {
                 )),
             },
             command::Kind::HoldWrites(h) => match &self.replication {
-                Some(rep) if rep.params.item == h.item => self
-                    .capture
-                    .hold(&h.id, std::time::Duration::from_millis(u64::from(h.max_ms)))
-                    .map(|()| String::new())
-                    .map_err(|e| format!("cannot hold the writes of `{}`: {e}", self.name)),
+                Some(rep) if rep.params.item == h.item => {
+                    let max = std::time::Duration::from_millis(u64::from(h.max_ms));
+                    if h.app_consistent {
+                        // The application quiesces before its writes are held.
+                        rep.prepare_app_point(&h.id, max).await;
+                    }
+                    self.capture
+                        .hold(&h.id, max)
+                        .map(|()| String::new())
+                        .map_err(|e| format!("cannot hold the writes of `{}`: {e}", self.name))
+                }
                 _ => Err(format!(
                     "`{}` is not replicating item {}",
                     self.name, h.item
@@ -617,6 +630,9 @@ impl Agent {
             },
             command::Kind::ReleaseWrites(r) => {
                 self.capture.release(&r.id);
+                if let Some(rep) = &self.replication {
+                    rep.abandon_app_point(&r.id).await;
+                }
                 Ok(String::new())
             }
             command::Kind::MakeTag(t) => match &self.replication {

@@ -35,6 +35,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::capture::{Capture, LogEntry};
+use crate::scripts::{AppScripts, Stage};
 
 /// Largest batch the sender builds.
 const BATCH_BYTES: u64 = 4 << 20;
@@ -62,6 +63,9 @@ pub struct Params {
     /// The target was seeded with an older copy of the disks (original-location reprotect):
     /// the initial synchronisation compares checksums of the whole disks instead of copying.
     pub compare_initial: bool,
+    /// The machine, and its pre and post scripts around app-consistent points.
+    pub machine: String,
+    pub scripts: Option<AppScripts>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -141,6 +145,11 @@ struct Shared {
     ps_down_since_ms: std::sync::atomic::AtomicI64,
     /// Wakes the reporter early (a phase changed).
     report_now: tokio::sync::Notify,
+    /// Why the last app-consistent point became crash-consistent ("" when it did not).
+    app_error: std::sync::Mutex<String>,
+    /// The pre script's outcome for the multi-VM app-consistent point being held (its id):
+    /// it ran before the hold, the tag follows.
+    held_app: std::sync::Mutex<Option<(String, Result<(), String>)>>,
 }
 
 /// A running replication; dropping it does not stop it, `stop` does.
@@ -260,6 +269,8 @@ pub fn start(
         acked_saved_at: std::sync::Mutex::new(Instant::now() - PERSIST_ACKED_EVERY),
         ps_down_since_ms: std::sync::atomic::AtomicI64::new(now_ms()),
         report_now: tokio::sync::Notify::new(),
+        app_error: std::sync::Mutex::new(String::new()),
+        held_app: std::sync::Mutex::new(None),
     });
     capture.set_logging(true);
     let cancel = shutdown.child_token();
@@ -545,20 +556,95 @@ async fn tagger(shared: Arc<Shared>, cancel: CancellationToken) {
     }
 }
 
-/// Takes a tag now. App-consistent kinds quiesce the workload (writes wait on the capture
-/// lock) and flush the disks first.
+/// Takes a tag now. App-consistent kinds run the machine's pre script first (unless it ran
+/// before the hold of a multi-VM point), quiesce the workload (writes wait on the capture
+/// lock), flush the disks and tag, then run the post script. A failed pre script makes the
+/// tag crash-consistent (`app` -> `crash` in its kind) and the item shows why.
 async fn take_tag(shared: &Arc<Shared>, id: String, kind: &str) -> Result<(), String> {
+    let p = &shared.params;
+    let app = kind.ends_with("app");
+    let mut kind = kind.to_string();
+    let scripts = p.scripts.clone().filter(|_| app);
+    let mut app_ok = app;
+    if let Some(scripts) = &scripts {
+        let held = shared
+            .held_app
+            .lock()
+            .ok()
+            .and_then(|mut h| h.take_if(|(held, _)| *held == id))
+            .map(|(_, r)| r);
+        let pre = match held {
+            Some(r) => r,
+            None => scripts.run(Stage::Pre, &p.machine, &id, None).await,
+        };
+        if let Err(e) = pre {
+            tracing::warn!(machine = %p.machine, point = %id, "{e}: the point is crash-consistent");
+            kind = format!("{}crash", kind.trim_end_matches("app"));
+            app_ok = false;
+            if let Ok(mut a) = shared.app_error.lock() {
+                *a = format!("{e} (point {id})");
+            }
+        }
+    }
     let capture = shared.capture.clone();
-    let verify = shared.params.verify_tags;
-    let kind = kind.to_string();
-    let flush = kind.contains("app");
-    tokio::task::spawn_blocking(move || capture.tag(id, &kind, now_ms(), verify, flush))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())
+    let verify = p.verify_tags;
+    let flush = kind.ends_with("app");
+    let tag_id = id.clone();
+    let tagged =
+        tokio::task::spawn_blocking(move || capture.tag(tag_id, &kind, now_ms(), verify, flush))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string());
+    if let Some(scripts) = &scripts
+        && let Err(e) = scripts.run(Stage::Post, &p.machine, &id, None).await
+    {
+        tracing::warn!(machine = %p.machine, point = %id, "{e}");
+    }
+    if app_ok
+        && tagged.is_ok()
+        && let Ok(mut a) = shared.app_error.lock()
+    {
+        a.clear();
+    }
+    tagged
 }
 
 impl Replication {
+    /// Before the hold of a multi-VM app-consistent point: runs the pre script (within
+    /// `limit`, the time the hold may take) and keeps its outcome for the tag.
+    pub async fn prepare_app_point(&self, id: &str, limit: Duration) {
+        let shared = &self.shared;
+        let Some(scripts) = &shared.params.scripts else {
+            return;
+        };
+        let r = scripts
+            .run(Stage::Pre, &shared.params.machine, id, Some(limit))
+            .await;
+        if let Ok(mut h) = shared.held_app.lock() {
+            *h = Some((id.to_string(), r));
+        }
+    }
+
+    /// A multi-VM point abandoned after its pre script ran: the post script lets the
+    /// application go on.
+    pub async fn abandon_app_point(&self, id: &str) {
+        let shared = &self.shared;
+        let ran = shared
+            .held_app
+            .lock()
+            .ok()
+            .and_then(|mut h| h.take_if(|(held, _)| held == id))
+            .is_some();
+        if ran
+            && let Some(scripts) = &shared.params.scripts
+            && let Err(e) = scripts
+                .run(Stage::Post, &shared.params.machine, id, None)
+                .await
+        {
+            tracing::warn!(machine = %shared.params.machine, point = %id, "{e}");
+        }
+    }
+
     /// A tag the CS asked for (replication groups share its id across members).
     pub async fn tag(&self, id: String, kind: &str) -> Result<(), String> {
         if !self.shared.consistent.load(Ordering::SeqCst) {
@@ -1026,6 +1112,11 @@ async fn reporter(
                     lag_p99_ms: lag.1,
                     resync_blocks_compared: shared.resync_blocks.load(Ordering::Relaxed),
                     ps_down_since_ms: shared.ps_down_since_ms.load(Ordering::SeqCst),
+                    app_consistency_error: shared
+                        .app_error
+                        .lock()
+                        .map(|a| a.clone())
+                        .unwrap_or_default(),
                 })),
             })),
         };

@@ -194,3 +194,103 @@ fn a_flushed_write_survives_kill_9_of_the_host_and_is_in_the_next_point() {
         "the export reads back what was written"
     );
 }
+
+/// Writes `[app_scripts.vm1]` with `pre` into esx-1's config and restarts the host.
+fn set_pre_script(lab: &Path, pre: &str) {
+    let config = lab.join("config/esx-1.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    let text = match text.find("\n[app_scripts.vm1]") {
+        Some(at) => text[..at].to_string(),
+        None => text,
+    };
+    let pre = toml::Value::String(pre.to_string());
+    std::fs::write(
+        &config,
+        format!("{text}\n[app_scripts.vm1]\npre = {pre}\ntimeout = \"5s\"\n"),
+    )
+    .expect("write config");
+    ok(srctl(lab, &["lab", "restart", "esx-1"]));
+}
+
+/// ASR's custom scripts: the pre script runs before every app-consistent point (and sees the
+/// point's id); when it fails the point is crash-consistent and the item shows warning 78144
+/// with the script's error, until an app-consistent point succeeds again.
+#[test]
+fn a_failing_pre_script_makes_the_point_crash_consistent_and_the_item_warns() {
+    let lab_handle = Lab::up(&["--disk-size", "8MiB", "--machines", "1"]);
+    let lab = lab_handle.dir.clone();
+    set_pre_script(&lab, "echo 'database is locked' >&2; exit 3");
+    ok(srctl(
+        &lab,
+        &[
+            "policy",
+            "create",
+            "quick",
+            "--crash-interval",
+            "1s",
+            "--app-interval",
+            "2s",
+        ],
+    ));
+    ok(srctl(&lab, &["item", "enable", "vm1", "--policy", "quick"]));
+    eventually("the warning of a failed pre script", 90, || {
+        let v = show(&lab, "vm1");
+        v["health"] == "Warning"
+            && v["health_errors"].as_array().is_some_and(|e| {
+                e.iter().any(|e| {
+                    e.as_str().is_some_and(|e| {
+                        e.starts_with(
+                            "78144: the last app-consistent point of vm1 is crash-consistent",
+                        ) && e.contains("the pre script failed")
+                            && e.contains("database is locked")
+                    })
+                })
+            })
+    });
+    let kinds = |v: &Value| -> Vec<String> {
+        v["recovery_points"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| p["kind"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let v = show(&lab, "vm1");
+    assert!(
+        !kinds(&v).iter().any(|k| k.ends_with("app")),
+        "no app-consistent point while the pre script fails: {:?}",
+        kinds(&v)
+    );
+
+    // A pre script that works: app-consistent points, each announced to the script, and the
+    // warning goes.
+    let marker = lab.join("pre-script-ran");
+    set_pre_script(
+        &lab,
+        &format!("echo \"$FBL_MACHINE $FBL_POINT\" >> {}", marker.display()),
+    );
+    let mut app_point = String::new();
+    eventually("an app-consistent point and no warning", 90, || {
+        let v = show(&lab, "vm1");
+        let app = v["recovery_points"].as_array().and_then(|a| {
+            a.iter()
+                .rev()
+                .find(|p| p["kind"].as_str().is_some_and(|k| k.ends_with("app")))
+                .and_then(|p| p["id"].as_str().map(str::to_string))
+        });
+        match app {
+            Some(id) if v["health"] == "Healthy" => {
+                app_point = id;
+                true
+            }
+            _ => false,
+        }
+    });
+    let ran = std::fs::read_to_string(&marker).expect("the pre script ran");
+    assert!(
+        ran.lines().any(|l| l == format!("vm1 {app_point}")),
+        "the pre script saw point {app_point}: {ran}"
+    );
+}
