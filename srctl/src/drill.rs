@@ -20,6 +20,10 @@
 //! target journal) p50/p99 per direction. A failed stage ends the drill; the rest are
 //! reported as not run.
 //!
+//! With `--guest` ([`crate::guest`]) real software (fio, or ext4 with SQLite) writes through
+//! the machines' NBD exports instead of the workload generator, and is checked by its own
+//! tools after the failover and after the failback.
+//!
 //! With a scenario ([`crate::scenario`]) faults are injected at their stages by tasks running
 //! beside the drill; every operation is then retried until the stage's time limit (a refused
 //! or interrupted step changes nothing, and running it again completes it), and the report
@@ -36,6 +40,9 @@ use failback_proto::pb::operator::{
 };
 use serde::Serialize;
 
+use anyhow::Context;
+
+use crate::guest::{Guest, GuestCheck, GuestKind};
 use crate::scenario::{Fault, FaultReport, Scenario, Trigger, Until};
 use crate::{infra, item, lab, link};
 
@@ -63,6 +70,9 @@ pub struct DrillOptions {
     pub scenario: Option<Scenario>,
     /// Write the HTML report with plots here.
     pub report: Option<PathBuf>,
+    /// Real software on the machines' disks instead of the workload generator, checked by
+    /// its own tools after every failover ([`crate::guest`]).
+    pub guest: Option<GuestKind>,
 }
 
 impl Default for DrillOptions {
@@ -76,6 +86,7 @@ impl Default for DrillOptions {
             progress: false,
             scenario: None,
             report: None,
+            guest: None,
         }
     }
 }
@@ -119,6 +130,11 @@ pub struct DrillReport {
     pub scenario: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub faults: Vec<FaultReport>,
+    /// With `--guest`: what runs on the machines, and each check by its own tools.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub guest_checks: Vec<GuestCheck>,
     /// What was sampled each second (with `--report`), for the HTML report's plots.
     #[serde(skip)]
     pub timeline: crate::timeline::Timeline,
@@ -165,6 +181,9 @@ struct Drill {
     bar: Option<indicatif::ProgressBar>,
     /// Retry failed operations (faults are being injected).
     retry: bool,
+    /// Real guests (one per machine), instead of the workload generator.
+    guests: Vec<Guest>,
+    guest_checks: Vec<GuestCheck>,
 }
 
 /// When each stage started and ended, shared with the fault tasks.
@@ -227,6 +246,9 @@ pub async fn run(opts: DrillOptions) -> anyhow::Result<DrillReport> {
         std::fs::write(path, "")
             .map_err(|e| anyhow::anyhow!("cannot write the report to {}: {e}", path.display()))?;
     }
+    if let Some(g) = opts.guest {
+        g.check_tools()?;
+    }
     let started = Instant::now();
     let (dir, own) = match &opts.lab {
         Some(dir) => (dir.clone(), false),
@@ -285,6 +307,16 @@ pub async fn run(opts: DrillOptions) -> anyhow::Result<DrillReport> {
         lag: LagSamples::default(),
         bar,
         retry: opts.scenario.is_some(),
+        guests: opts
+            .guest
+            .map(|kind| {
+                machines
+                    .iter()
+                    .map(|m| Guest::new(kind, m, &dir, disk_size))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        guest_checks: Vec::new(),
     };
     let clock = Arc::new(Clock::default());
     let done = tokio_util::sync::CancellationToken::new();
@@ -389,6 +421,8 @@ pub async fn run(opts: DrillOptions) -> anyhow::Result<DrillReport> {
         seconds: started.elapsed().as_secs_f64(),
         scenario: opts.scenario.as_ref().map(|s| s.name.clone()),
         faults,
+        guest: opts.guest.map(|g| g.as_str().to_string()),
+        guest_checks: std::mem::take(&mut drill.guest_checks),
         timeline,
     };
     if own {
@@ -724,6 +758,17 @@ pub fn print(r: &DrillReport, json: bool) -> anyhow::Result<()> {
         "integrity: {} checks, {} mismatches",
         r.integrity_checks, r.integrity_mismatches
     );
+    for c in &r.guest_checks {
+        println!(
+            "guest {} {:<6} {:<20} {:<7} {:<4} {}",
+            r.guest.as_deref().unwrap_or(""),
+            c.machine,
+            c.stage,
+            c.site,
+            if c.ok { "ok" } else { "FAIL" },
+            c.detail
+        );
+    }
     for f in &r.faults {
         println!("{}", fault_line(f));
     }
@@ -830,7 +875,55 @@ impl Drill {
         }
     }
 
+    /// With real guests: each makes a change on the disk its machine runs on now.
+    async fn guest_changes(&mut self) -> anyhow::Result<()> {
+        for g in &mut self.guests {
+            self.bar
+                .as_ref()
+                .inspect(|pb| pb.set_message(format!("{}: guest change", g.machine)));
+            g.change(&self.dir).await.with_context(|| {
+                format!("{}: the {} guest's change", g.machine, g.kind.as_str())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// With real guests: each checks the disk its machine runs on now (in `site`) with its
+    /// own tools; a failed check is a mismatch and fails the stage.
+    async fn guest_checks(&mut self, stage: &str, site: &str) -> anyhow::Result<String> {
+        let mut failed = Vec::new();
+        for g in &self.guests {
+            self.say(format!("{}: checking the guest", g.machine));
+            let (ok, detail) = match g.check(&self.dir).await {
+                Ok(d) => (true, d),
+                Err(e) => (false, format!("{e:#}")),
+            };
+            self.checks += 1;
+            if !ok {
+                self.mismatches += 1;
+                failed.push(format!("{}: {detail}", g.machine));
+            }
+            self.guest_checks.push(GuestCheck {
+                stage: stage.into(),
+                machine: g.machine.clone(),
+                site: site.into(),
+                ok,
+                detail,
+            });
+        }
+        if !failed.is_empty() {
+            anyhow::bail!("guest checks failed: {}", failed.join("; "));
+        }
+        Ok(match self.guests.first() {
+            Some(g) => format!("; {} guest checks passed", g.kind.as_str()),
+            None => String::new(),
+        })
+    }
+
     async fn workloads(&self, action: &str) -> anyhow::Result<()> {
+        if !self.guests.is_empty() {
+            return Ok(());
+        }
         for m in &self.machines {
             self.attempt(&format!("{m}: workload {action}"), || {
                 item::workload(
@@ -924,6 +1017,8 @@ impl Drill {
         )
         .await?;
         let items = self.wait_state("Protected").await?;
+        // The guests write while their machines replicate.
+        self.guest_changes().await?;
         // A recovery point, so that the machines have been replicating for a moment.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let sent: u64 = items.iter().map(|i| i.bytes_replicated).sum();
@@ -983,7 +1078,15 @@ impl Drill {
                 self.machines.len()
             );
         }
-        Ok(format!("{equal} VMs in {to}, disks equal the source"))
+        let stage = if to == "azure" {
+            "failover-to-azure"
+        } else {
+            "failback"
+        };
+        let guests = self.guest_checks(stage, to).await?;
+        Ok(format!(
+            "{equal} VMs in {to}, disks equal the source{guests}"
+        ))
     }
 
     async fn commit(&mut self) -> anyhow::Result<String> {
@@ -1007,6 +1110,7 @@ impl Drill {
         self.wait_agents(from).await?;
         // The VMs work in their new site: a small change that must go back.
         self.workloads("start").await?;
+        self.guest_changes().await?;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let direction = if from == "azure" {
             "reverse"

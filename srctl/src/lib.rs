@@ -26,6 +26,7 @@ pub mod bench_link;
 pub mod client;
 pub mod containers;
 pub mod drill;
+pub mod guest;
 pub mod infra;
 pub mod item;
 pub mod lab;

@@ -137,6 +137,11 @@ struct DrillArgs {
     /// caches; stages and faults as bands).
     #[arg(long, value_name = "FILE.html")]
     report: Option<PathBuf>,
+    /// Real software on the machines' disks (through their NBD exports) instead of the
+    /// workload generator, checked by its own tools after every failover: `fio` (blocks with
+    /// verification headers) or `fs` (ext4 with a SQLite database, via nbdfuse + fuse2fs).
+    #[arg(long, value_enum)]
+    guest: Option<srctl::guest::GuestKind>,
     #[arg(long)]
     json: bool,
 }
@@ -669,6 +674,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 progress: !a.json && std::io::stdout().is_terminal(),
                 scenario,
                 report: a.report.clone(),
+                guest: a.guest,
             })
             .await?;
             if let Some(path) = &a.report

@@ -165,7 +165,8 @@ pub fn attach(export: &DiskExport, dir: &Path) -> anyhow::Result<(PathBuf, u32)>
     }
 }
 
-fn which(tool: &str) -> Option<PathBuf> {
+/// `tool` on the PATH.
+pub(crate) fn which(tool: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
             .map(|p| p.join(tool))
