@@ -134,6 +134,14 @@ pub fn attach(export: &DiskExport, dir: &Path) -> anyhow::Result<(PathBuf, u32)>
     })?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let file = dir.join("disk");
+    if file.exists() {
+        bail!(
+            "{} exists: a disk is attached there already (detach it with `fusermount3 -u {}`) \
+             or the directory is in use; pick an empty directory",
+            file.display(),
+            dir.display()
+        );
+    }
     let pidfile = std::env::temp_dir().join(format!(
         "srctl-nbdfuse-{}-{}.pid",
         std::process::id(),
