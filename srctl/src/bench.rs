@@ -215,7 +215,11 @@ const ONPREM_DISK: &str = "datastores/ds-onprem/vm1/disk0.img";
 /// Starts a one-machine lab (vm1, one disk of `disk_size` bytes) in a new temporary directory,
 /// runs `body` with its directory, then stops the lab and removes the directory, whether `body`
 /// succeeded or not.
-async fn in_temp_lab<T, F, Fut>(disk_size: u64, progress: bool, body: F) -> anyhow::Result<T>
+pub(crate) async fn in_temp_lab<T, F, Fut>(
+    disk_size: u64,
+    progress: bool,
+    body: F,
+) -> anyhow::Result<T>
 where
     F: FnOnce(PathBuf) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<T>>,
@@ -318,7 +322,7 @@ async fn wait_protected(
 
 /// Enables protection of vm1 with `policy` (empty: the default) and waits until it is
 /// Protected with everything journaled at the target, polling every `every`.
-async fn enable_and_wait(
+pub(crate) async fn enable_and_wait(
     dir: &Path,
     policy: &str,
     every: Duration,

@@ -23,6 +23,7 @@
 
 pub mod bench;
 pub mod bench_link;
+pub mod bench_nbd;
 pub mod client;
 pub mod containers;
 pub mod drill;

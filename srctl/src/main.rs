@@ -331,6 +331,20 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// fio through a machine's NBD export (unprotected, and protected while it replicates)
+    /// against nbdkit serving a file on the same disk: throughput, IOPS, p99 and ratios.
+    Nbd {
+        #[arg(long, default_value = "256MiB")]
+        size: String,
+        /// Runs of each job per export (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Seconds each run writes.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// LZ4 vs zstd on the same data (why the process server uses LZ4).
     Compression {
         #[arg(long, default_value = "256MiB")]
@@ -955,6 +969,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }) => {
             let r = srctl::bench_link::run(bandwidth, parse_size(&size)?, !json).await?;
             srctl::bench_link::print(&r, json)?;
+        }
+        Cmd::Bench(BenchCmd::Nbd {
+            size,
+            runs,
+            seconds,
+            json,
+        }) => {
+            let r = srctl::bench_nbd::run(parse_size(&size)?, runs, seconds, !json).await?;
+            srctl::bench_nbd::print(&r, json)?;
         }
         Cmd::Bench(BenchCmd::Resync {
             size,
