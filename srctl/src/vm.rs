@@ -148,18 +148,34 @@ pub fn attach(export: &DiskExport, dir: &Path) -> anyhow::Result<(PathBuf, u32)>
         export.disk
     ));
     let _ = std::fs::remove_file(&pidfile);
+    // nbdfuse outlives this command: it must not hold our stdout or stderr (a caller reading
+    // them to the end would wait for the detach), so its messages go to a log file.
+    let log_path = pidfile.with_extension("log");
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
     let mut child = std::process::Command::new("nbdfuse")
         .arg("-P")
         .arg(&pidfile)
         .arg(&file)
         .arg(&export.uri)
         .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log.try_clone()?)
         .spawn()
         .context("starting nbdfuse")?;
+    let said = || {
+        std::fs::read_to_string(&log_path)
+            .map(|t| t.trim().to_string())
+            .unwrap_or_default()
+    };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
         if let Some(status) = child.try_wait().context("waiting for nbdfuse")? {
-            bail!("nbdfuse exited ({status}) attaching {}", export.uri);
+            bail!(
+                "nbdfuse exited ({status}) attaching {}: {}",
+                export.uri,
+                said()
+            );
         }
         if std::fs::read_to_string(&pidfile).is_ok_and(|p| !p.trim().is_empty()) {
             let _ = std::fs::remove_file(&pidfile);
