@@ -258,14 +258,24 @@ fn upload_estimate(
 /// health rule watches is the process server machine's CPU: here, this process's CPU time
 /// over the cores available to it (`available_parallelism` follows cgroup quotas, so a
 /// container limited to one CPU counts one).
-#[derive(Default)]
 struct CpuSampler {
+    /// Whose CPU: `/proc/self/stat` (this process); a test reads its own thread's.
+    stat: &'static str,
     last: Option<(f64, std::time::Instant)>,
+}
+
+impl Default for CpuSampler {
+    fn default() -> Self {
+        CpuSampler {
+            stat: "/proc/self/stat",
+            last: None,
+        }
+    }
 }
 
 impl CpuSampler {
     fn sample(&mut self) -> f64 {
-        let Some(cpu_s) = process_cpu_seconds() else {
+        let Some(cpu_s) = cpu_seconds(self.stat) else {
             return 0.0;
         };
         let now = std::time::Instant::now();
@@ -282,9 +292,9 @@ impl CpuSampler {
     }
 }
 
-/// User plus system CPU seconds of this process, from /proc/self/stat.
-fn process_cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+/// User plus system CPU seconds from a /proc `stat` file (this process's: /proc/self/stat).
+fn cpu_seconds(path: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(path).ok()?;
     // Fields after the command name, which is in parentheses and may hold spaces.
     let rest = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -336,7 +346,12 @@ mod tests {
                     .expect("sh")
             })
             .collect();
-        let mut s = CpuSampler::default();
+        // This thread's CPU (the same computation as the process's, which other tests of
+        // this binary, running in parallel, would add to).
+        let mut s = CpuSampler {
+            stat: "/proc/thread-self/stat",
+            last: None,
+        };
         s.sample();
         std::thread::sleep(std::time::Duration::from_millis(1500));
         let idle = s.sample();
