@@ -54,8 +54,9 @@
 //!    reads the before-images of all its writes and appends them as one undo frame (fdatasync);
 //!    batches no point can roll back past need no undo (initial replication writes none);
 //! 2. pwrites the batch's data into the disk files;
-//! 3. at a checkpoint (the end of the call, or every 256 MiB of payload) fdatasyncs the written
-//!    disks, persists `applied_seq` in `state.json` and deletes redo segments that are applied.
+//! 3. at a checkpoint (the end of the call, or every 256 MiB of payload; `apply_some` stops at
+//!    its own bound) fdatasyncs the written disks, persists `applied_seq` in `state.json` and
+//!    deletes redo segments that are applied.
 //!
 //! While the item has no recovery point and every journaled batch is applied (initial
 //! replication; after a commit dropped the points), `append` writes the batch straight into the
@@ -123,7 +124,8 @@ const ENTRY_TAG: u8 = 2;
 const ENTRY_IN_PLACE: u8 = 3;
 /// Segment size at which redo and undo logs rotate.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
-/// Redo payload applied between two persisted `applied_seq` checkpoints within one call.
+/// Redo payload applied between two persisted `applied_seq` checkpoints within one
+/// `apply_pending` call.
 const CHECKPOINT_BYTES: usize = 256 << 20;
 /// Chunk for buffered copies and digests.
 const CHUNK: usize = 1 << 20;
@@ -751,9 +753,18 @@ impl ReplicaStore {
     /// Applies journaled batches to the disk files (undo record first, then the writes; see the
     /// module docs). Cheap when nothing is pending.
     pub fn apply_pending(&mut self) -> Result<(), ReplicaError> {
+        while self.apply_some(CHECKPOINT_BYTES)? {}
+        Ok(())
+    }
+
+    /// Applies journaled batches as [`ReplicaStore::apply_pending`] does, but stops at the
+    /// first checkpoint after about `max_bytes` of redo payload. Returns whether batches are
+    /// still pending. The applier calls it in a loop, releasing the store between calls, so that
+    /// appends (which wait for the store) wait for one bounded step, never for a whole backlog.
+    pub fn apply_some(&mut self, max_bytes: usize) -> Result<bool, ReplicaError> {
         self.check_poisoned()?;
         if self.applied_seq >= self.last_seq {
-            return Ok(());
+            return Ok(false);
         }
         let mut touched = BTreeSet::new();
         let mut done = self.applied_seq;
@@ -798,12 +809,12 @@ impl ReplicaStore {
                 self.sync_disks(&mut touched)?;
                 self.maybe_fault(FaultPoint::AfterDiskWrites, seq)?;
             }
-            if since_checkpoint >= CHECKPOINT_BYTES {
-                self.checkpoint(done, &mut touched)?;
-                since_checkpoint = 0;
+            if since_checkpoint >= max_bytes {
+                break;
             }
         }
-        self.checkpoint(done, &mut touched)
+        self.checkpoint(done, &mut touched)?;
+        Ok(self.applied_seq < self.last_seq)
     }
 
     /// Removes the points for which `keep` is false (never the newest point) and deletes the

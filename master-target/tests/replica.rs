@@ -517,6 +517,45 @@ fn batches_appended_but_not_applied_survive_a_crash() {
     lab.check_all();
 }
 
+/// The applier's bounded steps: each `apply_some` stops at its first checkpoint past the
+/// bound (appends interleave between steps), says whether more is pending, and the steps
+/// together leave every point and the latest state byte-exact, as one `apply_pending` would.
+#[test]
+fn applying_in_bounded_steps_interleaves_with_appends_and_loses_nothing() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut lab = Lab::new(two_disks(), StoreOptions::default());
+    lab.tag("rp-0", PointKind::Crash);
+    for i in 0..40 {
+        lab.writes(&mut rng, 6);
+        if i % 10 == 9 {
+            lab.tag(&format!("rp-{i}"), PointKind::Crash);
+        }
+    }
+    let mut steps = 0;
+    let mut applied = lab.store().applied_seq();
+    loop {
+        // A 1-byte bound: one batch per step.
+        let more = lab.store().apply_some(1).expect("apply step");
+        let now = lab.store().applied_seq();
+        assert_eq!(now, applied + 1, "one batch per step");
+        applied = now;
+        steps += 1;
+        if steps % 7 == 0 {
+            // An append between steps, as the data stream's does.
+            lab.writes(&mut rng, 3);
+        }
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(lab.store().applied_seq(), lab.seq);
+    assert!(
+        !lab.store().apply_some(1).expect("nothing left"),
+        "nothing pending"
+    );
+    lab.check_all();
+}
+
 /// Without any point (initial replication) batches go straight into the disks and the journal
 /// holds only small in-place frames; a crash between the disk writes and that frame loses the
 /// unacknowledged batch, which the PS sends again.
