@@ -4,46 +4,59 @@
 //!
 //! This file owns the public face: what an export is ([`Export`]), how a server finds its
 //! exports by name ([`Exports`], [`ExportInfo`], [`Refusal`]), the connection's [`Error`], and
-//! the two entry points, [`serve_connection`] (one accepted stream of any kind) and
-//! [`serve_unix`] (an accept loop on a Unix socket). The protocol itself lives in
-//! [`proto`] (wire format), `negotiate` (handshake) and `transmit` (requests and replies).
+//! the entry points: in the clear, [`serve_connection`] (one accepted stream of any kind) and
+//! [`serve_unix`] (an accept loop on a Unix socket); with TLS required and clients authorized
+//! by their certificates ([`TlsPolicy`], [`Authorized`]), [`serve_tls_connection`] (one
+//! accepted stream) and [`serve_tcp`] (an accept loop on a TCP listener, bounded in
+//! connections). The protocol itself lives in [`proto`] (wire format), `negotiate`
+//! (handshake), `tls` (the TLS upgrade and the policy) and `transmit` (requests and replies);
+//! a connection's course in `connection`, the accept loops in `accept`.
 //!
 //! What is served, following <https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md>:
 //! - Handshake: fixed newstyle only (a client without `NBD_FLAG_C_FIXED_NEWSTYLE` is
 //!   dropped), `NBD_FLAG_NO_ZEROES` honoured. Options `EXPORT_NAME`, `ABORT`, `LIST`, `INFO`,
 //!   `GO` (with `NBD_INFO_EXPORT`, `NBD_INFO_BLOCK_SIZE` 1/4096/32 MiB, and `NBD_INFO_NAME` and
-//!   `NBD_INFO_DESCRIPTION` when asked); `STARTTLS` is refused by policy; everything else
-//!   (structured replies, metadata contexts, extended headers) is `NBD_REP_ERR_UNSUP`. Option
-//!   data is bounded ([`MAX_OPTION_DATA`]), so is the option count ([`MAX_OPTIONS`]) and the
-//!   negotiation's duration ([`NEGOTIATION_TIMEOUT`]).
+//!   `NBD_INFO_DESCRIPTION` when asked); everything else (structured replies, metadata
+//!   contexts, extended headers) is `NBD_REP_ERR_UNSUP`. Option data is bounded
+//!   ([`MAX_OPTION_DATA`]), so is the option count ([`MAX_OPTIONS`], per connection) and the
+//!   negotiation's duration ([`NEGOTIATION_TIMEOUT`], from connect, TLS handshake included).
+//! - TLS: on a Unix socket `STARTTLS` is refused by policy. On TCP, TLS is required (the
+//!   spec's "FORCEDTLS" mode, libnbd's `nbds://`): before it, `STARTTLS` is acknowledged and
+//!   the TLS handshake (TLS 1.2 or 1.3, client certificate required) follows on the same
+//!   stream, `ABORT` is acknowledged, `EXPORT_NAME` closes the connection and every other
+//!   option is `NBD_REP_ERR_TLS_REQD`. After it the options go on over TLS (the greeting is not
+//!   repeated; a second `STARTTLS` is `NBD_REP_ERR_INVALID`) for a client the policy
+//!   authorizes; for one it doesn't, every option but `ABORT` is `NBD_REP_ERR_POLICY` carrying
+//!   the policy's message (`EXPORT_NAME` closes).
 //! - Transmission: flags `HAS_FLAGS`, `SEND_FLUSH`, `SEND_FUA`, `SEND_WRITE_ZEROES`,
 //!   `CAN_MULTI_CONN`. READ, WRITE, FLUSH, WRITE_ZEROES (as writes of zeroes) and CACHE (a
 //!   no-op); TRIM, BLOCK_STATUS and unknown commands are `NBD_EINVAL`. Requests run
 //!   concurrently, bounded by [`MAX_IN_FLIGHT_REQUESTS`] and [`MAX_IN_FLIGHT_BYTES`], and
-//!   replies may come out of order.
+//!   replies may come out of order. Server shutdown, the export's token, and on TLS the
+//!   client's [`Authorized::token`] stop a connection: `NBD_ESHUTDOWN` for what is in flight,
+//!   then close.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
+mod accept;
+mod connection;
 mod io_util;
 mod negotiate;
 pub mod proto;
+mod tls;
 mod transmit;
 
 pub use negotiate::{MAX_OPTION_DATA, MAX_OPTIONS};
+pub use tls::{Authorized, TlsPolicy};
 pub use transmit::{MAX_IN_FLIGHT_BYTES, MAX_IN_FLIGHT_REQUESTS, SHUTDOWN_LINGER, ZERO_CHUNK};
 
 /// How long a client may take from connecting to choosing an export (or leaving).
 pub const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(30);
-/// Capacity of a connection's read buffer (large WRITE payloads bypass it).
-const READ_BUFFER: usize = 64 * 1024;
-/// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// One disk as served.
 ///
@@ -151,6 +164,22 @@ pub enum Error {
     /// The client sent more than [`MAX_OPTIONS`] options.
     #[error("NBD client sent more than {0} options")]
     TooManyOptions(usize),
+    /// `NBD_OPT_EXPORT_NAME` before TLS on a connection that requires it (the option can't be
+    /// answered with an error, so the connection is closed).
+    #[error("NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS on a connection that requires TLS")]
+    TlsRequired,
+    /// The client sent bytes after `NBD_OPT_STARTTLS` before the server's acknowledgement
+    /// (they would be taken for the start of its TLS handshake).
+    #[error("NBD client sent {0} bytes after NBD_OPT_STARTTLS ahead of the TLS handshake")]
+    DataBeforeTls(usize),
+    /// The TLS handshake failed (e.g. no client certificate, or one the configuration's
+    /// verifier rejects).
+    #[error("NBD TLS handshake failed: {0}")]
+    TlsHandshake(std::io::Error),
+    /// `NBD_OPT_EXPORT_NAME` from a client whose certificate the [`TlsPolicy`] did not
+    /// authorize (the option can't be answered with an error, so the connection is closed).
+    #[error("NBD_OPT_EXPORT_NAME from a client that is not authorized: {0}")]
+    NotAuthorized(String),
     /// `NBD_OPT_EXPORT_NAME` with a name longer than [`MAX_OPTION_DATA`].
     #[error("NBD_OPT_EXPORT_NAME with a {0}-byte name")]
     ExportNameTooLong(u32),
@@ -175,9 +204,9 @@ pub enum Error {
     WriteTooLarge(u32),
 }
 
-/// Serves one already-accepted connection (a Unix socket now, a TLS stream later): the
-/// handshake, then transmission on the chosen export, until the client leaves, the export's
-/// token or `shutdown` is cancelled, or the client breaks the protocol.
+/// Serves one already-accepted connection in the clear (a Unix socket): the handshake, then
+/// transmission on the chosen export, until the client leaves, the export's token or
+/// `shutdown` is cancelled, or the client breaks the protocol.
 pub async fn serve_connection<S, E>(
     stream: S,
     exports: Arc<E>,
@@ -187,29 +216,24 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     E: Exports,
 {
-    let (rd, mut wr) = tokio::io::split(stream);
-    let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
-    let negotiation = negotiate::negotiate(&mut rd, &mut wr, &*exports, &shutdown);
-    let negotiated = match tokio::time::timeout(NEGOTIATION_TIMEOUT, negotiation).await {
-        Ok(negotiated) => negotiated?,
-        Err(_) => return Err(Error::NegotiationTimeout(NEGOTIATION_TIMEOUT)),
-    };
-    let Some(negotiated) = negotiated else {
-        // The client may be gone already; there is nothing to tell it.
-        let _ = wr.shutdown().await;
-        return Ok(());
-    };
-    tracing::debug!(export = %negotiated.name, size = negotiated.size, "NBD transmission");
-    let stop = transmit::Stop::new(shutdown, negotiated.token);
-    transmit::transmit(
-        rd,
-        wr,
-        negotiated.export,
-        negotiated.size,
-        &negotiated.name,
-        stop,
-    )
-    .await
+    connection::serve_plain(stream, &*exports, &shutdown).await
+}
+
+/// Serves one accepted stream (TCP) on which TLS is required: the greeting, `STARTTLS`, the
+/// TLS handshake and the client's authorization by `tls`, the rest of the handshake over TLS,
+/// then transmission over TLS, until the client leaves, the export's token, the client's
+/// [`Authorized::token`] or `shutdown` is cancelled, or the client breaks the protocol.
+pub async fn serve_tls_connection<S, E>(
+    stream: S,
+    exports: Arc<E>,
+    tls: Arc<TlsPolicy>,
+    shutdown: CancellationToken,
+) -> Result<(), Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    E: Exports,
+{
+    connection::serve_tls(stream, &*exports, &tls, &shutdown).await
 }
 
 /// Accepts connections on a Unix listener, serving each in its own task, until `shutdown`
@@ -220,31 +244,27 @@ pub async fn serve_unix<E: Exports>(
     exports: Arc<E>,
     shutdown: CancellationToken,
 ) {
-    let connections = TaskTracker::new();
-    loop {
-        let accepted = tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((stream, _)) => {
-                let exports = exports.clone();
-                let shutdown = shutdown.clone();
-                connections.spawn(async move {
-                    if let Err(error) = serve_connection(stream, exports, shutdown).await {
-                        tracing::info!(%error, "NBD connection ended");
-                    }
-                });
-            }
-            Err(error) => {
-                tracing::warn!(%error, "NBD accept failed");
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
-                }
-            }
-        }
-    }
-    connections.close();
-    connections.wait().await;
+    let stop = shutdown.clone();
+    accept::accept_loop(listener, None, shutdown, move |stream| {
+        serve_connection(stream, exports.clone(), stop.clone())
+    })
+    .await;
+}
+
+/// Accepts connections on a TCP listener, TLS required on every one
+/// ([`serve_tls_connection`]), each served in its own task, at most `max_connections` open at
+/// once (one more is closed at once, and logged); after `shutdown` is cancelled, stops
+/// accepting and returns once every connection has closed.
+pub async fn serve_tcp<E: Exports>(
+    listener: tokio::net::TcpListener,
+    exports: Arc<E>,
+    tls: Arc<TlsPolicy>,
+    max_connections: usize,
+    shutdown: CancellationToken,
+) {
+    let stop = shutdown.clone();
+    accept::accept_loop(listener, Some(max_connections), shutdown, move |stream| {
+        serve_tls_connection(stream, exports.clone(), tls.clone(), stop.clone())
+    })
+    .await;
 }

@@ -8,14 +8,9 @@ mod common;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use common::{Server, describe, judge, powered_off_text, random_bytes, unknown_text};
+use common::{Server, describe, json, judge, powered_off_text, random_bytes, unknown_text};
 
 const MIB: u64 = 1024 * 1024;
-
-fn json(output: &std::process::Output) -> serde_json::Value {
-    serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|e| panic!("nbdinfo printed no JSON ({e}): {}", describe(output)))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nbdinfo_reports_size_and_flags_and_lists_every_export() {

@@ -2,7 +2,12 @@
 //! through `FileExt` inside `spawn_blocking`, flush = `sync_data`) whose machines can be
 //! powered off, a server on a Unix socket in a temporary directory, and helpers that run the
 //! third-party judges (failing, with the Debian package to install, when one is missing).
+//! The hand-written NBD client is in [`client`]; the PKI and the TCP server with TLS required
+//! in [`tls`].
 #![allow(dead_code)] // each test binary uses its own part of the harness
+
+pub mod client;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -207,10 +212,7 @@ pub struct Server {
 impl Server {
     /// Starts a server whose lab has `disks` (name, size in bytes), all zero.
     pub async fn start(disks: &[(&str, u64)]) -> Self {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
+        init_tracing();
         let dir = tempfile::tempdir().expect("tempdir");
         let lab = Arc::new(Lab::new(dir.path(), disks));
         let socket = dir.path().join("nbd.sock");
@@ -245,6 +247,14 @@ impl Server {
     }
 }
 
+/// Logs to the test's output, filtered by `RUST_LOG`.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
 /// How long a judge may run before the test fails as hung.
 pub const JUDGE_LIMIT: Duration = Duration::from_secs(120);
 
@@ -275,6 +285,12 @@ pub fn describe(output: &Output) -> String {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     )
+}
+
+/// The JSON `nbdinfo --json` printed.
+pub fn json(output: &Output) -> serde_json::Value {
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("nbdinfo printed no JSON ({e}): {}", describe(output)))
 }
 
 /// `len` random bytes from the kernel.
