@@ -231,6 +231,16 @@ pub fn certificate_params(identity: &Identity) -> Result<CertificateParams, rcge
     params
         .subject_alt_names
         .push(SanType::URI(identity.uri().try_into()?));
+    if identity.role == Role::Host {
+        // A host's NBD exports over TCP are dialed on loopback by clients (libnbd) that check
+        // the server's name against the address dialed: see mobility-agent's `export_tls`.
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+        params
+            .subject_alt_names
+            .push(SanType::DnsName("localhost".try_into()?));
+    }
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, identity.name.clone());
     dn.push(DnType::OrganizationalUnitName, identity.role.as_str());

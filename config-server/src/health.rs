@@ -9,7 +9,7 @@ use failback_common::identity::Role;
 use failback_proto::pb::control::{Health as PsHealth, PsStatus};
 use failback_proto::pb::operator::{Item, ItemDisk, Point, Policy};
 
-use crate::item::{ItemRow, ItemState, default_policy};
+use crate::item::{ItemRow, ItemState, Throttle, default_policy};
 use crate::state::State;
 use crate::store::{ComponentRow, DbError};
 
@@ -141,6 +141,27 @@ fn view(
             format!(
                 "78144: the last app-consistent point of {} is crash-consistent: {}",
                 item.machine, progress.app_consistency_error
+            ),
+        );
+    }
+    if let Some((why, limit)) = progress.write_throttle {
+        // ASR's high-churn warning: the source writes faster than replication takes them.
+        let mib = limit as f64 / (1 << 20) as f64;
+        let what = match why {
+            Throttle::MachineBuffer => {
+                format!("its replication buffer ({mib:.0} MiB, `replication_buffer`) is full")
+            }
+            Throttle::HostBudget => format!(
+                "its host's replication memory for all machines ({mib:.0} MiB, \
+                 `replication_budget`) is used up"
+            ),
+        };
+        health.raise(
+            Level::Warning,
+            format!(
+                "78188: writes of {} are throttled: {what}; the source changes data faster than \
+                 it is replicated",
+                item.machine
             ),
         );
     }

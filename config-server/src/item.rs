@@ -337,6 +337,31 @@ pub struct Progress {
     /// Why the last app-consistent point became crash-consistent; empty when it did not.
     #[serde(default)]
     pub app_consistency_error: String,
+    /// What held the machine's writes back within the last 10 s, and that limit (bytes).
+    #[serde(default)]
+    pub write_throttle: Option<(Throttle, u64)>,
+}
+
+/// Why a machine's writes wait for replication memory (its guest is throttled).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Throttle {
+    /// The machine's own replication buffer is full.
+    MachineBuffer,
+    /// Its host's budget for all machines is used up.
+    HostBudget,
+}
+
+impl Throttle {
+    /// From an agent's report; `None` when nothing held the writes back.
+    pub fn from_pb(t: failback_proto::pb::control::WriteThrottle) -> Option<Throttle> {
+        use failback_proto::pb::control::WriteThrottle as W;
+        match t {
+            W::Unspecified => None,
+            W::MachineBuffer => Some(Throttle::MachineBuffer),
+            W::HostBudget => Some(Throttle::HostBudget),
+        }
+    }
 }
 
 impl Progress {

@@ -124,6 +124,8 @@ async fn on_progress(state: &Arc<State>, item: ItemRow, p: ItemProgress) -> Resu
         lag_p99_ms: p.lag_p99_ms,
         ps_down_since_ms: p.ps_down_since_ms,
         app_consistency_error: p.app_consistency_error.clone(),
+        write_throttle: crate::item::Throttle::from_pb(p.write_throttle())
+            .map(|t| (t, p.throttle_limit_bytes)),
     };
     use ItemState::*;
     let next = match (phase, item.state) {

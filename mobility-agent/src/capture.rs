@@ -9,8 +9,9 @@
 //! a BLAKE3 digest of every disk for verification. A hot region is cleared once every log
 //! record that touched it has been acknowledged by the process server.
 //!
-//! Bounded memory: when the log plus unacknowledged batches exceed the cap, writers wait
-//! (the guest is throttled) instead of dropping tracking.
+//! Bounded memory: when the log plus unacknowledged batches exceed the machine's cap, or the
+//! host's budget shared by all its machines ([`crate::budget`]) is used up, writers wait (the
+//! guest is throttled, and [`Capture::throttle`] says why) instead of dropping tracking.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -21,10 +22,13 @@ use failback_common::vdisk::VDisk;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+use crate::budget::{HostBudget, Throttle};
 use crate::machine::Machine;
 
 /// Activity-log granularity.
 pub const REGION: u64 = 1 << 20;
+/// How long after a writer last waited its item still shows the throttle.
+pub const THROTTLE_SHOWN_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 /// Most bytes the initial copy (or a resync) keeps buffered ahead of the sender: more than the
 /// sender's 48 MiB window of unacknowledged batches, so the wire never waits for the disk.
 pub const COPY_AHEAD: u64 = 64 << 20;
@@ -85,6 +89,8 @@ struct Inner {
     /// Regions touched only by entries up to this one have been cooled.
     cooled_through: u64,
     al_path: PathBuf,
+    /// Why writers last waited for space, and when.
+    throttled: Option<(Throttle, std::time::Instant)>,
 }
 
 impl Inner {
@@ -114,6 +120,15 @@ pub struct Capture {
     pub cap: u64,
     /// Cancelled when the machine powers off (its NBD exports close).
     running: tokio_util::sync::CancellationToken,
+    /// The host's budget, which `buffered` is also counted against.
+    budget: Arc<HostBudget>,
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let buffered = self.lock().buffered;
+        self.budget.give(buffered);
+    }
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -127,7 +142,12 @@ impl Capture {
     /// hot). Fail closed: an activity log that can't be read or parsed, or one missing while
     /// the machine has replicated (`replication.json` exists), makes every region hot, so the
     /// next resync compares the whole machine; a warning names the file.
-    pub fn open(machine: &Machine, state_dir: &Path, cap: u64) -> std::io::Result<Arc<Capture>> {
+    pub fn open(
+        machine: &Machine,
+        state_dir: &Path,
+        cap: u64,
+        budget: Arc<HostBudget>,
+    ) -> std::io::Result<Arc<Capture>> {
         std::fs::create_dir_all(state_dir)?;
         let al_path = state_dir.join("activity-log.json");
         let replicated = state_dir.join("replication.json").exists();
@@ -176,17 +196,60 @@ impl Capture {
                 held: None,
                 cooled_through: 0,
                 al_path,
+                throttled: None,
             }),
             data_ready: Notify::new(),
             space_freed: Notify::new(),
             released: Notify::new(),
             cap,
             running: tokio_util::sync::CancellationToken::new(),
+            budget,
         }))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `bytes` more buffered, for the machine and the host.
+    fn hold_bytes(&self, g: &mut Inner, bytes: u64) {
+        g.buffered += bytes;
+        self.budget.take(bytes);
+    }
+
+    /// Up to `bytes` less buffered (never below zero), for the machine and the host.
+    fn free_bytes(&self, g: &mut Inner, bytes: u64) {
+        let freed = bytes.min(g.buffered);
+        g.buffered -= freed;
+        self.budget.give(freed);
+    }
+
+    /// Why a write would have to wait now, if it would: the machine's cap, or the host's
+    /// budget (which a machine with nothing buffered may exceed by one write).
+    fn must_wait(&self, g: &Inner, limit: u64) -> Option<Throttle> {
+        if g.buffered >= limit {
+            Some(Throttle::MachineBuffer)
+        } else if g.buffered > 0 && self.budget.exhausted() {
+            Some(Throttle::HostBudget)
+        } else {
+            None
+        }
+    }
+
+    /// Why writers were held back within the last [`THROTTLE_SHOWN_FOR`], with the limit
+    /// that held them (bytes).
+    pub fn throttle(&self) -> Option<(Throttle, u64)> {
+        let g = self.lock();
+        match g.throttled {
+            Some((why, at)) if at.elapsed() < THROTTLE_SHOWN_FOR => Some((
+                why,
+                match why {
+                    Throttle::MachineBuffer => self.cap,
+                    Throttle::HostBudget => self.budget.cap(),
+                },
+            )),
+            _ => None,
+        }
     }
 
     pub fn disk_ids(&self) -> Vec<(String, u64)> {
@@ -207,7 +270,10 @@ impl Capture {
         g.logging = on;
         if !on {
             g.log.clear();
-            g.buffered = 0;
+            let all = g.buffered;
+            self.free_bytes(&mut g, all);
+            drop(g);
+            self.space_freed.notify_waiters();
         }
     }
 
@@ -216,16 +282,20 @@ impl Capture {
     pub async fn write(&self, disk: usize, offset: u64, data: Bytes) -> std::io::Result<()> {
         loop {
             let freed = self.space_freed.notified();
+            let host_freed = self.budget.freed.notified();
             let released = self.released.notified();
             let held_until = {
                 let mut g = self.lock();
                 match g.hold_deadline() {
                     Some(until) => Some(until),
-                    None if !g.logging || g.buffered < self.cap => {
+                    None => match self.must_wait(&g, self.cap).filter(|_| g.logging) {
                         // Checked and written under one lock: a hold taken now waits for it.
-                        return self.write_locked(g, disk, offset, data);
-                    }
-                    None => None,
+                        None => return self.write_locked(g, disk, offset, data),
+                        Some(why) => {
+                            g.throttled = Some((why, std::time::Instant::now()));
+                            None
+                        }
+                    },
                 }
             };
             match held_until {
@@ -235,7 +305,12 @@ impl Capture {
                         () = tokio::time::sleep_until(until.into()) => {}
                     }
                 }
-                None => freed.await,
+                None => {
+                    tokio::select! {
+                        () = freed => {}
+                        () = host_freed => {}
+                    }
+                }
             }
         }
     }
@@ -308,7 +383,7 @@ impl Capture {
         inner.disks[disk].disk.write_at(&data, offset)?;
         if inner.logging {
             let e = LogEntry::Write { disk, offset, data };
-            inner.buffered += e.bytes();
+            self.hold_bytes(inner, e.bytes());
             inner
                 .log
                 .push_back((entry_id, std::time::Instant::now(), e));
@@ -356,7 +431,7 @@ impl Capture {
         });
         let entry_id = g.next_entry;
         g.next_entry += 1;
-        g.buffered += e.bytes();
+        self.hold_bytes(&mut g, e.bytes());
         g.log.push_back((entry_id, std::time::Instant::now(), e));
         let releases = g.held.as_ref().is_some_and(|(h, _)| *h == tag_id);
         if releases {
@@ -403,7 +478,7 @@ impl Capture {
     /// stay hot until [`Capture::cool`].
     pub fn acked(&self, bytes: u64) {
         let mut g = self.lock();
-        g.buffered = g.buffered.saturating_sub(bytes);
+        self.free_bytes(&mut g, bytes);
         drop(g);
         self.space_freed.notify_waiters();
     }
@@ -468,10 +543,14 @@ impl Capture {
         let limit = self.cap.min(COPY_AHEAD);
         loop {
             let wait = self.space_freed.notified();
-            if self.lock().buffered < limit {
+            let host_freed = self.budget.freed.notified();
+            if self.must_wait(&self.lock(), limit).is_none() {
                 break;
             }
-            wait.await;
+            tokio::select! {
+                () = wait => {}
+                () = host_freed => {}
+            }
         }
         let mut g = self.lock();
         let inner = &mut *g;
@@ -490,7 +569,7 @@ impl Capture {
             offset,
             data: Bytes::from(buf),
         };
-        inner.buffered += e.bytes();
+        self.hold_bytes(inner, e.bytes());
         inner
             .log
             .push_back((entry_id, std::time::Instant::now(), e));
@@ -565,7 +644,7 @@ impl Capture {
     /// by a resync).
     pub fn release_buffer(&self, bytes: u64) {
         let mut g = self.lock();
-        g.buffered = g.buffered.saturating_sub(bytes);
+        self.free_bytes(&mut g, bytes);
         drop(g);
         self.space_freed.notify_waiters();
     }
@@ -622,6 +701,11 @@ mod tests {
     use std::time::{Duration, Instant};
 
     fn capture(dir: &Path) -> Arc<Capture> {
+        capture_in(dir, 64 << 20, Arc::new(HostBudget::unlimited()))
+    }
+
+    fn capture_in(dir: &Path, cap: u64, budget: Arc<HostBudget>) -> Arc<Capture> {
+        std::fs::create_dir_all(dir).expect("dir");
         let path = dir.join("d0.img");
         File::create(&path)
             .and_then(|f| f.set_len(1 << 20))
@@ -637,7 +721,7 @@ mod tests {
             }],
             resized: false,
         };
-        let c = Capture::open(&machine, &dir.join("state"), 64 << 20).expect("open");
+        let c = Capture::open(&machine, &dir.join("state"), cap, budget).expect("open");
         c.set_logging(true);
         c
     }
@@ -690,6 +774,78 @@ mod tests {
         assert_eq!(tags(&c), vec!["crash-1", "mvc-1"]);
     }
 
+    /// Two machines share a host budget of 64 KiB: once one holds it all, the other's second
+    /// write waits (its first may always go) and its capture says the host budget throttles
+    /// it; an acknowledgement of the first frees the budget and the write completes. Stopping
+    /// a machine (dropping its capture) gives its bytes back.
+    #[tokio::test]
+    async fn the_host_budget_throttles_every_machine_once_it_is_used_up() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let budget = Arc::new(HostBudget::new(64 << 10));
+        let a = capture_in(&dir.path().join("a"), 1 << 20, budget.clone());
+        let b = capture_in(&dir.path().join("b"), 1 << 20, budget.clone());
+        a.write(0, 0, Bytes::from(vec![1u8; 64 << 10]))
+            .await
+            .expect("a");
+        assert!(budget.exhausted());
+        b.write(0, 0, Bytes::from(vec![2u8; 4096]))
+            .await
+            .expect("b's first write goes");
+        let mut second = {
+            let b = b.clone();
+            tokio::spawn(async move { b.write(0, 4096, Bytes::from(vec![3u8; 4096])).await })
+        };
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), &mut second)
+                .await
+                .is_err(),
+            "b wrote past the host's budget"
+        );
+        assert_eq!(b.throttle(), Some((Throttle::HostBudget, 64 << 10)));
+        assert_eq!(a.throttle(), None, "a was never held back");
+        let held = a.buffered();
+        a.acked(held);
+        tokio::time::timeout(Duration::from_secs(5), second)
+            .await
+            .expect("b's write goes once a is acknowledged")
+            .expect("join")
+            .expect("write");
+        let before = budget.used();
+        let b_held = b.buffered();
+        drop(b);
+        assert_eq!(
+            budget.used(),
+            before - b_held,
+            "a stopped machine gives its bytes back"
+        );
+    }
+
+    /// A machine's own buffer, full, throttles it whatever the host's budget.
+    #[tokio::test]
+    async fn a_full_machine_buffer_throttles_its_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = capture_in(dir.path(), 8192, Arc::new(HostBudget::unlimited()));
+        c.write(0, 0, Bytes::from(vec![1u8; 8192]))
+            .await
+            .expect("write");
+        let mut next = {
+            let c = c.clone();
+            tokio::spawn(async move { c.write(0, 0, Bytes::from(vec![1u8; 10])).await })
+        };
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), &mut next)
+                .await
+                .is_err()
+        );
+        assert_eq!(c.throttle(), Some((Throttle::MachineBuffer, 8192)));
+        c.acked(8192);
+        tokio::time::timeout(Duration::from_secs(5), next)
+            .await
+            .expect("goes")
+            .expect("join")
+            .expect("write");
+    }
+
     /// An acknowledgement frees the buffer but cools nothing; `cool` clears exactly the regions
     /// no later entry touches, and the activity log on disk says so (what a restart resends).
     #[tokio::test]
@@ -711,7 +867,13 @@ mod tests {
             resized: false,
         };
         let state = dir.path().join("state");
-        let c = Capture::open(&machine, &state, 64 << 20).expect("open");
+        let c = Capture::open(
+            &machine,
+            &state,
+            64 << 20,
+            Arc::new(HostBudget::unlimited()),
+        )
+        .expect("open");
         c.set_logging(true);
         c.write(0, 0, Bytes::from_static(b"a"))
             .await
@@ -745,7 +907,13 @@ mod tests {
         assert_eq!(on_disk(), vec![2]);
         // A reopened capture (a restart) resends exactly what is still hot.
         drop(c);
-        let c = Capture::open(&machine, &state, 64 << 20).expect("reopen");
+        let c = Capture::open(
+            &machine,
+            &state,
+            64 << 20,
+            Arc::new(HostBudget::unlimited()),
+        )
+        .expect("reopen");
         assert_eq!(c.hot_regions(), vec![(0, 2 * REGION, REGION)]);
     }
 

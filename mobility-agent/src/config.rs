@@ -51,11 +51,18 @@ pub struct AgentConfig {
     /// Most bytes a machine's replication log plus unacknowledged batches may hold before
     /// the workload is throttled.
     pub replication_buffer: ByteSize,
+    /// Most bytes all machines of the host may hold together in their replication logs and
+    /// unacknowledged batches ([`crate::budget`]); past it, writers wait.
+    pub replication_budget: ByteSize,
     /// Prometheus metrics at `http://ADDRESS/metrics` (empty: none).
     pub metrics_listen: String,
     /// Pre and post scripts around app-consistent points, by machine name (any machine that
     /// runs here, configured or booted: [`crate::scripts`]).
     pub app_scripts: BTreeMap<String, crate::scripts::AppScripts>,
+    /// Also serves every running machine's disks over TCP at this address (e.g.
+    /// `127.0.0.1:10809`; port 0 picks one), TLS required (`nbds://`), for operators' lab
+    /// certificates only: [`crate::export_tls`]. Empty: Unix sockets only.
+    pub nbd_listen: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -90,8 +97,10 @@ impl Default for AgentConfig {
             datastore: Vec::new(),
             machine: Vec::new(),
             replication_buffer: ByteSize::mib(256),
+            replication_budget: ByteSize::gib(2),
             metrics_listen: String::new(),
             app_scripts: BTreeMap::new(),
+            nbd_listen: String::new(),
         }
     }
 }
@@ -103,9 +112,34 @@ impl AgentConfig {
         Ok(cfg)
     }
 
+    /// The address of `nbd_listen`, if set; `Err` says what is wrong with it.
+    pub fn nbd_listen(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        if self.nbd_listen.is_empty() {
+            return Ok(None);
+        }
+        self.nbd_listen.parse().map(Some).map_err(|e| {
+            format!(
+                "`{}` is not an address and port ({e}); e.g. \"127.0.0.1:10809\", or leave it \
+                 empty for Unix sockets only",
+                self.nbd_listen
+            )
+        })
+    }
+
     pub fn validate(&self, file: Option<&Path>) -> Result<(), ConfigError> {
         validate_common(file, &self.name, &self.cs, &self.listener)?;
         let key = |k: String, m: String| ConfigError::key(file, k, m);
+        self.nbd_listen().map_err(|m| key("nbd_listen".into(), m))?;
+        if self.replication_budget.as_u64() < 1 << 20 {
+            return Err(key(
+                "replication_budget".into(),
+                format!(
+                    "{} is too small: at least 1 MiB (e.g. \"2 GiB\"), for all machines of the \
+                     host together",
+                    self.replication_budget
+                ),
+            ));
+        }
         let mut ds_names = HashSet::new();
         for (i, ds) in self.datastore.iter().enumerate() {
             validate_name(&ds.name).map_err(|m| key(format!("datastore[{i}].name"), m))?;

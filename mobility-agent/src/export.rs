@@ -10,9 +10,13 @@
 //! failback's of the Azure VM) or stops on this host, open connections are answered
 //! `ESHUTDOWN` and closed and new ones are refused: no write lands on a disk that is no longer
 //! the live one.
+//!
+//! [`HostExports`] holds every running machine's exports under names `MACHINE/DISK`: what the
+//! host serves over TCP when `nbd_listen` is set ([`crate::export_tls`]).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use failback_nbd::{Export, ExportInfo, Exports, Refusal};
@@ -113,14 +117,95 @@ impl Exports for MachineExports {
     }
 }
 
-/// Serves `machine`'s disks on its socket until `stop` is cancelled or the machine powers
-/// off; the socket file is removed then.
+/// Every running machine of the host, by name: exports `MACHINE/DISK`.
+#[derive(Default)]
+pub struct HostExports {
+    machines: Mutex<HashMap<String, Arc<MachineExports>>>,
+}
+
+impl HostExports {
+    fn machines(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<MachineExports>>> {
+        self.machines.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Serves `exports` as `MACHINE/...` until they end (then only if still the same run's).
+    fn add(self: &Arc<Self>, exports: Arc<MachineExports>) {
+        self.machines()
+            .insert(exports.machine.clone(), exports.clone());
+        let host = self.clone();
+        tokio::spawn(async move {
+            exports.live.cancelled().await;
+            let mut machines = host.machines();
+            if machines
+                .get(&exports.machine)
+                .is_some_and(|m| Arc::ptr_eq(m, &exports))
+            {
+                machines.remove(&exports.machine);
+            }
+        });
+    }
+}
+
+impl Exports for HostExports {
+    type Export = DiskExport;
+
+    fn list(&self) -> Vec<ExportInfo> {
+        let mut machines: Vec<Arc<MachineExports>> = self.machines().values().cloned().collect();
+        machines.sort_by(|a, b| a.machine.cmp(&b.machine));
+        machines
+            .iter()
+            .filter(|m| !m.live.is_cancelled())
+            .flat_map(|m| {
+                m.list().into_iter().map(|e| ExportInfo {
+                    name: format!("{}/{}", m.machine, e.name),
+                    description: e.description,
+                })
+            })
+            .collect()
+    }
+
+    fn open(&self, name: &str) -> Result<(Arc<DiskExport>, CancellationToken), Refusal> {
+        let Some((machine, disk)) = name.split_once('/') else {
+            return Err(Refusal::Unknown(format!(
+                "export names on this host are MACHINE/DISK (e.g. vm1/disk0), not `{name}`"
+            )));
+        };
+        let exports = self.machines().get(machine).cloned();
+        match exports {
+            Some(m) => m.open(disk),
+            None => Err(Refusal::Unknown(format!(
+                "machine {machine} is not running on this host (powered off, failed over, or \
+                 elsewhere): `srctl vm export {machine}` says where its disks are"
+            ))),
+        }
+    }
+}
+
+/// Serves `machine`'s disks on its socket (and in `host`, for TCP) until `stop` is cancelled
+/// or the machine powers off; the socket file is removed then.
 pub fn start(
     data_dir: &Path,
     machine: &str,
     capture: Arc<Capture>,
+    host: &Arc<HostExports>,
     stop: &CancellationToken,
 ) -> anyhow::Result<PathBuf> {
+    let live = stop.child_token();
+    let running = capture.running();
+    let exports = Arc::new(MachineExports {
+        machine: machine.to_string(),
+        capture,
+        live: live.clone(),
+    });
+    // Powering off ends the exports as stopping the machine does.
+    let power = live.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = running.cancelled() => power.cancel(),
+            () = power.cancelled() => {}
+        }
+    });
+    host.add(exports.clone());
     let path = socket_path(data_dir, machine);
     if path.as_os_str().len() > MAX_SOCKET_PATH {
         anyhow::bail!(
@@ -139,23 +224,8 @@ pub fn start(
         Err(e) => anyhow::bail!("cannot remove the stale socket {}: {e}", path.display()),
     }
     let listener = bind_private(&path)?;
-    let live = stop.child_token();
-    let running = capture.running();
-    let exports = Arc::new(MachineExports {
-        machine: machine.to_string(),
-        capture,
-        live: live.clone(),
-    });
     let socket = path.clone();
     let name = machine.to_string();
-    // Powering off ends the exports as stopping the machine does.
-    let power = live.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            () = running.cancelled() => power.cancel(),
-            () = power.cancelled() => {}
-        }
-    });
     let bound = inode(&socket);
     tokio::spawn(async move {
         failback_nbd::serve_unix(listener, exports, live).await;

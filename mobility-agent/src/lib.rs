@@ -10,15 +10,19 @@
 //! - [`config`]: host, datastores, machines and disks.
 //! - [`machine`]: a machine's disks on its datastore.
 //! - [`capture`]: the write path: activity log, replication log, tags.
+//! - [`budget`]: the replication memory all machines of the host share.
 //! - [`sender`]: replication to the process server (initial copy, delta, resync of hot regions).
 //! - [`workload`]: the workload generator standing in for the guest OS.
 //! - [`export`]: the machine's disks over NBD, for real guest software.
+//! - [`export_tls`]: the host's NBD exports over TCP, TLS required, for operators.
 //! - [`scripts`]: pre and post scripts around app-consistent points.
 //! - [`metrics`]: the per-item series of the host's `/metrics` endpoint.
 
+pub mod budget;
 pub mod capture;
 pub mod config;
 pub mod export;
+pub mod export_tls;
 pub mod machine;
 pub mod metrics;
 pub mod scripts;
@@ -84,6 +88,15 @@ pub async fn run(
     let registry = failback_common::metrics::Metrics::new();
     let host_metrics = metrics::HostMetrics::register(&registry);
     failback_common::metrics::start(Some(&config.metrics_listen), &registry, &shutdown).await?;
+    let exports = Arc::new(export::HostExports::default());
+    if let Some(addr) = config.nbd_listen().map_err(anyhow::Error::msg)? {
+        export_tls::start(addr, &config.data_dir, &host, exports.clone(), &shutdown).await?;
+    }
+    let host_metrics = Arc::new(HostShared {
+        metrics: host_metrics,
+        exports,
+        budget: Arc::new(budget::HostBudget::new(config.replication_budget.as_u64())),
+    });
 
     let mut running = Running::default();
     let mut count = 0;
@@ -119,13 +132,21 @@ pub async fn run(
     Ok(())
 }
 
+/// What every machine of the host shares: the per-item metrics, the NBD exports over TCP.
+struct HostShared {
+    metrics: Arc<metrics::HostMetrics>,
+    exports: Arc<export::HostExports>,
+    /// The replication memory all machines share.
+    budget: Arc<budget::HostBudget>,
+}
+
 /// Opens a machine's capture path, registers its agent and serves its commands until `stop`.
 async fn start_machine(
     m: machine::Machine,
     config: &AgentConfig,
     seed: u64,
     stop: CancellationToken,
-    metrics: &Arc<metrics::HostMetrics>,
+    shared: &Arc<HostShared>,
 ) -> anyhow::Result<()> {
     let id = Identity::new(Role::Agent, config.site, &m.name);
     let base = hello(&id);
@@ -141,7 +162,12 @@ async fn start_machine(
         ..base.clone()
     });
     let data_dir = config.data_dir.join("machines").join(&m.name);
-    let capture = capture::Capture::open(&m, &data_dir, config.replication_buffer.as_u64())?;
+    let capture = capture::Capture::open(
+        &m,
+        &data_dir,
+        config.replication_buffer.as_u64(),
+        shared.budget.clone(),
+    )?;
     if m.resized {
         std::fs::write(
             data_dir.join(sender::RESYNC_REQUIRED_FILE),
@@ -149,7 +175,13 @@ async fn start_machine(
         )?;
     }
     // A machine runs without exports rather than not at all (the error names the fix).
-    match export::start(&config.data_dir, &m.name, capture.clone(), &stop) {
+    match export::start(
+        &config.data_dir,
+        &m.name,
+        capture.clone(),
+        &shared.exports,
+        &stop,
+    ) {
         Ok(socket) => {
             tracing::info!(machine = %m.name, socket = %socket.display(), "disks exported over NBD")
         }
@@ -166,7 +198,7 @@ async fn start_machine(
         shutdown: stop,
         replication: None,
         workload: None,
-        metrics: metrics.clone(),
+        metrics: shared.metrics.clone(),
         scripts: config.app_scripts.get(&m.name).cloned(),
     };
     tokio::spawn(agent.run(registered.control.commands));
@@ -233,7 +265,7 @@ async fn host_commands(
     mut commands: tokio::sync::mpsc::Receiver<failback_proto::pb::control::CsMessage>,
     outbox: tokio::sync::mpsc::Sender<ComponentMessage>,
     shutdown: CancellationToken,
-    metrics: Arc<metrics::HostMetrics>,
+    metrics: Arc<HostShared>,
 ) {
     let mut answered = failback_common::control::Answered::default();
     while let Some(cmd) = failback_common::control::next_command(&mut commands).await {
@@ -341,7 +373,7 @@ async fn boot(
     running: &mut Running,
     b: failback_proto::pb::control::BootMachine,
     shutdown: &CancellationToken,
-    metrics: &Arc<metrics::HostMetrics>,
+    metrics: &Arc<HostShared>,
 ) -> Result<String, String> {
     failback_common::identity::validate_name(&b.name)?;
     if running.contains_key(&b.name) {
@@ -411,7 +443,7 @@ fn start_booted(
     running: &mut Running,
     b: &Booted,
     shutdown: &CancellationToken,
-    metrics: &Arc<metrics::HostMetrics>,
+    metrics: &Arc<HostShared>,
 ) -> Result<(), String> {
     let disks: Vec<machine::Disk> = b
         .disks

@@ -23,7 +23,7 @@ use failback_common::renewal::CredentialsCell;
 use failback_common::tls::describe_error;
 use failback_proto::pb::control::{
     ComponentMessage, DiskProgress, DiskState, ItemProgress, ReplicationPhase, Report,
-    component_message, report,
+    WriteThrottle, component_message, report,
 };
 use failback_proto::pb::data::{
     self as pb, AgentBatch, StreamOpen, process_server_data_client::ProcessServerDataClient,
@@ -1037,6 +1037,15 @@ async fn reporter(
         }
         last = (Instant::now(), sent);
         let lag = lag_percentiles(&shared);
+        let throttle = match shared.capture.throttle() {
+            Some((crate::budget::Throttle::MachineBuffer, limit)) => {
+                (WriteThrottle::MachineBuffer, limit)
+            }
+            Some((crate::budget::Throttle::HostBudget, limit)) => {
+                (WriteThrottle::HostBudget, limit)
+            }
+            None => (WriteThrottle::Unspecified, 0),
+        };
         let consistent = shared.consistent.load(Ordering::SeqCst);
         let phase = if consistent {
             ReplicationPhase::Delta
@@ -1117,6 +1126,8 @@ async fn reporter(
                         .lock()
                         .map(|a| a.clone())
                         .unwrap_or_default(),
+                    write_throttle: throttle.0 as i32,
+                    throttle_limit_bytes: throttle.1,
                 })),
             })),
         };

@@ -280,6 +280,7 @@ impl Attached {
             size_bytes: 0,
             socket: PathBuf::new(),
             uri: uri.to_string(),
+            tls_uri: None,
         };
         let (file, pid) = crate::vm::attach(&export, &mount)?;
         Ok(Attached {

@@ -1,5 +1,6 @@
 //! `srctl vm export` and `srctl vm attach`: where a running machine's disks are served over
-//! NBD (one Unix socket per machine on its host, one export per disk), and a disk made a file
+//! NBD (one Unix socket per machine on its host, one export per disk; over TCP with TLS too
+//! when the host has `nbd_listen`), and a disk made a file
 //! with Debian's `nbdfuse` so real software (mkfs, fuse2fs, SQLite) can use it.
 
 use std::path::{Path, PathBuf};
@@ -19,6 +20,11 @@ pub struct DiskExport {
     pub socket: PathBuf,
     /// `nbd+unix:///DISK?socket=SOCKET`, for nbdinfo, nbdcopy, nbdfuse, fio's nbd engine.
     pub uri: String,
+    /// `nbds://ADDRESS/MACHINE/DISK?tls-certificates=DIR` when the host also serves over TCP
+    /// (its `nbd_listen`): TLS with this lab's operator certificate, which `DIR` holds in the
+    /// layout libnbd reads (`ca-cert.pem`, `client-cert.pem`, `client-key.pem`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_uri: Option<String>,
 }
 
 /// Where the host serves a machine's disks (as the host's `export` module lays it out).
@@ -76,7 +82,13 @@ pub async fn exports(
         );
     }
     let lab = LabState::load(dir)?;
-    let socket = socket_path(&host_data_dir(&lab, &agent.host)?, machine);
+    let host_dir = host_data_dir(&lab, &agent.host)?;
+    let socket = socket_path(&host_dir, machine);
+    // The host's TCP listener, if it has one (it writes the address it bound).
+    let tls = match std::fs::read_to_string(host_dir.join("nbd").join("listen")) {
+        Ok(address) => Some((address.trim().to_string(), tls_certificates(dir)?)),
+        Err(_) => None,
+    };
     if !socket.exists() {
         bail!(
             "{machine} serves no disks on {} ({} is missing): the machine is not running there \
@@ -95,6 +107,13 @@ pub async fn exports(
             disk: d.id.clone(),
             size_bytes: d.size_bytes,
             uri: format!("nbd+unix:///{}?socket={}", d.id, socket.display()),
+            tls_uri: tls.as_ref().map(|(address, certs)| {
+                format!(
+                    "nbds://{address}/{machine}/{}?tls-certificates={}",
+                    d.id,
+                    certs.display()
+                )
+            }),
             socket: socket.clone(),
         })
         .collect();
@@ -106,6 +125,20 @@ pub async fn exports(
             ids.join(", ")
         );
     }
+    Ok(out)
+}
+
+/// The operator's certificate, key and the lab CA in the layout libnbd's
+/// `tls-certificates=DIR` reads, in `LAB/operator/nbd-tls` (0700; the key 0600), written anew
+/// each time (the certificate is renewed).
+fn tls_certificates(dir: &Path) -> anyhow::Result<PathBuf> {
+    use failback_common::tls::{private_dir, write_private};
+    let creds = crate::client::operator_credentials(dir)?;
+    let out = dir.join("operator").join("nbd-tls");
+    private_dir(&out).with_context(|| format!("creating {}", out.display()))?;
+    write_private(&out.join("ca-cert.pem"), &creds.ca_pem)?;
+    write_private(&out.join("client-cert.pem"), &creds.cert_pem)?;
+    write_private(&out.join("client-key.pem"), &creds.key_pem)?;
     Ok(out)
 }
 
@@ -121,6 +154,9 @@ pub fn print(exports: &[DiskExport], json: bool) -> anyhow::Result<()> {
             "{:<10} {:<8} {:>12}  {}",
             e.machine, e.disk, e.size_bytes, e.uri
         );
+        if let Some(tls) = &e.tls_uri {
+            println!("{:<10} {:<8} {:>12}  {tls}", "", "", "");
+        }
     }
     Ok(())
 }

@@ -3,8 +3,9 @@
 //! replicates, a planned failover moves vm1 to Azure, and fio's `--verify_only` through the
 //! Azure VM's export finds every block; the source's export is gone (no write can land on the
 //! old side); an unknown export is refused by name; a write flushed through the export
-//! survives `kill -9` of the host and is in the next point. Needs Debian's `fio` and
-//! `libnbd-bin` (README's test command installs them).
+//! survives `kill -9` of the host and is in the next point; a test failover's VM is exported
+//! until its cleanup; over TCP (`nbd_listen`) only TLS with an operator's certificate gets in.
+//! Needs Debian's `fio` and `libnbd-bin` (README's test command installs them).
 
 mod common;
 
@@ -551,5 +552,234 @@ fn an_app_consistent_point_of_a_live_ext4_and_sqlite_guest_fails_over_intact() {
         "the database at point {} (rows committed before its pre script: {})",
         point.0,
         point.1
+    );
+}
+
+/// A test failover's VM (`vm1-Test`, in the test network) is exported by azure-compute like
+/// any VM: fio verifies through it what was written on-premises before the point, writes to
+/// it stay in the test VM, and cleaning up the test failover ends its export. The source
+/// keeps replicating and serving its own export all along.
+#[test]
+fn a_test_failover_vm_is_exported_until_the_cleanup() {
+    let lab_handle = Lab::up(&["--disk-size", "16MiB", "--machines", "1"]);
+    let lab = lab_handle.dir.clone();
+    ok(srctl(&lab, &["item", "enable", "vm1"]));
+    protected_with_a_point(&lab, "vm1");
+    let (uri, _) = export(&lab, "vm1").expect("vm1's export");
+    let out = fio(&uri, &[]);
+    assert!(out.status.success(), "fio: {}", describe(&out));
+    let written = now_ms();
+    let mut point = String::new();
+    eventually("a point after fio's writes", 90, || {
+        match point_after(&show(&lab, "vm1"), written) {
+            Some(p) => {
+                point = p;
+                true
+            }
+            None => false,
+        }
+    });
+    ok(srctl(&lab, &["test-failover", "vm1", "--point", &point]));
+
+    let mut test_uri = String::new();
+    eventually("vm1-Test's export on azure-compute", 60, || {
+        match export(&lab, "vm1-Test") {
+            Some((u, h)) if h == "azure-compute" => {
+                test_uri = u;
+                true
+            }
+            _ => false,
+        }
+    });
+    assert!(test_uri.ends_with("/nbd/vm1-Test.sock"), "{test_uri}");
+    let out = fio(&test_uri, &["--verify_only"]);
+    assert!(
+        out.status.success(),
+        "fio --verify_only on the test failover VM: {}",
+        describe(&out)
+    );
+    // A write in the test VM does not reach the source.
+    let source_before =
+        std::fs::read(lab.join("datastores/ds-onprem/vm1/disk0.img")).expect("disk");
+    let ones = tempfile::NamedTempFile::new().expect("temp");
+    std::fs::write(ones.path(), vec![0xA5u8; 16 << 20]).expect("image");
+    let out = tool("nbdcopy", "libnbd-bin")
+        .arg("--flush")
+        .arg(ones.path())
+        .arg(&test_uri)
+        .output()
+        .expect("nbdcopy");
+    assert!(out.status.success(), "nbdcopy: {}", describe(&out));
+    let source_after = std::fs::read(lab.join("datastores/ds-onprem/vm1/disk0.img")).expect("disk");
+    assert_eq!(
+        source_before, source_after,
+        "the test VM's writes stay in the test VM"
+    );
+
+    ok(srctl(&lab, &["test-failover-cleanup", "vm1"]));
+    let socket = test_uri
+        .split("socket=")
+        .nth(1)
+        .expect("socket")
+        .to_string();
+    eventually("vm1-Test's socket gone", 30, || {
+        !Path::new(&socket).exists()
+    });
+    let out = tool("nbdinfo", "libnbd-bin")
+        .arg(&test_uri)
+        .output()
+        .expect("nbdinfo");
+    assert!(
+        !out.status.success(),
+        "the cleaned-up VM's export still answers"
+    );
+    // The source was never touched: its export still works and it is still protected.
+    let (uri, host) = export(&lab, "vm1").expect("vm1's export after the cleanup");
+    assert_eq!(host, "esx-1");
+    let out = fio(&uri, &["--verify_only"]);
+    assert!(
+        out.status.success(),
+        "fio --verify_only on the source: {}",
+        describe(&out)
+    );
+    assert_eq!(show(&lab, "vm1")["state"], "Protected");
+}
+
+/// `nbd_listen` in a host's config: every running machine's disks also over TCP, TLS required
+/// (`nbds://`), for operators' certificates only. nbdcopy writes through it (the write goes
+/// through the capture path like any other); a plain `nbd://` client is told TLS is required;
+/// a component's certificate (the host's own) is refused by name; an unknown machine is
+/// refused naming the fix.
+#[test]
+fn tcp_exports_need_tls_and_an_operator_certificate() {
+    let lab_handle = Lab::up(&["--disk-size", "8MiB", "--machines", "1"]);
+    let lab = lab_handle.dir.clone();
+    let config = lab.join("config/esx-1.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(&config, format!("nbd_listen = \"127.0.0.1:0\"\n{text}")).expect("config");
+    ok(srctl(&lab, &["lab", "restart", "esx-1"]));
+    let mut tls_uri = String::new();
+    let mut unix_uri = String::new();
+    eventually("vm1's nbds:// export", 60, || {
+        let out = srctl(&lab, &["vm", "export", "vm1", "--disk", "disk0", "--json"]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        match (v[0]["tls_uri"].as_str(), v[0]["uri"].as_str()) {
+            (Some(t), Some(u)) => {
+                tls_uri = t.to_string();
+                unix_uri = u.to_string();
+                true
+            }
+            _ => false,
+        }
+    });
+    assert!(
+        tls_uri.starts_with("nbds://127.0.0.1:")
+            && tls_uri.contains("/vm1/disk0?tls-certificates="),
+        "{tls_uri}"
+    );
+    let certs = tls_uri.split("tls-certificates=").nth(1).expect("dir");
+    let key_mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(Path::new(certs).join("client-key.pem"))
+            .expect("key")
+            .permissions(),
+    );
+    assert_eq!(key_mode & 0o777, 0o600);
+
+    // Written over TLS, read back over the Unix socket: the same disk.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("image");
+    let whole: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    std::fs::write(&image, &whole).expect("image");
+    let out = tool("nbdcopy", "libnbd-bin")
+        .arg("--flush")
+        .arg(&image)
+        .arg(&tls_uri)
+        .output()
+        .expect("nbdcopy");
+    assert!(
+        out.status.success(),
+        "nbdcopy over nbds://: {}",
+        describe(&out)
+    );
+    let back = dir.path().join("back");
+    let out = tool("nbdcopy", "libnbd-bin")
+        .arg(&unix_uri)
+        .arg(&back)
+        .output()
+        .expect("nbdcopy");
+    assert!(out.status.success(), "nbdcopy: {}", describe(&out));
+    assert!(
+        std::fs::read(&back).expect("back") == whole,
+        "the TLS write is on the disk"
+    );
+
+    // Without TLS: refused, saying so.
+    let address = tls_uri
+        .trim_start_matches("nbds://")
+        .split('/')
+        .next()
+        .expect("address");
+    // (libnbd prints the server's message only with its debug output.)
+    let out = tool("nbdinfo", "libnbd-bin")
+        .arg(format!("nbd://{address}/vm1/disk0"))
+        .env("LIBNBD_DEBUG", "1")
+        .output()
+        .expect("nbdinfo");
+    assert!(
+        !out.status.success(),
+        "plain NBD answered: {}",
+        describe(&out)
+    );
+    assert!(
+        describe(&out).contains("TLS is required on this server"),
+        "{}",
+        describe(&out)
+    );
+
+    // A component's certificate (the host's own, from the lab CA) is not an operator's.
+    let host_id = lab.join("data/esx-1/identity");
+    let component = dir.path().join("component-tls");
+    std::fs::create_dir(&component).expect("dir");
+    for (from, to) in [
+        ("ca.pem", "ca-cert.pem"),
+        ("cert.pem", "client-cert.pem"),
+        ("key.pem", "client-key.pem"),
+    ] {
+        std::fs::copy(host_id.join(from), component.join(to)).expect("copy");
+    }
+    let as_component = format!(
+        "{}?tls-certificates={}",
+        tls_uri.split('?').next().expect("uri"),
+        component.display()
+    );
+    let out = tool("nbdinfo", "libnbd-bin")
+        .arg(&as_component)
+        .env("LIBNBD_DEBUG", "1")
+        .output()
+        .expect("nbdinfo");
+    assert!(
+        !out.status.success(),
+        "a host's certificate got in: {}",
+        describe(&out)
+    );
+    assert!(
+        describe(&out).contains("NBD exports are for operators"),
+        "{}",
+        describe(&out)
+    );
+
+    // An unknown machine: refused, naming the fix.
+    let out = tool("nbdinfo", "libnbd-bin")
+        .arg(tls_uri.replace("/vm1/disk0?", "/vm9/disk0?"))
+        .env("LIBNBD_DEBUG", "1")
+        .output()
+        .expect("nbdinfo");
+    assert!(!out.status.success());
+    assert!(
+        describe(&out).contains("machine vm9 is not running on this host"),
+        "{}",
+        describe(&out)
     );
 }

@@ -126,3 +126,68 @@ fn machines_and_disks_spread_over_hosts_and_verification_is_a_policy_setting() {
         "{err}"
     );
 }
+
+/// Whether `machine`'s item shows an error starting with `prefix` and containing `part`.
+fn shows_error(dir: &std::path::Path, machine: &str, prefix: &str, part: &str) -> bool {
+    show(dir, machine)["health_errors"]
+        .as_array()
+        .is_some_and(|e| {
+            e.iter().any(|e| {
+                e.as_str()
+                    .is_some_and(|e| e.starts_with(prefix) && e.contains(part))
+            })
+        })
+}
+
+/// A host's `replication_budget` bounds the replication memory of all its machines together:
+/// with the process server stopped and both machines writing, writes wait once the budget is
+/// used up, the items say why (ASR's high-churn warning 78188), and once the process server
+/// is back everything written reaches the target (a later point verifies byte-exact) and the
+/// warning goes.
+#[test]
+fn a_host_budget_throttles_writes_and_the_items_say_so() {
+    let lab = Lab::up(&["--machines", "2", "--disk-size", "32MiB"]);
+    let dir = &lab.dir;
+    let config = dir.join("config/esx-1.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(&config, format!("replication_budget = \"1 MiB\"\n{text}")).expect("config");
+    ok(srctl(dir, &["lab", "restart", "esx-1"]));
+    wait_component(dir, "vm1", "onprem", "connected");
+    wait_component(dir, "vm2", "onprem", "connected");
+    for vm in ["vm1", "vm2"] {
+        ok(srctl(dir, &["item", "enable", vm]));
+    }
+    protected_with_a_point(dir, "vm1");
+    protected_with_a_point(dir, "vm2");
+
+    ok(srctl(dir, &["lab", "pause", "ps-onprem"]));
+    for vm in ["vm1", "vm2"] {
+        ok(srctl(dir, &["workload", "start", vm, "--rate", "2"]));
+    }
+    let budget =
+        "its host's replication memory for all machines (1 MiB, `replication_budget`) is used up";
+    eventually("a 78188 warning naming the host's budget", 90, || {
+        ["vm1", "vm2"].iter().any(|vm| {
+            shows_error(
+                dir,
+                vm,
+                &format!("78188: writes of {vm} are throttled"),
+                budget,
+            )
+        })
+    });
+
+    ok(srctl(dir, &["lab", "resume", "ps-onprem"]));
+    for vm in ["vm1", "vm2"] {
+        ok(srctl(dir, &["workload", "stop", vm]));
+    }
+    let after = now_ms();
+    for vm in ["vm1", "vm2"] {
+        verify_point_after(dir, vm, after, "after the throttled writes");
+    }
+    eventually("the throttle warnings gone", 60, || {
+        ["vm1", "vm2"]
+            .iter()
+            .all(|vm| !shows_error(dir, vm, "78188", ""))
+    });
+}
