@@ -7,7 +7,12 @@
 //! 2. the full path: the machine's disk pre-filled with those bytes, then "Enable protection":
 //!    agent (read, CRC) -> PS (LZ4, cache fsync) -> vpn-link relay -> target (CRC, journal
 //!    fsync), timed from the request until the target has journaled the last batch;
-//! 3. replication lag (capture -> target journal) p50/p99 under a steady 20 MB/s workload.
+//! 3. replication lag (capture -> target journal) p50/p99 under a steady 20 MB/s workload;
+//!
+//! and the physical limit the full path runs against ([`crate::bench_disk`]): the durable write
+//! bandwidth of the lab's disk, the bytes every process wrote to storage per byte replicated
+//! (source disk, PS cache, target journal, undo, replica: counted by the kernel), and
+//! min(baseline, disk / amplification), which the full path is also given as a ratio of.
 //!
 //! `bench compression` measures the codecs the process server could use (LZ4 and zstd) on the
 //! same data: the measurement behind the PS's choice of LZ4.
@@ -199,6 +204,17 @@ pub struct ReplicationReport {
     pub lag_write_rate_mb_s: f64,
     pub lag_p50_ms: f64,
     pub lag_p99_ms: f64,
+    /// Durable write bandwidth of the lab's disk (4 MiB writes, an fdatasync each).
+    pub disk: crate::bench_disk::DiskBandwidth,
+    /// Bytes written to storage during the full path, by process, and by `srctl` filling the
+    /// source disk (`source`), as the kernel counted them.
+    pub written: Vec<(String, u64)>,
+    /// All of `written` per byte replicated (0 where the kernel counts nothing, as on tmpfs).
+    pub write_amplification: f64,
+    /// What the path can reach on this machine: min(baseline, disk / write amplification).
+    pub limit_bytes_per_s: f64,
+    /// Full path / limit.
+    pub ratio_to_limit: f64,
 }
 
 fn temp_lab() -> PathBuf {
@@ -363,9 +379,21 @@ pub async fn replication(
         say("baseline: one mutual-TLS gRPC stream, no disk");
         let base = baseline(&dir, &data, size).await?;
 
+        say("disk: durable 4 MiB writes (O_DIRECT where possible, fdatasync each)");
+        let disk = {
+            let (dir, data) = (dir.clone(), data.clone());
+            tokio::task::spawn_blocking(move || {
+                crate::bench_disk::durable_bandwidth(&dir, size.min(512 << 20), &data)
+            })
+            .await??
+        };
+
         say("full path: pre-filling the source disk");
+        let own0 = crate::bench_disk::write_bytes("self");
         fill_disk(&dir.join(ONPREM_DISK), &data, size)?;
+        let source = crate::bench_disk::write_bytes("self").saturating_sub(own0);
         let link0 = link_bytes(&dir).await?;
+        let io0 = crate::bench_disk::lab_write_bytes(&dir)?;
         say("full path: enable protection and wait until the target journaled everything");
         let start = Instant::now();
         enable_and_wait(&dir, "", Duration::from_millis(20))
@@ -373,6 +401,15 @@ pub async fn replication(
             .map_err(|e| anyhow::anyhow!("full path: {e}"))?;
         let full = size as f64 / start.elapsed().as_secs_f64();
         let link = link_bytes(&dir).await? - link0;
+        let mut written =
+            crate::bench_disk::written_between(&io0, &crate::bench_disk::lab_write_bytes(&dir)?);
+        written.insert(0, ("source".to_string(), source));
+        let write_amplification = written.iter().map(|(_, b)| *b).sum::<u64>() as f64 / size as f64;
+        let limit = if write_amplification > 0.0 {
+            base.min(disk.bytes_per_s / write_amplification)
+        } else {
+            base
+        };
 
         say("lag: 20 MB/s of writes for 12 s");
         item::workload(
@@ -403,6 +440,11 @@ pub async fn replication(
             lag_write_rate_mb_s: 20.0,
             lag_p50_ms: i.lag_p50_ms,
             lag_p99_ms: i.lag_p99_ms,
+            disk,
+            written,
+            write_amplification,
+            limit_bytes_per_s: limit,
+            ratio_to_limit: full / limit,
         })
     })
     .await
@@ -430,6 +472,33 @@ pub fn print_replication(r: &ReplicationReport, as_json: bool) -> anyhow::Result
     println!(
         "  ratio full/baseline                      {:>8.2}",
         r.ratio
+    );
+    println!(
+        "  disk: durable 4 MiB writes ({})    {:>8.1} MB/s",
+        if r.disk.direct {
+            "O_DIRECT"
+        } else {
+            "buffered"
+        },
+        mb(r.disk.bytes_per_s)
+    );
+    let by: Vec<String> = r
+        .written
+        .iter()
+        .map(|(name, b)| format!("{name} {:.2}", *b as f64 / r.size_bytes as f64))
+        .collect();
+    println!(
+        "  write amplification (counted)            {:>8.2}  ({})",
+        r.write_amplification,
+        by.join(", ")
+    );
+    println!(
+        "  limit min(baseline, disk / amplification) {:>7.1} MB/s",
+        mb(r.limit_bytes_per_s)
+    );
+    println!(
+        "  ratio full/limit                         {:>8.2}",
+        r.ratio_to_limit
     );
     println!(
         "  bytes across the link                    {:>8.1} MB ({:.2} of the data: compression before the link)",

@@ -12,8 +12,9 @@
 //! Jobs: `seq` sequential 1 MiB writes with a flush every 16 writes; `rand` random 4 KiB
 //! writes at queue depth 16 with a flush every 64. Each variant runs `runs` times,
 //! interleaved (nbdkit, unprotected, protected, nbdkit, ...), and the median is reported with
-//! its ratio to nbdkit's median. Last, `seq` runs on the protected export paced at half its
-//! median rate, and the capture -> target lag p99 at its end is reported.
+//! its ratio to nbdkit's median. Last, once the protected runs' backlog has drained, `seq`
+//! runs on the protected export paced at half its median rate, and the capture -> target lag
+//! p99 at its end (over its last 10 s) is reported.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -235,9 +236,14 @@ pub async fn run(
             }
         }
         drop(nbdkit);
-        // The guest at half the rate replication kept up with: the lag it sees then.
+        // The guest at half the rate replication kept up with: the lag it sees then, once the
+        // unpaced runs' backlog has drained (else the lag measured is the draining's).
         let half = summarize(&samples[2][0]).mb_per_s / 2.0;
         let uri = ours.clone();
+        if progress {
+            eprintln!("bench: waiting for the backlog to drain");
+        }
+        wait_drained(&dir).await?;
         if progress {
             eprintln!("bench: protected seq at {half:.0} MB/s");
         }
@@ -283,6 +289,30 @@ pub async fn run(
         })
     })
     .await
+}
+
+/// Waits until vm1's acknowledged batch has stood still for 2 s (nothing left to send; a tag
+/// may move it once), at most 2 minutes.
+async fn wait_drained(dir: &Path) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut last = (0u64, tokio::time::Instant::now());
+    loop {
+        let acked = item::list(dir, "vm1")
+            .await?
+            .first()
+            .map(|i| i.acked_seq)
+            .unwrap_or_default();
+        let now = tokio::time::Instant::now();
+        if acked != last.0 {
+            last = (acked, now);
+        } else if now - last.1 >= Duration::from_secs(2) {
+            return Ok(());
+        }
+        if now > deadline {
+            bail!("vm1's replication backlog did not drain within 2 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 fn summarize(runs: &[FioResult]) -> FioResult {

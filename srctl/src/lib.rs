@@ -4,8 +4,9 @@
 //! - [`lab`]: `lab up|down|status`: a topology as OS processes on loopback, its directory
 //!   layout (one config, data dir and log per component); [`labfile`]: `lab.json`, what runs
 //!   where; [`topology`]: topology files, their checks and their Mermaid drawing.
-//! - [`bench`]: benchmarks with a baseline measured in the same run; [`bench_link`]: link use
-//!   under a bandwidth cap.
+//! - [`bench`]: benchmarks with a baseline measured in the same run; [`bench_disk`]: the
+//!   disk's durable bandwidth and the write amplification they are judged against;
+//!   [`bench_link`]: link use under a bandwidth cap.
 //! - [`client`]: finding a lab (`--lab DIR` or `FAILBACK_LAB`) and dialing its CS as the
 //!   enrolled operator, or its vpn-link control API.
 //! - [`infra`]: `infra list|remove`.
@@ -22,6 +23,7 @@
 //!   Docker Swarm stack files; [`containers`]: what the two share.
 
 pub mod bench;
+pub mod bench_disk;
 pub mod bench_link;
 pub mod bench_nbd;
 pub mod client;
