@@ -379,11 +379,11 @@ pub async fn replication(
         say("baseline: one mutual-TLS gRPC stream, no disk");
         let base = baseline(&dir, &data, size).await?;
 
-        say("disk: durable 4 MiB writes (O_DIRECT where possible, fdatasync each)");
+        say("disk: durable 4 MiB writes (O_DIRECT where possible, fdatasync each), 3 passes");
         let disk = {
             let (dir, data) = (dir.clone(), data.clone());
             tokio::task::spawn_blocking(move || {
-                crate::bench_disk::durable_bandwidth(&dir, size.min(512 << 20), &data)
+                crate::bench_disk::durable_bandwidth_median(&dir, size.min(512 << 20), &data, 3)
             })
             .await??
         };
@@ -487,11 +487,18 @@ pub fn print_replication(r: &ReplicationReport, as_json: bool) -> anyhow::Result
         .iter()
         .map(|(name, b)| format!("{name} {:.2}", *b as f64 / r.size_bytes as f64))
         .collect();
-    println!(
-        "  write amplification (counted)            {:>8.2}  ({})",
-        r.write_amplification,
-        by.join(", ")
-    );
+    if r.write_amplification > 0.0 {
+        println!(
+            "  write amplification (counted)            {:>8.2}  ({})",
+            r.write_amplification,
+            by.join(", ")
+        );
+    } else {
+        println!(
+            "  write amplification                      not counted: the kernel counts no writes \
+             to storage here (tmpfs?)"
+        );
+    }
     println!(
         "  limit min(baseline, disk / amplification) {:>7.1} MB/s",
         mb(r.limit_bytes_per_s)
