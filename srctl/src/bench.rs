@@ -207,9 +207,12 @@ pub struct ReplicationReport {
     /// Durable write bandwidth of the lab's disk (4 MiB writes, an fdatasync each).
     pub disk: crate::bench_disk::DiskBandwidth,
     /// Bytes written to storage during the full path, by process, and by `srctl` filling the
-    /// source disk (`source`), as the kernel counted them.
+    /// source disk (`source`), as the kernel attributed them (`/proc/PID/io`): a breakdown.
     pub written: Vec<(String, u64)>,
-    /// All of `written` per byte replicated (0 where the kernel counts nothing, as on tmpfs).
+    /// Bytes the lab's block device took from filling the source disk to the end of the full
+    /// path (`None` on tmpfs).
+    pub device_written: Option<u64>,
+    /// `device_written` per byte replicated (0 where there is no block device).
     pub write_amplification: f64,
     /// What the path can reach on this machine: min(baseline, disk / write amplification).
     pub limit_bytes_per_s: f64,
@@ -389,6 +392,7 @@ pub async fn replication(
         };
 
         say("full path: pre-filling the source disk");
+        let dev0 = crate::bench_disk::device_bytes_written(&dir);
         let own0 = crate::bench_disk::write_bytes("self");
         fill_disk(&dir.join(ONPREM_DISK), &data, size)?;
         let source = crate::bench_disk::write_bytes("self").saturating_sub(own0);
@@ -404,7 +408,12 @@ pub async fn replication(
         let mut written =
             crate::bench_disk::written_between(&io0, &crate::bench_disk::lab_write_bytes(&dir)?);
         written.insert(0, ("source".to_string(), source));
-        let write_amplification = written.iter().map(|(_, b)| *b).sum::<u64>() as f64 / size as f64;
+        // Whatever is still dirty would reach the disk anyway.
+        nix::unistd::sync();
+        let device_written = dev0
+            .zip(crate::bench_disk::device_bytes_written(&dir))
+            .map(|(a, b)| b.saturating_sub(a));
+        let write_amplification = device_written.unwrap_or(0) as f64 / size as f64;
         let limit = if write_amplification > 0.0 {
             base.min(disk.bytes_per_s / write_amplification)
         } else {
@@ -442,6 +451,7 @@ pub async fn replication(
             lag_p99_ms: i.lag_p99_ms,
             disk,
             written,
+            device_written,
             write_amplification,
             limit_bytes_per_s: limit,
             ratio_to_limit: full / limit,
@@ -489,14 +499,14 @@ pub fn print_replication(r: &ReplicationReport, as_json: bool) -> anyhow::Result
         .collect();
     if r.write_amplification > 0.0 {
         println!(
-            "  write amplification (counted)            {:>8.2}  ({})",
+            "  write amplification (device, counted)    {:>8.2}  (by process: {})",
             r.write_amplification,
             by.join(", ")
         );
     } else {
         println!(
-            "  write amplification                      not counted: the kernel counts no writes \
-             to storage here (tmpfs?)"
+            "  write amplification                      not counted: no block device holds the \
+             lab (tmpfs?)"
         );
     }
     println!(

@@ -12,7 +12,8 @@
 //! Jobs: `seq` sequential 1 MiB writes with a flush every 16 writes; `rand` random 4 KiB
 //! writes at queue depth 16 with a flush every 64. Each variant runs `runs` times,
 //! interleaved (nbdkit, unprotected, protected, nbdkit, ...), and the median is reported with
-//! its ratio to nbdkit's median. Last, once the protected runs' backlog has drained, `seq`
+//! its ratio to nbdkit's median, and the bytes the lab's processes wrote to storage per byte
+//! written while protected (the block device's count, with `/proc/PID/io` as a breakdown). Last, once the protected runs' backlog has drained, `seq`
 //! runs on the protected export paced at half its median rate, and the capture -> target lag
 //! p99 at its end (over its last 10 s) is reported.
 
@@ -31,6 +32,8 @@ pub struct FioResult {
     pub mb_per_s: f64,
     pub iops: f64,
     pub p99_ms: f64,
+    /// Bytes the job wrote.
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -57,6 +60,13 @@ pub struct NbdReport {
     /// p99 (last 10 s) at its end.
     pub half_rate: FioResult,
     pub half_rate_lag_p99_ms: f64,
+    /// Bytes the lab's processes wrote to storage while the protected runs wrote (until their
+    /// backlog drained), by process, as the kernel attributed them ([`crate::bench_disk`]; it
+    /// over-counts the host's many small fsynced activity-log writes).
+    pub protected_written: Vec<(String, u64)>,
+    /// Bytes the lab's block device took meanwhile, less nbdkit's runs of that phase, per
+    /// byte fio wrote through the protected export (0 where no block device holds the lab).
+    pub protected_write_amplification: f64,
 }
 
 const JOBS: [&str; 2] = ["seq", "rand"];
@@ -118,6 +128,7 @@ fn run_fio(
             .as_f64()
             .unwrap_or(0.0)
             / 1e6,
+        bytes: w["io_bytes"].as_u64().unwrap_or(0),
     })
 }
 
@@ -185,6 +196,8 @@ pub async fn run(
         let mut samples: Vec<Vec<Vec<FioResult>>> =
             vec![vec![Vec::new(); JOBS.len()]; VARIANTS.len()];
         let mut lag = 0f64;
+        let mut io0 = Vec::new();
+        let mut dev0 = None;
         // Unprotected runs first (nbdkit interleaved), then vm1 is protected and the protected
         // runs follow (nbdkit interleaved again).
         for phase in ["unprotected", "protected"] {
@@ -209,6 +222,8 @@ pub async fn run(
                 }
                 crate::bench::enable_and_wait(&dir, "bench-nbd", Duration::from_millis(200))
                     .await?;
+                io0 = crate::bench_disk::lab_write_bytes(&dir)?;
+                dev0 = crate::bench_disk::device_bytes_written(&dir);
             }
             for run in 0..runs {
                 for (j, job) in JOBS.iter().enumerate() {
@@ -244,6 +259,22 @@ pub async fn run(
             eprintln!("bench: waiting for the backlog to drain");
         }
         wait_drained(&dir).await?;
+        let protected_written =
+            crate::bench_disk::written_between(&io0, &crate::bench_disk::lab_write_bytes(&dir)?);
+        nix::unistd::sync();
+        let device = dev0
+            .zip(crate::bench_disk::device_bytes_written(&dir))
+            .map(|(a, b)| b.saturating_sub(a));
+        // nbdkit's runs of the protected phase wrote their file on the same device.
+        let nbdkit_bytes: u64 = samples[0]
+            .iter()
+            .map(|runs| runs[runs.len() / 2..].iter().map(|r| r.bytes).sum::<u64>())
+            .sum();
+        let fio_bytes: u64 = samples[2].iter().flatten().map(|r| r.bytes).sum();
+        let protected_write_amplification = match device {
+            Some(d) if fio_bytes > 0 => d.saturating_sub(nbdkit_bytes) as f64 / fio_bytes as f64,
+            _ => 0.0,
+        };
         if progress {
             eprintln!("bench: protected seq at {half:.0} MB/s");
         }
@@ -286,6 +317,8 @@ pub async fn run(
             protected_lag_p99_ms: lag,
             half_rate: paced,
             half_rate_lag_p99_ms: half_lag,
+            protected_written,
+            protected_write_amplification,
         })
     })
     .await
@@ -320,6 +353,7 @@ fn summarize(runs: &[FioResult]) -> FioResult {
         mb_per_s: median(runs.iter().map(|r| r.mb_per_s).collect()),
         iops: median(runs.iter().map(|r| r.iops).collect()),
         p99_ms: median(runs.iter().map(|r| r.p99_ms).collect()),
+        bytes: runs.iter().map(|r| r.bytes).sum(),
     }
 }
 
@@ -358,6 +392,18 @@ pub fn print(r: &NbdReport, json: bool) -> anyhow::Result<()> {
         "capture -> target lag p99 while protected: {:.0} ms",
         r.protected_lag_p99_ms
     );
+    if r.protected_write_amplification > 0.0 {
+        let by: Vec<String> = r
+            .protected_written
+            .iter()
+            .map(|(name, b)| format!("{name} {:.0} MB", *b as f64 / 1e6))
+            .collect();
+        println!(
+            "written to the disk per byte written while protected (device, counted): {:.2} (by process: {})",
+            r.protected_write_amplification,
+            by.join(", ")
+        );
+    }
     println!(
         "protected seq paced at half that rate: {:.1} MB/s, p99 {:.2} ms, lag p99 {:.0} ms",
         r.half_rate.mb_per_s, r.half_rate.p99_ms, r.half_rate_lag_p99_ms
