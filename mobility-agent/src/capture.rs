@@ -6,8 +6,12 @@
 //! that may differ from the replica, as DRBD's activity log), writes the disk file, and, while
 //! replication is on, appends the write to the in-memory replication log. Consistency tags are
 //! records in the same log, taken with writes held (the workload is quiesced), optionally with
-//! a BLAKE3 digest of every disk for verification. A hot region is cleared once every log
-//! record that touched it has been acknowledged by the process server.
+//! a BLAKE3 digest of every disk for verification. A hot region may be cleared once every log
+//! record that touched it has been acknowledged by the process server; as DRBD keeps its
+//! active extents, up to [`ACTIVE_REGIONS`] regions stay hot even then, the least recently
+//! written cooling first, so that a guest writing all over a working set does not make the
+//! activity log durable (fsync, rename, directory fsync, under the write lock) hundreds of times
+//! a second. The price: after a crash, up to that many regions are compared by checksum.
 //!
 //! Bounded memory: when the log plus unacknowledged batches exceed the machine's cap, or the
 //! host's budget shared by all its machines ([`crate::budget`]) is used up, writers wait (the
@@ -27,6 +31,8 @@ use crate::machine::Machine;
 
 /// Activity-log granularity.
 pub const REGION: u64 = 1 << 20;
+/// Regions kept hot although acknowledged (DRBD's `al-extents`): 256 MiB per machine.
+pub const ACTIVE_REGIONS: usize = 256;
 /// How long after a writer last waited its item still shows the throttle.
 pub const THROTTLE_SHOWN_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 /// Most bytes the initial copy (or a resync) keeps buffered ahead of the sender: more than the
@@ -86,8 +92,10 @@ struct Inner {
     off: bool,
     /// Writes held for the multi-VM point of this id until the deadline (or its tag).
     held: Option<(String, std::time::Instant)>,
-    /// Regions touched only by entries up to this one have been cooled.
+    /// Regions touched only by entries up to this one may be cooled.
     cooled_through: u64,
+    /// Acknowledged regions kept hot ([`ACTIVE_REGIONS`]).
+    active_regions: usize,
     al_path: PathBuf,
     /// Why writers last waited for space, and when.
     throttled: Option<(Throttle, std::time::Instant)>,
@@ -195,6 +203,7 @@ impl Capture {
                 off: false,
                 held: None,
                 cooled_through: 0,
+                active_regions: ACTIVE_REGIONS,
                 al_path,
                 throttled: None,
             }),
@@ -495,21 +504,36 @@ impl Capture {
             return Ok(());
         }
         g.cooled_through = entry;
-        let mut cleared = false;
-        for d in &mut g.disks {
+        let hot = g.disks.iter().flat_map(|d| &d.hot).filter(|h| **h).count();
+        if hot <= g.active_regions {
+            return Ok(());
+        }
+        // The last record that touched the region is acknowledged: the replica has it. Of
+        // those, the least recently written cool until only `active_regions` stay hot.
+        let mut acked: Vec<(u64, usize, usize)> = Vec::new();
+        for (i, d) in g.disks.iter().enumerate() {
             for r in 0..d.hot.len() {
-                // The last record that touched the region is acknowledged: the replica has it.
                 if d.hot[r] && d.last_entry[r] != 0 && d.last_entry[r] <= entry {
-                    d.hot[r] = false;
-                    cleared = true;
+                    acked.push((d.last_entry[r], i, r));
                 }
             }
         }
-        if cleared {
+        acked.sort_unstable();
+        let excess = hot - g.active_regions;
+        for &(_, i, r) in acked.iter().take(excess) {
+            g.disks[i].hot[r] = false;
+        }
+        if excess > 0 && !acked.is_empty() {
             let inner = &*g;
             persist_al(&inner.al_path, &inner.disks)?;
         }
         Ok(())
+    }
+
+    /// Keeps at most `regions` acknowledged regions hot from now on (tests: 0 cools every
+    /// acknowledged region).
+    pub fn set_active_regions(&self, regions: usize) {
+        self.lock().active_regions = regions;
     }
 
     /// Hot regions as (disk, offset, len): what must be re-sent after a crash.
@@ -774,6 +798,64 @@ mod tests {
         assert_eq!(tags(&c), vec!["crash-1", "mvc-1"]);
     }
 
+    /// As DRBD's active extents: acknowledged regions stay hot up to the bound, so writing
+    /// them again persists nothing; past it the least recently written cool first.
+    #[tokio::test]
+    async fn acknowledged_regions_stay_hot_up_to_the_bound_least_recent_cool_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("d0.img");
+        File::create(&path)
+            .and_then(|f| f.set_len(4 * REGION))
+            .expect("disk");
+        let machine = Machine {
+            name: "vm1".into(),
+            os: Default::default(),
+            disks: vec![Disk {
+                id: "d0".into(),
+                datastore: "ds".into(),
+                path,
+                size: 4 * REGION,
+            }],
+            resized: false,
+        };
+        let state = dir.path().join("state");
+        let c = Capture::open(
+            &machine,
+            &state,
+            64 << 20,
+            Arc::new(HostBudget::unlimited()),
+        )
+        .expect("open");
+        c.set_active_regions(2);
+        c.set_logging(true);
+        for r in [3u64, 0, 2] {
+            c.write(0, r * REGION, Bytes::from_static(b"x"))
+                .await
+                .expect("write");
+        }
+        let al = state.join("activity-log.json");
+        let all = c.last_entry_id();
+        c.acked(c.buffered());
+        c.cool(all).expect("cool");
+        let hot: Vec<u64> = c.hot_regions().iter().map(|(_, o, _)| o / REGION).collect();
+        assert_eq!(hot, vec![0, 2], "region 3, written first, cooled first");
+        // Writing a region that is still hot makes nothing durable (no new file renamed in).
+        let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&al).expect("al"));
+        c.write(0, 2 * REGION + 10, Bytes::from_static(b"y"))
+            .await
+            .expect("write");
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&al).expect("al")),
+            inode,
+            "the activity log was rewritten for a hot region"
+        );
+        // Within the bound nothing cools, however old.
+        let all = c.last_entry_id();
+        c.acked(c.buffered());
+        c.cool(all).expect("cool");
+        assert_eq!(c.hot_regions().len(), 2);
+    }
+
     /// Two machines share a host budget of 64 KiB: once one holds it all, the other's second
     /// write waits (its first may always go) and its capture says the host budget throttles
     /// it; an acknowledgement of the first frees the budget and the write completes. Stopping
@@ -874,6 +956,7 @@ mod tests {
             Arc::new(HostBudget::unlimited()),
         )
         .expect("open");
+        c.set_active_regions(0);
         c.set_logging(true);
         c.write(0, 0, Bytes::from_static(b"a"))
             .await
@@ -914,6 +997,7 @@ mod tests {
             Arc::new(HostBudget::unlimited()),
         )
         .expect("reopen");
+        c.set_active_regions(0);
         assert_eq!(c.hot_regions(), vec![(0, 2 * REGION, REGION)]);
     }
 
