@@ -750,6 +750,25 @@ mod tests {
         c
     }
 
+    /// vm1 with one disk `d0` of four regions in `dir`.
+    fn four_regions(dir: &Path) -> Machine {
+        let path = dir.join("d0.img");
+        File::create(&path)
+            .and_then(|f| f.set_len(4 * REGION))
+            .expect("disk");
+        Machine {
+            name: "vm1".into(),
+            os: Default::default(),
+            disks: vec![Disk {
+                id: "d0".into(),
+                datastore: "ds".into(),
+                path,
+                size: 4 * REGION,
+            }],
+            resized: false,
+        }
+    }
+
     fn tags(c: &Capture) -> Vec<String> {
         c.lock()
             .log
@@ -803,21 +822,7 @@ mod tests {
     #[tokio::test]
     async fn acknowledged_regions_stay_hot_up_to_the_bound_least_recent_cool_first() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("d0.img");
-        File::create(&path)
-            .and_then(|f| f.set_len(4 * REGION))
-            .expect("disk");
-        let machine = Machine {
-            name: "vm1".into(),
-            os: Default::default(),
-            disks: vec![Disk {
-                id: "d0".into(),
-                datastore: "ds".into(),
-                path,
-                size: 4 * REGION,
-            }],
-            resized: false,
-        };
+        let machine = four_regions(dir.path());
         let state = dir.path().join("state");
         let c = Capture::open(
             &machine,
@@ -933,21 +938,7 @@ mod tests {
     #[tokio::test]
     async fn regions_cool_only_when_told_and_only_up_to_the_entry() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("d0.img");
-        File::create(&path)
-            .and_then(|f| f.set_len(4 * REGION))
-            .expect("disk");
-        let machine = Machine {
-            name: "vm1".into(),
-            os: Default::default(),
-            disks: vec![Disk {
-                id: "d0".into(),
-                datastore: "ds".into(),
-                path,
-                size: 4 * REGION,
-            }],
-            resized: false,
-        };
+        let machine = four_regions(dir.path());
         let state = dir.path().join("state");
         let c = Capture::open(
             &machine,

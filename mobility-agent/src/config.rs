@@ -61,7 +61,7 @@ pub struct AgentConfig {
     pub app_scripts: BTreeMap<String, crate::scripts::AppScripts>,
     /// Also serves every running machine's disks over TCP at this address (e.g.
     /// `127.0.0.1:10809`; port 0 picks one), TLS required (`nbds://`), for operators' lab
-    /// certificates only: [`crate::export_tls`]. Empty: Unix sockets only.
+    /// certificates only (the `export_tls` module). Empty: Unix sockets only.
     pub nbd_listen: String,
 }
 

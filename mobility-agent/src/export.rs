@@ -12,7 +12,7 @@
 //! the live one.
 //!
 //! [`HostExports`] holds every running machine's exports under names `MACHINE/DISK`: what the
-//! host serves over TCP when `nbd_listen` is set ([`crate::export_tls`]).
+//! host serves over TCP when `nbd_listen` is set (the `export_tls` module).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
