@@ -92,10 +92,29 @@ pub async fn run(
     if let Some(addr) = config.nbd_listen().map_err(anyhow::Error::msg)? {
         export_tls::start(addr, &config.data_dir, &host, exports.clone(), &shutdown).await?;
     }
+    let budget = Arc::new(budget::HostBudget::new(config.replication_budget.as_u64()));
+    host_metrics.budget.set(budget.cap() as f64);
+    {
+        // The budget's use, as of the last second.
+        let (budget, used, stop) = (
+            budget.clone(),
+            host_metrics.budget_used.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => used.set(budget.used() as f64),
+                    _ = stop.cancelled() => return,
+                }
+            }
+        });
+    }
     let host_metrics = Arc::new(HostShared {
         metrics: host_metrics,
         exports,
-        budget: Arc::new(budget::HostBudget::new(config.replication_budget.as_u64())),
+        budget,
     });
 
     let mut running = Running::default();

@@ -1,7 +1,8 @@
 //! A host's per-item Prometheus series (labels `item` and `machine`, one set per machine
 //! replicating from this host): the capture-to-target lag of every batch (a histogram), the
 //! bytes the process server acknowledged, and the bytes out of sync (captured but not
-//! acknowledged, plus what a copy or resync still has to compare or send).
+//! acknowledged, plus what a copy or resync still has to compare or send); and the host's
+//! replication memory budget, its size and what its machines hold of it.
 
 use std::sync::Arc;
 
@@ -20,6 +21,9 @@ pub struct HostMetrics {
     lag: HistogramVec,
     replicated: IntCounterVec,
     outofsync: GaugeVec,
+    /// `replication_budget`, and the bytes all machines hold of it.
+    pub budget: Gauge,
+    pub budget_used: Gauge,
 }
 
 /// One item's series.
@@ -53,6 +57,20 @@ impl HostMetrics {
                         "Bytes of writes (copy, resync and delta) the process server acknowledged.",
                     ),
                     labels,
+                )
+                .unwrap_or_else(|e| panic!("{e}")),
+            ),
+            budget: m.register(
+                Gauge::new(
+                    "flab_host_replication_budget_bytes",
+                    "Replication memory all machines of the host may hold together (replication_budget).",
+                )
+                .unwrap_or_else(|e| panic!("{e}")),
+            ),
+            budget_used: m.register(
+                Gauge::new(
+                    "flab_host_replication_budget_used_bytes",
+                    "Replication memory the host's machines hold: captured or sent, not yet acknowledged.",
                 )
                 .unwrap_or_else(|e| panic!("{e}")),
             ),

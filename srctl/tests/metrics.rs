@@ -174,6 +174,15 @@ fn every_process_serves_metrics_promtool_accepts_and_an_items_series_move() {
         sample(host, &format!("flab_item_outofsync_bytes{im}")).is_some(),
         "{host}"
     );
+    assert_eq!(
+        sample(host, "flab_host_replication_budget_bytes"),
+        Some(2.0 * 1024.0 * 1024.0 * 1024.0),
+        "the default replication_budget of 2 GiB:\n{host}"
+    );
+    assert!(
+        sample(host, "flab_host_replication_budget_used_bytes").is_some(),
+        "{host}"
+    );
     let mt = &bodies["azure-target"];
     for name in [
         "flab_mt_journal_bytes",
