@@ -59,3 +59,41 @@ fn duplicate_machine_names_are_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn an_nbd_listen_that_is_no_address_is_refused() {
+    let (code, err) = run(&format!(
+        "name = \"esx-9\"\nnbd_listen = \"localhost\"\n{CS}"
+    ));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("esx.toml")
+            && err.contains("nbd_listen")
+            && err.contains("`localhost` is not an address and port"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_replication_budget_under_1_mib_is_refused() {
+    let (code, err) = run(&format!(
+        "name = \"esx-9\"\nreplication_budget = \"64 KiB\"\n{CS}"
+    ));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("replication_budget") && err.contains("at least 1 MiB"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_app_script_without_time_is_refused() {
+    let (code, err) = run(&format!(
+        "name = \"esx-9\"\n{CS}[app_scripts.vm1]\npre = \"true\"\ntimeout = \"0s\"\n"
+    ));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("app_scripts.vm1.timeout") && err.contains("must be positive"),
+        "{err}"
+    );
+}
