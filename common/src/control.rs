@@ -8,7 +8,9 @@
 //! component's [`Trust`] here, whatever else the component does; and once less than the CS's
 //! `renew_within` remains of the certificate, a new one is asked for (fresh key, CSR) and
 //! put in the component's [`CredentialsCell`] when it arrives. Whether the stream is up is published in a
-//! `watch` channel.
+//! `watch` channel. Every attempt to open the stream, and every one that the CS welcomed, is
+//! counted per component in [`CONNECTS`] (served by each process's metrics), so a reconnect
+//! storm shows as a number.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +25,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
+
+use prometheus::IntCounterVec;
 
 use crate::enroll::Backoff;
 use crate::identity::{CS_NAME, Role};
@@ -58,6 +62,21 @@ impl Dial {
             .map_err(|e| format!("bad configuration server address {}: {e}", self.address))
     }
 }
+
+/// `flab_control_connects_total{component, outcome}`: control-stream attempts of this process
+/// (`outcome="attempted"`, counted when dialing starts) and those the CS welcomed
+/// (`outcome="welcomed"`), by the component that made them (a host counts each of its
+/// machines' agents under the machine's name).
+pub static CONNECTS: std::sync::LazyLock<IntCounterVec> = std::sync::LazyLock::new(|| {
+    IntCounterVec::new(
+        prometheus::Opts::new(
+            "flab_control_connects_total",
+            "Control-stream connections to the configuration server: attempted, and welcomed by it.",
+        ),
+        &["component", "outcome"],
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+});
 
 /// Starts the supervisor; it runs until `shutdown` is cancelled. Revocations the CS sends
 /// go to `trust` (the component's listeners consult it).
@@ -99,15 +118,20 @@ async fn supervise(
     mut outbox: mpsc::Receiver<ComponentMessage>,
 ) {
     let address = dial.address.clone();
+    let name = hello().name;
+    let attempted = CONNECTS.with_label_values(&[name.as_str(), "attempted"]);
+    let welcomed = CONNECTS.with_label_values(&[name.as_str(), "welcomed"]);
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let mut ends = Ends {
         connected,
         commands,
         outbox: &mut outbox,
         ever_connected: false,
+        welcomed,
     };
     loop {
         let started = Instant::now();
+        attempted.inc();
         let result = session(&dial, &hello, &trust, &shutdown, &mut ends).await;
         let _ = ends.connected.send(false);
         if shutdown.is_cancelled() {
@@ -138,6 +162,8 @@ struct Ends<'a> {
     commands: mpsc::Sender<CsMessage>,
     outbox: &'a mut mpsc::Receiver<ComponentMessage>,
     ever_connected: bool,
+    /// This component's count of sessions the CS welcomed.
+    welcomed: prometheus::IntCounter,
 }
 
 async fn session(
@@ -152,6 +178,7 @@ async fn session(
         commands,
         outbox,
         ever_connected,
+        welcomed,
     } = ends;
     let channel = dial
         .endpoint()?
@@ -186,6 +213,7 @@ async fn session(
         tracing::info!(cs_version = %welcome.cs_version, "registered with the configuration server");
     }
     *ever_connected = true;
+    welcomed.inc();
     let _ = connected.send(true);
 
     let mut ticker = tokio::time::interval(interval);

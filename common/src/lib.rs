@@ -37,6 +37,7 @@ pub mod listener;
 pub mod metrics;
 pub mod os;
 pub mod paths;
+pub mod procstat;
 pub mod renewal;
 pub mod server;
 pub mod telemetry;

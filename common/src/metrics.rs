@@ -51,12 +51,16 @@ impl Default for Metrics {
 
 impl Metrics {
     /// A registry with the process's own metrics (`process_cpu_seconds_total`,
-    /// `process_resident_memory_bytes`, `process_open_fds`, ...).
+    /// `process_resident_memory_bytes`, `process_open_fds`, ...) and its control-stream
+    /// connection counts (`flab_control_connects_total`).
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let process = prometheus::process_collector::ProcessCollector::for_self();
         if let Err(e) = registry.register(Box::new(process)) {
             tracing::warn!("process metrics unavailable: {e}");
+        }
+        if let Err(e) = registry.register(Box::new(crate::control::CONNECTS.clone())) {
+            tracing::warn!("control-stream metrics unavailable: {e}");
         }
         Metrics {
             registry,

@@ -275,7 +275,7 @@ impl Default for CpuSampler {
 
 impl CpuSampler {
     fn sample(&mut self) -> f64 {
-        let Some(cpu_s) = cpu_seconds(self.stat) else {
+        let Some(cpu_s) = failback_common::procstat::cpu_seconds(self.stat) else {
             return 0.0;
         };
         let now = std::time::Instant::now();
@@ -290,17 +290,6 @@ impl CpuSampler {
         self.last = Some((cpu_s, now));
         pct
     }
-}
-
-/// User plus system CPU seconds from a /proc `stat` file (this process's: /proc/self/stat).
-fn cpu_seconds(path: &str) -> Option<f64> {
-    let stat = std::fs::read_to_string(path).ok()?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    // /proc counts in USER_HZ, which Linux fixes at 100 for user space on every architecture.
-    Some(ticks as f64 / 100.0)
 }
 
 /// Host memory in use, from /proc/meminfo.

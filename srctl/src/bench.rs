@@ -257,12 +257,10 @@ where
     F: FnOnce(PathBuf) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<T>>,
 {
-    let dir = temp_lab();
     if progress {
         eprintln!(
-            "bench: starting a one-machine lab with a {} MiB disk in {}",
-            disk_size >> 20,
-            dir.display()
+            "bench: starting a one-machine lab with a {} MiB disk",
+            disk_size >> 20
         );
     }
     let opts = lab::UpOptions {
@@ -272,6 +270,20 @@ where
         env,
         prometheus: false,
     };
+    in_temp_lab_shaped(opts, body).await
+}
+
+/// Starts the lab `opts` describes in a new temporary directory, runs `body` with its
+/// directory, then stops the lab and removes the directory, whether `body` succeeded or not.
+pub(crate) async fn in_temp_lab_shaped<T, F, Fut>(
+    opts: lab::UpOptions,
+    body: F,
+) -> anyhow::Result<T>
+where
+    F: FnOnce(PathBuf) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let dir = temp_lab();
     let result = match lab::up(&dir, &opts).await {
         Ok(_) => body(dir.clone()).await,
         Err(e) => Err(e),

@@ -26,6 +26,7 @@ pub mod bench;
 pub mod bench_disk;
 pub mod bench_link;
 pub mod bench_nbd;
+pub mod bench_scale;
 pub mod client;
 pub mod containers;
 pub mod drill;

@@ -377,6 +377,28 @@ enum BenchCmd {
         json: bool,
     },
     /// Full replication path vs one mutual-TLS gRPC stream; lag at 20 MB/s of writes.
+    /// ASR's scale: N machines on H hosts registering, all enabled, steady writes, a CS
+    /// restart, a recovery-plan failover of min(N, 100); drops, RPO, lag, CPU and memory per
+    /// process, and the process server's CPU per MB against one machine alone.
+    Scale {
+        #[arg(long, default_value_t = 200)]
+        machines: usize,
+        #[arg(long, default_value_t = 2)]
+        hosts: usize,
+        /// MB/s each machine writes (0: idle).
+        #[arg(long, default_value_t = 0.12)]
+        rate: f64,
+        /// The steady window.
+        #[arg(long, default_value = "10m")]
+        duration: humantime::Duration,
+        #[arg(long, default_value = "16MiB")]
+        disk_size: String,
+        /// Skip the recovery-plan failover.
+        #[arg(long)]
+        no_plan: bool,
+        #[arg(long)]
+        json: bool,
+    },
     Replication {
         #[arg(long, default_value = "512MiB")]
         size: String,
@@ -1015,6 +1037,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     );
                 }
             }
+        }
+        Cmd::Bench(BenchCmd::Scale {
+            machines,
+            hosts,
+            rate,
+            duration,
+            disk_size,
+            no_plan,
+            json,
+        }) => {
+            let opts = srctl::bench_scale::ScaleOptions {
+                machines,
+                hosts,
+                rate_mb_s: rate,
+                duration: duration.into(),
+                disk_size: parse_size(&disk_size)?,
+                plan: !no_plan,
+            };
+            let r = srctl::bench_scale::run(opts, !json).await?;
+            srctl::bench_scale::print(&r, json)?;
         }
         Cmd::Bench(BenchCmd::Replication {
             size,

@@ -15,20 +15,6 @@ use std::process::{Command, Stdio};
 use common::*;
 use serde_json::Value;
 
-/// The body of `GET /metrics` at `address` (plain HTTP/1.1, as Prometheus scrapes).
-fn scrape(address: &str) -> String {
-    let mut s = std::net::TcpStream::connect(address)
-        .unwrap_or_else(|e| panic!("connect to the metrics endpoint {address}: {e}"));
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")
-        .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
-    body.to_string()
-}
-
 /// `promtool check metrics` on `body`: its verdict, or a clear failure naming the package.
 fn promtool(name: &str, body: &str) {
     let mut child = Command::new("promtool")
@@ -135,6 +121,15 @@ fn every_process_serves_metrics_promtool_accepts_and_an_items_series_move() {
             assert!(
                 body.lines().any(|l| l.starts_with(&series)),
                 "{name} ({binary}) lacks {series}:\n{body}"
+            );
+        }
+        // Every process but the CS keeps control streams and counts their connections.
+        if binary != "config-server" {
+            assert!(
+                body.lines()
+                    .any(|l| l.starts_with("flab_control_connects_total{")
+                        && l.contains("outcome=\"welcomed\"")),
+                "{name} ({binary}) lacks flab_control_connects_total:\n{body}"
             );
         }
         bodies.insert(name.clone(), body);

@@ -190,3 +190,18 @@ pub fn verify_point_after(lab: &Path, machine: &str, after_ms: i64, context: &st
     ));
     assert_eq!(v["equal"], true, "{context}: {v}");
 }
+
+/// The body of `GET /metrics` at `address` (plain HTTP/1.1, as Prometheus scrapes).
+pub fn scrape(address: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(address)
+        .unwrap_or_else(|e| panic!("connect to the metrics endpoint {address}: {e}"));
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    body.to_string()
+}
