@@ -1,6 +1,7 @@
-//! What Linux's /proc says a process has used: its CPU time and its peak resident memory.
-//! The process server's CPU health rule and `srctl bench scale`'s per-process table read
-//! the same numbers.
+//! What Linux's /proc says a process has used (its CPU time, its peak resident memory) and
+//! how much memory the machine (or the container's cgroup) has. The process server's CPU
+//! health rule and `srctl bench scale`'s per-process table read the same numbers; a host
+//! checks its replication budget against the memory.
 
 /// User plus system CPU seconds from a /proc `stat` file (`/proc/self/stat`,
 /// `/proc/thread-self/stat`, `/proc/PID/stat`); `None` if it can't be read.
@@ -32,6 +33,28 @@ pub fn peak_rss_bytes(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Memory this process may use: the machine's `MemTotal`, or the cgroup v2 `memory.max`
+/// when that is lower (a container with a memory limit). `None` if neither can be read.
+pub fn memory_limit_bytes() -> Option<u64> {
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        let kib: u64 = s
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()?;
+        Some(kib * 1024)
+    });
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    match (total, cgroup) {
+        (Some(t), Some(c)) => Some(t.min(c)),
+        (t, c) => t.or(c),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -50,5 +73,7 @@ mod tests {
         let rss = peak_rss_bytes(std::process::id()).unwrap_or(0);
         assert!(rss > 1 << 20, "peak rss {rss}");
         assert_eq!(process_cpu_seconds(u32::MAX), None);
+        let memory = memory_limit_bytes().unwrap_or(0);
+        assert!(memory > rss, "memory {memory}, this process {rss}");
     }
 }

@@ -140,6 +140,19 @@ impl AgentConfig {
                 ),
             ));
         }
+        if let Some(memory) = failback_common::procstat::memory_limit_bytes()
+            && self.replication_budget.as_u64() > memory
+        {
+            return Err(key(
+                "replication_budget".into(),
+                format!(
+                    "{} is more than this machine's memory ({}): the host could not hold what \
+                     it promises to buffer; lower it (the default is 2 GiB)",
+                    self.replication_budget,
+                    ByteSize::b(memory)
+                ),
+            ));
+        }
         let mut ds_names = HashSet::new();
         for (i, ds) in self.datastore.iter().enumerate() {
             validate_name(&ds.name).map_err(|m| key(format!("datastore[{i}].name"), m))?;

@@ -87,6 +87,18 @@ fn a_replication_budget_under_1_mib_is_refused() {
 }
 
 #[test]
+fn a_replication_budget_over_the_machines_memory_is_refused() {
+    let (code, err) = run(&format!(
+        "name = \"esx-9\"\nreplication_budget = \"64 PiB\"\n{CS}"
+    ));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("replication_budget") && err.contains("more than this machine's memory"),
+        "{err}"
+    );
+}
+
+#[test]
 fn an_app_script_without_time_is_refused() {
     let (code, err) = run(&format!(
         "name = \"esx-9\"\n{CS}[app_scripts.vm1]\npre = \"true\"\ntimeout = \"0s\"\n"

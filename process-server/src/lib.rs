@@ -96,8 +96,10 @@ pub async fn run(
     let capacity = config.cache_capacity.as_u64();
     let cache =
         tokio::task::spawn_blocking(move || cache::Cache::open(&cache_dir, capacity)).await??;
+    let cache = std::sync::Arc::new(cache);
+    tokio::spawn(record_released(cache.clone(), shutdown.clone()));
     let dp = data::DataPlane::new(
-        std::sync::Arc::new(cache),
+        cache,
         registered.credentials.clone(),
         &config.data_dir,
         shutdown.clone(),
@@ -125,6 +127,24 @@ pub async fn run(
     tracing::info!(address = %listener.local_addr()?, "process server ready");
     failback_common::server::serve(router, listener, secured, shutdown).await?;
     Ok(())
+}
+
+/// Writes the cache's released-sequence records once a second (see the cache's
+/// "Durability"), until shutdown.
+async fn record_released(cache: std::sync::Arc<cache::Cache>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let c = cache.clone();
+        match tokio::task::spawn_blocking(move || c.record_released()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!("recording released batches: {e}"),
+            Err(e) => tracing::warn!("recording released batches: {e}"),
+        }
+    }
 }
 
 async fn handle_commands(

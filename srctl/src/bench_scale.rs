@@ -482,8 +482,10 @@ async fn steady(dir: &Path, window: Duration) -> anyhow::Result<Steady> {
         if start.elapsed() >= window {
             break last;
         }
-        tokio::time::sleep(Duration::from_secs(5).min(window.saturating_sub(start.elapsed())))
-            .await;
+        // A random period: polling at the point interval would see every item at the same
+        // phase of its point cycle and report one RPO value.
+        let period = Duration::from_millis(rand::random_range(700..1700));
+        tokio::time::sleep(period.min(window.saturating_sub(start.elapsed()))).await;
     };
     let seconds = start.elapsed().as_secs_f64();
     let cpu1 = cpu_of(&state);

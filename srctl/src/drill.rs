@@ -48,6 +48,8 @@ use crate::{infra, item, lab, link};
 
 pub use crate::stages::STAGES;
 
+/// How long a scenario run retries a refused step before the stage fails with the refusal.
+const RETRY_FOR: Duration = Duration::from_secs(60);
 /// How long any one wait of the drill may take before the stage fails.
 const STAGE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long `wait_state` waits, once the state is reached, for every item to report a lag.
@@ -808,12 +810,21 @@ impl Drill {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = anyhow::Result<T>>,
     {
+        // Faults last seconds; a refusal that outlasts this is not one of theirs (e.g. a master
+        // target's 60-disk limit) and ends the stage with its own words, not a timeout.
+        let give_up = std::time::Instant::now() + RETRY_FOR;
         loop {
             match op().await {
                 Ok(v) => return Ok(v),
-                Err(e) if self.retry => {
+                Err(e) if self.retry && std::time::Instant::now() < give_up => {
                     self.say(format!("{what}: {e:#}; retrying"));
                     tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) if self.retry => {
+                    return Err(e.context(format!(
+                        "{what} (still refused after {} s of retries)",
+                        RETRY_FOR.as_secs()
+                    )));
                 }
                 Err(e) => return Err(e.context(what.to_string())),
             }
