@@ -20,7 +20,7 @@ use failback_common::control::now_ms;
 use failback_common::identity::{Identity, Role, authorize};
 use failback_proto::pb::control::{
     ComponentMessage, CsMessage, HeartbeatAck, Hello, Renewed, Revocations, Welcome,
-    component_message, control_server::Control, cs_message,
+    component_message, control_server::Control, cs_message, report,
 };
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -57,6 +57,28 @@ pub fn heartbeat_for(
         .min(MAX_HEARTBEAT_INTERVAL);
     let interval = interval.max(spread);
     (interval, timeout.max(interval * 4))
+}
+
+/// Counts `m` in [`crate::metrics::MESSAGES`] by its kind.
+fn count(m: ComponentMessage) -> ComponentMessage {
+    use component_message::Kind;
+    let kind = match &m.kind {
+        Some(Kind::Heartbeat(_)) => "heartbeat",
+        Some(Kind::Report(r)) => match &r.kind {
+            Some(report::Kind::Progress(_)) => "progress",
+            Some(report::Kind::PointAdded(_)) => "point_added",
+            Some(report::Kind::PointsPruned(_)) => "points_pruned",
+            Some(report::Kind::ReplicaDamaged(_)) => "replica_damaged",
+            Some(report::Kind::PsStatus(_)) => "ps_status",
+            None => "report_empty",
+        },
+        Some(Kind::Result(_)) => "result",
+        Some(Kind::Renew(_)) => "renew",
+        Some(Kind::Hello(_)) => "hello",
+        None => "empty",
+    };
+    crate::metrics::MESSAGES.with_label_values(&[kind]).inc();
+    m
 }
 
 fn check_hello(hello: &Hello, who: &Identity) -> Result<(), Status> {
@@ -234,9 +256,12 @@ impl Control for ControlService {
         check_hello(&hello, &who)?;
         let now = now_ms();
         let registered = hello.clone();
-        state
+        let registered_count = state
             .store
-            .call(move |db| db.register(&registered, now))
+            .call(move |db| {
+                db.register(&registered, now)?;
+                db.component_count()
+            })
             .await?;
         if who.role == Role::MasterTarget {
             state.set_snapshots(&who.name, hello.snapshots.clone());
@@ -245,7 +270,10 @@ impl Control for ControlService {
         let (interval, silence) = heartbeat_for(
             state.config.heartbeat_interval,
             state.config.heartbeat_timeout,
-            state.sessions.lock().len(),
+            // Planned for every registered component, not only those connected so far: after a
+            // CS restart all reconnect at once, and the first to come back would otherwise keep
+            // the interval of an empty CS (1,000 streams made 600 heartbeats a second, not 250).
+            state.sessions.lock().len().max(registered_count),
         );
         let (tx, rx) = mpsc::channel(64);
         tx.send(Ok(CsMessage {
@@ -329,7 +357,7 @@ async fn pump(
             Err(_) => return format!("no heartbeat for {timeout:?}"),
             Ok(Err(s)) => return format!("stream error: {}", s.message()),
             Ok(Ok(None)) => return "control stream closed".into(),
-            Ok(Ok(Some(m))) => match m.kind {
+            Ok(Ok(Some(m))) => match count(m).kind {
                 Some(component_message::Kind::Heartbeat(hb)) => {
                     let now = now_ms();
                     if let Some(s) = state.sessions.lock().get_mut(&who.name) {

@@ -91,7 +91,7 @@ pub async fn tagger(state: Arc<State>, stop: CancellationToken) {
         }
         let Ok((items, policies)) = state
             .store
-            .call(|db| Ok((db.items()?, db.policies()?)))
+            .call(|db| Ok((db.grouped_items()?, db.policies()?)))
             .await
         else {
             continue;

@@ -11,7 +11,7 @@ use failback_proto::pb::operator::{Item, ItemDisk, Point, Policy};
 
 use crate::item::{ItemRow, ItemState, Throttle, default_policy};
 use crate::state::State;
-use crate::store::{ComponentRow, DbError};
+use crate::store::{DbError, DiskRow};
 
 /// A replication stream down this long while both ends talk to the CS: ASR 78186.
 const PS_UNREACHABLE_AFTER_MS: i64 = 10_000;
@@ -21,7 +21,7 @@ struct Rows {
     items: Vec<ItemRow>,
     points: HashMap<String, Vec<Point>>,
     policies: Vec<Policy>,
-    machines: HashMap<String, ComponentRow>,
+    disks: HashMap<String, Vec<DiskRow>>,
 }
 
 /// The operator's views of every active item (of `machine` only, if given).
@@ -35,19 +35,24 @@ pub async fn views(state: &State, machine: Option<&str>) -> Result<Vec<Item>, Db
                 .into_iter()
                 .filter(|i| machine.as_ref().is_none_or(|m| &i.machine == m))
                 .collect();
-            let mut points = HashMap::new();
-            let mut machines = HashMap::new();
-            for i in &items {
-                points.insert(i.id.clone(), db.points(&i.id)?);
-                if let Some(m) = db.component(&i.machine)? {
-                    machines.insert(i.machine.clone(), m);
+            // All items: a few queries in all, not a few per item (the metrics refresh reads
+            // every item each second; at 1,000 items per-item queries kept the CS busy).
+            let (points, disks) = match &machine {
+                None => (db.points_by_item()?, db.disks_by_machine()?),
+                Some(m) => {
+                    let mut points = HashMap::new();
+                    for i in &items {
+                        points.insert(i.id.clone(), db.points(&i.id)?);
+                    }
+                    let disks = db.component(m)?.map(|c| c.disks).unwrap_or_default();
+                    (points, HashMap::from([(m.clone(), disks)]))
                 }
-            }
+            };
             Ok(Rows {
                 items,
                 points,
                 policies: db.policies()?,
-                machines,
+                disks,
             })
         })
         .await?;
@@ -66,7 +71,7 @@ pub async fn views(state: &State, machine: Option<&str>) -> Result<Vec<Item>, Db
                 i,
                 rows.points.get(&i.id).cloned().unwrap_or_default(),
                 &policy,
-                rows.machines.get(&i.machine),
+                rows.disks.get(&i.machine).map(Vec::as_slice).unwrap_or(&[]),
             )
         })
         .collect())
@@ -78,7 +83,7 @@ fn view(
     item: &ItemRow,
     points: Vec<Point>,
     policy: &Policy,
-    machine: Option<&ComponentRow>,
+    disks: &[DiskRow],
 ) -> Item {
     let progress = state
         .live_progress(&item.id)
@@ -180,10 +185,9 @@ fn view(
             ),
         );
     }
-    let disks = machine
-        .map(|m| m.disks.clone())
-        .unwrap_or_default()
-        .into_iter()
+    let disks = disks
+        .iter()
+        .cloned()
         .map(|d| {
             let (st, pct) = progress
                 .disks

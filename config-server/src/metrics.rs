@@ -1,15 +1,17 @@
 //! The configuration server's Prometheus series: per item (labels `item`, `machine`) its
 //! RPO, state and health as the operator API shows them; the components connected, the
-//! heartbeat age of each, the control streams that ended, and the jobs per state.
+//! heartbeat age of each, the control streams that ended, the messages taken from them by
+//! kind, and the jobs per state.
 //!
 //! What needs the database is refreshed once a second by [`Refresh::run`] (a scrape never
 //! waits for the store); what lives in memory (sessions) is read at scrape time.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use failback_common::metrics::prometheus::{Gauge, GaugeVec, IntCounter, Opts};
+use failback_common::metrics::prometheus::{Gauge, GaugeVec, IntCounter, IntCounterVec, Opts};
 use failback_common::metrics::{Metrics, set_state};
 use tokio_util::sync::CancellationToken;
 
@@ -21,16 +23,35 @@ fn vec(m: &Metrics, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
     m.register(GaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("{e}")))
 }
 
+/// `flab_cs_control_messages_total{kind}`: messages the CS took from control streams, by
+/// kind (heartbeat, progress, point_added, points_pruned, replica_damaged, ps_status, result,
+/// renew): what a CS's load is made of.
+pub static MESSAGES: std::sync::LazyLock<IntCounterVec> = std::sync::LazyLock::new(|| {
+    IntCounterVec::new(
+        Opts::new(
+            "flab_cs_control_messages_total",
+            "Messages taken from the components' control streams, by kind.",
+        ),
+        &["kind"],
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+});
+
 /// The series refreshed from the database.
 pub struct Refresh {
     rpo: GaugeVec,
     state: GaugeVec,
     health: GaugeVec,
     jobs: GaugeVec,
+    /// The (item, machine) label pairs set by the last refresh: only those gone are removed,
+    /// the rest are set in place (rebuilding every series each second cost a 1,000-item CS
+    /// more than the reads).
+    shown: std::sync::Mutex<HashSet<(String, String)>>,
 }
 
 /// Registers the CS's series on `m`; the returned [`Refresh`] keeps the database ones current.
 pub fn register(m: &Metrics) -> Refresh {
+    m.register(MESSAGES.clone());
     Refresh {
         rpo: vec(
             m,
@@ -51,6 +72,7 @@ pub fn register(m: &Metrics) -> Refresh {
             &["item", "machine", "health"],
         ),
         jobs: vec(m, "flab_cs_jobs", "Jobs per state.", &["state"]),
+        shown: Default::default(),
     }
 }
 
@@ -75,9 +97,23 @@ impl Refresh {
         let states: Vec<&str> = ItemState::ALL.iter().map(|s| s.as_str()).collect();
         let levels: Vec<String> = Level::ALL.iter().map(|l| l.to_string()).collect();
         let levels: Vec<&str> = levels.iter().map(String::as_str).collect();
-        self.rpo.reset();
-        self.state.reset();
-        self.health.reset();
+        let now: HashSet<(String, String)> = items
+            .iter()
+            .map(|i| (i.id.clone(), i.machine.clone()))
+            .collect();
+        let mut shown = self.shown.lock().unwrap_or_else(|e| e.into_inner());
+        for (item, machine) in shown.difference(&now) {
+            let key = [item.as_str(), machine.as_str()];
+            let _ = self.rpo.remove_label_values(&key);
+            for s in &states {
+                let _ = self.state.remove_label_values(&[key[0], key[1], s]);
+            }
+            for l in &levels {
+                let _ = self.health.remove_label_values(&[key[0], key[1], l]);
+            }
+        }
+        *shown = now;
+        drop(shown);
         for i in &items {
             let key = [i.id.as_str(), i.machine.as_str()];
             self.rpo.with_label_values(&key).set(i.rpo_seconds);

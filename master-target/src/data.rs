@@ -44,6 +44,9 @@ pub struct ItemReplica {
     apply: Notify,
     /// Bytes journaled since the applier last started a round (wakes it before APPLY_AFTER).
     journaled_bytes: std::sync::atomic::AtomicU64,
+    /// Whether a replica disk was an overlay over a frozen base at the applier's last round
+    /// (it then looks every 2 s whether the base can be folded back; otherwise every 30 s).
+    overlaid: std::sync::atomic::AtomicBool,
     /// Stops the applier (the replica is removed).
     stop: CancellationToken,
     /// When each batch not yet applied was journaled (the apply lag).
@@ -246,6 +249,7 @@ impl Replicas {
             retention_ms: std::sync::atomic::AtomicU64::new(p.retention_ms),
             apply: Notify::new(),
             journaled_bytes: std::sync::atomic::AtomicU64::new(0),
+            overlaid: std::sync::atomic::AtomicBool::new(true),
             stop: self.shutdown.child_token(),
             journaled_at: Mutex::default(),
         });
@@ -668,14 +672,28 @@ const APPLY_AFTER: Duration = Duration::from_secs(1);
 /// applied as soon as this much is journaled rather than after [`APPLY_AFTER`].
 const APPLY_STEP: usize = 4 << 20;
 
+/// How often a replica looks for points past its retention: a twentieth of the window, from
+/// 2 s to a minute (one PointsPruned report then carries several points, not one each).
+fn prune_every(retention_ms: i64) -> Duration {
+    Duration::from_millis((retention_ms / 20).clamp(2_000, 60_000) as u64)
+}
+
 /// Applies journaled batches to the replica disks and prunes points past retention.
 async fn applier(
     replica: Arc<ItemReplica>,
     outbox: mpsc::Sender<ComponentMessage>,
     shutdown: CancellationToken,
 ) {
-    let mut prune_tick = tokio::time::interval(Duration::from_secs(2));
+    // A thousand idle replicas each waking every 2 s to prune, apply nothing and look for a
+    // base to fold kept a target busy: each wakes only when it has something to do, or as
+    // often as its retention and its overlays call for.
+    let mut next_prune = tokio::time::Instant::now() + Duration::from_secs(2);
     loop {
+        let fold_every = if replica.overlaid.load(Ordering::Relaxed) {
+            Duration::from_secs(2)
+        } else {
+            Duration::from_secs(30)
+        };
         tokio::select! {
             // Batches are applied in groups: one undo frame sync, one disk checkpoint
             // (fdatasync) and one state record for all batches journaled within APPLY_AFTER,
@@ -693,10 +711,11 @@ async fn applier(
                 }
             }
             // Folds a disk back once nothing shares its base.
-            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-            _ = prune_tick.tick() => {
+            _ = tokio::time::sleep(fold_every) => {}
+            _ = tokio::time::sleep_until(next_prune) => {
                 let r = replica.clone();
                 let retention = r.retention_ms.load(Ordering::Relaxed) as i64;
+                next_prune = tokio::time::Instant::now() + prune_every(retention);
                 let pruned = tokio::task::spawn_blocking(move || {
                     let mut store = r.store();
                     let all: Vec<(String, i64)> = store.points().into_iter().map(|p| (p.id, p.time_ms)).collect();
@@ -711,6 +730,7 @@ async fn applier(
                     Ok(Err(e)) => tracing::error!(item = %replica.item, "pruning: {e}"),
                     _ => {}
                 }
+                continue;
             }
             _ = shutdown.cancelled() => return,
         }
@@ -723,9 +743,11 @@ async fn applier(
             let step = move || {
                 let mut store = r.store();
                 if store.apply_some(APPLY_STEP)? {
-                    return Ok(true);
+                    return Ok::<bool, crate::replica::ReplicaError>(true);
                 }
-                store.fold_unshared().map(|_| false)
+                store.fold_unshared()?;
+                r.overlaid.store(store.has_overlay(), Ordering::Relaxed);
+                Ok(false)
             };
             match tokio::task::spawn_blocking(step).await {
                 Ok(Ok(true)) if !shutdown.is_cancelled() => continue,

@@ -8,10 +8,12 @@
 //!
 //! # Layout
 //! - [`replica`]: the durable replica store of one item (journal, disks, undo log, points).
+//! - [`commands`]: the CS's commands, concurrent across items, in order within one.
 //! - [`data`]: the `TargetData` service, the applier, verification.
 //! - [`retention`]: which recovery points to keep (ASR's pruning rules).
 //! - [`metrics`]: the `flab_mt_*` series of the `/metrics` endpoint.
 
+pub mod commands;
 pub mod data;
 pub mod metrics;
 pub mod replica;
@@ -25,11 +27,10 @@ use failback_common::component::{DatastoreConfig, advertised, hello, register, v
 use failback_common::config::ConfigError;
 use failback_common::enroll::CsSettings;
 use failback_common::identity::{Identity, Role, Site};
-use failback_proto::pb::control::{ComponentMessage, CsMessage, Hello, command, command_result};
+use failback_proto::pb::control::Hello;
 use failback_proto::pb::data::target_data_server::TargetDataServer;
 use serde::Deserialize;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// `master-target --config FILE` (env `FBL_MT__*`).
@@ -164,7 +165,7 @@ pub async fn run(
     let registry = failback_common::metrics::Metrics::new();
     metrics::register(&registry, replicas.clone());
     failback_common::metrics::start(Some(&config.metrics_listen), &registry, &shutdown).await?;
-    tokio::spawn(handle_commands(
+    tokio::spawn(commands::handle(
         replicas.clone(),
         registered.control.commands,
         registered.control.outbox,
@@ -195,49 +196,6 @@ fn snapshots(dir: &Path) -> Vec<String> {
         .unwrap_or_default();
     names.sort();
     names
-}
-
-async fn handle_commands(
-    replicas: std::sync::Arc<data::Replicas>,
-    mut commands: mpsc::Receiver<CsMessage>,
-    outbox: mpsc::Sender<ComponentMessage>,
-) {
-    let mut answered = failback_common::control::Answered::default();
-    while let Some(cmd) = failback_common::control::next_command(&mut commands).await {
-        let run = || async {
-            match cmd.kind {
-                Some(command::Kind::PrepareReplica(p)) => {
-                    replicas.prepare(p).await.map(|_| None).map_err(Into::into)
-                }
-                Some(command::Kind::VerifyPoint(v)) if !v.vm.is_empty() => replicas
-                    .digest_vm(&v.item, &v.vm, &v.place)
-                    .await
-                    .map(|r| Some(command_result::Detail::Verify(r))),
-                Some(command::Kind::VerifyPoint(v)) => replicas
-                    .verify(&v.item, &v.point)
-                    .await
-                    .map(|r| Some(command_result::Detail::Verify(r))),
-                Some(command::Kind::Materialize(m)) => replicas
-                    .materialize(m)
-                    .await
-                    .map(|r| Some(command_result::Detail::Materialize(r))),
-                Some(command::Kind::DropPoints(d)) => replicas
-                    .drop_points(&d.item)
-                    .await
-                    .map(|_| None)
-                    .map_err(Into::into),
-                Some(command::Kind::RemoveReplica(r)) => replicas
-                    .remove(&r.item)
-                    .await
-                    .map(|_| None)
-                    .map_err(Into::into),
-                _ => Err("a master target doesn't take this command".into()),
-            }
-        };
-        if !failback_common::control::answer(&outbox, &mut answered, cmd.id, run).await {
-            return;
-        }
-    }
 }
 
 #[cfg(test)]

@@ -968,6 +968,11 @@ impl ReplicaStore {
         Ok(folded)
     }
 
+    /// Whether any replica disk is an overlay over a frozen base.
+    pub fn has_overlay(&self) -> bool {
+        self.disks.iter().any(|d| d.disk.is_overlay())
+    }
+
     /// Whether replica disk `id` is an overlay over a frozen base (for status and tests).
     pub fn disk_is_overlay(&self, id: &str) -> Option<bool> {
         self.disks

@@ -1016,15 +1016,16 @@ async fn reporter(
     outbox: mpsc::Sender<ComponentMessage>,
     cancel: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut tick = tokio::time::interval(REPORT_TICK);
     let mut last = (Instant::now(), 0u64);
     let mut rate = 0.0;
+    let mut sent_last: Option<(Instant, ItemProgress)> = None;
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shared.report_now.notified() => {}
+        let asked = tokio::select! {
+            _ = tick.tick() => false,
+            _ = shared.report_now.notified() => true,
             _ = cancel.cancelled() => return,
-        }
+        };
         let sent = shared.bytes_sent.load(Ordering::Relaxed);
         let dt = last.0.elapsed().as_secs_f64();
         if dt > 0.0 {
@@ -1034,6 +1035,10 @@ async fn reporter(
             } else {
                 0.7 * rate + 0.3 * inst
             };
+            // The average only approaches zero; below 1 KiB/s an idle item says it is idle.
+            if inst == 0.0 && rate < 1024.0 {
+                rate = 0.0;
+            }
         }
         last = (Instant::now(), sent);
         let lag = lag_percentiles(&shared);
@@ -1105,33 +1110,103 @@ async fn reporter(
                 }
             })
             .collect();
+        let progress = ItemProgress {
+            item: shared.params.item.clone(),
+            phase: phase as i32,
+            disks,
+            bytes_sent: sent,
+            bytes_per_second: rate,
+            acked_seq: shared.acked_seq.load(Ordering::SeqCst),
+            pending_bytes: shared.capture.buffered(),
+            resync_bytes: shared.resync_bytes.load(Ordering::Relaxed),
+            target_seq: shared.target_seq.load(Ordering::SeqCst),
+            lag_p50_ms: lag.0,
+            lag_p99_ms: lag.1,
+            resync_blocks_compared: shared.resync_blocks.load(Ordering::Relaxed),
+            ps_down_since_ms: shared.ps_down_since_ms.load(Ordering::SeqCst),
+            app_consistency_error: shared
+                .app_error
+                .lock()
+                .map(|a| a.clone())
+                .unwrap_or_default(),
+            write_throttle: throttle.0 as i32,
+            throttle_limit_bytes: throttle.1,
+        };
+        let wait = match &sent_last {
+            _ if asked => false,
+            None => false,
+            // A new phase is news at once (Protected, resync required).
+            Some((_, prev)) if prev.phase != progress.phase => false,
+            Some((at, prev)) if same(prev, &progress) => at.elapsed() < REPORT_AT_LEAST_EVERY,
+            Some((at, _)) => at.elapsed() < REPORT_CHANGED_EVERY,
+        };
+        if wait {
+            continue;
+        }
         let msg = ComponentMessage {
             kind: Some(component_message::Kind::Report(Report {
-                kind: Some(report::Kind::Progress(ItemProgress {
-                    item: shared.params.item.clone(),
-                    phase: phase as i32,
-                    disks,
-                    bytes_sent: sent,
-                    bytes_per_second: rate,
-                    acked_seq: shared.acked_seq.load(Ordering::SeqCst),
-                    pending_bytes: shared.capture.buffered(),
-                    resync_bytes: shared.resync_bytes.load(Ordering::Relaxed),
-                    target_seq: shared.target_seq.load(Ordering::SeqCst),
-                    lag_p50_ms: lag.0,
-                    lag_p99_ms: lag.1,
-                    resync_blocks_compared: shared.resync_blocks.load(Ordering::Relaxed),
-                    ps_down_since_ms: shared.ps_down_since_ms.load(Ordering::SeqCst),
-                    app_consistency_error: shared
-                        .app_error
-                        .lock()
-                        .map(|a| a.clone())
-                        .unwrap_or_default(),
-                    write_throttle: throttle.0 as i32,
-                    throttle_limit_bytes: throttle.1,
-                })),
+                kind: Some(report::Kind::Progress(progress.clone())),
             })),
         };
-        // Progress is periodic: if the control stream is down, dropping one is fine.
-        let _ = outbox.try_send(msg);
+        // Progress is periodic: if the control stream is down, dropping one is fine (the
+        // next change or keepalive carries the state again).
+        if outbox.try_send(msg).is_ok() {
+            sent_last = Some((Instant::now(), progress));
+        }
+    }
+}
+
+/// How often the reporter looks at the item's progress.
+const REPORT_TICK: Duration = Duration::from_millis(250);
+/// An unchanged progress is still sent this often. Between, only a change is: a thousand
+/// idle machines reporting four times a second kept the CS busy with nothing new.
+const REPORT_AT_LEAST_EVERY: Duration = Duration::from_secs(5);
+/// A changed progress (bytes, sequences, lag) is sent at most this often, a new phase at once.
+const REPORT_CHANGED_EVERY: Duration = Duration::from_secs(1);
+
+/// Whether `next` tells the CS nothing `prev` did not: equal but for the transfer rate, which
+/// decays smoothly and counts as changed only when it moves by a tenth (or leaves zero).
+fn same(prev: &ItemProgress, next: &ItemProgress) -> bool {
+    let (a, b) = (prev.bytes_per_second, next.bytes_per_second);
+    let rate_same = (a == 0.0 && b == 0.0) || (a > 0.0 && b > 0.0 && (a - b).abs() <= 0.1 * a);
+    rate_same
+        && ItemProgress {
+            bytes_per_second: 0.0,
+            ..prev.clone()
+        } == ItemProgress {
+            bytes_per_second: 0.0,
+            ..next.clone()
+        }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn progress(acked: u64, rate: f64) -> ItemProgress {
+        ItemProgress {
+            item: "vm1-1".into(),
+            phase: ReplicationPhase::Delta as i32,
+            acked_seq: acked,
+            bytes_per_second: rate,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_unchanged_progress_is_the_same_and_any_other_field_is_news() {
+        assert!(same(&progress(7, 0.0), &progress(7, 0.0)));
+        assert!(!same(&progress(7, 0.0), &progress(8, 0.0)));
+        let mut resync = progress(7, 0.0);
+        resync.phase = ReplicationPhase::Resync as i32;
+        assert!(!same(&progress(7, 0.0), &resync));
+    }
+
+    #[test]
+    fn the_rate_counts_as_changed_only_by_a_tenth_or_leaving_zero() {
+        assert!(same(&progress(7, 1000.0), &progress(7, 1050.0)));
+        assert!(!same(&progress(7, 1000.0), &progress(7, 800.0)));
+        assert!(!same(&progress(7, 0.0), &progress(7, 5.0)));
+        assert!(!same(&progress(7, 5.0), &progress(7, 0.0)));
     }
 }

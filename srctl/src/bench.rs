@@ -220,6 +220,9 @@ pub struct ReplicationReport {
     pub ratio_to_limit: f64,
 }
 
+/// Set (to anything) to keep a shaped bench lab's directory, logs included, after the run.
+const KEEP_LAB: &str = "FLAB_BENCH_KEEP_LAB";
+
 fn temp_lab() -> PathBuf {
     std::env::temp_dir().join(format!(
         "failback-bench-{}-{}",
@@ -289,7 +292,14 @@ where
         Err(e) => Err(e),
     };
     let _ = lab::down(&dir).await;
-    let _ = std::fs::remove_dir_all(&dir);
+    if std::env::var_os(KEEP_LAB).is_some() {
+        eprintln!(
+            "bench: the lab is kept at {} ({KEEP_LAB} is set)",
+            dir.display()
+        );
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     result
 }
 

@@ -113,6 +113,8 @@ pub struct Steady {
     pub processes: Vec<ProcessUse>,
     /// Process-server CPU seconds per MB the agents sent (0 when idle).
     pub ps_cpu_s_per_mb: f64,
+    /// Messages a second the CS took from control streams, by kind, most first.
+    pub cs_messages_per_s: Vec<(String, f64)>,
 }
 
 /// One machine alone at the same aggregate rate.
@@ -524,8 +526,25 @@ async fn steady(dir: &Path, window: Duration) -> anyhow::Result<Steady> {
     health_errors.sort();
     health_errors.dedup();
     health_errors.truncate(5);
+    let kinds = |t: &str| -> BTreeMap<String, f64> {
+        metric_series(t, "flab_cs_control_messages_total")
+            .into_iter()
+            .filter_map(|(l, v)| Some((l.get("kind")?.clone(), v)))
+            .collect()
+    };
+    let before = kinds(&cs0);
+    let mut cs_messages_per_s: Vec<(String, f64)> = kinds(&cs1)
+        .into_iter()
+        .map(|(k, v)| {
+            let n = v - before.get(&k).copied().unwrap_or(0.0);
+            (k, n.max(0.0) / seconds)
+        })
+        .filter(|(_, r)| *r > 0.0)
+        .collect();
+    cs_messages_per_s.sort_by(|a, b| b.1.total_cmp(&a.1));
     Ok(Steady {
         seconds,
+        cs_messages_per_s,
         drops: (drops(&cs1) - drops(&cs0)).max(0.0) as u64,
         rpo_p50_s: percentile(&rpo, 0.5),
         rpo_p99_s: percentile(&rpo, 0.99),
@@ -818,6 +837,16 @@ pub fn print(r: &ScaleReport, as_json: bool) -> anyhow::Result<()> {
     println!("  all Protected after enabling {:>8.1} s", r.protected_s);
     println!("  steady window                {:>8.1} s", s.seconds);
     println!("    control-stream drops       {:>8}", s.drops);
+    let total: f64 = s.cs_messages_per_s.iter().map(|(_, r)| r).sum();
+    let parts: Vec<String> = s
+        .cs_messages_per_s
+        .iter()
+        .map(|(k, r)| format!("{k} {r:.0}"))
+        .collect();
+    println!(
+        "    CS messages a second       {total:>8.0}   {}",
+        parts.join(", ")
+    );
     println!(
         "    items Protected / Healthy  {:>8}   {} / {}",
         "", s.items_protected, s.items_healthy

@@ -85,6 +85,8 @@ fn every_process_serves_metrics_promtool_accepts_and_an_items_series_move() {
             "config-server" => &[
                 "flab_cs_components_connected",
                 "flab_cs_control_stream_drops_total",
+                "flab_cs_control_messages_total{kind=\"heartbeat\"}",
+                "flab_cs_control_messages_total{kind=\"progress\"}",
                 "flab_cs_jobs{state=\"Succeeded\"}",
                 "flab_cs_heartbeat_age_seconds{component=\"ps-onprem\"}",
             ],

@@ -148,6 +148,19 @@ impl Db<'_> {
     }
 
     /// Stores what a component says about itself on registration, in one transaction.
+    /// How many components are registered or expected: machines a host reported whose agent
+    /// has not connected yet count too (a lab coming up registers its hosts first).
+    pub fn component_count(&self) -> Result<usize, DbError> {
+        Ok(self
+            .c
+            .prepare_cached(
+                "SELECT (SELECT COUNT(*) FROM components)
+                      + (SELECT COUNT(*) FROM host_machines
+                         WHERE machine NOT IN (SELECT name FROM components))",
+            )?
+            .query_row([], |r| r.get::<_, i64>(0))? as usize)
+    }
+
     pub fn register(&self, hello: &Hello, now_ms: i64) -> Result<(), DbError> {
         let tx = self.c;
         let addresses = serde_json::to_string(&hello.addresses).unwrap_or_else(|_| "{}".into());
@@ -209,6 +222,32 @@ impl Db<'_> {
         Ok(rows.pop())
     }
 
+    /// Every machine's disks, by machine, in one query (the operator's views of all items).
+    pub fn disks_by_machine(
+        &self,
+    ) -> Result<std::collections::HashMap<String, Vec<DiskRow>>, DbError> {
+        let mut stmt = self.c.prepare_cached(
+            "SELECT machine, disk_id, datastore, path, size FROM disks ORDER BY machine, disk_id",
+        )?;
+        let mut all: std::collections::HashMap<String, Vec<DiskRow>> = Default::default();
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                DiskRow {
+                    id: r.get(1)?,
+                    datastore: r.get(2)?,
+                    path: r.get(3)?,
+                    size: r.get::<_, i64>(4)? as u64,
+                },
+            ))
+        })?;
+        for row in rows {
+            let (machine, disk) = row?;
+            all.entry(machine).or_default().push(disk);
+        }
+        Ok(all)
+    }
+
     /// Every component with its datastores, machines and disks, ordered by site, role, name.
     pub fn list(&self) -> Result<Vec<ComponentRow>, DbError> {
         self.components(None)
@@ -216,13 +255,17 @@ impl Db<'_> {
 
     fn components(&self, only: Option<&str>) -> Result<Vec<ComponentRow>, DbError> {
         let conn = self.c;
-        let mut stmt = conn.prepare_cached(
-            "SELECT name, role, site, cert_fingerprint, enrolled_at_ms, version, addresses, host,
-                    power_state, last_heartbeat_ms, os
-             FROM components WHERE ?1 IS NULL OR name = ?1 ORDER BY site DESC, role, name",
-        )?;
+        // Two statements, not `?1 IS NULL OR name = ?1`: SQLite plans that one as a scan of
+        // every component, and a single lookup (one per item in `item list`) must use the key.
+        const COLUMNS: &str = "SELECT name, role, site, cert_fingerprint, enrolled_at_ms, version,
+                    addresses, host, power_state, last_heartbeat_ms, os FROM components";
+        let mut stmt = match only {
+            Some(_) => conn.prepare_cached(&format!("{COLUMNS} WHERE name = ?1"))?,
+            None => conn.prepare_cached(&format!("{COLUMNS} ORDER BY site DESC, role, name"))?,
+        };
+        let params: Vec<&str> = only.into_iter().collect();
         let mut rows: Vec<ComponentRow> = stmt
-            .query_map([only], |r| {
+            .query_map(rusqlite::params_from_iter(params), |r| {
                 let addresses: String = r.get(6)?;
                 Ok(ComponentRow {
                     name: r.get(0)?,

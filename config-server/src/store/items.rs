@@ -154,14 +154,24 @@ impl Db<'_> {
         Ok(rows)
     }
 
+    /// The active items in a replication group (what the group tagger reads 4 times a second:
+    /// all items would be a thousand rows parsed each time).
+    pub fn grouped_items(&self) -> Result<Vec<ItemRow>, DbError> {
+        let mut stmt = self.c.prepare_cached(&format!(
+            "SELECT {ITEM_COLUMNS} FROM items WHERE active = 1 AND replication_group != ''
+             ORDER BY machine, created_ms"
+        ))?;
+        let rows = stmt
+            .query_map([], item_from_row)?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
     pub fn item(&self, id: &str) -> Result<Option<ItemRow>, DbError> {
         Ok(self
             .c
-            .query_row(
-                &format!("SELECT {ITEM_COLUMNS} FROM items WHERE id = ?1"),
-                [id],
-                item_from_row,
-            )
+            .prepare_cached(&format!("SELECT {ITEM_COLUMNS} FROM items WHERE id = ?1"))?
+            .query_row([id], item_from_row)
             .optional()?)
     }
 
@@ -279,24 +289,23 @@ impl Db<'_> {
     pub fn transition(&self, id: &str, to: ItemState) -> Result<ItemState, StateError> {
         let from: String = self
             .c
-            .query_row("SELECT state FROM items WHERE id = ?1", [id], |r| r.get(0))
+            .prepare_cached("SELECT state FROM items WHERE id = ?1")?
+            .query_row([id], |r| r.get(0))
             .optional()?
             .ok_or_else(|| StateError::NoItem(id.to_string()))?;
         let from: ItemState = from.parse().map_err(|e| bad_label(3, e))?;
         from.transition(id, to)?;
-        self.c.execute(
-            "UPDATE items SET state = ?2 WHERE id = ?1",
-            params![id, to.as_str()],
-        )?;
+        self.c
+            .prepare_cached("UPDATE items SET state = ?2 WHERE id = ?1")?
+            .execute(params![id, to.as_str()])?;
         Ok(from)
     }
 
     pub fn set_item_progress(&self, id: &str, progress: &Progress) -> Result<(), DbError> {
         let json = serde_json::to_string(progress).unwrap_or_else(|_| "{}".into());
-        self.c.execute(
-            "UPDATE items SET progress = ?2 WHERE id = ?1",
-            params![id, json],
-        )?;
+        self.c
+            .prepare_cached("UPDATE items SET progress = ?2 WHERE id = ?1")?
+            .execute(params![id, json])?;
         Ok(())
     }
 
@@ -353,10 +362,11 @@ impl Db<'_> {
     }
 
     pub fn add_point(&self, p: &PointAdded) -> Result<(), DbError> {
-        self.c.execute(
-            "INSERT OR IGNORE INTO recovery_points(item, id, seq, time_ms, kind) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![p.item, p.id, p.seq as i64, p.time_ms, p.kind],
-        )?;
+        self.c
+            .prepare_cached(
+                "INSERT OR IGNORE INTO recovery_points(item, id, seq, time_ms, kind) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![p.item, p.id, p.seq as i64, p.time_ms, p.kind])?;
         Ok(())
     }
 
@@ -368,6 +378,30 @@ impl Db<'_> {
             stmt.execute(params![item, id])?;
         }
         Ok(())
+    }
+
+    /// Every item's recovery points, oldest first, by item, in one query.
+    pub fn points_by_item(&self) -> Result<std::collections::HashMap<String, Vec<Point>>, DbError> {
+        let mut stmt = self.c.prepare_cached(
+            "SELECT item, id, time_ms, kind, seq FROM recovery_points ORDER BY item, seq",
+        )?;
+        let mut all: std::collections::HashMap<String, Vec<Point>> = Default::default();
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                Point {
+                    id: r.get(1)?,
+                    time_ms: r.get(2)?,
+                    kind: r.get(3)?,
+                    seq: r.get::<_, i64>(4)? as u64,
+                },
+            ))
+        })?;
+        for row in rows {
+            let (item, point) = row?;
+            all.entry(item).or_default().push(point);
+        }
+        Ok(all)
     }
 
     /// The item's recovery points, oldest first.
