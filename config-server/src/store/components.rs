@@ -229,8 +229,7 @@ impl Db<'_> {
         let mut stmt = self.c.prepare_cached(
             "SELECT machine, disk_id, datastore, path, size FROM disks ORDER BY machine, disk_id",
         )?;
-        let mut all: std::collections::HashMap<String, Vec<DiskRow>> = Default::default();
-        let rows = stmt.query_map([], |r| {
+        super::grouped(stmt.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 DiskRow {
@@ -240,12 +239,7 @@ impl Db<'_> {
                     size: r.get::<_, i64>(4)? as u64,
                 },
             ))
-        })?;
-        for row in rows {
-            let (machine, disk) = row?;
-            all.entry(machine).or_default().push(disk);
-        }
-        Ok(all)
+        })?)
     }
 
     /// Every component with its datastores, machines and disks, ordered by site, role, name.

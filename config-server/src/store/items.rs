@@ -385,8 +385,7 @@ impl Db<'_> {
         let mut stmt = self.c.prepare_cached(
             "SELECT item, id, time_ms, kind, seq FROM recovery_points ORDER BY item, seq",
         )?;
-        let mut all: std::collections::HashMap<String, Vec<Point>> = Default::default();
-        let rows = stmt.query_map([], |r| {
+        super::grouped(stmt.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 Point {
@@ -396,12 +395,7 @@ impl Db<'_> {
                     seq: r.get::<_, i64>(4)? as u64,
                 },
             ))
-        })?;
-        for row in rows {
-            let (item, point) = row?;
-            all.entry(item).or_default().push(point);
-        }
-        Ok(all)
+        })?)
     }
 
     /// The item's recovery points, oldest first.

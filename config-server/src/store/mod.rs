@@ -194,6 +194,19 @@ fn run(conn: Connection, rx: std_mpsc::Receiver<Op>) {
     }
 }
 
+/// Collects `(key, value)` rows into each key's values, in row order (one query read for many
+/// items instead of a query per item).
+fn grouped<V>(
+    rows: impl Iterator<Item = rusqlite::Result<(String, V)>>,
+) -> Result<std::collections::HashMap<String, Vec<V>>, DbError> {
+    let mut all: std::collections::HashMap<String, Vec<V>> = Default::default();
+    for row in rows {
+        let (key, value) = row?;
+        all.entry(key).or_default().push(value);
+    }
+    Ok(all)
+}
+
 /// Makes the database file the owner's only (0600) before SQLite opens it: it holds the CA
 /// key and the passphrase. SQLite gives its `-wal` and `-shm` files the database file's mode;
 /// those left by an older run are fixed too.
