@@ -229,6 +229,7 @@ fn view(
         resync_bytes: progress.resync_bytes,
         resync_blocks_compared: progress.resync_blocks_compared,
         target_seq: progress.target_seq,
+        target_seq_at_ms: progress.target_seq_at_ms,
         lag_p50_ms: progress.lag_p50_ms,
         lag_p99_ms: progress.lag_p99_ms,
     }

@@ -328,6 +328,9 @@ pub struct Progress {
     pub resync_blocks_compared: u64,
     #[serde(default)]
     pub target_seq: u64,
+    /// When (Unix ms) the agent learned that the target holds `target_seq`.
+    #[serde(default)]
+    pub target_seq_at_ms: i64,
     #[serde(default)]
     pub lag_p50_ms: f64,
     #[serde(default)]

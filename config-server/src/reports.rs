@@ -120,6 +120,7 @@ async fn on_progress(state: &Arc<State>, item: ItemRow, p: ItemProgress) -> Resu
         resync_bytes: p.resync_bytes,
         resync_blocks_compared: p.resync_blocks_compared,
         target_seq: p.target_seq,
+        target_seq_at_ms: p.target_seq_at_ms,
         lag_p50_ms: p.lag_p50_ms,
         lag_p99_ms: p.lag_p99_ms,
         ps_down_since_ms: p.ps_down_since_ms,

@@ -131,6 +131,8 @@ struct Shared {
     bytes_sent: AtomicU64,
     /// Highest seq durable at the target (from the PS's acks).
     target_seq: AtomicU64,
+    /// When (Unix ms) `target_seq` last moved.
+    target_seq_at_ms: std::sync::atomic::AtomicI64,
     /// Batches the PS has but the target may not yet: (seq, capture time of the oldest write).
     awaiting_target: std::sync::Mutex<VecDeque<(u64, Instant)>>,
     /// Capture -> target-journal lag samples of the last 10 s: (when, lag).
@@ -262,6 +264,7 @@ pub fn start(
         resync_blocks: AtomicU64::new(0),
         bytes_sent: AtomicU64::new(0),
         target_seq: AtomicU64::new(0),
+        target_seq_at_ms: std::sync::atomic::AtomicI64::new(0),
         awaiting_target: std::sync::Mutex::new(VecDeque::new()),
         lag: std::sync::Mutex::new(VecDeque::new()),
         acked_seq: AtomicU64::new(acked),
@@ -867,7 +870,9 @@ async fn cache_lost(
 
 /// The target has everything up to `target_seq`: take lag samples of the batches it covers.
 fn record_target(shared: &Shared, target_seq: u64) {
-    shared.target_seq.fetch_max(target_seq, Ordering::SeqCst);
+    if shared.target_seq.fetch_max(target_seq, Ordering::SeqCst) < target_seq {
+        shared.target_seq_at_ms.store(now_ms(), Ordering::SeqCst);
+    }
     let now = Instant::now();
     let (Ok(mut waiting), Ok(mut lag)) = (shared.awaiting_target.lock(), shared.lag.lock()) else {
         return;
@@ -1120,6 +1125,7 @@ async fn reporter(
             pending_bytes: shared.capture.buffered(),
             resync_bytes: shared.resync_bytes.load(Ordering::Relaxed),
             target_seq: shared.target_seq.load(Ordering::SeqCst),
+            target_seq_at_ms: shared.target_seq_at_ms.load(Ordering::SeqCst),
             lag_p50_ms: lag.0,
             lag_p99_ms: lag.1,
             resync_blocks_compared: shared.resync_blocks.load(Ordering::Relaxed),
@@ -1169,14 +1175,43 @@ const REPORT_CHANGED_EVERY: Duration = Duration::from_secs(1);
 fn same(prev: &ItemProgress, next: &ItemProgress) -> bool {
     let (a, b) = (prev.bytes_per_second, next.bytes_per_second);
     let rate_same = (a == 0.0 && b == 0.0) || (a > 0.0 && b > 0.0 && (a - b).abs() <= 0.1 * a);
+    // Every field but the rate, compared in place (this runs per item every tick).
+    let ItemProgress {
+        item,
+        phase,
+        disks,
+        bytes_sent,
+        bytes_per_second: _,
+        acked_seq,
+        pending_bytes,
+        resync_bytes,
+        resync_blocks_compared,
+        target_seq,
+        lag_p50_ms,
+        lag_p99_ms,
+        ps_down_since_ms,
+        app_consistency_error,
+        write_throttle,
+        throttle_limit_bytes,
+        target_seq_at_ms,
+    } = prev;
     rate_same
-        && ItemProgress {
-            bytes_per_second: 0.0,
-            ..prev.clone()
-        } == ItemProgress {
-            bytes_per_second: 0.0,
-            ..next.clone()
-        }
+        && *item == next.item
+        && *phase == next.phase
+        && *disks == next.disks
+        && *bytes_sent == next.bytes_sent
+        && *acked_seq == next.acked_seq
+        && *pending_bytes == next.pending_bytes
+        && *resync_bytes == next.resync_bytes
+        && *resync_blocks_compared == next.resync_blocks_compared
+        && *target_seq == next.target_seq
+        && *lag_p50_ms == next.lag_p50_ms
+        && *lag_p99_ms == next.lag_p99_ms
+        && *ps_down_since_ms == next.ps_down_since_ms
+        && *app_consistency_error == next.app_consistency_error
+        && *write_throttle == next.write_throttle
+        && *throttle_limit_bytes == next.throttle_limit_bytes
+        && *target_seq_at_ms == next.target_seq_at_ms
 }
 
 #[cfg(test)]

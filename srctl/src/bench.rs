@@ -361,6 +361,23 @@ async fn wait_protected(
     }
 }
 
+/// Seconds from `start_ms` (Unix ms) until `item`'s target held everything acknowledged, by
+/// the agent's own clock of that moment: its progress reaches the CS at most once a second,
+/// which a poll of the CS would add to a transfer of a second or two. Falls back to now when
+/// the agent did not say.
+pub(crate) fn seconds_until_caught_up(
+    start_ms: i64,
+    item: &failback_proto::pb::operator::Item,
+) -> f64 {
+    let now = failback_common::control::now_ms();
+    let end = if item.target_seq_at_ms > start_ms {
+        item.target_seq_at_ms.min(now)
+    } else {
+        now
+    };
+    (end - start_ms).max(1) as f64 / 1000.0
+}
+
 /// Enables protection of vm1 with `policy` (empty: the default) and waits until it is
 /// Protected with everything journaled at the target, polling every `every`.
 pub(crate) async fn enable_and_wait(
@@ -421,11 +438,11 @@ pub async fn replication(
         let link0 = link_bytes(&dir).await?;
         let io0 = crate::bench_disk::lab_write_bytes(&dir)?;
         say("full path: enable protection and wait until the target journaled everything");
-        let start = Instant::now();
-        enable_and_wait(&dir, "", Duration::from_millis(20))
+        let start_ms = failback_common::control::now_ms();
+        let protected = enable_and_wait(&dir, "", Duration::from_millis(20))
             .await
             .map_err(|e| anyhow::anyhow!("full path: {e}"))?;
-        let full = size as f64 / start.elapsed().as_secs_f64();
+        let full = size as f64 / seconds_until_caught_up(start_ms, &protected);
         let link = link_bytes(&dir).await? - link0;
         let mut written =
             crate::bench_disk::written_between(&io0, &crate::bench_disk::lab_write_bytes(&dir)?);

@@ -55,13 +55,13 @@ async fn wait_item(
     machine: &str,
     what: &str,
     done: impl Fn(&failback_proto::pb::operator::Item) -> bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<failback_proto::pb::operator::Item> {
     let start = Instant::now();
     loop {
         if let Some(i) = item::list(dir, machine).await?.into_iter().next()
             && done(&i)
         {
-            return Ok(());
+            return Ok(i);
         }
         anyhow::ensure!(
             start.elapsed() < Duration::from_secs(1800),
@@ -186,7 +186,7 @@ async fn measure(
         })
         .await??;
         let link0 = azure_to_onprem(dir).await?;
-        let t0 = Instant::now();
+        let t0 = failback_common::control::now_ms();
         item::reprotect(
             dir,
             ReprotectRequest {
@@ -195,14 +195,14 @@ async fn measure(
             },
         )
         .await?;
-        wait_item(dir, m, "fully at the master target", |i| {
+        let done = wait_item(dir, m, "fully at the master target", |i| {
             i.direction == "reverse"
                 && i.state == "Protected"
                 && i.acked_seq > 0
                 && i.target_seq >= i.acked_seq
         })
         .await?;
-        let seconds = t0.elapsed().as_secs_f64();
+        let seconds = crate::bench::seconds_until_caught_up(t0, &done);
         let link_bytes = azure_to_onprem(dir).await? - link0;
         let link_ratio = link_bytes as f64 / seconds / bandwidth as f64;
         let data_ratio = size as f64 / seconds / bandwidth as f64;
