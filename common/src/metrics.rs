@@ -7,8 +7,10 @@
 //! `_total` for counters, and one series per state for states (`flab_item_state{state=...}`
 //! is 1 for the item's state, 0 for the others). Values a component already keeps (cache use,
 //! journal size, a job's state) are read at scrape time by the hooks given to
-//! [`Metrics::on_scrape`]; what happens on a hot path (bytes replicated) is a counter
-//! incremented there.
+//! [`Metrics::on_scrape`]; values that need an asynchronous read (the configuration server's
+//! database) by those given to [`Metrics::on_scrape_async`], each waited for at most
+//! [`ASYNC_HOOK_WAIT`] (a slow one leaves its gauges as they were). What happens on a hot path
+//! (bytes replicated) is a counter incremented there.
 //!
 //! The endpoint is bounded like every listener of the lab: at most [`MAX_CONNECTIONS`] open
 //! at once (more are closed at once), a request's head must arrive within
@@ -34,13 +36,19 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection is closed after this, whatever it does.
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Longest a scrape waits for one asynchronous hook.
+pub const ASYNC_HOOK_WAIT: Duration = Duration::from_secs(5);
+
 type Hook = Box<dyn Fn() + Send + Sync>;
+type AsyncHook =
+    Box<dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync>;
 
 /// A process's metrics: the registry and the hooks that refresh gauges before a scrape.
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
     hooks: Arc<Mutex<Vec<Hook>>>,
+    async_hooks: Arc<Mutex<Vec<AsyncHook>>>,
 }
 
 impl Default for Metrics {
@@ -65,6 +73,7 @@ impl Metrics {
         Metrics {
             registry,
             hooks: Arc::default(),
+            async_hooks: Arc::default(),
         }
     }
 
@@ -90,7 +99,42 @@ impl Metrics {
             .push(Box::new(hook));
     }
 
-    /// The exposition text, after running the hooks.
+    /// Runs `hook` (to completion, or for at most [`ASYNC_HOOK_WAIT`]) before every scrape
+    /// served by the endpoint: gauges that need a read the scrape must wait for, refreshed
+    /// only as often as someone looks.
+    pub fn on_scrape_async<F>(&self, hook: impl Fn() -> F + Send + Sync + 'static)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.async_hooks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Box::new(move || Box::pin(hook())));
+    }
+
+    /// The exposition text, after running the asynchronous hooks, then the others.
+    pub async fn scrape(&self) -> String {
+        let pending: Vec<_> = self
+            .async_hooks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|hook| hook())
+            .collect();
+        for refresh in pending {
+            if tokio::time::timeout(ASYNC_HOOK_WAIT, refresh)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "metrics: a refresh took longer than {ASYNC_HOOK_WAIT:?}; its series are as they were"
+                );
+            }
+        }
+        self.render()
+    }
+
+    /// The exposition text, after running the (synchronous) hooks.
     pub fn render(&self) -> String {
         for hook in self.hooks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             hook();
@@ -147,7 +191,7 @@ pub async fn serve(listener: TcpListener, metrics: Metrics, shutdown: Cancellati
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let metrics = metrics.clone();
-                async move { Ok::<_, Infallible>(respond(&metrics, &req)) }
+                async move { Ok::<_, Infallible>(respond(&metrics, &req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -162,7 +206,7 @@ pub async fn serve(listener: TcpListener, metrics: Metrics, shutdown: Cancellati
     }
 }
 
-fn respond<B>(metrics: &Metrics, req: &Request<B>) -> Response<Full<Bytes>> {
+async fn respond<B>(metrics: &Metrics, req: &Request<B>) -> Response<Full<Bytes>> {
     let reply = |status: StatusCode, body: String| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;
@@ -177,7 +221,7 @@ fn respond<B>(metrics: &Metrics, req: &Request<B>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "only GET /metrics\n".into());
     }
-    let mut r = reply(StatusCode::OK, metrics.render());
+    let mut r = reply(StatusCode::OK, metrics.scrape().await);
     if let Ok(v) = hyper::header::HeaderValue::from_str(TextEncoder::new().format_type()) {
         r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
     }
@@ -209,6 +253,15 @@ mod tests {
         let g = metrics.register(prometheus::Gauge::new("flab_test_bytes", "test").expect("gauge"));
         let g2 = g.clone();
         metrics.on_scrape(move || g2.set(42.0));
+        let later =
+            metrics.register(prometheus::Gauge::new("flab_test_async", "test").expect("gauge"));
+        metrics.on_scrape_async(move || {
+            let later = later.clone();
+            async move {
+                tokio::task::yield_now().await;
+                later.set(7.0);
+            }
+        });
         let shutdown = CancellationToken::new();
         let addr = start(Some("127.0.0.1:0"), &metrics, &shutdown)
             .await
@@ -227,6 +280,7 @@ mod tests {
         .expect("join");
         assert!(body.starts_with("HTTP/1.1 200"), "{body}");
         assert!(body.contains("flab_test_bytes 42"), "{body}");
+        assert!(body.contains("flab_test_async 7"), "{body}");
         assert!(body.contains("process_resident_memory_bytes"), "{body}");
         shutdown.cancel();
     }

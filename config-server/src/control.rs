@@ -41,10 +41,13 @@ pub struct ControlService {
 /// Heartbeats are written to the database at most this often per component (the live one is
 /// in the session).
 const PERSIST_HEARTBEAT_MS: i64 = 30_000;
-/// Heartbeats a second the CS plans for across all its control streams.
-pub const HEARTBEATS_PER_SECOND: usize = 250;
+/// Heartbeats a second the CS plans for across all its control streams: up to 100 streams
+/// keep the configured interval; 1,000 beat every 10 s (ASR's components beat every few
+/// minutes). A stream that closes is noticed at once; the silence timeout only catches a
+/// peer that hangs with its connection open.
+pub const HEARTBEATS_PER_SECOND: usize = 100;
 /// The longest heartbeat interval a busy CS asks for.
-pub const MAX_HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+pub const MAX_HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The heartbeat interval for a stream opening while `open` streams are open, and the silence
 /// after which it is dropped.
@@ -366,17 +369,21 @@ async fn pump(
                     if now - persisted_ms >= PERSIST_HEARTBEAT_MS {
                         persisted_ms = now;
                         let name = who.name.clone();
-                        let store_state = state.clone();
-                        // Off the stream's path: a slow disk must not delay the ack.
-                        tokio::spawn(async move {
-                            if let Err(e) = store_state
-                                .store
-                                .call(move |db| db.heartbeat(&name, now))
-                                .await
-                            {
-                                tracing::error!("{e}");
-                            }
-                        });
+                        // Submitted, not waited for: a slow disk must not delay the ack.
+                        if let Err(e) = state
+                            .store
+                            .submit(
+                                move |db| db.heartbeat(&name, now),
+                                |r| {
+                                    if let Err(e) = r {
+                                        tracing::error!("{e}");
+                                    }
+                                },
+                            )
+                            .await
+                        {
+                            tracing::error!("{e}");
+                        }
                     }
                     let ack = CsMessage {
                         kind: Some(cs_message::Kind::HeartbeatAck(HeartbeatAck {
@@ -450,7 +457,11 @@ mod tests {
         );
         assert_eq!(
             heartbeat_for(i, t, 1000),
-            (Duration::from_secs(4), Duration::from_secs(16))
+            (Duration::from_secs(10), Duration::from_secs(40))
+        );
+        assert_eq!(
+            heartbeat_for(i, t, 200),
+            (Duration::from_secs(2), Duration::from_secs(8))
         );
         assert_eq!(
             heartbeat_for(i, t, 100_000),

@@ -400,6 +400,18 @@ pub struct ItemRow {
     pub placement: Placement,
 }
 
+/// Who takes part in an item and where it stands: what each report about it is checked
+/// against (read without the item's JSON columns).
+#[derive(Debug, Clone)]
+pub struct ItemParties {
+    pub id: String,
+    pub machine: String,
+    pub direction: Direction,
+    pub state: ItemState,
+    pub process_server: String,
+    pub target: String,
+}
+
 impl ItemRow {
     /// A failback to the original location writes into the on-premises VM's own disks.
     pub fn in_place(&self) -> bool {

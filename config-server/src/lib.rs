@@ -193,13 +193,10 @@ impl ConfigServer {
         );
         tokio::spawn(groups::tagger(state.clone(), shutdown.clone()));
         let registry = failback_common::metrics::Metrics::new();
-        let refresh = metrics::register(&registry);
+        metrics::register(&registry, state.clone());
         metrics::register_sessions(&registry, state.clone());
         failback_common::metrics::start(Some(&state.config.metrics_listen), &registry, &shutdown)
             .await?;
-        if !state.config.metrics_listen.is_empty() {
-            tokio::spawn(refresh.run(state.clone(), shutdown.clone()));
-        }
         let stopping = state.stopping.clone();
         let watch = shutdown.clone();
         tokio::spawn(async move {

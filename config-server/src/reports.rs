@@ -10,22 +10,55 @@ use std::sync::Arc;
 
 use failback_common::identity::{Identity, Role};
 use failback_proto::pb::control::{
-    ItemProgress, RemoveRoute, ReplicationPhase, Report, command, report,
+    ItemProgress, RemoveRoute, ReplicaDamaged, ReplicationPhase, Report, command, report,
 };
 
 use crate::commands;
-use crate::item::{ItemRow, ItemState, Progress, default_policy, disk_state_label, phase_label};
+use crate::item::{
+    ItemParties, ItemRow, ItemState, Progress, default_policy, disk_state_label, phase_label,
+};
 use crate::state::State;
-use crate::store::DbError;
+use crate::store::{Db, DbError};
 
-/// Whether `who` takes part in `item` (is its machine, its process server or its target).
-fn takes_part(who: &Identity, item: &ItemRow) -> bool {
+/// Whether `who` takes part in an item with these parties (is its machine, its process
+/// server or its target).
+fn part_of(who: &Identity, machine: &str, process_server: &str, target: &str) -> bool {
     match who.role {
-        Role::Agent => item.machine == who.name,
-        Role::ProcessServer => item.process_server == who.name,
-        Role::MasterTarget => item.target == who.name,
+        Role::Agent => machine == who.name,
+        Role::ProcessServer => process_server == who.name,
+        Role::MasterTarget => target == who.name,
         _ => false,
     }
+}
+
+fn takes_part(who: &Identity, item: &ItemRow) -> bool {
+    part_of(who, &item.machine, &item.process_server, &item.target)
+}
+
+/// The item a report is about, if `who` (of the role such reports come from) takes part in
+/// it. Unknown items are ignored (removed meanwhile); a report about an item the sender has
+/// no part in is logged.
+fn reporter_of(
+    db: &Db<'_>,
+    who: &Identity,
+    role: Role,
+    item: &str,
+) -> Result<Option<ItemParties>, DbError> {
+    let Some(parties) = db.item_parties(item)? else {
+        return Ok(None);
+    };
+    if who.role != role
+        || !part_of(
+            who,
+            &parties.machine,
+            &parties.process_server,
+            &parties.target,
+        )
+    {
+        tracing::warn!(%who, item = %parties.id, "dropped a report about an item it takes no part in");
+        return Ok(None);
+    }
+    Ok(Some(parties))
 }
 
 /// What a report asks of the layers above the reports (the jobs).
@@ -39,68 +72,127 @@ pub enum FollowUp {
     },
 }
 
+/// Takes one report. Progress and recovery points are submitted to the store (checked and
+/// written there, in arrival order, without holding up the stream for a commit); a damaged
+/// replica is waited for, since it starts a job.
 pub async fn on_report(state: &Arc<State>, who: &Identity, r: Report) -> Result<FollowUp, DbError> {
-    let item_id = match &r.kind {
-        Some(report::Kind::Progress(p)) => p.item.clone(),
-        Some(report::Kind::PointAdded(p)) => p.item.clone(),
-        Some(report::Kind::PointsPruned(p)) => p.item.clone(),
-        Some(report::Kind::ReplicaDamaged(d)) => d.item.clone(),
+    match r.kind {
         Some(report::Kind::PsStatus(s)) => {
             if who.role == Role::ProcessServer {
-                state.set_ps_status(&who.name, *s);
+                state.set_ps_status(&who.name, s);
             }
-            return Ok(FollowUp::Nothing);
+            Ok(FollowUp::Nothing)
         }
-        None => return Ok(FollowUp::Nothing),
-    };
-    let lookup = item_id.clone();
-    let Some(item) = state.store.call(move |db| db.item(&lookup)).await? else {
-        return Ok(FollowUp::Nothing);
-    };
-    let allowed = match &r.kind {
-        Some(report::Kind::Progress(_)) => who.role == Role::Agent,
-        _ => who.role == Role::MasterTarget,
-    } && takes_part(who, &item);
-    if !allowed {
-        tracing::warn!(%who, item = %item.id, "dropped a report about an item it takes no part in");
-        return Ok(FollowUp::Nothing);
-    }
-    match r.kind {
-        Some(report::Kind::Progress(p)) => on_progress(state, item, p).await?,
+        Some(report::Kind::Progress(p)) => {
+            on_progress(state, who, p).await?;
+            Ok(FollowUp::Nothing)
+        }
         Some(report::Kind::PointAdded(p)) => {
-            state.store.call(move |db| db.add_point(&p)).await?;
-            state.notify();
-        }
-        Some(report::Kind::PointsPruned(p)) => {
+            let who = who.clone();
+            let (st, item) = (state.clone(), p.item.clone());
             state
                 .store
-                .call(move |db| db.remove_points(&p.item, &p.ids))
+                .submit(
+                    move |db| {
+                        let known = reporter_of(db, &who, Role::MasterTarget, &p.item)?.is_some();
+                        if known {
+                            db.add_point(&p)?;
+                        }
+                        Ok(known)
+                    },
+                    move |r| written(&st, &item, "recording a recovery point", r),
+                )
                 .await?;
-            state.notify();
+            Ok(FollowUp::Nothing)
         }
-        Some(report::Kind::ReplicaDamaged(d)) => {
-            tracing::error!(%who, item = %item.id, reason = %d.reason, "the replica lost acknowledged writes: resync required");
-            let id = item.id.clone();
-            let marked = state
+        Some(report::Kind::PointsPruned(p)) => {
+            let who = who.clone();
+            let (st, item) = (state.clone(), p.item.clone());
+            state
                 .store
-                .call(move |db| Ok(db.transition(&id, ItemState::ResyncRequired)))
+                .submit(
+                    move |db| {
+                        let known = reporter_of(db, &who, Role::MasterTarget, &p.item)?.is_some();
+                        if known {
+                            db.remove_points(&p.item, &p.ids)?;
+                        }
+                        Ok(known)
+                    },
+                    move |r| written(&st, &item, "removing pruned recovery points", r),
+                )
                 .await?;
-            if let Err(e) = marked {
-                tracing::warn!(item = %item.id, "not marked Resync required: {e}");
-            }
-            state.notify();
-            return Ok(FollowUp::Resync {
-                item: item.id,
-                reason: format!("the replica at {} lost writes: {}", who.name, d.reason),
-            });
+            Ok(FollowUp::Nothing)
         }
-        _ => {}
+        Some(report::Kind::ReplicaDamaged(d)) => on_damaged(state, who, d).await,
+        None => Ok(FollowUp::Nothing),
     }
-    Ok(FollowUp::Nothing)
 }
 
-/// An agent's progress report: kept; the phases move the item through its states.
-async fn on_progress(state: &Arc<State>, item: ItemRow, p: ItemProgress) -> Result<(), DbError> {
+/// After a submitted report's write: watchers are told, a failure is logged.
+fn written(state: &State, item: &str, what: &str, r: Result<bool, DbError>) {
+    match r {
+        Ok(true) => state.notify(),
+        Ok(false) => {}
+        Err(e) => tracing::error!(%item, "{what}: {e}"),
+    }
+}
+
+/// A target's report that an item's replica lost acknowledged writes: the item is marked
+/// Resync required and a resync follows.
+async fn on_damaged(
+    state: &Arc<State>,
+    who: &Identity,
+    d: ReplicaDamaged,
+) -> Result<FollowUp, DbError> {
+    let who2 = who.clone();
+    let id = d.item.clone();
+    let marked = state
+        .store
+        .call(move |db| {
+            let Some(item) = reporter_of(db, &who2, Role::MasterTarget, &id)? else {
+                return Ok(None);
+            };
+            Ok(Some((
+                item.id.clone(),
+                db.transition(&item.id, ItemState::ResyncRequired),
+            )))
+        })
+        .await?;
+    let Some((item, marked)) = marked else {
+        return Ok(FollowUp::Nothing);
+    };
+    tracing::error!(%who, %item, reason = %d.reason, "the replica lost acknowledged writes: resync required");
+    match marked {
+        Ok(_) => {}
+        Err(crate::store::StateError::Db(e)) => return Err(e),
+        Err(e) => tracing::warn!(%item, "not marked Resync required: {e}"),
+    }
+    state.notify();
+    Ok(FollowUp::Resync {
+        item,
+        reason: format!("the replica at {} lost writes: {}", who.name, d.reason),
+    })
+}
+
+/// The state an agent's phase moves an item in `state` to, if any.
+fn next_state(phase: ReplicationPhase, state: ItemState) -> Option<ItemState> {
+    use ItemState::*;
+    match (phase, state) {
+        (ReplicationPhase::Delta, InitialReplication | Enabling | Reprotecting) => Some(Protected),
+        (ReplicationPhase::Delta, Resyncing | ResyncRequired) => Some(Protected),
+        (ReplicationPhase::Resync, Protected | ResyncRequired) => Some(Resyncing),
+        (ReplicationPhase::ResyncRequired, s)
+            if s != ResyncRequired && s.can_become(ResyncRequired) =>
+        {
+            Some(ResyncRequired)
+        }
+        _ => None,
+    }
+}
+
+/// An agent's progress report: kept in memory (persisted every few seconds); a phase that
+/// moves the item is written at once. Checked and applied on the store's thread, in order.
+async fn on_progress(state: &Arc<State>, who: &Identity, p: ItemProgress) -> Result<(), DbError> {
     let phase = p.phase();
     let progress = Progress {
         phase: phase_label(phase).to_string(),
@@ -128,51 +220,51 @@ async fn on_progress(state: &Arc<State>, item: ItemRow, p: ItemProgress) -> Resu
         write_throttle: crate::item::Throttle::from_pb(p.write_throttle())
             .map(|t| (t, p.throttle_limit_bytes)),
     };
-    use ItemState::*;
-    let next = match (phase, item.state) {
-        (ReplicationPhase::Delta, InitialReplication | Enabling | Reprotecting) => Some(Protected),
-        (ReplicationPhase::Delta, Resyncing | ResyncRequired) => Some(Protected),
-        (ReplicationPhase::Resync, Protected | ResyncRequired) => Some(Resyncing),
-        (ReplicationPhase::ResyncRequired, s)
-            if s != ResyncRequired && s.can_become(ResyncRequired) =>
-        {
-            Some(ResyncRequired)
-        }
-        _ => None,
-    };
-    let due = state.record_progress(&item.id, progress.clone());
-    if next.is_none() && !due {
-        state.notify();
-        return Ok(());
-    }
-    let id = item.id.clone();
-    let changed = state
-        .store
-        .call(move |db| {
-            db.set_item_progress(&id, &progress)?;
-            match next {
-                Some(to) => match db.transition(&id, to) {
-                    Ok(_) => Ok(Some(to)),
-                    Err(crate::store::StateError::Db(e)) => Err(e),
+    let who = who.clone();
+    let (st, done_state) = (state.clone(), state.clone());
+    let item_id = p.item;
+    state.store.submit(
+        move |db| {
+            let Some(item) = reporter_of(db, &who, Role::Agent, &item_id)? else {
+                return Ok(None);
+            };
+            let next = next_state(phase, item.state);
+            if !st.record_progress(&item.id, progress.clone()) && next.is_none() {
+                return Ok(Some((item, None)));
+            }
+            db.set_item_progress(&item.id, &progress)?;
+            let changed = match next {
+                Some(to) => match db.transition(&item.id, to) {
+                    Ok(_) => Some(to),
+                    Err(crate::store::StateError::Db(e)) => return Err(e),
                     Err(e) => {
-                        tracing::warn!(item = %id, "progress: {e}");
-                        Ok(None)
+                        tracing::warn!(item = %item.id, "progress: {e}");
+                        None
                     }
                 },
-                None => Ok(None),
+                None => None,
+            };
+            Ok(Some((item, changed)))
+        },
+        move |r| {
+            match r {
+                Ok(Some((item, changed))) => match changed {
+                    Some(ItemState::Protected) => {
+                        tracing::info!(item = %item.id, direction = %item.direction, from = %item.state, "Protected")
+                    }
+                    Some(ItemState::ResyncRequired) => {
+                        tracing::warn!(item = %item.id, "tracking lost: resync required")
+                    }
+                    Some(to) => tracing::info!(item = %item.id, "{to}"),
+                    None => {}
+                },
+                Ok(None) => return,
+                Err(e) => tracing::error!("progress: {e}"),
             }
-        })
-        .await?;
-    match changed {
-        Some(Protected) => {
-            tracing::info!(item = %item.id, direction = %item.direction, from = %item.state, "Protected")
-        }
-        Some(ResyncRequired) => tracing::warn!(item = %item.id, "tracking lost: resync required"),
-        Some(to) => tracing::info!(item = %item.id, "{to}"),
-        None => {}
-    }
-    state.notify();
-    Ok(())
+            done_state.notify();
+        },
+    )
+    .await
 }
 
 /// Re-sends what `who` needs for the active items it takes part in. Components reconnect in
@@ -183,7 +275,12 @@ pub fn resume(state: Arc<State>, who: Identity) {
     let span = tracing::info_span!("resume", component = %who);
     tokio::spawn(tracing::Instrument::instrument(
         async move {
-            let items = match state.store.call(|db| db.items()).await {
+            let (role, name) = (who.role, who.name.clone());
+            let items = match state
+                .store
+                .call(move |db| db.items_of_party(role, &name))
+                .await
+            {
                 Ok(items) => items,
                 Err(e) => {
                     tracing::warn!("resuming replication: {e}");
@@ -239,7 +336,12 @@ pub fn reassign(state: Arc<State>, renewed: Identity) {
     let span = tracing::info_span!("reassign", component = %renewed);
     tokio::spawn(tracing::Instrument::instrument(
         async move {
-            let items = match state.store.call(|db| db.items()).await {
+            let (role, name) = (renewed.role, renewed.name.clone());
+            let items = match state
+                .store
+                .call(move |db| db.items_of_party(role, &name))
+                .await
+            {
                 Ok(items) => items,
                 Err(e) => {
                     tracing::warn!("telling receivers of a renewed certificate: {e}");

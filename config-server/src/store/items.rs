@@ -3,12 +3,15 @@
 //! An item's state changes only through [`Db::transition`], which reads the current state
 //! and applies [`ItemState::transition`] in the same transaction.
 
+use failback_common::identity::Role;
 use failback_proto::pb::control::PointAdded;
 use failback_proto::pb::operator::{Point, Policy, Verification};
 use rusqlite::{OptionalExtension, params};
 
 use super::{Db, DbError};
-use crate::item::{ItemRow, ItemState, Placement, Progress, TransitionError, failback_twin};
+use crate::item::{
+    ItemParties, ItemRow, ItemState, Placement, Progress, TransitionError, failback_twin,
+};
 
 /// Why an item's state could not be changed.
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +157,27 @@ impl Db<'_> {
         Ok(rows)
     }
 
+    /// The active items a component of `role` named `name` takes part in (as their machine,
+    /// process server or target), by machine: what it is re-sent when it connects. After a CS
+    /// restart every component connects at once, and all items read and parsed for each of
+    /// them was a million rows for 1,000 machines.
+    pub fn items_of_party(&self, role: Role, name: &str) -> Result<Vec<ItemRow>, DbError> {
+        let column = match role {
+            Role::Agent => "machine",
+            Role::ProcessServer => "process_server",
+            Role::MasterTarget => "target",
+            _ => return Ok(Vec::new()),
+        };
+        let mut stmt = self.c.prepare_cached(&format!(
+            "SELECT {ITEM_COLUMNS} FROM items WHERE active = 1 AND {column} = ?1
+             ORDER BY machine, created_ms"
+        ))?;
+        let rows = stmt
+            .query_map([name], item_from_row)?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
     /// The active items in a replication group (what the group tagger reads 4 times a second:
     /// all items would be a thousand rows parsed each time).
     pub fn grouped_items(&self) -> Result<Vec<ItemRow>, DbError> {
@@ -172,6 +196,26 @@ impl Db<'_> {
             .c
             .prepare_cached(&format!("SELECT {ITEM_COLUMNS} FROM items WHERE id = ?1"))?
             .query_row([id], item_from_row)
+            .optional()?)
+    }
+
+    /// Who takes part in item `id` and its state (one keyed read, nothing parsed but those).
+    pub fn item_parties(&self, id: &str) -> Result<Option<ItemParties>, DbError> {
+        Ok(self
+            .c
+            .prepare_cached(
+                "SELECT id, machine, direction, state, process_server, target FROM items WHERE id = ?1",
+            )?
+            .query_row([id], |r| {
+                Ok(ItemParties {
+                    id: r.get(0)?,
+                    machine: r.get(1)?,
+                    direction: r.get::<_, String>(2)?.parse().map_err(|e| bad_label(2, e))?,
+                    state: r.get::<_, String>(3)?.parse().map_err(|e| bad_label(3, e))?,
+                    process_server: r.get(4)?,
+                    target: r.get(5)?,
+                })
+            })
             .optional()?)
     }
 
@@ -473,6 +517,37 @@ mod tests {
             .call_blocking(|db| Ok(db.transition("vm9-1", ItemState::Protected)))
             .expect("db");
         assert!(matches!(missing, Err(StateError::NoItem(_))));
+    }
+
+    #[test]
+    fn a_component_is_re_sent_only_the_items_it_takes_part_in() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("cs.db")).expect("open");
+        let mut other = item("vm2-1", ItemState::Protected);
+        other.machine = "vm2".into();
+        other.process_server = "ps-azure".into();
+        store
+            .call_blocking(move |db| {
+                db.insert_item(&item("vm1-1", ItemState::Protected))?;
+                db.insert_item(&other)
+            })
+            .expect("insert");
+        let ids = |role, name: &'static str| {
+            store
+                .call_blocking(move |db| db.items_of_party(role, name))
+                .expect("read")
+                .into_iter()
+                .map(|i| i.id)
+                .collect::<Vec<_>>()
+        };
+        use failback_common::identity::Role;
+        assert_eq!(ids(Role::Agent, "vm1"), ["vm1-1"]);
+        assert_eq!(ids(Role::ProcessServer, "ps-azure"), ["vm2-1"]);
+        assert_eq!(ids(Role::MasterTarget, "azure-target"), ["vm1-1", "vm2-1"]);
+        assert!(
+            ids(Role::Host, "vm1").is_empty(),
+            "a host takes part in no item"
+        );
     }
 
     #[test]
