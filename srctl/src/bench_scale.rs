@@ -34,8 +34,6 @@ const WRITE_SIZE: u64 = 64 << 10;
 const COMPRESSIBLE: f64 = 0.5;
 /// Recovery plans hold at most this many machines in ASR.
 const PLAN_MAX: usize = 100;
-/// Groups of the plan (machines of a group fail over in parallel, groups in order).
-const PLAN_GROUPS: usize = 7;
 /// RPCs in flight at once when enabling or starting workloads on every machine.
 const PARALLEL: usize = 16;
 /// Writes run this long before the steady window starts counting.
@@ -670,31 +668,14 @@ async fn restart_cs(dir: &Path, machines: usize) -> anyhow::Result<Restart> {
 }
 
 async fn plan_failover(dir: &Path, machines: &[String]) -> anyhow::Result<PlanRun> {
-    let mut client = crate::client::operator(dir).await?;
     let plan = "bench-scale-plan";
-    crate::plan::create(dir, plan).await?;
-    for (i, m) in machines.iter().enumerate() {
-        client
-            .add_to_plan(failback_proto::pb::operator::PlanMember {
-                plan: plan.into(),
-                machine: m.clone(),
-                group: (i % PLAN_GROUPS) as u32 + 1,
-                ..Default::default()
-            })
-            .await
-            .map_err(|s| {
-                anyhow::anyhow!(
-                    "adding {m} to the plan: {}",
-                    crate::client::status_message(&s)
-                )
-            })?;
-    }
+    let groups = crate::plan::create_spread(dir, plan, machines).await?;
     let start = Instant::now();
     let job = crate::plan::start(dir, plan, "failover", "latest-processed", false).await?;
     let job = crate::item::watch(dir, job.id, false).await?;
     Ok(PlanRun {
         machines: machines.len(),
-        groups: PLAN_GROUPS.min(machines.len()),
+        groups,
         seconds: start.elapsed().as_secs_f64(),
         state: job.state,
         error: job.error,

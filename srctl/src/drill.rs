@@ -20,6 +20,12 @@
 //! target journal) p50/p99 per direction. A failed stage ends the drill; the rest are
 //! reported as not run.
 //!
+//! With `--plan` the machines go into one recovery plan (`drill`, up to 100 machines spread
+//! over 7 groups) once protected, and every later stage runs through it: plan failover at
+//! latest-processed (groups in order), plan commit, plan reprotect (no master target named:
+//! the CS fills the on-premises master targets in order, 60 disks each). A plan job cut
+//! short by a fault is run again; members already done are skipped.
+//!
 //! With `--guest` ([`crate::guest`]) real software (fio, or ext4 with SQLite) writes through
 //! the machines' NBD exports instead of the workload generator, and is checked by its own
 //! tools after the failover and after the failback.
@@ -54,6 +60,10 @@ const RETRY_FOR: Duration = Duration::from_secs(60);
 const STAGE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long `wait_state` waits, once the state is reached, for every item to report a lag.
 const LAG_GRACE: Duration = Duration::from_secs(5);
+/// The recovery plan of `--plan`.
+const PLAN: &str = "drill";
+/// Machines a recovery plan holds (ASR).
+const PLAN_MAX: usize = 100;
 
 #[derive(Debug, Clone)]
 pub struct DrillOptions {
@@ -75,6 +85,8 @@ pub struct DrillOptions {
     /// Real software on the machines' disks instead of the workload generator, checked by
     /// its own tools after every failover ([`crate::guest`]).
     pub guest: Option<GuestKind>,
+    /// Every failover, commit and reprotect through one recovery plan of the machines.
+    pub plan: bool,
 }
 
 impl Default for DrillOptions {
@@ -89,6 +101,7 @@ impl Default for DrillOptions {
             scenario: None,
             report: None,
             guest: None,
+            plan: false,
         }
     }
 }
@@ -186,6 +199,8 @@ struct Drill {
     /// Real guests (one per machine), instead of the workload generator.
     guests: Vec<Guest>,
     guest_checks: Vec<GuestCheck>,
+    /// The recovery plan every stage after enabling runs through (`--plan`).
+    plan: Option<String>,
 }
 
 /// When each stage started and ended, shared with the fault tasks.
@@ -242,6 +257,12 @@ async fn link_total(dir: &Path) -> u64 {
 pub async fn run(opts: DrillOptions) -> anyhow::Result<DrillReport> {
     if opts.machines == 0 {
         anyhow::bail!("--machines must be at least 1");
+    }
+    if opts.plan && opts.lab.is_none() && opts.machines > PLAN_MAX {
+        anyhow::bail!(
+            "--plan takes at most {PLAN_MAX} machines (an ASR recovery plan's limit), not {}",
+            opts.machines
+        );
     }
     // A report that can't be written is known before anything starts.
     if let Some(path) = &opts.report {
@@ -300,6 +321,13 @@ pub async fn run(opts: DrillOptions) -> anyhow::Result<DrillReport> {
     } else {
         onprem_machines(&dir, &opts.only).await?
     };
+    if opts.plan && machines.len() > PLAN_MAX {
+        anyhow::bail!(
+            "--plan takes at most {PLAN_MAX} machines (an ASR recovery plan's limit); the lab has \
+             {}: pick some with --only",
+            machines.len()
+        );
+    }
     let mut drill = Drill {
         dir: dir.clone(),
         machines: machines.clone(),
@@ -319,6 +347,7 @@ pub async fn run(opts: DrillOptions) -> anyhow::Result<DrillReport> {
             })
             .unwrap_or_default(),
         guest_checks: Vec::new(),
+        plan: opts.plan.then(|| PLAN.to_string()),
     };
     let clock = Arc::new(Clock::default());
     let done = tokio_util::sync::CancellationToken::new();
@@ -830,6 +859,56 @@ impl Drill {
             }
         }
     }
+    /// Runs a plan job (`start` starts it) to its end, then follows every job it started to
+    /// theirs. In a scenario run a plan job cut short by a fault is run again (the members
+    /// already done are skipped), for up to [`RETRY_FOR`] after the first failure.
+    async fn plan_job<S, Fut>(&self, what: &str, start: S) -> anyhow::Result<usize>
+    where
+        S: Fn() -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<failback_proto::pb::operator::Job>>,
+    {
+        let watch = |id: i64| async move {
+            tokio::time::timeout(STAGE_TIMEOUT, item::watch(&self.dir, id, false))
+                .await
+                .map_err(|_| anyhow::anyhow!("timed out after {STAGE_TIMEOUT:?}"))
+                .and_then(|r| r)
+                .and_then(item::succeeded)
+        };
+        let mut give_up: Option<Instant> = None;
+        loop {
+            let job = self.attempt(what, &start).await?;
+            let outcome = async {
+                watch(job.id).await?;
+                let children = item::child_jobs(&self.dir, job.id).await?;
+                let follow = children.iter().map(|c| async move {
+                    watch(c.id).await.map_err(|e| format!("{}: {e:#}", c.item))
+                });
+                let failed: Vec<String> = futures::future::join_all(follow)
+                    .await
+                    .into_iter()
+                    .filter_map(Result::err)
+                    .collect();
+                if !failed.is_empty() {
+                    anyhow::bail!("{}", failed.join("; "));
+                }
+                Ok(children.len())
+            }
+            .await;
+            match outcome {
+                Ok(n) => return Ok(n),
+                Err(e)
+                    if self.retry
+                        && *give_up.get_or_insert_with(|| Instant::now() + RETRY_FOR)
+                            > Instant::now() =>
+                {
+                    self.say(format!("{what}: {e:#}; running the plan again"));
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e.context(what.to_string())),
+            }
+        }
+    }
+
     /// Starts `start` (a job) for every machine whose item `pending` says still needs it and
     /// follows the jobs to their end, all at once. A job that fails (a fault struck while it
     /// ran) is started again in a scenario run; otherwise the stage fails with its error.
@@ -1028,6 +1107,17 @@ impl Drill {
         )
         .await?;
         let items = self.wait_state("Protected").await?;
+        if let Some(plan) = &self.plan {
+            // A plan left by an earlier drill on this lab is replaced.
+            if crate::plan::show(&self.dir, plan).await.is_ok() {
+                crate::plan::delete(&self.dir, plan).await?;
+            }
+            let groups = crate::plan::create_spread(&self.dir, plan, &self.machines).await?;
+            self.say(format!(
+                "recovery plan `{plan}`: {} machines in {groups} groups",
+                self.machines.len()
+            ));
+        }
         // The guests write while their machines replicate.
         self.guest_changes().await?;
         // A recovery point, so that the machines have been replicating for a moment.
@@ -1043,6 +1133,13 @@ impl Drill {
     /// Fails every machine over to `to` at the latest point (source shut down first) and
     /// verifies the disks at the point.
     async fn failover(&mut self, to: &str) -> anyhow::Result<String> {
+        if let Some(plan) = self.plan.clone() {
+            // ASR's recommended point for a plan; each machine is verified at its own point.
+            self.plan_job(&format!("plan failover to {to}"), || {
+                crate::plan::start(&self.dir, &plan, "failover", "latest-processed", true)
+            })
+            .await?;
+        }
         let this: &Drill = self;
         let runs = this.machines.iter().map(|m| async move {
             this.attempt(&format!("{m}: failover"), move || async move {
@@ -1101,6 +1198,12 @@ impl Drill {
     }
 
     async fn commit(&mut self) -> anyhow::Result<String> {
+        if let Some(plan) = &self.plan {
+            self.plan_job("plan commit", || {
+                crate::plan::start(&self.dir, plan, "commit", "", false)
+            })
+            .await?;
+        }
         for m in &self.machines {
             self.attempt(&format!("{m}: commit"), || async {
                 if item_of(&self.dir, m)
@@ -1128,20 +1231,31 @@ impl Drill {
         } else {
             "forward"
         };
-        self.run_jobs(
-            "reprotect",
-            |i| !i.is_some_and(|i| i.direction == direction && i.state != "Failover committed"),
-            |m| {
-                item::reprotect(
-                    &self.dir,
-                    ReprotectRequest {
-                        machine: m,
-                        ..Default::default()
-                    },
-                )
-            },
-        )
-        .await?;
+        if let Some(plan) = &self.plan {
+            // No master target named: the CS fills the master targets in order.
+            self.plan_job("plan reprotect", || async {
+                crate::plan::reprotect(&self.dir, plan, ReprotectRequest::default())
+                    .await?
+                    .plan_job
+                    .ok_or_else(|| anyhow::anyhow!("the CS started no plan job"))
+            })
+            .await?;
+        } else {
+            self.run_jobs(
+                "reprotect",
+                |i| !i.is_some_and(|i| i.direction == direction && i.state != "Failover committed"),
+                |m| {
+                    item::reprotect(
+                        &self.dir,
+                        ReprotectRequest {
+                            machine: m,
+                            ..Default::default()
+                        },
+                    )
+                },
+            )
+            .await?;
+        }
         let items = self.wait_state("Protected").await?;
         if let Some(i) = items.iter().find(|i| i.direction != direction) {
             anyhow::bail!(

@@ -142,6 +142,11 @@ struct DrillArgs {
     /// verification headers) or `fs` (ext4 with a SQLite database, via nbdfuse + fuse2fs).
     #[arg(long, value_enum)]
     guest: Option<srctl::guest::GuestKind>,
+    /// Run every failover, commit and reprotect through one recovery plan of the machines
+    /// (`drill`, at most 100 machines in up to 7 groups; failovers at latest-processed, as
+    /// ASR recommends for plans), as a DR team fails over a site.
+    #[arg(long)]
+    plan: bool,
     #[arg(long)]
     json: bool,
 }
@@ -541,6 +546,10 @@ enum LabCmd {
         /// Size of each machine's disk, e.g. 64MiB (default shape only).
         #[arg(long, default_value = "64MiB")]
         disk_size: String,
+        /// On-premises master targets mt-onprem, mt-onprem-2, ... (default shape only;
+        /// default: as many as failing back every machine takes, 60 disks each).
+        #[arg(long, conflicts_with = "topology")]
+        master_targets: Option<usize>,
         /// How master targets make failover disks: a copy where the filesystem reflinks and an
         /// overlay over the frozen replica elsewhere (auto), always a copy, always an overlay.
         #[arg(long, default_value = "auto", value_parser = FAILOVER_DISKS)]
@@ -711,6 +720,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 scenario,
                 report: a.report.clone(),
                 guest: a.guest,
+                plan: a.plan || settings.plan.unwrap_or(false),
             })
             .await?;
             if let Some(path) = &a.report
@@ -760,6 +770,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             hosts,
             disks_per_machine,
             disk_size,
+            master_targets,
             failover_disks,
             timeout,
             prometheus,
@@ -767,13 +778,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let dir = srctl::client::lab_dir(dir.or(lab_flag))?;
             let topology = match topology {
                 Some(file) => srctl::topology::Topology::load(&file)?,
-                None => srctl::topology::Topology::sized(
-                    machines,
-                    hosts,
-                    disks_per_machine,
-                    parse_size(&disk_size)?,
-                )
-                .map_err(anyhow::Error::msg)?,
+                None => {
+                    let t = srctl::topology::Topology::sized(
+                        machines,
+                        hosts,
+                        disks_per_machine,
+                        parse_size(&disk_size)?,
+                    )
+                    .map_err(anyhow::Error::msg)?;
+                    match master_targets {
+                        Some(n) => t.with_master_targets(n).map_err(anyhow::Error::msg)?,
+                        None => t,
+                    }
+                }
             };
             let opts = lab::UpOptions {
                 topology,

@@ -106,6 +106,21 @@ pub async fn add(dir: &Path, plan: &str, machine: &str, group: u32) -> anyhow::R
         .into_inner())
 }
 
+/// Groups of a plan of `machines` that [`create_spread`] makes: ASR's 7 at most.
+pub const GROUPS: usize = 7;
+
+/// Creates plan `name` with `machines` spread round robin over [`GROUPS`] groups (vm1 in
+/// group 1, vm2 in group 2, ...); returns how many groups it has.
+pub async fn create_spread(dir: &Path, name: &str, machines: &[String]) -> anyhow::Result<usize> {
+    create(dir, name).await?;
+    for (i, m) in machines.iter().enumerate() {
+        add(dir, name, m, (i % GROUPS) as u32 + 1)
+            .await
+            .map_err(|e| e.context(format!("adding {m} to plan `{name}`")))?;
+    }
+    Ok(GROUPS.min(machines.len()))
+}
+
 pub async fn show(dir: &Path, name: &str) -> anyhow::Result<Plan> {
     Ok(operator(dir)
         .await?

@@ -40,6 +40,16 @@ pub const COMPONENTS: [&str; 8] = [
     "azure-compute",
 ];
 
+/// Whether `name` is one of [`COMPONENTS`] or a further on-premises master target of the
+/// default shape (`mt-onprem-2`, ... : a lab of more than 60 disks has them).
+fn known_component(name: &str) -> bool {
+    COMPONENTS.contains(&name)
+        || name
+            .strip_prefix("mt-onprem-")
+            .and_then(|n| n.parse::<u32>().ok())
+            .is_some_and(|n| n >= 2)
+}
+
 const ACTIONS: [&str; 7] = [
     "kill",
     "restart",
@@ -56,6 +66,8 @@ pub struct DrillSettings {
     pub machines: Option<usize>,
     pub disk_size: Option<String>,
     pub rate: Option<f64>,
+    /// Run the stages through one recovery plan (`srctl drill --plan`).
+    pub plan: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -203,12 +215,13 @@ pub fn parse(text: &str) -> anyhow::Result<Scenario> {
         }
         let needs_target = matches!(f.action.as_str(), "kill" | "restart" | "pause" | "resume");
         let target = f.target.clone().unwrap_or_default();
-        if needs_target && !COMPONENTS.contains(&target.as_str()) {
+        if needs_target && !known_component(&target) {
             return Err(at(if target.is_empty() {
                 format!("needs `target = COMPONENT` ({})", COMPONENTS.join(", "))
             } else {
                 format!(
-                    "unknown component `{target}`; the components are {}",
+                    "unknown component `{target}`; the components are {} (and mt-onprem-2, ... \
+                     in a lab of more than 60 disks)",
                     COMPONENTS.join(", ")
                 )
             }));
@@ -307,6 +320,35 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_scale_scenarios_parse() {
+        for (name, text) in [
+            (
+                "sixty",
+                include_str!(
+                    "../../deploy/scenarios-scale/sixty-machines-faults-during-reprotect.toml"
+                ),
+            ),
+            (
+                "hundred",
+                include_str!(
+                    "../../deploy/scenarios-scale/hundred-machines-plan-faults-during-reprotect.toml"
+                ),
+            ),
+        ] {
+            let s = parse(text).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            assert_eq!(s.faults.len(), 3, "{name}");
+        }
+        let s = parse(include_str!(
+            "../../deploy/scenarios-scale/hundred-machines-plan-faults-during-reprotect.toml"
+        ))
+        .expect("valid");
+        assert_eq!((s.drill.machines, s.drill.plan), (Some(100), Some(true)));
+        let s = parse("[[fault]]\nstage='failback'\naction='kill'\ntarget='mt-onprem-2'")
+            .expect("a further master target of the default shape");
+        assert_eq!(s.faults[0].target, "mt-onprem-2");
+    }
+
+    #[test]
     fn mistakes_are_refused_with_what_is_wrong() {
         for (toml, expect) in [
             (
@@ -320,6 +362,10 @@ mod tests {
             (
                 "[[fault]]\nstage='failback'\naction='kill'\ntarget='ps-mars'",
                 "unknown component `ps-mars`",
+            ),
+            (
+                "[[fault]]\nstage='failback'\naction='kill'\ntarget='mt-onprem-1'",
+                "unknown component `mt-onprem-1`",
             ),
             (
                 "[[fault]]\nstage='failback'\naction='kill'",

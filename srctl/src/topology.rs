@@ -158,6 +158,9 @@ pub struct TopologyError {
 
 /// Disks a machine may have: a VMware VM's limit, and what ASR's master target takes per VM.
 pub const MAX_DISKS_PER_MACHINE: usize = 60;
+/// Disks one on-premises master target serves (ASR: 60; the CS's `master_target_disk_limit`):
+/// a generated lab has as many as failing back every machine takes.
+pub const DISKS_PER_MASTER_TARGET: usize = 60;
 
 impl Topology {
     /// Reads and checks `path`.
@@ -196,7 +199,8 @@ impl Topology {
     }
 
     /// The default shape with `machines` machines spread over `hosts` hosts (esx-1..esx-H,
-    /// vm1..vmN round robin), each with `disks` disks of `disk_size`. A shape that can't be
+    /// vm1..vmN round robin), each with `disks` disks of `disk_size`, and as many on-premises
+    /// master targets (mt-onprem, mt-onprem-2, ...) as failing all of them back takes. A shape that can't be
     /// run is an error naming the option (`--machines`, `--hosts`, `--disks-per-machine`,
     /// `--disk-size`) and what to use instead.
     pub fn sized(
@@ -252,13 +256,9 @@ impl Topology {
                     name: Site::Onprem,
                     config_server: Some("cs".into()),
                     process_servers: vec![ProcessServer::Name("ps-onprem".into())],
-                    master_targets: vec![MasterTarget {
-                        name: "mt-onprem".into(),
-                        os: Os::Windows,
-                        role: TargetRole::MasterTarget,
-                        datastores: vec!["ds-onprem".into()],
-                        settings: toml::Table::new(),
-                    }],
+                    master_targets: onprem_master_targets(
+                        (machines * disks).div_ceil(DISKS_PER_MASTER_TARGET),
+                    ),
                     hosts: onprem_hosts,
                 },
                 SiteSpec {
@@ -292,6 +292,24 @@ impl Topology {
             .check()
             .map_err(|(key, message)| format!("{key}: {message}"))?;
         Ok(topology)
+    }
+
+    /// The default shape with `n` on-premises master targets (`--master-targets`) instead of
+    /// as many as failing back every machine takes.
+    pub fn with_master_targets(mut self, n: usize) -> Result<Topology, String> {
+        if n == 0 {
+            return Err(
+                "--master-targets must be at least 1: failback writes through a master target \
+                 on-premises"
+                    .into(),
+            );
+        }
+        if let Some(onprem) = self.site.iter_mut().find(|s| s.name == Site::Onprem) {
+            onprem.master_targets = onprem_master_targets(n);
+        }
+        self.check()
+            .map_err(|(key, message)| format!("{key}: {message}"))?;
+        Ok(self)
     }
 
     /// The site `site`, if the topology has it.
@@ -600,6 +618,24 @@ impl Topology {
     }
 }
 
+/// The default shape's on-premises master targets: mt-onprem, mt-onprem-2, ... (Windows, on
+/// `ds-onprem`).
+fn onprem_master_targets(n: usize) -> Vec<MasterTarget> {
+    (1..=n.max(1))
+        .map(|i| MasterTarget {
+            name: if i == 1 {
+                "mt-onprem".into()
+            } else {
+                format!("mt-onprem-{i}")
+            },
+            os: Os::Windows,
+            role: TargetRole::MasterTarget,
+            datastores: vec!["ds-onprem".into()],
+            settings: toml::Table::new(),
+        })
+        .collect()
+}
+
 /// Where a topology's files go in a lab directory.
 pub fn datastore_dir(dir: &Path, datastore: &str) -> PathBuf {
     dir.join("datastores").join(datastore)
@@ -638,6 +674,30 @@ mod tests {
         assert_eq!(t.machines(), g.machines());
         assert_eq!(t.datastores(), g.datastores());
         assert_eq!(t.mermaid(), g.mermaid());
+    }
+
+    #[test]
+    fn the_generated_shape_has_a_master_target_per_60_disks() {
+        let names = |t: &Topology| -> Vec<String> {
+            t.site(Site::Onprem)
+                .expect("onprem")
+                .master_targets
+                .iter()
+                .map(|m| m.name.clone())
+                .collect()
+        };
+        let t = |m, d| Topology::sized(m, 2, d, 1 << 20).expect("valid");
+        assert_eq!(names(&t(60, 1)), ["mt-onprem"]);
+        assert_eq!(names(&t(61, 1)), ["mt-onprem", "mt-onprem-2"]);
+        assert_eq!(names(&t(100, 1)), ["mt-onprem", "mt-onprem-2"]);
+        assert_eq!(
+            names(&t(40, 4)),
+            ["mt-onprem", "mt-onprem-2", "mt-onprem-3"]
+        );
+        let two = t(3, 1).with_master_targets(2).expect("valid");
+        assert_eq!(names(&two), ["mt-onprem", "mt-onprem-2"]);
+        let e = t(3, 1).with_master_targets(0).expect_err("refused");
+        assert!(e.contains("--master-targets must be at least 1"), "{e}");
     }
 
     fn refused(text: &str) -> String {

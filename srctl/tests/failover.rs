@@ -271,7 +271,19 @@ fn plan_fails_over_to_one_multi_vm_point(lab: &Path, what: &str) {
 
 #[test]
 fn recovery_plan_runs_groups_in_order_with_shared_multi_vm_points() {
-    let lab_handle = Lab::up(&["--disk-size", "8MiB", "--machines", "3"]);
+    // Two on-premises master targets of two disks each: the plan's reprotect must spread the
+    // machines over both, a replication group through one.
+    let lab_handle = Lab::up_with_env(
+        &[
+            "--disk-size",
+            "8MiB",
+            "--machines",
+            "3",
+            "--master-targets",
+            "2",
+        ],
+        &[("FBL_CS__MASTER_TARGET_DISK_LIMIT", "2")],
+    );
     let lab = lab_handle.dir.clone();
     for (vm, group) in [("vm1", "app"), ("vm2", "app"), ("vm3", "")] {
         ok(srctl(&lab, &["workload", "start", vm, "--rate", "1"]));
@@ -377,27 +389,70 @@ fn recovery_plan_runs_groups_in_order_with_shared_multi_vm_points() {
         jobs_before,
         "refused reprotects start no job"
     );
+    // Three disks don't fit on one master target of two: refused up front, naming the room.
+    let e = fails(srctl(
+        &lab,
+        &["plan", "reprotect", "p1", "--master-target", "mt-onprem"],
+    ));
+    assert!(
+        e.contains("nothing was changed")
+            && e.contains(
+                "need 3 disks on the master targets in onprem (`mt-onprem`), which have room for 2"
+            ),
+        "{e}"
+    );
+    assert_eq!(
+        json(srctl(&lab, &["job", "list", "--json"]))
+            .as_array()
+            .map(|a| a.len()),
+        jobs_before,
+        "refused reprotects start no job"
+    );
     assert_eq!(show(&lab, "vm1")["state"], "Failover committed");
 
-    // The plan reprotects every member to mt-onprem; the group keeps sharing points on the
-    // way back, and the plan's failback takes all of them to one multi-VM point.
+    // With no master target named, group 1 (vm3) fills mt-onprem's first disk; the
+    // replication group (vm1, vm2: two disks) doesn't fit beside it and goes, whole, to
+    // mt-onprem-2. The group keeps sharing points on the way back, and the plan's failback
+    // takes all of them to one multi-VM point.
     let out = json(srctl(
         &lab,
         &["plan", "reprotect", "p1", "--wait", "--json"],
     ));
     assert_eq!(out["plan_job"]["state"], "Succeeded", "{out}");
     assert_eq!(out["jobs"].as_array().map(|a| a.len()), Some(3), "{out}");
-    for vm in ["vm1", "vm2", "vm3"] {
+    for (vm, mt) in [
+        ("vm1", "mt-onprem-2"),
+        ("vm2", "mt-onprem-2"),
+        ("vm3", "mt-onprem"),
+    ] {
         let v = show(&lab, vm);
         assert_eq!(
             (v["state"].clone(), v["target"].clone()),
-            (
-                Value::String("Protected".into()),
-                Value::String("mt-onprem".into())
-            ),
+            (Value::String("Protected".into()), Value::String(mt.into())),
             "{v}"
         );
     }
+    // Run again, the plan reprotect skips the members already reprotected: no new job.
+    let jobs_after = json(srctl(&lab, &["job", "list", "--json"]))
+        .as_array()
+        .map(|a| a.len());
+    let again = json(srctl(
+        &lab,
+        &["plan", "reprotect", "p1", "--wait", "--json"],
+    ));
+    assert_eq!(again["plan_job"]["state"], "Succeeded", "{again}");
+    assert_eq!(
+        again["jobs"].as_array().map(|a| a.len()),
+        Some(0),
+        "{again}"
+    );
+    assert_eq!(
+        json(srctl(&lab, &["job", "list", "--json"]))
+            .as_array()
+            .map(|a| a.len()),
+        jobs_after.map(|n| n + 1),
+        "only the plan's own job is new"
+    );
     eventually("a multi-VM point shared on the way back", 60, || {
         let ids = |vm: &str| -> Vec<String> {
             show(&lab, vm)["recovery_points"]

@@ -128,6 +128,9 @@ pub struct Jobs {
     /// Cancelled when the CS stops: job tasks end where they are, recording nothing, so the
     /// next start finds them running and recovers them.
     stop: CancellationToken,
+    /// Held while a reprotect checks its preconditions and records its item: two reprotects
+    /// started together must not both count the same room on a master target.
+    pub reprotecting: tokio::sync::Mutex<()>,
 }
 
 /// What a job's body works with.
@@ -152,6 +155,7 @@ impl Jobs {
             tracker: TaskTracker::new(),
             running: Mutex::default(),
             stop: CancellationToken::new(),
+            reprotecting: tokio::sync::Mutex::new(()),
         })
     }
 

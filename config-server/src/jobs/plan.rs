@@ -9,8 +9,11 @@
 //! plan cut short (a restart, a failed group) completes when run again.
 //!
 //! Reprotect through a plan ([`start_reprotect`]) is how replication groups are reprotected:
-//! every member in the plan, all with the same options and master target, every precondition
-//! of every machine checked before any of them changes.
+//! every member in the plan with the same options, every precondition of every machine (and
+//! the room on the master targets for all their disks) checked before any of them changes.
+//! With no master target named, each replication group goes through one, and master targets
+//! fill up in order (at most 60 disks each). Members already reprotected are skipped, so a
+//! plan reprotect cut short completes when run again.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -677,9 +680,31 @@ pub async fn start_reprotect(
         }
     }
     let mut refused = Vec::new();
+    // Disks the members need on each target site's master targets.
+    let mut needed: BTreeMap<String, usize> = BTreeMap::new();
     for m in &plan.members {
-        if let Err(e) = super::reprotect::precheck(state, &params.request(&m.machine)).await {
-            refused.push(format!("{}: {}", m.machine, e.message()));
+        match super::reprotect::precheck(state, &params.request(&m.machine)).await {
+            Ok(super::reprotect::Precheck::Ready { site, disks }) => {
+                *needed.entry(site).or_default() += disks;
+            }
+            Ok(super::reprotect::Precheck::Done) => {}
+            Err(e) => refused.push(format!("{}: {}", m.machine, e.message())),
+        }
+    }
+    for (site, disks) in &needed {
+        let room = super::reprotect::room(state, site, &params.master_target).await?;
+        if *disks > room {
+            refused.push(format!(
+                "its machines need {disks} disks on the master targets in {site}{}, which have \
+                 room for {room} (at most {} each): deploy another master target, or reprotect \
+                 the plan in parts",
+                if params.master_target.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (`{}`)", params.master_target)
+                },
+                state.config.master_target_disk_limit
+            ));
         }
     }
     if !refused.is_empty() {

@@ -92,6 +92,56 @@ impl Facts {
     }
 }
 
+/// The master target that members of `old`'s replication group already reprotecting to
+/// `site` write to, if any (a replication group goes back through one master target).
+fn group_master_target(f: &Facts, old: &ItemRow, site: &str) -> Option<String> {
+    if old.replication_group.is_empty() {
+        return None;
+    }
+    f.items
+        .iter()
+        .filter(|i| i.replication_group == old.replication_group && i.machine != old.machine)
+        .filter_map(|i| f.components.iter().find(|c| c.name == i.target))
+        .find(|c| c.role == "master-target" && c.site == site)
+        .map(|c| c.name.clone())
+}
+
+/// The disks a master target must have room for when the first member of `old`'s
+/// replication group picks it: those of every member not yet reprotecting to `site` (the
+/// rest follow it there), or the machine's own when it is in no group.
+fn group_disks(f: &Facts, old: &ItemRow, machine: &ComponentRow, site: &str) -> usize {
+    if old.replication_group.is_empty() {
+        return machine.disks.len();
+    }
+    f.items
+        .iter()
+        .filter(|i| i.replication_group == old.replication_group)
+        .filter(|i| {
+            !f.components
+                .iter()
+                .any(|c| c.name == i.target && c.site == site)
+        })
+        .filter_map(|i| f.components.iter().find(|c| c.name == i.machine))
+        .map(|c| c.disks.len())
+        .sum::<usize>()
+        .max(machine.disks.len())
+}
+
+/// Whether the machine's active item `active` came from a reprotect: the machine's item
+/// before it (in `history`, newest first) is a committed failover, and nothing but a
+/// reprotect makes an item after one.
+fn reprotected(active: Option<&ItemRow>, history: &[ItemRow]) -> bool {
+    let Some(active) = active else {
+        return false;
+    };
+    active.state != ItemState::FailoverCommitted
+        && history
+            .iter()
+            .skip_while(|i| i.id != active.id)
+            .nth(1)
+            .is_some_and(|before| before.state == ItemState::FailoverCommitted)
+}
+
 /// Everything a reprotect decided before changing anything.
 pub struct Plan {
     old: ItemRow,
@@ -190,20 +240,38 @@ fn check(state: &State, f: &Facts, req: &ReprotectRequest) -> Result<Plan, Statu
         ))
     })?;
 
+    // ASR's limit of disks a master target serves is the on-premises master target's (a
+    // failback); Azure's target storage has none here.
+    let limit = if target_site == "onprem" {
+        state.config.master_target_disk_limit
+    } else {
+        usize::MAX
+    };
     let mt_name = match req.master_target.as_str() {
-        "" => crate::placement::default_master_target(
-            state,
-            &f.components,
-            target_site,
-            &old.placement.home_datastore,
-            machine.os,
-        )
-        .map(|mt| mt.name.clone())
-        .ok_or_else(|| {
-            Status::failed_precondition(format!(
-                "no master target in {target_site}: deploy one, then reprotect"
-            ))
-        })?,
+        // A replication group goes back through one master target: the one its members
+        // already reprotecting write to.
+        "" => match group_master_target(f, &old, target_site) {
+            Some(name) => name,
+            None => crate::placement::default_master_target(
+                state,
+                &f.components,
+                &f.items,
+                &crate::placement::MasterTargetNeed {
+                    site: target_site,
+                    datastore: &old.placement.home_datastore,
+                    os: machine.os,
+                    disks: group_disks(f, &old, &machine, target_site),
+                    replacing: &old.id,
+                    limit,
+                },
+            )
+            .map(|mt| mt.name.clone())
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "no master target in {target_site}: deploy one, then reprotect"
+                ))
+            })?,
+        },
         name => name.to_string(),
     };
     let mt = f.role(&mt_name, "master-target", "master target")?;
@@ -331,18 +399,11 @@ fn check(state: &State, f: &Facts, req: &ReprotectRequest) -> Result<Plan, Statu
             seed_item = prev.id.clone();
         }
     }
-    let in_use: usize = f
-        .items
-        .iter()
-        .filter(|i| i.target == mt.name && i.id != old.id)
-        .filter_map(|i| f.component(&i.machine))
-        .map(|c| c.disks.len())
-        .sum();
-    let limit = state.config.master_target_disk_limit;
+    let in_use = crate::placement::disks_in_use(&f.components, &f.items, &mt.name, &old.id);
     if in_use + machine.disks.len() > limit {
         return Err(Status::failed_precondition(format!(
             "master target `{}` would serve {} disks: at most {limit} per master target; use \
-             another master target (--master-target)",
+             another master target (--master-target), or deploy one",
             mt.name,
             in_use + machine.disks.len()
         )));
@@ -398,6 +459,7 @@ fn check(state: &State, f: &Facts, req: &ReprotectRequest) -> Result<Plan, Statu
 /// refused (ASR reprotects replication groups through a recovery plan, all members with the
 /// same master target: [`super::plan`]).
 pub async fn start(jobs: &Arc<Jobs>, req: ReprotectRequest) -> Result<Job, Status> {
+    let _choosing = jobs.reprotecting.lock().await;
     let facts = Facts::load(&jobs.state, &req.machine).await?;
     if let Some(old) = &facts.old
         && !old.replication_group.is_empty()
@@ -423,10 +485,49 @@ pub async fn start(jobs: &Arc<Jobs>, req: ReprotectRequest) -> Result<Job, Statu
     start_checked(jobs, plan, &req, 0).await
 }
 
+/// What a plan's precheck found for one member.
+pub enum Precheck {
+    /// Every precondition holds; the member needs `disks` on a master target of `site`.
+    Ready { site: String, disks: usize },
+    /// Already reprotected (a plan reprotect cut short and run again): skipped.
+    Done,
+}
+
 /// Checks every precondition of reprotecting `req.machine`, changing nothing.
-pub async fn precheck(state: &State, req: &ReprotectRequest) -> Result<(), Status> {
+pub async fn precheck(state: &State, req: &ReprotectRequest) -> Result<Precheck, Status> {
     let facts = Facts::load(state, &req.machine).await?;
-    check(state, &facts, req).map(|_| ())
+    if reprotected(facts.old.as_ref(), &facts.history) {
+        return Ok(Precheck::Done);
+    }
+    let plan = check(state, &facts, req)?;
+    Ok(Precheck::Ready {
+        site: plan.mt.site.clone(),
+        disks: plan.machine.disks.len(),
+    })
+}
+
+/// The room (disks) left on the master targets of `site`, or on `named` alone: what a plan
+/// reprotect's members need must fit before any of them starts. Unbounded for Azure (target
+/// storage; the limit is the on-premises master target's).
+pub async fn room(state: &State, site: &str, named: &str) -> Result<usize, Status> {
+    if site != "onprem" {
+        return Ok(usize::MAX);
+    }
+    let (components, items) = state.store.call(|db| Ok((db.list()?, db.items()?))).await?;
+    let limit = state.config.master_target_disk_limit;
+    Ok(components
+        .iter()
+        .filter(|c| c.role == "master-target" && c.site == site)
+        .filter(|c| named.is_empty() || c.name == named)
+        .map(|c| {
+            limit.saturating_sub(crate::placement::disks_in_use(
+                &components,
+                &items,
+                &c.name,
+                "",
+            ))
+        })
+        .sum())
 }
 
 /// Starts the reprotect of one machine once its preconditions hold (no replication group
@@ -436,6 +537,7 @@ pub async fn start_one(
     req: &ReprotectRequest,
     parent: i64,
 ) -> Result<Job, Status> {
+    let _choosing = jobs.reprotecting.lock().await;
     let facts = Facts::load(&jobs.state, &req.machine).await?;
     let plan = check(&jobs.state, &facts, req)?;
     start_checked(jobs, plan, req, parent).await
@@ -676,5 +778,58 @@ async fn remove_old_replicas(ctx: &Ctx, item: &ItemRow) {
         {
             tracing::warn!(item = %old.id, "removing the old replica: {}", e.message());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(id: &str, state: ItemState, created_ms: i64) -> ItemRow {
+        ItemRow {
+            id: id.into(),
+            machine: "vm1".into(),
+            direction: Direction::Forward,
+            state,
+            process_server: "ps-onprem".into(),
+            target: "azure-target".into(),
+            datastore: "azure-storage".into(),
+            policy: "default".into(),
+            replication_group: String::new(),
+            created_ms,
+            progress: Progress::default(),
+            failover_point: String::new(),
+            failover_digests: Vec::new(),
+            test_vm: String::new(),
+            placement: Placement::default(),
+        }
+    }
+
+    #[test]
+    fn only_an_item_made_after_a_committed_failover_counts_as_reprotected() {
+        use ItemState::*;
+        let committed = item("vm1-1", FailoverCommitted, 1);
+        let back = item("vm1-2", Reprotecting, 2);
+        // Never failed over: a plan reprotect must refuse it, not skip it.
+        let protected = item("vm1-1", Protected, 1);
+        assert!(!reprotected(
+            Some(&protected),
+            std::slice::from_ref(&protected)
+        ));
+        // Failed over and committed: still to reprotect.
+        assert!(!reprotected(
+            Some(&committed),
+            std::slice::from_ref(&committed)
+        ));
+        // Reprotecting (or Protected) after the committed failover: done, skipped.
+        let history = [back.clone(), committed.clone()];
+        assert!(reprotected(Some(&back), &history));
+        // After a whole cycle the active item is again the one after a committed failover.
+        let failed_back = item("vm1-2", FailoverCommitted, 2);
+        let again = item("vm1-3", Protected, 3);
+        let history = [again.clone(), failed_back.clone(), committed.clone()];
+        assert!(reprotected(Some(&again), &history));
+        assert!(!reprotected(Some(&failed_back), &history[1..]));
+        assert!(!reprotected(None, &history));
     }
 }
