@@ -501,6 +501,12 @@ def forged_results_and_reports_are_dropped():
             "time_ms": int(time.time() * 1000), "kind": "app"}}),
         ComponentMessage(report={"progress": {"item": item["id"], "phase": 2}}),
         ComponentMessage(report={"replica_damaged": {"item": item["id"], "reason": "forged"}}),
+        # The same, batched: each report of a batch is checked like a lone one.
+        ComponentMessage(reports={"reports": [
+            {"progress": {"item": item["id"], "phase": 2}},
+            {"point_added": {"item": item["id"], "id": "forged-batched-point", "seq": 10 ** 9,
+                             "time_ms": int(time.time() * 1000), "kind": "app"}},
+        ]}),
     ]
     first, err = control_session("forger", key, cert, forged)
     check("a forger's session is a session like any other",
@@ -511,6 +517,29 @@ def forged_results_and_reports_are_dropped():
     points = [p["id"] for p in after.get("recovery_points", [])]
     check("a forged recovery point is dropped", "forged-point" not in points,
           f"{len(points)} points, forged one {'present' if 'forged-point' in points else 'absent'}")
+    check("a forged recovery point in a batch is dropped", "forged-batched-point" not in points,
+          f"{len(points)} points, forged one "
+          f"{'present' if 'forged-batched-point' in points else 'absent'}")
+    # A batch larger than the CS takes ends the session with the bound named.
+    flood = ComponentMessage(reports={"reports": [
+        {"progress": {"item": item["id"], "phase": 2}} for _ in range(1025)]})
+    channel = mtls(STATE["cs_api"], "config-server", "cs", key, cert)
+    call = channel.stream_stream("/failback.control.v1.Control/Session",
+                                 request_serializer=ComponentMessage.SerializeToString,
+                                 response_deserializer=CsMessage.FromString)
+
+    def flooding():
+        yield ComponentMessage(hello={"name": "forger", "role": "agent", "site": "onprem",
+                                      "version": "0.1.0"})
+        yield flood
+        time.sleep(5)
+    try:
+        replies = [r.WhichOneof("kind") for r in call(flooding(), timeout=10)]
+        detail = f"not refused: {replies}"
+    except grpc.RpcError as e:
+        detail = f"{e.code().name}: {e.details()}"
+    check("a batch of 1,025 reports is refused, naming the bound",
+          detail.startswith("INVALID_ARGUMENT") and "at most 1024" in detail, detail)
     check("a forged damage report starts no resync",
           after["state"] == "Protected"
           and not any("forged" in j.get("name", "") for j in jobs_list()),

@@ -223,7 +223,9 @@ async fn session(
     let renew_within = i64::try_from(welcome.renew_within_ms).unwrap_or(i64::MAX);
     // The key of a renewal asked for on this session, until its certificate arrives.
     let mut renewing: Option<rcgen::KeyPair> = None;
+    let mut reports = crate::coalesce::Coalescer::default();
     loop {
+        let due = reports.due();
         tokio::select! {
             _ = ticker.tick() => {
                 if last_ack.elapsed() > interval * 5 {
@@ -295,12 +297,26 @@ async fn session(
                 Ok(None) => return Ok(()),
                 Err(s) => return Err(format!("{}: {}", s.code(), s.message())),
             },
-            Some(report) = outbox.recv() => {
-                if tx.send(report).await.is_err() {
+            Some(m) = outbox.recv() => {
+                for out in reports.push(m, Instant::now()) {
+                    if tx.send(out).await.is_err() {
+                        return Err("stream closed".into());
+                    }
+                }
+            }
+            () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now).into()), if due.is_some() => {
+                if let Some(out) = reports.flush(Instant::now())
+                    && tx.send(out).await.is_err()
+                {
                     return Err("stream closed".into());
                 }
             }
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => {
+                if let Some(out) = reports.flush(Instant::now()) {
+                    let _ = tx.send(out).await;
+                }
+                return Ok(());
+            }
         }
     }
 }

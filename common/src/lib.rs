@@ -24,6 +24,7 @@
 //! - [`telemetry`]: tracing setup.
 pub mod blocks;
 pub mod certs;
+pub mod coalesce;
 pub mod component;
 pub mod config;
 pub mod control;

@@ -62,19 +62,26 @@ pub fn heartbeat_for(
     (interval, timeout.max(interval * 4))
 }
 
-/// Counts `m` in [`crate::metrics::MESSAGES`] by its kind.
+/// A report's kind, as the metrics name it.
+fn report_kind(r: &failback_proto::pb::control::Report) -> &'static str {
+    match &r.kind {
+        Some(report::Kind::Progress(_)) => "progress",
+        Some(report::Kind::PointAdded(_)) => "point_added",
+        Some(report::Kind::PointsPruned(_)) => "points_pruned",
+        Some(report::Kind::ReplicaDamaged(_)) => "replica_damaged",
+        Some(report::Kind::PsStatus(_)) => "ps_status",
+        None => "report_empty",
+    }
+}
+
+/// Counts `m` in [`crate::metrics::MESSAGES`] by its kind (a lone report by the report's
+/// kind, a batch of them as `reports`).
 fn count(m: ComponentMessage) -> ComponentMessage {
     use component_message::Kind;
     let kind = match &m.kind {
         Some(Kind::Heartbeat(_)) => "heartbeat",
-        Some(Kind::Report(r)) => match &r.kind {
-            Some(report::Kind::Progress(_)) => "progress",
-            Some(report::Kind::PointAdded(_)) => "point_added",
-            Some(report::Kind::PointsPruned(_)) => "points_pruned",
-            Some(report::Kind::ReplicaDamaged(_)) => "replica_damaged",
-            Some(report::Kind::PsStatus(_)) => "ps_status",
-            None => "report_empty",
-        },
+        Some(Kind::Report(r)) => report_kind(r),
+        Some(Kind::Reports(_)) => "reports",
         Some(Kind::Result(_)) => "result",
         Some(Kind::Renew(_)) => "renew",
         Some(Kind::Hello(_)) => "hello",
@@ -330,6 +337,31 @@ impl Control for ControlService {
     }
 }
 
+/// Most reports one `ReportBatch` may carry (components send up to 256).
+const MAX_BATCHED_REPORTS: usize = 1024;
+
+/// Takes one report (alone or from a batch) and starts what it calls for.
+async fn report(
+    state: &Arc<State>,
+    jobs: &Arc<crate::jobs::Jobs>,
+    who: &Identity,
+    r: failback_proto::pb::control::Report,
+) {
+    crate::metrics::REPORTS
+        .with_label_values(&[report_kind(&r)])
+        .inc();
+    match crate::reports::on_report(state, who, r).await {
+        Ok(FollowUp::Nothing) => {}
+        Ok(FollowUp::Resync { item, reason }) => {
+            let jobs = jobs.clone();
+            tokio::spawn(async move {
+                crate::jobs::resync::start_automatic(&jobs, &item, &reason).await
+            });
+        }
+        Err(e) => tracing::error!(%who, "report: {e}"),
+    }
+}
+
 /// One open control stream as the CS keeps it.
 struct Stream {
     conn_id: u64,
@@ -411,16 +443,19 @@ async fn pump(
                         Err(e) => tracing::warn!(%who, "renewal refused: {e}"),
                     }
                 }
-                Some(component_message::Kind::Report(r)) => {
-                    match crate::reports::on_report(state, who, r).await {
-                        Ok(FollowUp::Nothing) => {}
-                        Ok(FollowUp::Resync { item, reason }) => {
-                            let jobs = jobs.clone();
-                            tokio::spawn(async move {
-                                crate::jobs::resync::start_automatic(&jobs, &item, &reason).await
-                            });
-                        }
-                        Err(e) => tracing::error!(%who, "report: {e}"),
+                Some(component_message::Kind::Report(r)) => report(state, jobs, who, r).await,
+                Some(component_message::Kind::Reports(b)) => {
+                    if b.reports.len() > MAX_BATCHED_REPORTS {
+                        let _ = tx
+                            .send(Err(Status::invalid_argument(format!(
+                                "{} reports in one message: at most {MAX_BATCHED_REPORTS}",
+                                b.reports.len()
+                            ))))
+                            .await;
+                        return "protocol error: too many reports in one message".into();
+                    }
+                    for r in b.reports {
+                        report(state, jobs, who, r).await;
                     }
                 }
                 Some(component_message::Kind::Hello(_)) => {

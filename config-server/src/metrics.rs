@@ -23,9 +23,22 @@ fn vec(m: &Metrics, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
     m.register(GaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("{e}")))
 }
 
+/// `flab_cs_reports_total{kind}`: every report the CS took, alone or in a batch, by kind.
+pub static REPORTS: std::sync::LazyLock<IntCounterVec> = std::sync::LazyLock::new(|| {
+    IntCounterVec::new(
+        Opts::new(
+            "flab_cs_reports_total",
+            "Reports taken from the components' control streams (alone or batched), by kind.",
+        ),
+        &["kind"],
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+});
+
 /// `flab_cs_control_messages_total{kind}`: messages the CS took from control streams, by
-/// kind (heartbeat, progress, point_added, points_pruned, replica_damaged, ps_status, result,
-/// renew): what a CS's load is made of.
+/// kind (heartbeat, a lone report by its kind: progress, point_added, points_pruned,
+/// replica_damaged, ps_status; `reports` for a batch of them; result, renew): what a CS's
+/// load is made of.
 pub static MESSAGES: std::sync::LazyLock<IntCounterVec> = std::sync::LazyLock::new(|| {
     IntCounterVec::new(
         Opts::new(
@@ -52,6 +65,7 @@ pub struct Refresh {
 /// Registers the CS's series on `m`; those from the database are refreshed by each scrape.
 pub fn register(m: &Metrics, state: Arc<State>) {
     m.register(MESSAGES.clone());
+    m.register(REPORTS.clone());
     let refresh = Arc::new(Refresh {
         rpo: vec(
             m,
