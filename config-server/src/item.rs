@@ -412,6 +412,30 @@ pub struct ItemParties {
     pub target: String,
 }
 
+#[cfg(test)]
+impl ItemRow {
+    /// For tests: item `id` of vm1, forward through ps-onprem to azure-target, in `state`.
+    pub fn sample(id: &str, state: ItemState) -> ItemRow {
+        ItemRow {
+            id: id.into(),
+            machine: "vm1".into(),
+            direction: Direction::Forward,
+            state,
+            process_server: "ps-onprem".into(),
+            target: "azure-target".into(),
+            datastore: "azure-storage".into(),
+            policy: "default".into(),
+            replication_group: String::new(),
+            created_ms: 1,
+            progress: Progress::default(),
+            failover_point: String::new(),
+            failover_digests: Vec::new(),
+            test_vm: String::new(),
+            placement: Placement::default(),
+        }
+    }
+}
+
 impl ItemRow {
     /// A failback to the original location writes into the on-premises VM's own disks.
     pub fn in_place(&self) -> bool {

@@ -240,6 +240,13 @@ fn a_job_interrupted_by_a_cs_restart_fails_with_a_reason_and_a_rerun_completes()
 
 /// Fails plan p1 (vm1 and vm2 in one replication group, vm3 alone) over at
 /// `latest-multi-vm-processed`: every disk byte-exact, the group members at one multi-VM point.
+/// How many jobs `job list` shows.
+fn jobs_listed(lab: &Path) -> Option<usize> {
+    json(srctl(lab, &["job", "list", "--json"]))
+        .as_array()
+        .map(|a| a.len())
+}
+
 fn plan_fails_over_to_one_multi_vm_point(lab: &Path, what: &str) {
     ok(srctl(
         lab,
@@ -362,9 +369,7 @@ fn recovery_plan_runs_groups_in_order_with_shared_multi_vm_points() {
             infra(&lab, vm)["site"] == "azure" && infra(&lab, vm)["status"] == "connected"
         });
     }
-    let jobs_before = json(srctl(&lab, &["job", "list", "--json"]))
-        .as_array()
-        .map(|a| a.len());
+    let jobs_before = jobs_listed(&lab);
     let e = fails(srctl(&lab, &["reprotect", "vm1"]));
     assert!(
         e.contains("replication group `app` with vm2") && e.contains("srctl plan reprotect"),
@@ -383,9 +388,7 @@ fn recovery_plan_runs_groups_in_order_with_shared_multi_vm_points() {
         "{e}"
     );
     assert_eq!(
-        json(srctl(&lab, &["job", "list", "--json"]))
-            .as_array()
-            .map(|a| a.len()),
+        jobs_listed(&lab),
         jobs_before,
         "refused reprotects start no job"
     );
@@ -402,9 +405,7 @@ fn recovery_plan_runs_groups_in_order_with_shared_multi_vm_points() {
         "{e}"
     );
     assert_eq!(
-        json(srctl(&lab, &["job", "list", "--json"]))
-            .as_array()
-            .map(|a| a.len()),
+        jobs_listed(&lab),
         jobs_before,
         "refused reprotects start no job"
     );
@@ -433,9 +434,7 @@ fn recovery_plan_runs_groups_in_order_with_shared_multi_vm_points() {
         );
     }
     // Run again, the plan reprotect skips the members already reprotected: no new job.
-    let jobs_after = json(srctl(&lab, &["job", "list", "--json"]))
-        .as_array()
-        .map(|a| a.len());
+    let jobs_after = jobs_listed(&lab);
     let again = json(srctl(
         &lab,
         &["plan", "reprotect", "p1", "--wait", "--json"],
@@ -447,9 +446,7 @@ fn recovery_plan_runs_groups_in_order_with_shared_multi_vm_points() {
         "{again}"
     );
     assert_eq!(
-        json(srctl(&lab, &["job", "list", "--json"]))
-            .as_array()
-            .map(|a| a.len()),
+        jobs_listed(&lab),
         jobs_after.map(|n| n + 1),
         "only the plan's own job is new"
     );

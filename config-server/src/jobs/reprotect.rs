@@ -787,21 +787,8 @@ mod tests {
 
     fn item(id: &str, state: ItemState, created_ms: i64) -> ItemRow {
         ItemRow {
-            id: id.into(),
-            machine: "vm1".into(),
-            direction: Direction::Forward,
-            state,
-            process_server: "ps-onprem".into(),
-            target: "azure-target".into(),
-            datastore: "azure-storage".into(),
-            policy: "default".into(),
-            replication_group: String::new(),
             created_ms,
-            progress: Progress::default(),
-            failover_point: String::new(),
-            failover_digests: Vec::new(),
-            test_vm: String::new(),
-            placement: Placement::default(),
+            ..ItemRow::sample(id, state)
         }
     }
 

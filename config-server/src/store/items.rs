@@ -463,27 +463,11 @@ impl Db<'_> {
 
 #[cfg(test)]
 mod tests {
-    use crate::item::{Direction, ItemRow, ItemState};
+    use crate::item::{ItemRow, ItemState};
     use crate::store::{StateError, Store};
 
     fn item(id: &str, state: ItemState) -> ItemRow {
-        ItemRow {
-            id: id.into(),
-            machine: "vm1".into(),
-            direction: Direction::Forward,
-            state,
-            process_server: "ps-onprem".into(),
-            target: "azure-target".into(),
-            datastore: "azure-storage".into(),
-            policy: "default".into(),
-            replication_group: String::new(),
-            created_ms: 1,
-            progress: Default::default(),
-            failover_point: String::new(),
-            failover_digests: Vec::new(),
-            test_vm: String::new(),
-            placement: Default::default(),
-        }
+        ItemRow::sample(id, state)
     }
 
     #[test]
