@@ -32,8 +32,6 @@ const RETENTION_S: u64 = 60;
 const WRITE_SIZE: u64 = 64 << 10;
 /// Share of the written data that compresses.
 const COMPRESSIBLE: f64 = 0.5;
-/// Recovery plans hold at most this many machines in ASR.
-const PLAN_MAX: usize = 100;
 /// RPCs in flight at once when enabling or starting workloads on every machine.
 const PARALLEL: usize = 16;
 /// Writes run this long before the steady window starts counting.
@@ -244,7 +242,7 @@ pub async fn run(opts: ScaleOptions, progress: bool) -> anyhow::Result<ScaleRepo
             if opts.rate_mb_s > 0.0 {
                 workloads(&dir, &machines, "stop", 0.0).await?;
             }
-            let n = opts.machines.min(PLAN_MAX);
+            let n = opts.machines.min(crate::plan::MAX_MACHINES);
             say(progress, &format!("plan failover of {n} machines"));
             Some(plan_failover(&dir, &machines[..n]).await?)
         } else {

@@ -62,8 +62,6 @@ const STAGE_TIMEOUT: Duration = Duration::from_secs(300);
 const LAG_GRACE: Duration = Duration::from_secs(5);
 /// The recovery plan of `--plan`.
 const PLAN: &str = "drill";
-/// Machines a recovery plan holds (ASR).
-const PLAN_MAX: usize = 100;
 
 #[derive(Debug, Clone)]
 pub struct DrillOptions {
@@ -258,9 +256,10 @@ pub async fn run(opts: DrillOptions) -> anyhow::Result<DrillReport> {
     if opts.machines == 0 {
         anyhow::bail!("--machines must be at least 1");
     }
-    if opts.plan && opts.lab.is_none() && opts.machines > PLAN_MAX {
+    if opts.plan && opts.lab.is_none() && opts.machines > crate::plan::MAX_MACHINES {
         anyhow::bail!(
-            "--plan takes at most {PLAN_MAX} machines (an ASR recovery plan's limit), not {}",
+            "--plan takes at most {} machines (an ASR recovery plan's limit), not {}",
+            crate::plan::MAX_MACHINES,
             opts.machines
         );
     }
@@ -321,10 +320,11 @@ pub async fn run(opts: DrillOptions) -> anyhow::Result<DrillReport> {
     } else {
         onprem_machines(&dir, &opts.only).await?
     };
-    if opts.plan && machines.len() > PLAN_MAX {
+    if opts.plan && machines.len() > crate::plan::MAX_MACHINES {
         anyhow::bail!(
-            "--plan takes at most {PLAN_MAX} machines (an ASR recovery plan's limit); the lab has \
+            "--plan takes at most {} machines (an ASR recovery plan's limit); the lab has \
              {}: pick some with --only",
+            crate::plan::MAX_MACHINES,
             machines.len()
         );
     }

@@ -106,6 +106,9 @@ pub async fn add(dir: &Path, plan: &str, machine: &str, group: u32) -> anyhow::R
         .into_inner())
 }
 
+/// Machines a recovery plan holds (ASR).
+pub const MAX_MACHINES: usize = 100;
+
 /// Groups of a plan of `machines` that [`create_spread`] makes: ASR's 7 at most.
 pub const GROUPS: usize = 7;
 

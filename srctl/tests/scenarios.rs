@@ -274,6 +274,26 @@ fn ps_cache_driven_to_throttling() {
 }
 
 #[test]
+fn a_plan_drill_of_more_machines_than_a_plan_holds_is_refused_before_anything_starts() {
+    let started = Instant::now();
+    let out = Command::new(SRCTL)
+        .args(["drill", "--plan", "--machines", "101"])
+        .env_remove("FAILBACK_LAB")
+        .output()
+        .expect("drill");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("--plan takes at most 100 machines (an ASR recovery plan's limit), not 101"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refused before a lab starts"
+    );
+}
+
+#[test]
 fn a_wrong_scenario_is_refused_before_anything_starts() {
     let dir = tempfile::tempdir().expect("tempdir");
     for (body, expect) in [
